@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make run` and `make test`.
+# Both install what they need: Debian packages when root, Python packages in .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= config/tunnelwatch.toml
+DEBIAN_TEST_PACKAGES := nginx-light dnsmasq-base microsocks shadowsocks-libev tinyproxy iptables
+
+.PHONY: run test venv test-deps clean
+
+$(BIN)/tunnelwatch: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/tunnelwatch
+
+run: venv
+	$(BIN)/tunnelwatch run --config $(CONFIG)
+
+test-deps:
+	@scripts/install-debian-packages $(DEBIAN_TEST_PACKAGES)
+
+test: venv test-deps
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""tunnelwatch's analysis: pure functions over DataFrames of stored measurements."""

@@ -1,0 +1,1 @@
+"""Shipped defaults (tunnelwatch.toml), installed as package data."""

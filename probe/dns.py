@@ -1,0 +1,131 @@
+"""DNS through a path's resolver: aiodns (c-ares) on a fresh channel for every lookup.
+
+c-ares caches answers for up to an hour and pycares has no switch to turn that off, so a
+channel kept across probes would measure its cache instead of the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiodns
+import aiodns.error as ares
+
+from .config import PathSpec, Target
+from .model import RESOLVE, Trace
+
+# c-ares error code -> the DNS rcode the server sent (None: no answer came back at all).
+ARES_RCODES = {
+    ares.ARES_ENOTFOUND: "NXDOMAIN",
+    ares.ARES_ENODATA: "NOERROR",
+    ares.ARES_ESERVFAIL: "SERVFAIL",
+    ares.ARES_EREFUSED: "REFUSED",
+    ares.ARES_EFORMERR: "FORMERR",
+    ares.ARES_ENOTIMP: "NOTIMP",
+}
+CHANNEL_TIMEOUT_S = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class Resolver:
+    """Where a path's names are resolved: explicit servers, or the system's resolv.conf."""
+
+    servers: tuple[str, ...] = ()
+    local_ip: str | None = None
+    local_dev: str | None = None
+
+    @property
+    def label(self) -> str:
+        return ",".join(self.servers) if self.servers else "system"
+
+    def channel(self) -> aiodns.DNSResolver:
+        options: dict[str, Any] = {"timeout": CHANNEL_TIMEOUT_S, "tries": 1}
+        if self.local_ip:
+            options["local_ip"] = self.local_ip
+        if self.local_dev:
+            options["local_dev"] = self.local_dev
+        if self.servers:
+            # Explicit servers only: no hosts file, no search domains.
+            options["lookups"] = "b"
+            options["ndots"] = 0
+        return aiodns.DNSResolver(nameservers=list(self.servers) or None, **options)
+
+
+def resolver_for(path: PathSpec) -> Resolver:
+    servers = () if path.resolver == "system" else tuple(path.resolver)
+    return Resolver(servers=servers, local_ip=path.address, local_dev=path.interface)
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+async def lookup(resolver: Resolver, host: str, trace: Trace) -> list[str]:
+    """Addresses for a connection, IPv4 first; records the resolve phase and the answers."""
+    if is_ip(host):
+        return [host.strip("[]")]
+    trace.operation = RESOLVE
+    trace.fact("resolver", resolver.label)
+    started = time.perf_counter()
+    channel = resolver.channel()
+    try:
+        result = await channel.getaddrinfo(host)
+    finally:
+        trace.phase("resolve", (time.perf_counter() - started) * 1000)
+        await channel.close()
+    addresses = [node.addr[0].decode() for node in result.nodes]
+    ordered = sorted(dict.fromkeys(addresses), key=lambda a: ":" in a)
+    trace.fact("addresses", tuple(ordered))
+    return ordered
+
+
+def _rcode(exc: BaseException) -> str | None:
+    if isinstance(exc, ares.DNSError) and exc.args:
+        return ARES_RCODES.get(exc.args[0])
+    return None
+
+
+async def probe_dns(target: Target, path: PathSpec, trace: Trace, **_: object) -> dict[str, Any]:
+    """A and AAAA queries for the target's name; answers and rcode are facts either way."""
+    resolver = resolver_for(path)
+    trace.operation = RESOLVE
+    trace.fact("resolver", resolver.label)
+    started = time.perf_counter()
+    channel = resolver.channel()
+    try:
+        results = await asyncio.gather(
+            *(channel.query_dns(target.host or "", qtype) for qtype in target.qtypes),
+            return_exceptions=True,
+        )
+    finally:
+        trace.phase("resolve", (time.perf_counter() - started) * 1000)
+        await channel.close()
+    answers: list[str] = []
+    errors: list[BaseException] = []
+    for result in results:
+        if isinstance(result, BaseException):
+            errors.append(result)
+            continue
+        for record in result.answer:
+            addr = getattr(record.data, "addr", None)
+            if addr:
+                answers.append(addr)
+    trace.fact("addresses", tuple(answers))
+    if answers:
+        trace.fact("dns_rcode", "NOERROR")
+        return {}
+    if not errors:
+        trace.fact("dns_rcode", "NOERROR")
+        raise ares.DNSError(ares.ARES_ENODATA, "no A or AAAA records in the answer")
+    # No usable answer: the most telling error decides (NXDOMAIN over "no data").
+    errors.sort(key=lambda e: _rcode(e) == "NOERROR")
+    trace.fact("dns_rcode", _rcode(errors[0]))
+    raise errors[0]

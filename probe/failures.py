@@ -1,0 +1,142 @@
+"""Exception -> OONI failure string. Pure and table-driven.
+
+httpx, httpcore and asyncio wrap the real cause, so the classifier walks
+``__cause__``/``__context__`` to the first exception it has a specific entry for:
+an ``OSError`` errno, an ``ssl`` error, a c-ares code, or our own ``ProbeFailure``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+from collections.abc import Iterator
+
+import aiodns.error as ares
+import httpcore
+import httpx
+
+from .errors import ProbeFailure
+
+TIMEOUT = "generic_timeout_error"
+
+ERRNO_FAILURES: dict[int, str] = {
+    errno.ECONNREFUSED: "connection_refused",
+    errno.ECONNRESET: "connection_reset",
+    errno.ECONNABORTED: "connection_aborted",
+    errno.EHOSTUNREACH: "host_unreachable",
+    errno.EHOSTDOWN: "host_unreachable",
+    errno.ENETUNREACH: "network_unreachable",
+    errno.ENETDOWN: "network_unreachable",
+    errno.ETIMEDOUT: TIMEOUT,
+    errno.EPIPE: "connection_reset",
+    errno.EADDRNOTAVAIL: "address_not_available",
+    errno.ENODEV: "interface_not_found",
+    errno.EPERM: "operation_not_permitted",
+    errno.EACCES: "operation_not_permitted",
+    errno.EPROTO: "protocol_error",
+}
+
+ARES_FAILURES: dict[int, str] = {
+    ares.ARES_ENOTFOUND: "dns_nxdomain_error",
+    ares.ARES_ENONAME: "dns_nxdomain_error",
+    ares.ARES_ENODATA: "dns_no_answer",
+    ares.ARES_ESERVFAIL: "dns_servfail_error",
+    ares.ARES_EREFUSED: "dns_refused_error",
+    ares.ARES_ETIMEOUT: TIMEOUT,
+    ares.ARES_ECONNREFUSED: "connection_refused",
+    ares.ARES_EFORMERR: "dns_server_misbehaving",
+    ares.ARES_EBADRESP: "dns_server_misbehaving",
+    ares.ARES_ENOTIMP: "dns_server_misbehaving",
+    ares.ARES_EBADNAME: "dns_bad_name",
+    ares.ARES_EBADQUERY: "dns_bad_name",
+    ares.ARES_EBADSTR: "dns_bad_name",
+    ares.ARES_EOF: "eof_error",
+    ares.ARES_ECANCELLED: "interrupted",
+    ares.ARES_EDESTRUCTION: "interrupted",
+    ares.ARES_ENOMEM: "dns_resolver_error",
+    ares.ARES_EFILE: "dns_resolver_error",
+    ares.ARES_ENOTINITIALIZED: "dns_resolver_error",
+    ares.ARES_ESERVICE: "dns_resolver_error",
+    ares.ARES_EBADFAMILY: "dns_resolver_error",
+    ares.ARES_EBADFLAGS: "dns_resolver_error",
+    ares.ARES_EBADHINTS: "dns_resolver_error",
+    ares.ARES_EADDRGETNETWORKPARAMS: "dns_resolver_error",
+    ares.ARES_ELOADIPHLPAPI: "dns_resolver_error",
+}
+
+# OpenSSL X509_V_ERR_* codes carried by ssl.SSLCertVerificationError.verify_code.
+UNKNOWN_AUTHORITY_CODES = frozenset({2, 18, 19, 20, 21})
+HOSTNAME_MISMATCH_CODES = frozenset({62, 64})
+
+# Exception classes with one meaning, most specific first (checked with isinstance).
+CLASS_FAILURES: tuple[tuple[type[BaseException], str], ...] = (
+    (ProbeFailure, ""),  # carries its own string
+    (ssl.SSLEOFError, "eof_error"),
+    (ssl.SSLZeroReturnError, "eof_error"),
+    (asyncio.IncompleteReadError, "eof_error"),
+    (EOFError, "eof_error"),
+    (TimeoutError, TIMEOUT),
+    (httpx.TimeoutException, TIMEOUT),
+    (httpcore.TimeoutException, TIMEOUT),
+    (httpx.TooManyRedirects, "http_too_many_redirects"),
+    (httpx.UnsupportedProtocol, "http_invalid_redirect_location_host"),
+    (httpx.InvalidURL, "http_invalid_redirect_location_host"),
+    (httpx.DecodingError, "http_decoding_error"),
+    (httpx.RemoteProtocolError, "http_protocol_error"),
+    (httpcore.RemoteProtocolError, "http_protocol_error"),
+    (httpx.LocalProtocolError, "http_protocol_error"),
+    (httpcore.LocalProtocolError, "http_protocol_error"),
+)
+
+DISCONNECTED = "Server disconnected"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _ssl_failure(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code in UNKNOWN_AUTHORITY_CODES:
+            return "ssl_unknown_authority"
+        if code in HOSTNAME_MISMATCH_CODES:
+            return "ssl_invalid_hostname"
+        return "ssl_invalid_certificate"
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "eof_error"
+    return "ssl_failed_handshake"
+
+
+def _specific(exc: BaseException) -> str | None:
+    if isinstance(exc, ProbeFailure):
+        return exc.failure
+    if isinstance(exc, ssl.SSLError):
+        return _ssl_failure(exc)
+    if isinstance(exc, ares.DNSError) and exc.args and isinstance(exc.args[0], int):
+        return ARES_FAILURES.get(exc.args[0])
+    if isinstance(exc, OSError) and exc.errno in ERRNO_FAILURES:
+        return ERRNO_FAILURES[exc.errno]
+    return None
+
+
+def classify(exc: BaseException) -> str:
+    """The OONI failure string for an exception met while probing."""
+    for link in _chain(exc):
+        failure = _specific(link)
+        if failure:
+            return failure
+    for link in _chain(exc):
+        if isinstance(link, (httpx.RemoteProtocolError, httpcore.RemoteProtocolError)):
+            if DISCONNECTED in str(link):
+                return "eof_error"
+        for cls, failure in CLASS_FAILURES:
+            if failure and isinstance(link, cls):
+                return failure
+    return f"unknown_failure: {type(exc).__name__}: {exc}"

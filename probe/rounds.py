@@ -1,0 +1,173 @@
+"""A round: every (target, path) pair probed once, concurrently, with bounded concurrency.
+
+Tasks start target by target, so every path of one target is measured within the same
+few seconds: the pairing that direct-versus-tunnel verdicts need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import certifi
+
+from .config import Config, PathSpec, Target
+from .dns import probe_dns
+from .errors import ProbeFailure
+from .failures import classify
+from .http import probe_http
+from .model import Heartbeat, Measurement, Trace
+from .tcp import probe_tcp
+from .tls import probe_tls
+
+log = logging.getLogger(__name__)
+
+Probe = Callable[..., Awaitable[dict[str, Any]]]
+PROBES: dict[str, Probe] = {"http": probe_http, "tls": probe_tls, "tcp": probe_tcp, "dns": probe_dns}
+ENDPOINT_GROUP = "endpoint"
+DIRECT = PathSpec(name="direct", kind="direct")
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeContext:
+    """What every probe shares, built once per configuration: TLS context and settings."""
+
+    config: Config
+    ssl_context: ssl.SSLContext
+
+    @classmethod
+    def build(cls, config: Config) -> ProbeContext:
+        cafile = str(config.probe.ca_file) if config.probe.ca_file else certifi.where()
+        context = ssl.create_default_context(cafile=cafile)
+        context.set_alpn_protocols(["http/1.1"])
+        return cls(config=config, ssl_context=context)
+
+
+def new_round_id(now: datetime) -> str:
+    return now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+
+
+def endpoint_target(path: PathSpec) -> Target | None:
+    """The tunnel server's own port, probed directly (TCP endpoints only)."""
+    if path.endpoint is None or path.endpoint.transport != "tcp":
+        return None
+    return Target(
+        name=f"{path.name}-endpoint",
+        group=ENDPOINT_GROUP,
+        kind="tcp",
+        host=path.endpoint.host,
+        port=path.endpoint.port,
+    )
+
+
+def plan(config: Config, targets: Iterable[str] = (), paths: Iterable[str] = ()) -> list[tuple[Target, PathSpec]]:
+    """The pairs of one round, target-major. DNS targets need a resolver the path controls,
+    so they are probed on direct and bind paths only."""
+    wanted_targets, wanted_paths = set(targets), set(paths)
+    chosen_paths = [p for p in config.paths if not wanted_paths or p.name in wanted_paths]
+    pairs = [
+        (target, path)
+        for target in config.targets
+        if not wanted_targets or target.name in wanted_targets
+        for path in chosen_paths
+        if target.kind != "dns" or path.kind in ("direct", "bind")
+    ]
+    if not wanted_targets:
+        pairs += [(t, DIRECT) for p in chosen_paths if (t := endpoint_target(p))]
+    return pairs
+
+
+async def measure(ctx: ProbeContext, target: Target, path: PathSpec, round_id: str) -> Measurement:
+    """Probe one target over one path. Never raises for a network failure."""
+    settings = ctx.config.probe
+    trace = Trace()
+    started_at = datetime.now(UTC)
+    started = time.perf_counter()
+    failure: str | None = None
+    operation: str | None = None
+    detail = ""
+    try:
+        async with asyncio.timeout(target.timeout_s or settings.timeout_s):
+            await PROBES[target.kind](
+                target,
+                path,
+                trace,
+                ssl_context=ctx.ssl_context,
+                user_agent=settings.user_agent,
+                body_cap_bytes=settings.body_cap_bytes,
+            )
+    except Exception as exc:  # the boundary where network failures become values
+        failure = classify(exc)
+        operation = exc.operation if isinstance(exc, ProbeFailure) else trace.operation
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if failure.startswith("unknown_failure"):
+            log.warning("unclassified failure probing %s via %s", target.name, path.name, exc_info=exc)
+    total_ms = (time.perf_counter() - started) * 1000
+    phases, facts = trace.phases_ms, trace.facts
+    return Measurement(
+        vantage=ctx.config.vantage.name,
+        round_id=round_id,
+        target=target.name,
+        group=target.group,
+        path=path.name,
+        kind=target.kind,
+        input=target.input,
+        started_at=started_at,
+        ok=failure is None,
+        failure=failure,
+        failed_operation=operation,
+        resolve_ms=phases.get("resolve"),
+        proxy_ms=phases.get("proxy"),
+        connect_ms=phases.get("connect"),
+        tls_ms=phases.get("tls"),
+        first_byte_ms=phases.get("first_byte"),
+        total_ms=round(total_ms, 3),
+        resolver=facts.get("resolver"),
+        dns_rcode=facts.get("dns_rcode"),
+        addresses=tuple(facts.get("addresses", ())),
+        peer_address=facts.get("peer_address"),
+        status=facts.get("status"),
+        final_url=facts.get("final_url"),
+        body_length=facts.get("body_length"),
+        body_sha256=facts.get("body_sha256"),
+        title=facts.get("title"),
+        tls_version=facts.get("tls_version"),
+        cert_subject=facts.get("cert_subject"),
+        cert_issuer=facts.get("cert_issuer"),
+        cert_not_after=facts.get("cert_not_after"),
+        tls_verified=facts.get("tls_verified"),
+        detail=detail,
+    )
+
+
+async def run_round(
+    ctx: ProbeContext, pairs: list[tuple[Target, PathSpec]], round_id: str | None = None
+) -> tuple[list[Measurement], Heartbeat]:
+    settings = ctx.config.probe
+    started_at = datetime.now(UTC)
+    round_id = round_id or new_round_id(started_at)
+    everyone = asyncio.Semaphore(settings.concurrency)
+    per_path = {path.name: asyncio.Semaphore(settings.per_path_concurrency) for _, path in pairs}
+
+    async def one(target: Target, path: PathSpec) -> Measurement:
+        async with per_path[path.name], everyone:
+            return await measure(ctx, target, path, round_id)
+
+    measurements = list(await asyncio.gather(*(one(t, p) for t, p in pairs)))
+    heartbeat = Heartbeat(
+        vantage=ctx.config.vantage.name,
+        round_id=round_id,
+        started_at=started_at,
+        finished_at=datetime.now(UTC),
+        probes=len(measurements),
+        succeeded=sum(m.ok for m in measurements),
+        config_sha256=ctx.config.sha256,
+    )
+    return measurements, heartbeat

@@ -1,0 +1,172 @@
+"""The only persistence code: measurements and heartbeats in SQLite (WAL).
+
+One row per measurement plus one heartbeat row per round, written by a single writer in
+batches, one transaction each: a kill -9 loses at most the batch in flight. The schema is
+versioned with ``PRAGMA user_version`` and migrated forward on open. The small `Store`
+protocol is what the rest of tunnelwatch uses, so another backend can follow.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import StoreError
+from .model import Heartbeat, Measurement
+
+MEASUREMENT_COLUMNS = (
+    "vantage", "round_id", "target", "grp", "path", "kind", "input", "started_at_ms", "ok",
+    "failure", "failed_operation", "resolve_ms", "proxy_ms", "connect_ms", "tls_ms",
+    "first_byte_ms", "total_ms", "resolver", "dns_rcode", "addresses", "peer_address",
+    "status", "final_url", "body_length", "body_sha256", "title", "tls_version",
+    "cert_subject", "cert_issuer", "cert_not_after_ms", "tls_verified", "detail",
+)  # fmt: skip
+HEARTBEAT_COLUMNS = (
+    "round_id", "vantage", "started_at_ms", "finished_at_ms", "probes", "succeeded", "config_sha256",
+)  # fmt: skip
+
+# Each entry moves the schema from version i to i + 1. Never edit a shipped entry: append.
+MIGRATIONS = (
+    """
+    CREATE TABLE measurements (
+        id INTEGER PRIMARY KEY,
+        vantage TEXT NOT NULL,
+        round_id TEXT NOT NULL,
+        target TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        path TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        input TEXT NOT NULL,
+        started_at_ms INTEGER NOT NULL,      -- Unix time, UTC
+        ok INTEGER NOT NULL,
+        failure TEXT,
+        failed_operation TEXT,
+        resolve_ms REAL, proxy_ms REAL, connect_ms REAL, tls_ms REAL,
+        first_byte_ms REAL, total_ms REAL,
+        resolver TEXT, dns_rcode TEXT,
+        addresses TEXT NOT NULL DEFAULT '[]',  -- JSON list
+        peer_address TEXT,
+        status INTEGER, final_url TEXT, body_length INTEGER, body_sha256 TEXT, title TEXT,
+        tls_version TEXT, cert_subject TEXT, cert_issuer TEXT, cert_not_after_ms INTEGER,
+        tls_verified INTEGER,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX measurements_started_at ON measurements (started_at_ms);
+    CREATE TABLE heartbeats (
+        round_id TEXT PRIMARY KEY,
+        vantage TEXT NOT NULL,
+        started_at_ms INTEGER NOT NULL,
+        finished_at_ms INTEGER NOT NULL,
+        probes INTEGER NOT NULL,
+        succeeded INTEGER NOT NULL,
+        config_sha256 TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX heartbeats_started_at ON heartbeats (started_at_ms);
+    """,
+)
+
+
+class Store(Protocol):
+    def write(self, measurements: Sequence[Measurement], heartbeats: Sequence[Heartbeat] = ()) -> None: ...
+
+    def measurements(self, round_id: str | None = None) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+def _ms(moment: datetime | None) -> int | None:
+    return None if moment is None else round(moment.timestamp() * 1000)
+
+
+def _measurement_row(m: Measurement) -> tuple[Any, ...]:
+    return (
+        m.vantage, m.round_id, m.target, m.group, m.path, m.kind, m.input, _ms(m.started_at), int(m.ok),
+        m.failure, m.failed_operation, m.resolve_ms, m.proxy_ms, m.connect_ms, m.tls_ms,
+        m.first_byte_ms, m.total_ms, m.resolver, m.dns_rcode, json.dumps(list(m.addresses)), m.peer_address,
+        m.status, m.final_url, m.body_length, m.body_sha256, m.title, m.tls_version,
+        m.cert_subject, m.cert_issuer, _ms(m.cert_not_after),
+        None if m.tls_verified is None else int(m.tls_verified), m.detail,
+    )  # fmt: skip
+
+
+def _heartbeat_row(h: Heartbeat) -> tuple[Any, ...]:
+    return (
+        h.round_id, h.vantage, _ms(h.started_at), _ms(h.finished_at), h.probes, h.succeeded, h.config_sha256,
+    )  # fmt: skip
+
+
+def _insert(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+class SQLiteStore:
+    """SQLite in WAL mode. Use from one thread at a time: it is the single writer."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"{path}: cannot open the store: {exc}") from None
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this tunnelwatch knows "
+                f"({len(MIGRATIONS)}); upgrade tunnelwatch"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self._db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def write(self, measurements: Sequence[Measurement], heartbeats: Sequence[Heartbeat] = ()) -> None:
+        """One transaction: the whole batch lands, or none of it does."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(_insert("measurements", MEASUREMENT_COLUMNS), map(_measurement_row, measurements))
+            self._db.executemany(_insert("heartbeats", HEARTBEAT_COLUMNS), map(_heartbeat_row, heartbeats))
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: cannot write {len(measurements)} measurements: {exc}") from exc
+
+    def measurements(self, round_id: str | None = None) -> list[dict[str, Any]]:
+        query = f"SELECT {', '.join(MEASUREMENT_COLUMNS)} FROM measurements"
+        args: tuple[Any, ...] = ()
+        if round_id:
+            query, args = query + " WHERE round_id = ?", (round_id,)
+        rows = self._db.execute(query + " ORDER BY id", args).fetchall()
+        out = []
+        for row in rows:
+            record = dict(zip(MEASUREMENT_COLUMNS, row, strict=True))
+            record["addresses"] = json.loads(record["addresses"])
+            record["started_at"] = datetime.fromtimestamp(record.pop("started_at_ms") / 1000, UTC)
+            out.append(record)
+        return out
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        rows = self._db.execute(f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats ORDER BY started_at_ms")
+        return [dict(zip(HEARTBEAT_COLUMNS, row, strict=True)) for row in rows]
+
+    def integrity_check(self) -> str:
+        return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_store(path: Path) -> SQLiteStore:
+    return SQLiteStore(path)

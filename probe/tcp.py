@@ -1,0 +1,15 @@
+"""TCP connect to host:port through a path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import PathSpec, Target
+from .model import Trace
+from .paths import open_stream
+
+
+async def probe_tcp(target: Target, path: PathSpec, trace: Trace, **_: object) -> dict[str, Any]:
+    _, writer = await open_stream(path, target.host or "", target.port or 0, trace)
+    writer.transport.abort()
+    return {}
