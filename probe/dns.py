@@ -17,6 +17,7 @@ import aiodns.error as ares
 
 from .config import PathSpec, Target
 from .model import RESOLVE, Trace
+from .sockets import check_bind
 
 # c-ares error code -> the DNS rcode the server sent (None: no answer came back at all).
 ARES_RCODES = {
@@ -95,6 +96,7 @@ def _rcode(exc: BaseException) -> str | None:
 
 async def probe_dns(target: Target, path: PathSpec, trace: Trace, **_: object) -> dict[str, Any]:
     """A and AAAA queries for the target's name; answers and rcode are facts either way."""
+    check_bind(path)
     resolver = resolver_for(path)
     trace.operation = RESOLVE
     trace.fact("resolver", resolver.label)

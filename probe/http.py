@@ -22,9 +22,11 @@ import httpx
 from .config import PathSpec, Target
 from .errors import ProbeFailure
 from .model import HTTP_ROUND_TRIP, Trace
+from .dns import is_ip
 from .paths import open_stream, start_tls
 
 MAX_REDIRECTS = 10
+HOSTNAME = re.compile(r"^(?=.{1,253}\.?$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$")
 TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
 
 
@@ -144,6 +146,13 @@ class _PathTransport(httpx.AsyncBaseTransport):
         await self._pool.aclose()
 
 
+async def _check_location(request: httpx.Request) -> None:
+    """A redirect to a host no resolver could look up is a finding, not a DNS failure."""
+    host = request.url.host
+    if not (is_ip(host) or HOSTNAME.match(host)):
+        raise ProbeFailure("http_invalid_redirect_location_host", HTTP_ROUND_TRIP, f"redirected to {request.url}")
+
+
 def _title(body: bytes) -> str | None:
     match = TITLE.search(body)
     if not match:
@@ -170,6 +179,7 @@ async def probe_http(
         timeout=None,  # the caller bounds the whole probe with asyncio.timeout
         trust_env=False,
         headers={"User-Agent": user_agent, "Accept": "*/*"},
+        event_hooks={"request": [_check_location]},
     )
     async with client:
         async with client.stream("GET", target.url or "") as response:

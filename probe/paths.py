@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import errno
 import socket
 import ssl
 import struct
@@ -23,6 +22,7 @@ from .config import PathSpec
 from .dns import Resolver, is_ip, lookup, resolver_for
 from .errors import ProbeFailure
 from .failures import classify
+from .sockets import bound_socket, check_bind
 from .model import BIND, CONNECT, PROXY_AUTH, PROXY_CONNECT, TLS_HANDSHAKE, Trace
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -51,21 +51,6 @@ def _elapsed_ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def _bound_socket(family: int, path: PathSpec) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        if path.interface:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, path.interface.encode())
-        if path.address:
-            sock.bind((path.address, 0))
-    except OSError as exc:
-        sock.close()
-        failure = "interface_not_found" if exc.errno == errno.ENODEV else classify(exc)
-        raise ProbeFailure(failure, BIND, f"cannot bind to {path.address or path.interface}: {exc}") from exc
-    return sock
-
-
 async def _connect(addresses: list[str], port: int, path: PathSpec) -> socket.socket:
     """Connect to the first address that answers; the last error is raised if none does."""
     loop = asyncio.get_running_loop()
@@ -74,7 +59,7 @@ async def _connect(addresses: list[str], port: int, path: PathSpec) -> socket.so
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         if path.address and (":" in path.address) != (family == socket.AF_INET6):
             continue  # the bind address cannot reach this family
-        sock = _bound_socket(family, path)
+        sock = bound_socket(family, path)
         try:
             await loop.sock_connect(sock, (address, port))
         except OSError as exc:
@@ -95,6 +80,7 @@ async def _streams(sock: socket.socket) -> Streams:
 
 
 async def _connect_target(path: PathSpec, host: str, port: int, trace: Trace) -> Streams:
+    check_bind(path)
     addresses = await lookup(resolver_for(path), host, trace)
     trace.operation = CONNECT
     started = time.perf_counter()
