@@ -1,0 +1,155 @@
+"""`tunnelwatch probe` and `tunnelwatch run` as a user runs them, against loopback servers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from probe.config import default_config_path, load_config
+from tests.conftest import DNS, HOST, PAGE_TITLE, Proxies, TLSFiles, write_config
+from tests.servers import LOOPBACK, Web
+
+TUNNELWATCH = [sys.executable, "-m", "probe"]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, web: Web, dns: DNS, proxies: Proxies, tls_files: TLSFiles, closed_port: int) -> Path:
+    body = f"""
+[[targets]]
+name = "page"
+group = "blocked"
+kind = "http"
+url = "https://{HOST}:{web.https}/"
+expect_title = "{PAGE_TITLE}"
+
+[[targets]]
+name = "control-page"
+group = "control"
+kind = "http"
+url = "http://{HOST}:{web.http}/"
+
+[[targets]]
+name = "down"
+group = "control"
+kind = "tcp"
+host = "{LOOPBACK}"
+port = {closed_port}
+
+[[paths]]
+name = "direct"
+kind = "direct"
+resolver = ["{dns.server}"]
+
+[[paths]]
+name = "shadowsocks"
+kind = "socks5"
+label = "shadowsocks"
+host = "{LOOPBACK}"
+port = {proxies.shadowsocks}
+remote_dns = false
+resolver = ["{dns.server}"]
+endpoint = {{ host = "{LOOPBACK}", port = {proxies.shadowsocks}, transport = "tcp" }}
+"""
+    return write_config(tmp_path, body, tls_files.ca_file)
+
+
+def rows(db: Path, table: str = "measurements") -> list[sqlite3.Row]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY id" if table == "measurements" else
+                            f"SELECT * FROM {table}").fetchall()  # fmt: skip
+    finally:
+        conn.close()
+
+
+def test_probe_stores_a_row_for_every_pair_and_a_heartbeat(config_file: Path) -> None:
+    result = subprocess.run([*TUNNELWATCH, "probe", "--config", str(config_file)], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr  # "down" failed
+    db = load_config(config_file).store.path
+    stored = {(r["target"], r["path"]): r for r in rows(db)}
+    assert set(stored) == {
+        ("page", "direct"), ("page", "shadowsocks"), ("control-page", "direct"),
+        ("control-page", "shadowsocks"), ("down", "direct"), ("down", "shadowsocks"),
+        ("shadowsocks-endpoint", "direct"),
+    }  # fmt: skip
+    assert stored["page", "shadowsocks"]["ok"] == 1 and stored["page", "shadowsocks"]["title"] == PAGE_TITLE
+    assert stored["shadowsocks-endpoint", "direct"]["ok"] == 1
+    assert stored["shadowsocks-endpoint", "direct"]["grp"] == "endpoint"
+    assert stored["down", "direct"]["failure"] == "connection_refused"
+    # ss-local acknowledges a SOCKS CONNECT before its server has connected, so a bare TCP
+    # probe through Shadowsocks cannot see the refused port: only a probe that sends data can.
+    assert stored["down", "shadowsocks"]["ok"] == 1
+    (beat,) = rows(db, "heartbeats")
+    assert (beat["probes"], beat["succeeded"]) == (7, 6)
+    assert {r["round_id"] for r in stored.values()} == {beat["round_id"]}
+    assert "page" in result.stdout and "connection_refused" in result.stdout
+
+
+def test_probe_exits_0_when_all_succeed_and_prints_json(config_file: Path) -> None:
+    result = subprocess.run(
+        [*TUNNELWATCH, "probe", "--config", str(config_file), "-t", "page", "-p", "direct", "--json", "--no-store"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    record = json.loads(line)
+    assert (record["target"], record["path"], record["ok"], record["title"]) == ("page", "direct", True, PAGE_TITLE)
+    assert not load_config(config_file).store.path.exists()
+
+
+def test_unknown_target_name_is_refused_with_the_valid_ones(config_file: Path) -> None:
+    result = subprocess.run(
+        [*TUNNELWATCH, "probe", "--config", str(config_file), "-t", "nope"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "'nope'" in result.stderr and "page, control-page, down" in result.stderr
+
+
+def test_shipped_default_config_stores_a_specific_failure_for_every_pair(tmp_path: Path, dns: DNS) -> None:
+    """The shipped config as it is, but with its resolver on loopback so no query leaves this
+    machine: that resolver refuses everything, as a resolver cut off from the Internet would."""
+    text = default_config_path().read_text()
+    text = text.replace('resolver = "system"', f'resolver = ["{LOOPBACK}:{dns.refused_port}"]')
+    config = tmp_path / "default.toml"
+    config.write_text(text)
+    result = subprocess.run([*TUNNELWATCH, "probe", "--config", str(config)], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    stored = rows(tmp_path / "data" / "tunnelwatch.db")
+    assert len(stored) == 10
+    assert {r["failure"] for r in stored} == {"dns_refused_error"}
+    assert {r["failed_operation"] for r in stored} == {"resolve"}
+
+
+def test_run_probes_every_interval_and_stops_cleanly_on_sigterm(config_file: Path) -> None:
+    text = config_file.read_text().replace("[probe]", "[probe]\ninterval_s = 1")
+    config_file.write_text(text)
+    db = load_config(config_file).store.path
+    proc = subprocess.Popen([*TUNNELWATCH, "run", "--config", str(config_file)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if db.exists() and len(rows(db, "heartbeats")) >= 3:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    beats = rows(db, "heartbeats")
+    assert len(beats) >= 3
+    starts = sorted(b["started_at_ms"] for b in beats)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert all(900 <= gap <= 2500 for gap in gaps), gaps
+    assert len(rows(db)) == 7 * len(beats)
+    assert "round" in stderr and "stopped" in stderr

@@ -1,0 +1,111 @@
+"""The classifier is a pure function: every exception a probe can meet has a specific string."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+
+import aiodns.error as ares
+import httpcore
+import httpx
+import pytest
+
+from probe.errors import ProbeFailure
+from probe.failures import ARES_FAILURES, ERRNO_FAILURES, classify
+
+
+def _verify_error(code: int) -> ssl.SSLCertVerificationError:
+    exc = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    exc.verify_code = code
+    return exc
+
+
+def _wrapped(cause: BaseException, outer: type[Exception]) -> Exception:
+    """httpx and httpcore re-raise the real cause as __cause__ of their own classes."""
+    try:
+        raise outer("wrapped") from cause
+    except Exception as exc:
+        return exc
+
+
+REQUEST = httpx.Request("GET", "https://example.test/")
+
+EXPECTED: list[tuple[BaseException, str]] = [
+    (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), "connection_refused"),
+    (ConnectionResetError(errno.ECONNRESET, "reset"), "connection_reset"),
+    (ConnectionAbortedError(errno.ECONNABORTED, "aborted"), "connection_aborted"),
+    (BrokenPipeError(errno.EPIPE, "pipe"), "connection_reset"),
+    (OSError(errno.EHOSTUNREACH, "no route"), "host_unreachable"),
+    (OSError(errno.ENETUNREACH, "unreachable"), "network_unreachable"),
+    (OSError(errno.ENETDOWN, "down"), "network_unreachable"),
+    (OSError(errno.ETIMEDOUT, "timed out"), "generic_timeout_error"),
+    (OSError(errno.EADDRNOTAVAIL, "cannot assign"), "address_not_available"),
+    (OSError(errno.ENODEV, "no device"), "interface_not_found"),
+    (PermissionError(errno.EPERM, "not permitted"), "operation_not_permitted"),
+    (TimeoutError(), "generic_timeout_error"),
+    (asyncio.IncompleteReadError(b"", 2), "eof_error"),
+    (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), "eof_error"),
+    (ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed"), "eof_error"),
+    (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"), "ssl_failed_handshake"),
+    (_verify_error(62), "ssl_invalid_hostname"),
+    (_verify_error(64), "ssl_invalid_hostname"),
+    (_verify_error(20), "ssl_unknown_authority"),
+    (_verify_error(19), "ssl_unknown_authority"),
+    (_verify_error(18), "ssl_unknown_authority"),
+    (_verify_error(10), "ssl_invalid_certificate"),
+    (_verify_error(9), "ssl_invalid_certificate"),
+    (ares.DNSError(ares.ARES_ENOTFOUND, "not found"), "dns_nxdomain_error"),
+    (ares.DNSError(ares.ARES_ENODATA, "no data"), "dns_no_answer"),
+    (ares.DNSError(ares.ARES_ESERVFAIL, "servfail"), "dns_servfail_error"),
+    (ares.DNSError(ares.ARES_EREFUSED, "refused"), "dns_refused_error"),
+    (ares.DNSError(ares.ARES_ETIMEOUT, "timeout"), "generic_timeout_error"),
+    (ares.DNSError(ares.ARES_ECONNREFUSED, "could not contact"), "connection_refused"),
+    (httpx.ConnectTimeout("t"), "generic_timeout_error"),
+    (httpx.ReadTimeout("t"), "generic_timeout_error"),
+    (httpcore.ReadTimeout("t"), "generic_timeout_error"),
+    (httpcore.PoolTimeout("t"), "generic_timeout_error"),
+    (httpx.TooManyRedirects("too many", request=REQUEST), "http_too_many_redirects"),
+    (httpx.UnsupportedProtocol("ftp"), "http_invalid_redirect_location_host"),
+    (httpx.InvalidURL("bad"), "http_invalid_redirect_location_host"),
+    (httpx.DecodingError("gzip"), "http_decoding_error"),
+    (httpcore.RemoteProtocolError("Server disconnected without sending a response."), "eof_error"),
+    (httpx.RemoteProtocolError("peer closed connection"), "http_protocol_error"),
+    (httpcore.RemoteProtocolError("illegal header"), "http_protocol_error"),
+    (httpcore.LocalProtocolError("bad request"), "http_protocol_error"),
+    (_wrapped(ConnectionResetError(errno.ECONNRESET, "reset"), httpcore.ReadError), "connection_reset"),
+    (_wrapped(ConnectionRefusedError(errno.ECONNREFUSED, "x"), httpx.ConnectError), "connection_refused"),
+    (_wrapped(_verify_error(62), httpx.ConnectError), "ssl_invalid_hostname"),
+    (_wrapped(ares.DNSError(ares.ARES_ENOTFOUND, "nx"), httpx.ConnectError), "dns_nxdomain_error"),
+    (ProbeFailure("proxy_auth_failed", "proxy_auth"), "proxy_auth_failed"),
+]
+
+
+@pytest.mark.parametrize(("exc", "failure"), EXPECTED, ids=[f"{type(e).__name__}-{f}" for e, f in EXPECTED])
+def test_exception_maps_to_its_failure(exc: BaseException, failure: str) -> None:
+    assert classify(exc) == failure
+
+
+@pytest.mark.parametrize("code", sorted(ERRNO_FAILURES))
+def test_every_listed_errno_is_specific(code: int) -> None:
+    assert not classify(OSError(code, "x")).startswith("unknown_failure")
+
+
+@pytest.mark.parametrize("code", sorted(ARES_FAILURES))
+def test_every_c_ares_code_is_specific(code: int) -> None:
+    assert not classify(ares.DNSError(code, "x")).startswith("unknown_failure")
+
+
+def test_every_c_ares_error_code_has_an_entry() -> None:
+    codes = {getattr(ares, name) for name in ares.__all__ if name.startswith("ARES_E")}
+    assert codes <= set(ARES_FAILURES)
+
+
+def test_unknown_exception_is_labelled_unknown_with_its_detail() -> None:
+    assert classify(ValueError("odd")) == "unknown_failure: ValueError: odd"
+
+
+def test_cause_loops_do_not_hang() -> None:
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__cause__, b.__cause__ = b, a
+    assert classify(a).startswith("unknown_failure")

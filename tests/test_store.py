@@ -1,0 +1,119 @@
+"""The SQLite store: schema migrations, whole batches, and integrity after kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from probe.errors import StoreError
+from probe.model import Heartbeat, Measurement
+from probe.store import MIGRATIONS, open_store
+
+
+def measurement(round_id: str = "r1", target: str = "google", ok: bool = False) -> Measurement:
+    return Measurement(
+        vantage="v",
+        round_id=round_id,
+        target=target,
+        group="blocked",
+        path="direct",
+        kind="http",
+        input="https://www.google.com/",
+        started_at=datetime(2018, 3, 5, 8, 0, tzinfo=UTC),
+        ok=ok,
+        failure=None if ok else "connection_reset",
+        failed_operation=None if ok else "tls_handshake",
+        resolve_ms=12.5,
+        connect_ms=80.25,
+        addresses=("142.250.1.1", "2a00::1"),
+        cert_not_after=datetime(2030, 1, 1, tzinfo=UTC),
+        tls_verified=True,
+        detail="ConnectionResetError",
+    )
+
+
+def heartbeat(round_id: str = "r1") -> Heartbeat:
+    now = datetime(2018, 3, 5, 8, 0, tzinfo=UTC)
+    return Heartbeat(vantage="v", round_id=round_id, started_at=now, finished_at=now, probes=1, succeeded=0)
+
+
+def test_new_store_is_migrated_to_the_latest_schema(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "sub" / "tw.db")
+    assert store.schema_version == len(MIGRATIONS)
+    mode = sqlite3.connect(tmp_path / "sub" / "tw.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    store.close()
+
+
+def test_measurements_round_trip(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "tw.db")
+    store.write([measurement()], [heartbeat()])
+    store.close()
+    store = open_store(tmp_path / "tw.db")  # reopening migrates nothing and keeps the rows
+    (row,) = store.measurements("r1")
+    assert row["failure"] == "connection_reset" and row["failed_operation"] == "tls_handshake"
+    assert row["addresses"] == ["142.250.1.1", "2a00::1"]
+    assert row["started_at"] == datetime(2018, 3, 5, 8, 0, tzinfo=UTC)
+    assert (row["resolve_ms"], row["connect_ms"], row["grp"]) == (12.5, 80.25, "blocked")
+    assert [h["round_id"] for h in store.heartbeats()] == ["r1"]
+    store.close()
+
+
+def test_a_failed_batch_writes_nothing(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "tw.db")
+    store.write([measurement("r1")], [heartbeat("r1")])
+    with pytest.raises(StoreError, match="cannot write 1 measurements"):
+        store.write([measurement("r2")], [heartbeat("r1")])  # duplicate heartbeat: the batch fails
+    assert [m["round_id"] for m in store.measurements()] == ["r1"]
+    store.close()
+
+
+def test_a_store_from_a_newer_tunnelwatch_is_refused(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "tw.db")
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    db.close()
+    with pytest.raises(StoreError, match="newer than this tunnelwatch knows"):
+        open_store(tmp_path / "tw.db")
+
+
+def test_an_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError, match="cannot open the store"):
+        open_store(tmp_path / "file" / "tw.db")
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from probe.store import open_store
+from tests.test_store import measurement
+store = open_store(Path(sys.argv[1]))
+batch = [measurement(f"r{i}") for i in range(200)]
+print("ready", flush=True)
+while True:
+    store.write(batch)
+"""
+
+
+def test_kill_9_during_writes_loses_at_most_the_batch_in_flight(tmp_path: Path) -> None:
+    db = tmp_path / "tw.db"
+    with subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent
+    ) as proc:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    store = open_store(db)
+    assert store.integrity_check() == "ok"
+    count = len(store.measurements())
+    assert count > 0 and count % 200 == 0  # whole batches only
+    store.close()
