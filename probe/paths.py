@@ -197,7 +197,11 @@ async def start_tls(writer: asyncio.StreamWriter, context: ssl.SSLContext, sni: 
     """Upgrade the stream to TLS in place, recording the handshake time and what it showed."""
     trace.operation = TLS_HANDSHAKE
     started = time.perf_counter()
-    await writer.start_tls(context, server_hostname=sni)
+    try:
+        await writer.start_tls(context, server_hostname=sni)
+    except ssl.SSLCertVerificationError:
+        trace.fact("tls_verified", False)
+        raise
     trace.phase("tls", _elapsed_ms(started))
     tls = writer.get_extra_info("ssl_object")
     if tls is None:

@@ -58,7 +58,7 @@ def web(tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles) -> Iterat
     root.mkdir()
     (root / "index.html").write_text(PAGE)
     (root / "big.html").write_text(PAGE + "x" * (400 * 1024))
-    (root / "reset.html").write_text("a" * (64 * 1024) + RESET_MARKER + "b" * (64 * 1024))
+    (root / "reset.html").write_text("a" * (64 * 1024) + RESET_MARKER + "b" * (1024 * 1024))
     site = Web(
         http=free_port(),
         https=free_port(),

@@ -89,6 +89,9 @@ def test_probe_stores_a_row_for_every_pair_and_a_heartbeat(config_file: Path) ->
     assert stored["down", "shadowsocks"]["ok"] == 1
     (beat,) = rows(db, "heartbeats")
     assert (beat["probes"], beat["succeeded"]) == (7, 6)
+    for target in ("page", "control-page", "down"):  # the paths of one target are probed together
+        starts = [r["started_at_ms"] for (t, _), r in stored.items() if t == target]
+        assert max(starts) - min(starts) < 2000
     assert {r["round_id"] for r in stored.values()} == {beat["round_id"]}
     assert "page" in result.stdout and "connection_refused" in result.stdout
 

@@ -12,7 +12,7 @@ import pytest
 from probe.config import Config, load_config
 from probe.model import Measurement
 from probe.rounds import ProbeContext, measure
-from tests.conftest import DNS, HOST, PAGE_TITLE, Proxies, TLSFiles, write_config
+from tests.conftest import DNS, HOST, PAGE_TITLE, RESET_MARKER, Proxies, TLSFiles, write_config
 from tests.servers import IS_ROOT, LOOPBACK, Web, need
 
 
@@ -40,6 +40,7 @@ def lab(
         "missing": ("http", f'url = "{site}/missing"'),
         "expect-fails": ("http", f'url = "{site}/"\nexpect_body = "not on this page"'),
         "big": ("http", f'url = "{site}/big.html"'),
+        "reset": ("http", f'url = "{site}/reset.html"'),
         "closes": ("http", f'url = "{site}/slow"'),
         "echo-ip": ("http", f'url = "{ip_site}/echo-ip"'),
         "nx": ("http", f'url = "http://nx.example.test:{web.http}/"'),
@@ -129,6 +130,8 @@ def test_probe_outcome(lab: Config, target: str, path: str, failure: str | None,
     assert m.ok is (failure is None)
     assert m.total_ms is not None and m.total_ms > 0
     assert m.path_failed is (operation in ("bind", "proxy_connect", "proxy_auth"))
+    if failure in ("ssl_invalid_hostname", "ssl_unknown_authority", "ssl_invalid_certificate"):
+        assert m.tls_verified is False
 
 
 def test_https_page_records_every_phase_and_the_page(lab: Config) -> None:
@@ -194,26 +197,27 @@ def test_socks_remote_resolution_failure_is_the_targets(lab: Config) -> None:
 
 
 @pytest.fixture
-def reset_rule(web: Web) -> Iterator[str]:
-    """iptables resets any request whose path carries the marker: a censor's keyword reset."""
+def reset_rule(web: Web) -> Iterator[None]:
+    """iptables resets the client in the middle of a response, once the server has sent the
+    marker, as a censor resets a flow on a keyword: the response packet carrying the marker
+    marks the connection, and the client's next packet on it is answered with a RST."""
     if not IS_ROOT:
         pytest.skip("needs root for iptables")
     iptables = need("iptables")
-    rule = ["OUTPUT", "-o", "lo", "-p", "tcp", "--dport", str(web.http), "-m", "string", "--string",
-            "tw-reset-me", "--algo", "bm", "-j", "REJECT", "--reject-with", "tcp-reset"]  # fmt: skip
-    subprocess.run([iptables, "-I", *rule], check=True)
+    mark = ["OUTPUT", "-o", "lo", "-p", "tcp", "--sport", str(web.http), "-m", "string", "--string",
+            RESET_MARKER, "--algo", "bm", "-j", "CONNMARK", "--set-mark", "0x7477"]  # fmt: skip
+    reset = ["OUTPUT", "-o", "lo", "-p", "tcp", "--dport", str(web.http), "-m", "connmark", "--mark", "0x7477",
+             "-j", "REJECT", "--reject-with", "tcp-reset"]  # fmt: skip
+    subprocess.run([iptables, "-I", *mark], check=True)
+    subprocess.run([iptables, "-I", *reset], check=True)
     try:
-        yield "tw-reset-me"
+        yield
     finally:
-        subprocess.run([iptables, "-D", *rule], check=True)
+        subprocess.run([iptables, "-D", *reset], check=False)
+        subprocess.run([iptables, "-D", *mark], check=False)
 
 
-def test_reset_during_the_round_trip(tmp_path: Path, web: Web, reset_rule: str) -> None:
-    body = (
-        f'[[targets]]\nname = "reset"\ngroup = "blocked"\nkind = "http"\n'
-        f'url = "http://{LOOPBACK}:{web.http}/reset.html?q={reset_rule}"\n'
-        '[[paths]]\nname = "direct"\nkind = "direct"\n'
-    )
-    cfg = load_config(write_config(tmp_path, body))
-    m = run(cfg, "reset", "direct")
+def test_reset_in_the_middle_of_a_response(lab: Config, reset_rule: None) -> None:
+    m = run(lab, "reset", "direct")
     assert (m.failure, m.failed_operation) == ("connection_reset", "http_round_trip"), m.detail
+    assert m.first_byte_ms is not None  # the response had begun
