@@ -22,8 +22,8 @@ from .config import PathSpec
 from .dns import Resolver, is_ip, lookup, resolver_for
 from .errors import ProbeFailure
 from .failures import classify
-from .sockets import bound_socket, check_bind
 from .model import BIND, CONNECT, PROXY_AUTH, PROXY_CONNECT, TLS_HANDSHAKE, Trace
+from .sockets import bound_socket, check_bind
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 

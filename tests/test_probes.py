@@ -11,7 +11,7 @@ import pytest
 
 from probe.config import Config, load_config
 from probe.model import Measurement
-from probe.rounds import ProbeContext, measure
+from probe.rounds import ProbeContext, measure, plan, run_round
 from tests.conftest import DNS, HOST, PAGE_TITLE, RESET_MARKER, Proxies, TLSFiles, write_config
 from tests.servers import IS_ROOT, LOOPBACK, Web, need
 
@@ -221,3 +221,25 @@ def test_reset_in_the_middle_of_a_response(lab: Config, reset_rule: None) -> Non
     m = run(lab, "reset", "direct")
     assert (m.failure, m.failed_operation) == ("connection_reset", "http_round_trip"), m.detail
     assert m.first_byte_ms is not None  # the response had begun
+
+
+def _silent_round(tmp_path: Path, silent_port: int, per_path: int) -> list[Measurement]:
+    targets = "".join(
+        f'[[targets]]\nname = "s{i}"\ngroup = "control"\nkind = "tls"\nhost = "{LOOPBACK}"\nport = {silent_port}\n'
+        for i in range(3)
+    )
+    body = targets + '[[paths]]\nname = "direct"\nkind = "direct"\n'
+    cfg = load_config(write_config(tmp_path, body, timeout_s=0.5))
+    cfg = cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"per_path_concurrency": per_path})})
+    measurements, heartbeat = asyncio.run(run_round(ProbeContext.build(cfg), plan(cfg)))
+    assert heartbeat.probes == 3 and heartbeat.succeeded == 0
+    assert {m.failure for m in measurements} == {"generic_timeout_error"}
+    return measurements
+
+
+def test_per_path_concurrency_bounds_the_probes_in_flight(tmp_path: Path, silent_port: int) -> None:
+    serial = sorted(m.started_at for m in _silent_round(tmp_path, silent_port, per_path=1))
+    gaps = [(b - a).total_seconds() for a, b in zip(serial, serial[1:], strict=False)]
+    assert all(gap >= 0.45 for gap in gaps), gaps  # each waited for the previous one's timeout
+    parallel = sorted(m.started_at for m in _silent_round(tmp_path, silent_port, per_path=3))
+    assert (parallel[-1] - parallel[0]).total_seconds() < 0.3
