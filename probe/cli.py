@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import signal
 import sys
+from datetime import UTC, datetime
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import Config, load_config
-from .errors import ConfigError, TunnelwatchError
+from .daemon import run_daemon
+from .errors import ConfigError, StoreError, TunnelwatchError
+from .logs import setup_logging
 from .model import Measurement
 from .rounds import ProbeContext, plan, run_round
 from .store import open_store
@@ -37,7 +38,6 @@ out = Console(soft_wrap=True)
 if not out.is_terminal:
     out.width = 200
 err = Console(stderr=True, soft_wrap=True)
-log = logging.getLogger("tunnelwatch")
 
 config_option = click.option(
     "--config",
@@ -120,44 +120,75 @@ def config_check(config: Path | None) -> None:
 
 @app.command()
 @config_option
-def run(config: Path | None) -> None:
-    """Probe on the configured interval until SIGTERM or SIGINT (first cut of the daemon)."""
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
+def run(config: Path | None, log_json: bool) -> None:
+    """Run the daemon in the foreground: probe on schedule until SIGTERM or SIGINT."""
+    setup_logging(as_json=log_json)
+    sys.exit(run_daemon(config))
+
+
+def _when(ms: int | None, now: datetime) -> str:
+    if ms is None:
+        return ""
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return f"{moment:%Y-%m-%d %H:%M:%S}Z ({_age((now - moment).total_seconds())} ago)"
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+@app.command()
+@config_option
+def status(config: Path | None) -> None:
+    """What the store says now: last heartbeat, each path's state, the last failures."""
     cfg = load_config(config)
+    if not cfg.store.path.exists():
+        raise StoreError(f"{cfg.store.path}: no store yet; start the daemon with `tunnelwatch run`")
     store = open_store(cfg.store.path)
-    asyncio.run(_run_forever(cfg, store))
-    store.close()
-
-
-async def _run_forever(cfg: Config, store: Any) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    ctx = ProbeContext.build(cfg)
-    pairs = plan(cfg)
-    log.info("probing %d pairs every %.0f s into %s", len(pairs), cfg.probe.interval_s, cfg.store.path)
-    while not stop.is_set():
-        started = loop.time()
-        measurements, heartbeat = await run_round(ctx, pairs)
-        await asyncio.to_thread(store.write, measurements, [heartbeat])
-        failed = [m for m in measurements if not m.ok]
-        log.info(
-            "round %s: %d/%d ok in %.1f s%s",
-            heartbeat.round_id,
-            heartbeat.succeeded,
-            heartbeat.probes,
-            loop.time() - started,
-            "; failing: " + ", ".join(f"{m.target}/{m.path}={m.failure}" for m in failed[:8]) if failed else "",
+    try:
+        beat, latest, failures = store.last_heartbeat(), store.latest_per_pair(), store.latest_per_pair(True)
+    finally:
+        store.close()
+    now = datetime.now(UTC)
+    if beat is None:
+        out.print("no round stored yet")
+        return
+    out.print(f"last heartbeat: {_when(beat['finished_at_ms'], now)}, round {beat['round_id']}")
+    paths = Table(title="paths now (newest measurement of each target)")
+    for name in ("path", "state", "targets ok"):
+        paths.add_column(name)
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for row in latest:
+        by_path.setdefault(row["path"], []).append(row)
+    for name, rows in by_path.items():
+        ok = sum(r["ok"] for r in rows)
+        state = "[green]up[/]" if ok == len(rows) else "[red]down[/]" if ok == 0 else "[yellow]partial[/]"
+        paths.add_row(name, state, f"{ok}/{len(rows)}")
+    out.print(paths)
+    last_failure = {(r["target"], r["path"]): r for r in failures}
+    pairs = Table(title="targets and paths")
+    for name in ("target", "group", "path", "now", "last failure", "failure", "operation"):
+        pairs.add_column(name)
+    for row in latest:
+        failed = last_failure.get((row["target"], row["path"]), {})
+        pairs.add_row(
+            row["target"],
+            row["grp"],
+            row["path"],
+            "[green]ok[/]" if row["ok"] else f"[red]{row['failure']}[/]",
+            _when(failed.get("started_at_ms"), now),
+            failed.get("failure") or "",
+            failed.get("failed_operation") or "",
         )
-        try:
-            await asyncio.wait_for(stop.wait(), max(0.0, cfg.probe.interval_s - (loop.time() - started)))
-        except TimeoutError:
-            pass
-    log.info("stopped")
+    out.print(pairs)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         code = app.main(args=argv, prog_name="tunnelwatch", standalone_mode=False)
     except TunnelwatchError as exc:

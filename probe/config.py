@@ -46,12 +46,38 @@ class StoreSettings(_Frozen):
 
 class ProbeSettings(_Frozen):
     interval_s: float = Field(300, gt=0)
+    group_intervals_s: dict[str, Annotated[float, Field(gt=0)]] = {}
     timeout_s: float = Field(20, gt=0, le=600)
     concurrency: int = Field(32, ge=1, le=1000)
     per_path_concurrency: int = Field(8, ge=1, le=1000)
     ca_file: Path | None = None
     user_agent: str = "tunnelwatch/0.1 (+https://github.com/tunnelwatch/tunnelwatch)"
     body_cap_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+
+class DaemonSettings(_Frozen):
+    drain_timeout_s: float = Field(10, ge=0, le=600)
+    misfire_grace_s: float = Field(30, gt=0)
+    store_buffer: int = Field(100_000, ge=100)
+    store_retry_s: float = Field(5, gt=0, le=3600)
+
+
+class MetricsSettings(_Frozen):
+    enabled: bool = True
+    listen: str = "127.0.0.1:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"listen {value!r} must be host:port, like 127.0.0.1:9464")
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
 
 def _check_resolver_server(server: str) -> str:
@@ -172,6 +198,8 @@ class Config(_Frozen):
     vantage: Vantage
     store: StoreSettings = StoreSettings()
     probe: ProbeSettings = ProbeSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    metrics: MetricsSettings = MetricsSettings()
     targets: list[Target] = Field(min_length=1)
     paths: list[PathSpec] = Field(min_length=1)
     source: str = Field("", exclude=True)
@@ -186,6 +214,9 @@ class Config(_Frozen):
                     raise ValueError(f"{key}: name {item.name!r} is used twice; names must be unique")
                 seen.add(item.name)
         return self
+
+    def interval_s(self, group: str) -> float:
+        return self.probe.group_intervals_s.get(group, self.probe.interval_s)
 
     def target(self, name: str) -> Target:
         return next(t for t in self.targets if t.name == name)

@@ -85,6 +85,8 @@ class Heartbeat:
     probes: int
     succeeded: int
     config_sha256: str = ""
+    target: str | None = None  # the daemon probes one target's paths a round; None: every target
+    scheduled_at: datetime | None = None  # when the scheduler meant the round to start
 
 
 @dataclass(slots=True)

@@ -148,7 +148,12 @@ async def measure(ctx: ProbeContext, target: Target, path: PathSpec, round_id: s
 
 
 async def run_round(
-    ctx: ProbeContext, pairs: list[tuple[Target, PathSpec]], round_id: str | None = None
+    ctx: ProbeContext,
+    pairs: list[tuple[Target, PathSpec]],
+    round_id: str | None = None,
+    *,
+    target: str | None = None,
+    scheduled_at: datetime | None = None,
 ) -> tuple[list[Measurement], Heartbeat]:
     settings = ctx.config.probe
     started_at = datetime.now(UTC)
@@ -169,5 +174,7 @@ async def run_round(
         probes=len(measurements),
         succeeded=sum(m.ok for m in measurements),
         config_sha256=ctx.config.sha256,
+        target=target,
+        scheduled_at=scheduled_at,
     )
     return measurements, heartbeat

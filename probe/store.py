@@ -8,7 +8,9 @@ protocol is what the rest of tunnelwatch uses, so another backend can follow.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -27,6 +29,7 @@ MEASUREMENT_COLUMNS = (
 )  # fmt: skip
 HEARTBEAT_COLUMNS = (
     "round_id", "vantage", "started_at_ms", "finished_at_ms", "probes", "succeeded", "config_sha256",
+    "target", "scheduled_at_ms",
 )  # fmt: skip
 
 # Each entry moves the schema from version i to i + 1. Never edit a shipped entry: append.
@@ -67,6 +70,10 @@ MIGRATIONS = (
     );
     CREATE INDEX heartbeats_started_at ON heartbeats (started_at_ms);
     """,
+    """
+    ALTER TABLE heartbeats ADD COLUMN target TEXT;
+    ALTER TABLE heartbeats ADD COLUMN scheduled_at_ms INTEGER;
+    """,
 )
 
 
@@ -96,6 +103,7 @@ def _measurement_row(m: Measurement) -> tuple[Any, ...]:
 def _heartbeat_row(h: Heartbeat) -> tuple[Any, ...]:
     return (
         h.round_id, h.vantage, _ms(h.started_at), _ms(h.finished_at), h.probes, h.succeeded, h.config_sha256,
+        h.target, _ms(h.scheduled_at),
     )  # fmt: skip
 
 
@@ -106,11 +114,11 @@ def _insert(table: str, columns: Sequence[str]) -> str:
 class SQLiteStore:
     """SQLite in WAL mode. Use from one thread at a time: it is the single writer."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 5.0) -> None:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
@@ -161,11 +169,65 @@ class SQLiteStore:
         rows = self._db.execute(f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats ORDER BY started_at_ms")
         return [dict(zip(HEARTBEAT_COLUMNS, row, strict=True)) for row in rows]
 
+    def last_heartbeat(self) -> dict[str, Any] | None:
+        row = self._db.execute(
+            f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats ORDER BY finished_at_ms DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else dict(zip(HEARTBEAT_COLUMNS, row, strict=True))
+
+    def latest_per_pair(self, failures_only: bool = False) -> list[dict[str, Any]]:
+        """The newest measurement (or the newest failure) of every (target, path)."""
+        where = "WHERE ok = 0" if failures_only else ""
+        columns = ("target", "path", "grp", "ok", "failure", "failed_operation", "started_at_ms")
+        rows = self._db.execute(
+            f"SELECT {', '.join('m.' + c for c in columns)} FROM measurements m JOIN "
+            f"(SELECT MAX(id) AS id FROM measurements {where} GROUP BY target, path) newest ON m.id = newest.id "
+            "ORDER BY m.grp, m.target, m.path"
+        )
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
     def integrity_check(self) -> str:
         return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
 
     def close(self) -> None:
         self._db.close()
+
+
+class StoreLock:
+    """One daemon per store: an exclusive flock on `<store>.lock`, held while the daemon runs.
+    The kernel releases it when the process dies, however it dies."""
+
+    def __init__(self, store_path: Path) -> None:
+        self.store_path = store_path
+        self.path = store_path.with_name(store_path.name + ".lock")
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self.path.open("a+")
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create the store's lock file: {exc}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise StoreError(
+                f"{self.store_path}: another tunnelwatch daemon (pid {holder}) is using this store; "
+                "stop it first, or give this one another store.path"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
 
 
 def open_store(path: Path) -> SQLiteStore:

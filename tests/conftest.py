@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +197,62 @@ path = "{tmp_path / "store.db"}"
 timeout_s = {timeout_s}
 {ca}
 
+[metrics]
+listen = "{LOOPBACK}:{free_port()}"
+
 {body}
 """
     )
     return path
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, web: Web, dns: DNS, proxies: Proxies, tls_files: TLSFiles, closed_port: int) -> Path:
+    """Two targets that work and one that is down, direct and through Shadowsocks."""
+    body = f"""
+[[targets]]
+name = "page"
+group = "blocked"
+kind = "http"
+url = "https://{HOST}:{web.https}/"
+expect_title = "{PAGE_TITLE}"
+
+[[targets]]
+name = "control-page"
+group = "control"
+kind = "http"
+url = "http://{HOST}:{web.http}/"
+
+[[targets]]
+name = "down"
+group = "control"
+kind = "tcp"
+host = "{LOOPBACK}"
+port = {closed_port}
+
+[[paths]]
+name = "direct"
+kind = "direct"
+resolver = ["{dns.server}"]
+
+[[paths]]
+name = "shadowsocks"
+kind = "socks5"
+label = "shadowsocks"
+host = "{LOOPBACK}"
+port = {proxies.shadowsocks}
+remote_dns = false
+resolver = ["{dns.server}"]
+endpoint = {{ host = "{LOOPBACK}", port = {proxies.shadowsocks}, transport = "tcp" }}
+"""
+    return write_config(tmp_path, body, tls_files.ca_file)
+
+
+def rows(db: Path, table: str = "measurements") -> list[sqlite3.Row]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY id" if table == "measurements" else
+                            f"SELECT * FROM {table}").fetchall()  # fmt: skip
+    finally:
+        conn.close()

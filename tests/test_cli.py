@@ -3,71 +3,17 @@
 from __future__ import annotations
 
 import json
-import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from probe.config import default_config_path, load_config
-from tests.conftest import DNS, HOST, PAGE_TITLE, Proxies, TLSFiles, write_config
+from tests.conftest import DNS, PAGE_TITLE, rows
 from tests.servers import LOOPBACK, Web
 
 TUNNELWATCH = [sys.executable, "-m", "probe"]
-
-
-@pytest.fixture
-def config_file(tmp_path: Path, web: Web, dns: DNS, proxies: Proxies, tls_files: TLSFiles, closed_port: int) -> Path:
-    body = f"""
-[[targets]]
-name = "page"
-group = "blocked"
-kind = "http"
-url = "https://{HOST}:{web.https}/"
-expect_title = "{PAGE_TITLE}"
-
-[[targets]]
-name = "control-page"
-group = "control"
-kind = "http"
-url = "http://{HOST}:{web.http}/"
-
-[[targets]]
-name = "down"
-group = "control"
-kind = "tcp"
-host = "{LOOPBACK}"
-port = {closed_port}
-
-[[paths]]
-name = "direct"
-kind = "direct"
-resolver = ["{dns.server}"]
-
-[[paths]]
-name = "shadowsocks"
-kind = "socks5"
-label = "shadowsocks"
-host = "{LOOPBACK}"
-port = {proxies.shadowsocks}
-remote_dns = false
-resolver = ["{dns.server}"]
-endpoint = {{ host = "{LOOPBACK}", port = {proxies.shadowsocks}, transport = "tcp" }}
-"""
-    return write_config(tmp_path, body, tls_files.ca_file)
-
-
-def rows(db: Path, table: str = "measurements") -> list[sqlite3.Row]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(f"SELECT * FROM {table} ORDER BY id" if table == "measurements" else
-                            f"SELECT * FROM {table}").fetchall()  # fmt: skip
-    finally:
-        conn.close()
 
 
 def test_probe_stores_a_row_for_every_pair_and_a_heartbeat(config_file: Path) -> None:
@@ -131,28 +77,3 @@ def test_shipped_default_config_stores_a_specific_failure_for_every_pair(tmp_pat
     assert len(stored) == 10
     assert {r["failure"] for r in stored} == {"dns_refused_error"}
     assert {r["failed_operation"] for r in stored} == {"resolve"}
-
-
-def test_run_probes_every_interval_and_stops_cleanly_on_sigterm(config_file: Path) -> None:
-    text = config_file.read_text().replace("[probe]", "[probe]\ninterval_s = 1")
-    config_file.write_text(text)
-    db = load_config(config_file).store.path
-    proc = subprocess.Popen([*TUNNELWATCH, "run", "--config", str(config_file)], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if db.exists() and len(rows(db, "heartbeats")) >= 3:
-                break
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, stderr
-    beats = rows(db, "heartbeats")
-    assert len(beats) >= 3
-    starts = sorted(b["started_at_ms"] for b in beats)
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    assert all(900 <= gap <= 2500 for gap in gaps), gaps
-    assert len(rows(db)) == 7 * len(beats)
-    assert "round" in stderr and "stopped" in stderr

@@ -1,0 +1,260 @@
+"""The daemon: scheduling, signals, metrics endpoint, graceful shutdown.
+
+Each target is one APScheduler job that probes all of the target's paths together (a
+round), on its group's interval. Within a group the jobs' first runs are spread evenly over
+one interval, so targets do not all fire at once. Signal handlers only set flags; the work
+happens on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from .config import Config, PathSpec, Target, load_config
+from .errors import ConfigError, TunnelwatchError
+from .metrics import Metrics
+from .rounds import ProbeContext, plan, run_round
+from .store import StoreLock, open_store
+from .systemd import notify, watchdog_interval_s
+from .writer import StoreWriter
+
+log = logging.getLogger("tunnelwatch.daemon")
+LOOP_LAG_CHECK_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One scheduled job: a target and every path it is probed through."""
+
+    target: Target
+    paths: tuple[PathSpec, ...]
+    interval_s: float
+    first_run: datetime
+
+    def scheduled_for(self, now: datetime) -> datetime:
+        """The grid time this run was meant for (the trigger has no jitter)."""
+        steps = max(0, int((now - self.first_run).total_seconds() // self.interval_s))
+        return self.first_run + timedelta(seconds=steps * self.interval_s)
+
+
+def build_units(config: Config, now: datetime) -> list[Unit]:
+    by_target: dict[str, list[PathSpec]] = defaultdict(list)
+    targets: dict[str, Target] = {}
+    for target, path in plan(config):
+        by_target[target.name].append(path)
+        targets[target.name] = target
+    by_group: dict[str, list[str]] = defaultdict(list)
+    for name, target in targets.items():
+        by_group[target.group].append(name)
+    units = []
+    for group, names in by_group.items():
+        interval = config.interval_s(group)
+        for index, name in enumerate(names):
+            offset = timedelta(seconds=interval * index / len(names))
+            units.append(Unit(targets[name], tuple(by_target[name]), interval, now + offset))
+    return units
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path | None) -> None:
+        self._config = config
+        self._config_path = config_path
+        self._ctx = ProbeContext.build(config)
+        self._metrics = Metrics()
+        self._units: dict[str, Unit] = {}
+        self._rounds: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._scheduler: AsyncIOScheduler | None = None
+        self._writer: StoreWriter | None = None
+
+    async def run(self) -> int:
+        config = self._config
+        lock = StoreLock(config.store.path)
+        lock.acquire()
+        store = open_store(config.store.path)
+        server = None
+        try:
+            if config.metrics.enabled:
+                host, port = config.metrics.host_port
+                try:
+                    server = self._metrics.serve(host, port)
+                except OSError as exc:
+                    raise ConfigError(f"{config.source}: metrics.listen: cannot listen on {config.metrics.listen}: {exc}")
+            self._writer = StoreWriter(store, self._metrics, config.daemon.store_buffer, config.daemon.store_retry_s)
+            await self._serve()
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            store.close()
+            lock.release()
+        return 0
+
+    async def _serve(self) -> None:
+        assert self._writer is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload()))
+        scheduler = self._scheduler = AsyncIOScheduler(
+            event_loop=loop,
+            timezone=UTC,
+            job_defaults={
+                "max_instances": 1,
+                "coalesce": True,
+                "misfire_grace_time": int(self._config.daemon.misfire_grace_s),
+            },
+        )
+        scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
+        self._schedule()
+        scheduler.start()
+        helpers = [loop.create_task(self._writer.run()), loop.create_task(self._watch_loop_lag())]
+        notify("READY=1")
+        self._status()
+        log.info(
+            "probing %d targets through %d paths into %s%s",
+            len(self._units),
+            len(self._config.paths),
+            self._config.store.path,
+            f"; metrics on http://{self._config.metrics.listen}/metrics" if self._config.metrics.enabled else "",
+        )
+        await self._stop.wait()
+        notify("STOPPING=1")
+        scheduler.pause()
+        in_flight = set(self._rounds)
+        if in_flight:
+            log.info("stopping: letting %d rounds in flight finish", len(in_flight))
+            _, late = await asyncio.wait(in_flight, timeout=self._config.daemon.drain_timeout_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        scheduler.shutdown(wait=False)
+        for helper in helpers:
+            helper.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        if not await self._writer.flush():
+            log.error("could not write %d measurements before exiting", self._writer.buffered)
+        log.info("stopped")
+
+    def _schedule(self) -> None:
+        assert self._scheduler is not None
+        self._scheduler.remove_all_jobs()
+        self._units = {u.target.name: u for u in build_units(self._config, datetime.now(UTC))}
+        for name, unit in self._units.items():
+            self._scheduler.add_job(
+                self._round,
+                IntervalTrigger(seconds=unit.interval_s, start_date=unit.first_run, timezone=UTC),
+                args=[name],
+                id=name,
+                name=f"round {name}",
+            )
+
+    async def _round(self, name: str) -> None:
+        assert self._writer is not None
+        unit = self._units.get(name)
+        if unit is None or self._stop.is_set():
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._rounds.add(task)
+        try:
+            now = datetime.now(UTC)
+            scheduled = unit.scheduled_for(now)
+            self._metrics.schedule_lag.observe((now - scheduled).total_seconds())
+            started = time.perf_counter()
+            pairs = [(unit.target, path) for path in unit.paths]
+            measurements, heartbeat = await run_round(self._ctx, pairs, target=name, scheduled_at=scheduled)
+            elapsed = time.perf_counter() - started
+            self._writer.submit(measurements, heartbeat)
+            group = unit.target.group
+            self._metrics.rounds.labels(group).inc()
+            self._metrics.round_duration.labels(group).observe(elapsed)
+            for m in measurements:
+                self._metrics.observe(m)
+            self._log_round(unit, measurements, elapsed)
+        finally:
+            self._rounds.discard(task)
+
+    def _log_round(self, unit: Unit, measurements: list[Any], elapsed: float) -> None:
+        failed = [f"{m.path}={m.failure}@{m.failed_operation}" for m in measurements if not m.ok]
+        log.info(
+            "round %s: %d/%d paths ok in %.2f s%s",
+            unit.target.name,
+            len(measurements) - len(failed),
+            len(measurements),
+            elapsed,
+            f"; failing: {', '.join(failed)}" if failed else "",
+        )
+        if elapsed > unit.interval_s:
+            log.warning(
+                "round %s took %.1f s, longer than its %.0f s interval: the next start is skipped",
+                unit.target.name,
+                elapsed,
+                unit.interval_s,
+            )
+
+    def _on_skipped(self, event: JobExecutionEvent) -> None:
+        unit = self._units.get(event.job_id)
+        group = unit.target.group if unit else "unknown"
+        reason = "overrun" if event.code == EVENT_JOB_MAX_INSTANCES else "missed"
+        self._metrics.skipped.labels(group, reason).inc()
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting now", sig.name)
+            os._exit(1)
+        log.info("%s: stopping (send it again to exit at once)", sig.name)
+        self._stop.set()
+
+    async def _reload(self) -> None:
+        try:
+            config = load_config(self._config_path)
+        except TunnelwatchError as exc:
+            log.error("SIGHUP: keeping the running config, the new one is invalid: %s", exc)
+            return
+        for key in ("store", "metrics"):
+            if getattr(config, key) != getattr(self._config, key):
+                log.warning("SIGHUP: [%s] changed; that takes effect at the next restart", key)
+        config = config.model_copy(update={"store": self._config.store, "metrics": self._config.metrics})
+        self._config = config
+        self._ctx = ProbeContext.build(config)
+        self._metrics.forget_probes()
+        self._schedule()
+        self._status()
+        log.info("SIGHUP: reloaded %s: %d targets, %d paths", config.source, len(config.targets), len(config.paths))
+
+    def _status(self) -> None:
+        notify(f"STATUS=probing {len(self._units)} targets through {len(self._config.paths)} paths")
+
+    async def _watch_loop_lag(self) -> None:
+        """Measures how late the loop wakes up, and pets systemd's watchdog from the loop
+        itself: a loop that hangs stops the pings and systemd restarts the daemon."""
+        loop = asyncio.get_running_loop()
+        watchdog = watchdog_interval_s()
+        period = min(LOOP_LAG_CHECK_S, watchdog) if watchdog else LOOP_LAG_CHECK_S
+        while True:
+            started = loop.time()
+            await asyncio.sleep(period)
+            self._metrics.loop_lag.set(max(0.0, loop.time() - started - period))
+            if watchdog:
+                notify("WATCHDOG=1")
+
+
+def run_daemon(config_path: Path | None) -> int:
+    config = load_config(config_path)
+    return asyncio.run(Daemon(config, config_path).run())

@@ -1,0 +1,70 @@
+"""Prometheus metrics, named as blackbox_exporter names them, on a registry of our own."""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .model import Measurement
+
+LABELS = ("target", "group", "path", "kind")
+PHASES = ("resolve", "proxy", "connect", "tls", "first_byte")
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.success = Gauge("probe_success", "Whether the last probe succeeded", LABELS, registry=r)
+        self.duration = Gauge("probe_duration_seconds", "How long the last probe took", LABELS, registry=r)
+        self.phase = Gauge(
+            "probe_phase_duration_seconds", "Duration of each phase of the last probe", (*LABELS, "phase"), registry=r
+        )
+        self.rounds = Counter("tunnelwatch_rounds", "Rounds run (one target through all its paths)", ["group"], registry=r)
+        self.skipped = Counter(
+            "tunnelwatch_rounds_skipped",
+            "Rounds not run: the previous one still running (overrun) or the start too late (missed)",
+            ["group", "reason"],
+            registry=r,
+        )
+        self.round_duration = Histogram(
+            "tunnelwatch_round_duration_seconds", "Duration of a round", ["group"], registry=r, buckets=LAG_BUCKETS
+        )
+        self.schedule_lag = Histogram(
+            "tunnelwatch_schedule_lag_seconds", "How late rounds started", registry=r, buckets=LAG_BUCKETS
+        )
+        self.loop_lag = Gauge("tunnelwatch_event_loop_lag_seconds", "Event loop lag at the last check", registry=r)
+        self.store_write = Histogram(
+            "tunnelwatch_store_write_seconds", "Duration of a store write", registry=r, buckets=LAG_BUCKETS
+        )
+        self.store_buffered = Gauge(
+            "tunnelwatch_store_buffered_measurements", "Measurements waiting to be written", registry=r
+        )
+        self.store_errors = Counter("tunnelwatch_store_write_errors", "Failed store writes", registry=r)
+        self.store_dropped = Counter(
+            "tunnelwatch_store_dropped_measurements", "Measurements dropped because the buffer was full", registry=r
+        )
+
+    def observe(self, m: Measurement) -> None:
+        labels = (m.target, m.group, m.path, m.kind)
+        self.success.labels(*labels).set(int(m.ok))
+        self.duration.labels(*labels).set((m.total_ms or 0) / 1000)
+        for phase in PHASES:
+            value = getattr(m, f"{phase}_ms")
+            if value is not None:
+                self.phase.labels(*labels, phase).set(value / 1000)
+            else:
+                try:
+                    self.phase.remove(*labels, phase)
+                except KeyError:
+                    pass
+
+    def forget_probes(self) -> None:
+        """Drop per-probe series, so targets and paths removed by a reload disappear."""
+        for gauge in (self.success, self.duration, self.phase):
+            gauge.clear()
+
+    def serve(self, host: str, port: int) -> WSGIServer:
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server

@@ -1,0 +1,266 @@
+"""`tunnelwatch run` as a real subprocess against loopback servers, at a 1 s interval."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from probe.config import load_config
+from tests.conftest import rows
+from tests.servers import LOOPBACK
+
+TUNNELWATCH = [sys.executable, "-m", "probe"]
+
+
+def fast(config_file: Path, extra: str = "") -> Path:
+    text = config_file.read_text().replace("[probe]", "[probe]\ninterval_s = 1")
+    config_file.write_text(text + extra)
+    return config_file
+
+
+class Daemon:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.db = load_config(config).store.path
+        self.log = config.with_suffix(f".{time.monotonic_ns()}.log")
+        with self.log.open("w") as sink:
+            self.proc = subprocess.Popen(
+                [*TUNNELWATCH, "run", "--config", str(config)],
+                stderr=sink,
+                env={**os.environ, **(env or {})},
+            )
+
+    def heartbeats(self) -> list[sqlite3.Row]:
+        try:
+            return rows(self.db, "heartbeats") if self.db.exists() else []
+        except sqlite3.OperationalError:  # the schema is still being created
+            return []
+
+    def wait_until(self, condition: Callable[[], bool], timeout_s: float = 30, what: str = "") -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            assert self.proc.poll() is None, f"daemon exited with {self.proc.returncode}: {self.output()}"
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what or condition}: {self.output()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout_s)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(config: Path, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(config, env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.2)
+    yield sock
+    sock.close()
+
+
+def received(sock: socket.socket) -> list[str]:
+    messages = []
+    while True:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except TimeoutError:
+            return messages
+
+
+def scrape(config: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://{load_config(config).metrics.listen}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_daemon_probes_every_target_on_schedule_and_stops_cleanly(
+    config_file: Path, daemons: Callable[..., Daemon], notify_socket: socket.socket
+) -> None:
+    env = {"NOTIFY_SOCKET": notify_socket.getsockname(), "WATCHDOG_USEC": "1000000"}
+    daemon = daemons(fast(config_file), env)
+    targets = {"page", "control-page", "down", "shadowsocks-endpoint"}
+    daemon.wait_until(lambda: sum(h["target"] == "down" for h in daemon.heartbeats()) >= 3, what="3 rounds")
+    assert daemon.stop() == 0, daemon.output()
+    beats = daemon.heartbeats()
+    assert {h["target"] for h in beats} == targets
+    for target in targets:
+        starts = sorted(h["scheduled_at_ms"] for h in beats if h["target"] == target)
+        assert all(b - a == 1000 for a, b in zip(starts, starts[1:], strict=False)), starts  # on the grid
+        late = [h["started_at_ms"] - h["scheduled_at_ms"] for h in beats if h["target"] == target]
+        assert all(0 <= ms < 500 for ms in late), late
+    stored = rows(daemon.db)
+    assert len(stored) == sum(h["probes"] for h in beats)  # every finished round was flushed
+    assert {r["round_id"] for r in stored} == {h["round_id"] for h in beats}
+    messages = received(notify_socket)
+    assert messages[0] == "READY=1" and "WATCHDOG=1" in messages and "STOPPING=1" in messages
+    assert "round down: 1/2 paths ok" in daemon.output() and "direct=connection_refused@connect" in daemon.output()
+    assert "stopped" in daemon.output()
+
+
+def test_metrics_match_the_stored_rows(config_file: Path, daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons(fast(config_file))
+    daemon.wait_until(lambda: len({h["target"] for h in daemon.heartbeats()}) == 4, what="every target once")
+    before = len(daemon.heartbeats())
+    metrics = scrape(daemon.config)
+    assert daemon.stop() == 0
+    newest = {(r["target"], r["path"]): r for r in rows(daemon.db)}
+    for (target, path), row in newest.items():
+        labels = (("group", row["grp"]), ("kind", row["kind"]), ("path", path), ("target", target))
+        assert metrics[("probe_success", labels)] == row["ok"], (target, path)
+        assert metrics[("probe_duration_seconds", labels)] > 0
+    page = (("group", "blocked"), ("kind", "http"), ("path", "direct"), ("target", "page"))
+    for phase in ("resolve", "connect", "tls", "first_byte"):
+        assert metrics[("probe_phase_duration_seconds", (*page[:2], ("path", "direct"), ("phase", phase),
+                                                         ("target", "page")))] > 0  # fmt: skip
+    rounds = sum(v for (name, _), v in metrics.items() if name == "tunnelwatch_rounds_total")
+    assert before <= rounds <= len(daemon.heartbeats())
+    for name in ("tunnelwatch_event_loop_lag_seconds", "tunnelwatch_schedule_lag_seconds_count",
+                 "tunnelwatch_store_write_seconds_count", "tunnelwatch_round_duration_seconds_count"):  # fmt: skip
+        assert any(key[0] == name for key in metrics), name
+
+
+def test_sighup_reloads_a_good_config_and_keeps_running_on_a_bad_one(
+    config_file: Path, daemons: Callable[..., Daemon]
+) -> None:
+    daemon = daemons(fast(config_file))
+    daemon.wait_until(lambda: len(daemon.heartbeats()) >= 2, what="rounds")
+    good = config_file.read_text()
+    config_file.write_text(good.replace('kind = "direct"', 'kind = "vpn"'))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_until(lambda: "keeping the running config" in daemon.output(), what="the refusal")
+    assert "paths[0].kind" in daemon.output() and "'vpn'" in daemon.output()
+    count = len(daemon.heartbeats())
+    daemon.wait_until(lambda: len(daemon.heartbeats()) >= count + 3, what="rounds after the bad reload")
+    added = '\n[[targets]]\nname = "added"\ngroup = "control"\nkind = "tcp"\nhost = "127.0.0.1"\nport = 9\n'
+    config_file.write_text(good + added)
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_until(lambda: any(h["target"] == "added" for h in daemon.heartbeats()), what="the new target")
+    assert daemon.stop() == 0
+    assert "reloaded" in daemon.output()
+
+
+def test_sigterm_mid_round_lets_the_round_finish_and_stores_it(
+    config_file: Path, daemons: Callable[..., Daemon], silent_port: int
+) -> None:
+    hanging = (
+        f'\n[[targets]]\nname = "hangs"\ngroup = "slow"\nkind = "tls"\nhost = "{LOOPBACK}"\nport = {silent_port}\n'
+        "timeout_s = 3\n"
+    )
+    daemon = daemons(fast(config_file, hanging))
+    daemon.wait_until(lambda: "round page" in daemon.output(), what="a first round")
+    time.sleep(1.2)  # "hangs" is now mid-probe: its probes take 3 s
+    started = time.monotonic()
+    assert daemon.stop() == 0, daemon.output()
+    assert time.monotonic() - started < 8
+    assert "letting" in daemon.output()
+    hung = [r for r in rows(daemon.db) if r["target"] == "hangs"]
+    assert hung and {r["failure"] for r in hung} == {"generic_timeout_error"}
+    assert {r["failed_operation"] for r in hung} == {"tls_handshake"}
+
+
+def test_a_second_signal_exits_at_once(config_file: Path, daemons: Callable[..., Daemon], silent_port: int) -> None:
+    hanging = (
+        f'\n[[targets]]\nname = "hangs"\ngroup = "slow"\nkind = "tcp"\nhost = "{LOOPBACK}"\nport = {silent_port}\n'
+        "timeout_s = 60\n[[targets]]\n"
+        f'name = "hangs2"\ngroup = "slow"\nkind = "tls"\nhost = "{LOOPBACK}"\nport = {silent_port}\ntimeout_s = 60\n'
+    )
+    daemon = daemons(fast(config_file, hanging.replace("[probe]", "")))
+    daemon.wait_until(lambda: "round page" in daemon.output(), what="a first round")
+    time.sleep(1.5)
+    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.wait_until(lambda: "letting" in daemon.output(), what="draining")
+    started = time.monotonic()
+    assert daemon.stop(signal.SIGINT) == 1
+    assert time.monotonic() - started < 3
+
+
+def test_kill_9_then_restart_keeps_the_store_and_continues(config_file: Path, daemons: Callable[..., Daemon]) -> None:
+    first = daemons(fast(config_file))
+    first.wait_until(lambda: len(first.heartbeats()) >= 4, what="rounds")
+    first.stop(signal.SIGKILL)
+    conn = sqlite3.connect(first.db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    count = len(first.heartbeats())
+    second = daemons(config_file)
+    second.wait_until(lambda: len(second.heartbeats()) >= count + 4, what="rounds after the restart")
+    assert second.stop() == 0
+
+
+def test_a_second_daemon_on_the_same_store_is_refused(config_file: Path, daemons: Callable[..., Daemon]) -> None:
+    first = daemons(fast(config_file))
+    first.wait_until(lambda: len(first.heartbeats()) >= 1, what="a round")
+    other = config_file.with_name("other.toml")
+    other.write_text(config_file.read_text().replace(load_config(config_file).metrics.listen, f"{LOOPBACK}:0"))
+    second = subprocess.run([*TUNNELWATCH, "run", "--config", str(other)], capture_output=True, text=True, timeout=30)
+    assert second.returncode == 2
+    assert f"another tunnelwatch daemon (pid {first.proc.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.proc.poll() is None and first.stop() == 0
+
+
+def test_a_locked_store_loses_nothing(config_file: Path, daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons(fast(config_file, "\n[daemon]\nstore_retry_s = 0.5\n"))
+    daemon.wait_until(lambda: len(daemon.heartbeats()) >= 2, what="rounds")
+    blocker = sqlite3.connect(daemon.db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another program holds the file: every write fails
+    time.sleep(8)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    daemon.wait_until(lambda: "store writable again" in daemon.output(), what="recovery")
+    assert daemon.stop() == 0
+    assert "database is locked" in daemon.output()
+    beats = daemon.heartbeats()
+    for target in {h["target"] for h in beats}:
+        starts = sorted(h["scheduled_at_ms"] for h in beats if h["target"] == target)
+        assert all(b - a == 1000 for a, b in zip(starts, starts[1:], strict=False)), (target, starts)
+    assert len(rows(daemon.db)) == sum(h["probes"] for h in beats)
+
+
+def test_status_reads_the_store(config_file: Path, daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons(fast(config_file))
+    daemon.wait_until(lambda: len({h["target"] for h in daemon.heartbeats()}) == 4, what="every target once")
+    assert daemon.stop() == 0
+    result = subprocess.run([*TUNNELWATCH, "status", "--config", str(config_file)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "last heartbeat:" in result.stdout and "ago" in result.stdout
+    assert "connection_refused" in result.stdout  # the last failure of "down"
+    assert "partial" in result.stdout  # direct: page ok, down failing
