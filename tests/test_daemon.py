@@ -264,3 +264,73 @@ def test_status_reads_the_store(config_file: Path, daemons: Callable[..., Daemon
     assert "last heartbeat:" in result.stdout and "ago" in result.stdout
     assert "connection_refused" in result.stdout  # the last failure of "down"
     assert "partial" in result.stdout  # direct: page ok, down failing
+
+
+def _resources(pid: int) -> tuple[int, int]:
+    """(open descriptors, resident set in KiB) of a process, from /proc. Probes in flight hold
+    sockets for a moment, so the fewest descriptors seen over two seconds is what stays open."""
+    fds = []
+    for _ in range(20):
+        fds.append(len(os.listdir(f"/proc/{pid}/fd")))
+        time.sleep(0.1)
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+    return min(fds), rss_kib
+
+
+def test_memory_and_descriptors_stay_flat_over_hundreds_of_failing_rounds(
+    config_file: Path, daemons: Callable[..., Daemon], silent_port: int
+) -> None:
+    hanging = (
+        f'\n[[targets]]\nname = "hangs"\ngroup = "control"\nkind = "http"\n'
+        f'url = "http://{LOOPBACK}:{silent_port}/"\ntimeout_s = 0.2\n'
+        f'\n[[targets]]\nname = "hangs-tls"\ngroup = "control"\nkind = "tls"\nhost = "{LOOPBACK}"\n'
+        f"port = {silent_port}\ntimeout_s = 0.2\n"
+    )
+    text = config_file.read_text().replace("[probe]", "[probe]\ninterval_s = 0.25")
+    config_file.write_text(text + hanging)
+    daemon = daemons(config_file)
+    daemon.wait_until(lambda: len(daemon.heartbeats()) >= 150, what="warm-up rounds")
+    start = _resources(daemon.proc.pid)
+    warm = len(daemon.heartbeats())
+    daemon.wait_until(lambda: len(daemon.heartbeats()) >= warm + 800, timeout_s=120, what="800 more rounds")
+    end = _resources(daemon.proc.pid)
+    assert daemon.stop() == 0
+    assert end[0] - start[0] <= 2, (start, end)
+    assert end[1] - start[1] < 8 * 1024, (start, end)  # KiB
+    failures = {r["failure"] for r in rows(daemon.db) if r["target"].startswith("hangs")}
+    assert "generic_timeout_error" in failures
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs that the test can fill up, as a disk fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_loses_nothing(config_file: Path, daemons: Callable[..., Daemon], small_disk: Path) -> None:
+    store = small_disk / "tw.db"
+    text = config_file.read_text().replace(str(load_config(config_file).store.path), str(store))
+    config_file.write_text(text)
+    daemon = daemons(fast(config_file, "\n[daemon]\nstore_retry_s = 0.5\n"))
+    daemon.wait_until(lambda: len(daemon.heartbeats()) >= 2, what="rounds")
+    filler = small_disk / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True, check=False)
+    daemon.wait_until(lambda: "disk is full" in daemon.output(), what="a full disk")
+    time.sleep(2)
+    filler.unlink()
+    daemon.wait_until(lambda: "store writable again" in daemon.output(), what="recovery")
+    assert daemon.stop() == 0
+    beats = daemon.heartbeats()
+    for target in {h["target"] for h in beats}:
+        starts = sorted(h["scheduled_at_ms"] for h in beats if h["target"] == target)
+        assert all(b - a == 1000 for a, b in zip(starts, starts[1:], strict=False)), (target, starts)
+    assert len(rows(store)) == sum(h["probes"] for h in beats)
