@@ -116,7 +116,7 @@ class Daemon:
             job_defaults={
                 "max_instances": 1,
                 "coalesce": True,
-                "misfire_grace_time": int(self._config.daemon.misfire_grace_s),
+                "misfire_grace_time": max(1, round(self._config.daemon.misfire_grace_s)),
             },
         )
         scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)

@@ -334,3 +334,42 @@ def test_a_full_disk_loses_nothing(config_file: Path, daemons: Callable[..., Dae
         starts = sorted(h["scheduled_at_ms"] for h in beats if h["target"] == target)
         assert all(b - a == 1000 for a, b in zip(starts, starts[1:], strict=False)), (target, starts)
     assert len(rows(store)) == sum(h["probes"] for h in beats)
+
+
+def test_shipped_systemd_unit_matches_what_the_daemon_does() -> None:
+    import configparser
+
+    from probe.config import default_config_path
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(default_config_path().with_name("tunnelwatch.service"))
+    service = unit["Service"]
+    assert service["Type"] == "notify"  # the daemon sends READY=1 (tested above)
+    assert service["ExecReload"].endswith("-HUP $MAINPID")  # SIGHUP reloads (tested above)
+    assert service["ExecStart"].split()[1:3] == ["run", "--config"]
+    assert int(service["WatchdogSec"]) > 1 and service["Restart"] == "on-failure"
+    assert service["User"] != "root"
+
+
+def test_json_logs_are_json_and_never_show_secrets(config_file: Path, closed_port: int) -> None:
+    import json
+
+    secret_path = (
+        f'\n[[paths]]\nname = "socks-secret"\nkind = "socks5"\nhost = "{LOOPBACK}"\nport = {closed_port}\n'
+        'username = "${TW_LOG_USER}"\npassword = "${TW_LOG_PASSWORD}"\n'
+    )
+    config = fast(config_file, secret_path)
+    env = {"TW_LOG_USER": "log-user-name", "TW_LOG_PASSWORD": "log-password-value"}
+    proc = subprocess.Popen([*TUNNELWATCH, "run", "--log-json", "--config", str(config)],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})  # fmt: skip
+    try:
+        time.sleep(4)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    entries = [json.loads(line) for line in stderr.splitlines()]
+    assert any("socks-secret=connection_refused@proxy_connect" in e["message"] for e in entries)
+    assert "log-password-value" not in stderr and "log-user-name" not in stderr

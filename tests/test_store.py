@@ -117,3 +117,21 @@ def test_kill_9_during_writes_loses_at_most_the_batch_in_flight(tmp_path: Path) 
     count = len(store.measurements())
     assert count > 0 and count % 200 == 0  # whole batches only
     store.close()
+
+
+def test_a_version_1_store_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "tw.db")
+    db.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    db.execute(
+        "INSERT INTO heartbeats (round_id, vantage, started_at_ms, finished_at_ms, probes, succeeded) "
+        "VALUES ('old', 'v', 1, 2, 3, 1)"
+    )
+    db.commit()
+    db.close()
+    store = open_store(tmp_path / "tw.db")
+    assert store.schema_version == len(MIGRATIONS) >= 2
+    (old,) = store.heartbeats()
+    assert (old["round_id"], old["probes"], old["target"], old["scheduled_at_ms"]) == ("old", 3, None, None)
+    store.write([measurement("new")], [heartbeat("new")])
+    assert [h["round_id"] for h in store.heartbeats()] == ["old", "new"]
+    store.close()
