@@ -19,7 +19,7 @@ from .daemon import run_daemon
 from .errors import ConfigError, StoreError, TunnelwatchError
 from .logs import setup_logging
 from .model import Measurement
-from .rounds import ProbeContext, plan, run_round
+from .rounds import ProbeContext, path_rows, plan, run_round
 from .store import open_store
 
 
@@ -90,6 +90,7 @@ def probe(target: tuple[str, ...], path: tuple[str, ...], config: Path | None, n
     store = None if no_store else open_store(cfg.store.path)
     measurements, heartbeat = asyncio.run(run_round(ProbeContext.build(cfg), plan(cfg, target or [], path or [])))
     if store is not None:
+        store.record_paths(path_rows(cfg))
         store.write(measurements, [heartbeat])
         store.close()
     if as_json:

@@ -26,7 +26,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from .config import Config, PathSpec, Target, load_config
 from .errors import ConfigError, TunnelwatchError
 from .metrics import Metrics
-from .rounds import ProbeContext, plan, run_round
+from .rounds import ProbeContext, path_rows, plan, run_round
 from .store import StoreLock, open_store
 from .systemd import notify, watchdog_interval_s
 from .writer import StoreWriter
@@ -88,6 +88,7 @@ class Daemon:
         store = open_store(config.store.path)
         server = None
         try:
+            store.record_paths(path_rows(config))
             if config.metrics.enabled:
                 host, port = config.metrics.host_port
                 try:
@@ -234,6 +235,8 @@ class Daemon:
         self._config = config
         self._ctx = ProbeContext.build(config)
         self._metrics.forget_probes()
+        assert self._writer is not None
+        self._writer.submit_paths(path_rows(config))
         self._schedule()
         self._status()
         log.info("SIGHUP: reloaded %s: %d targets, %d paths", config.source, len(config.targets), len(config.paths))

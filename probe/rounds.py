@@ -67,6 +67,11 @@ def endpoint_target(path: PathSpec) -> Target | None:
     )
 
 
+def path_rows(config: Config) -> list[tuple[str, str, str, str | None]]:
+    """The paths as the store records them: name, kind, label, endpoint target."""
+    return [(p.name, p.kind, p.label, t.name if (t := endpoint_target(p)) else None) for p in config.paths]
+
+
 def plan(config: Config, targets: Iterable[str] = (), paths: Iterable[str] = ()) -> list[tuple[Target, PathSpec]]:
     """The pairs of one round, target-major. DNS targets need a resolver the path controls,
     so they are probed on direct and bind paths only."""

@@ -74,11 +74,36 @@ MIGRATIONS = (
     ALTER TABLE heartbeats ADD COLUMN target TEXT;
     ALTER TABLE heartbeats ADD COLUMN scheduled_at_ms INTEGER;
     """,
+    """
+    CREATE TABLE paths (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,                  -- direct, socks5, http, bind
+        label TEXT NOT NULL DEFAULT '',
+        endpoint_target TEXT                 -- the target that probes the tunnel server's port
+    );
+    """,
 )
 
 
 class Store(Protocol):
     def write(self, measurements: Sequence[Measurement], heartbeats: Sequence[Heartbeat] = ()) -> None: ...
+
+    def record_paths(self, paths: Sequence[tuple[str, str, str, str | None]]) -> None: ...
+
+    def record_paths(self, paths: Sequence[tuple[str, str, str, str | None]]) -> None:
+        """What each path is (name, kind, label, endpoint target), so analysis knows which
+        path is direct and which are tunnels without the config that measured them."""
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT INTO paths (name, kind, label, endpoint_target) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, label = excluded.label, "
+                    "endpoint_target = excluded.endpoint_target",
+                    paths,
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot record the paths: {exc}") from exc
 
     def measurements(self, round_id: str | None = None) -> list[dict[str, Any]]: ...
 
@@ -150,6 +175,21 @@ class SQLiteStore:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise StoreError(f"{self.path}: cannot write {len(measurements)} measurements: {exc}") from exc
+
+    def record_paths(self, paths: Sequence[tuple[str, str, str, str | None]]) -> None:
+        """What each path is (name, kind, label, endpoint target), so analysis knows which
+        path is direct and which are tunnels without the config that measured them."""
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT INTO paths (name, kind, label, endpoint_target) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, label = excluded.label, "
+                    "endpoint_target = excluded.endpoint_target",
+                    paths,
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot record the paths: {exc}") from exc
 
     def measurements(self, round_id: str | None = None) -> list[dict[str, Any]]:
         query = f"SELECT {', '.join(MEASUREMENT_COLUMNS)} FROM measurements"

@@ -33,6 +33,7 @@ class StoreWriter:
         self._buffered = 0
         self._wake = asyncio.Event()
         self._failing_since: float | None = None
+        self._paths: list[tuple[str, str, str, str | None]] = []
 
     @property
     def buffered(self) -> int:
@@ -49,8 +50,20 @@ class StoreWriter:
         self._metrics.store_buffered.set(self._buffered)
         self._wake.set()
 
+    def submit_paths(self, paths: list[tuple[str, str, str, str | None]]) -> None:
+        """Record what the paths are (after a reload) with the next write."""
+        self._paths = paths
+        self._wake.set()
+
     async def flush(self) -> bool:
         """Write everything pending in one transaction. False when the store refused it."""
+        if self._paths:
+            try:
+                await asyncio.to_thread(self._store.record_paths, self._paths)
+                self._paths = []
+            except StoreError as exc:
+                log.error("%s; will retry", exc)
+                return False
         if not self._pending:
             return True
         batches = list(self._pending)
