@@ -1,0 +1,80 @@
+"""Build stores of known measurements for the analysis tests: scenarios as data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from probe.model import Heartbeat, Measurement
+from probe.store import open_store
+
+T0 = datetime(2018, 3, 1, tzinfo=UTC)
+INTERVAL = timedelta(minutes=5)
+PATHS = [("direct", "direct", "", None), ("vpn", "socks5", "shadowsocks", "vpn-endpoint"), ("wg", "bind", "wireguard", None)]
+PAGE = {"status": 200, "title": "Example", "body_length": 5000, "addresses": ("93.184.216.34",)}
+TARGETS = {"news": "blocked", "search": "blocked", "portal": "control", "shop": "control"}
+
+OK = dict(ok=True, **PAGE)
+
+
+def fail(failure: str, operation: str, **facts: Any) -> dict[str, Any]:
+    return {"ok": False, "failure": failure, "failed_operation": operation, **facts}
+
+
+def measurement(at: datetime, target: str, path: str, outcome: dict[str, Any], round_id: str) -> Measurement:
+    facts = dict(outcome)
+    facts["addresses"] = tuple(facts.get("addresses", ()))
+    return Measurement(
+        vantage="lab",
+        round_id=round_id,
+        target=target,
+        group="endpoint" if target.endswith("-endpoint") else TARGETS.get(target, "blocked"),
+        path=path,
+        kind="tcp" if target.endswith("-endpoint") else "http",
+        input=f"https://{target}.example/",
+        started_at=at,
+        connect_ms=20.0,
+        first_byte_ms=60.0,
+        **facts,
+    )
+
+
+def build_store(
+    db: Path,
+    rounds: Iterable[tuple[int, dict[str, dict[str, dict[str, Any]]]]],
+) -> None:
+    """rounds: (round index, {target: {path: outcome}}). Each target is its own round, as the
+    daemon runs it, a few seconds apart within the slot."""
+    store = open_store(db)
+    store.record_paths(PATHS)
+    measurements, heartbeats = [], []
+    for index, targets in rounds:
+        for offset, (target, by_path) in enumerate(targets.items()):
+            at = T0 + index * INTERVAL + timedelta(seconds=offset * 10)
+            round_id = f"r{index}-{target}"
+            batch = [measurement(at + timedelta(milliseconds=i), target, path, outcome, round_id)
+                     for i, (path, outcome) in enumerate(by_path.items())]  # fmt: skip
+            measurements += batch
+            heartbeats.append(Heartbeat(
+                vantage="lab", round_id=round_id, started_at=at, finished_at=at + timedelta(seconds=2),
+                probes=len(batch), succeeded=sum(m.ok for m in batch), target=target, scheduled_at=at,
+            ))  # fmt: skip
+    store.write(measurements, heartbeats)
+    store.close()
+
+
+def everything(outcome_for: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """One slot: every target through every path, OK unless outcome_for says otherwise."""
+    outcome_for = outcome_for or {}
+    rounds: dict[str, dict[str, dict[str, Any]]] = {}
+    for target in TARGETS:
+        rounds[target] = {path: outcome_for.get((target, path), OK) for path, *_ in PATHS}
+    rounds["vpn-endpoint"] = {"direct": outcome_for.get(("vpn-endpoint", "direct"), {"ok": True})}
+    return rounds
+
+
+def dumps(addresses: Iterable[str]) -> str:
+    return json.dumps(list(addresses))
