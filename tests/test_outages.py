@@ -1,0 +1,110 @@
+"""Outage intervals from stores with known injected outages: the exact intervals come back."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from analysis.frames import load_measurements, load_paths
+from analysis.outages import Hysteresis, degraded, pair_outages, path_outages
+from analysis.verdicts import classify
+from tests.analysis_data import INTERVAL, T0, build_store, everything, fail
+
+RESET = fail("connection_reset", "tls_handshake")
+PROXY_DOWN = fail("connection_refused", "proxy_connect")
+
+
+def at(index: int, target: str = "news") -> pd.Timestamp:
+    offset = list(everything()).index(target)
+    return pd.Timestamp(T0 + index * INTERVAL + timedelta(seconds=offset * 10))
+
+
+def outages_for(tmp_path: Path, schedule: dict[int, dict[tuple[str, str], dict[str, Any]]], rounds: range,
+                hysteresis: Hysteresis = Hysteresis()) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    db = tmp_path / "tw.db"
+    build_store(db, [(i, everything(schedule.get(i, {}))) for i in rounds])
+    verdicts = classify(load_measurements(db), load_paths(db))
+    pairs = pair_outages(verdicts, hysteresis)
+    return pairs, path_outages(pairs)
+
+
+def test_an_injected_block_gives_its_exact_interval(tmp_path: Path) -> None:
+    pairs, paths = outages_for(tmp_path, {i: {("news", "direct"): RESET} for i in range(3, 8)}, range(13))
+    (outage,) = pairs.to_dict("records")
+    assert (outage["target"], outage["path"], outage["verdict"]) == ("news", "direct", "blocked")
+    assert (outage["start"], outage["end"]) == (at(3), at(8))  # closed by the first good round
+    assert outage["minutes"] == 25 and outage["rounds"] == 5 and not outage["ongoing"]
+    assert outage["rules"] == ("blocked-tls",)
+    (by_path,) = paths.to_dict("records")
+    assert (by_path["path"], by_path["targets"], by_path["start"], by_path["end"]) == ("direct", ("news",), at(3), at(8))
+
+
+def test_one_failing_round_is_not_an_outage(tmp_path: Path) -> None:
+    pairs, _ = outages_for(tmp_path, {4: {("news", "direct"): RESET}, 9: {("news", "direct"): RESET}}, range(12))
+    assert pairs.empty
+
+
+def test_one_good_round_does_not_close_an_outage(tmp_path: Path) -> None:
+    failing = [2, 3, 5, 6]  # round 4 is good, alone
+    pairs, _ = outages_for(tmp_path, {i: {("news", "direct"): RESET} for i in failing}, range(10))
+    (outage,) = pairs.to_dict("records")
+    assert (outage["start"], outage["end"], outage["rounds"]) == (at(2), at(7), 4)
+
+
+def test_hysteresis_is_configurable(tmp_path: Path) -> None:
+    schedule = {4: {("news", "direct"): RESET}}
+    pairs, _ = outages_for(tmp_path, schedule, range(8), Hysteresis(open_after=1, close_after=1))
+    (outage,) = pairs.to_dict("records")
+    assert (outage["start"], outage["end"]) == (at(4), at(5))
+
+
+def test_a_stopped_daemon_is_unknown_not_an_outage(tmp_path: Path) -> None:
+    rounds = [*range(0, 6), *range(30, 36)]  # the daemon was stopped for rounds 6-29
+    schedule = {i: {("news", "direct"): RESET} for i in (4, 5, 30, 31)}
+    db = tmp_path / "tw.db"
+    build_store(db, [(i, everything(schedule.get(i, {}))) for i in rounds])
+    pairs = pair_outages(classify(load_measurements(db), load_paths(db)))
+    first, second = pairs.sort_values("start").to_dict("records")
+    assert (first["start"], first["end"]) == (at(4), at(6))  # one interval after its last failing round
+    assert (second["start"], second["end"]) == (at(30), at(32))
+
+
+def test_an_outage_still_on_at_the_end_is_ongoing(tmp_path: Path) -> None:
+    pairs, _ = outages_for(tmp_path, {i: {("news", "direct"): RESET} for i in range(5, 10)}, range(10))
+    (outage,) = pairs.to_dict("records")
+    assert outage["ongoing"] and (outage["start"], outage["end"]) == (at(5), at(10))
+
+
+def test_a_tunnel_crackdown_is_one_path_outage_over_every_target(tmp_path: Path) -> None:
+    targets = ("news", "search", "portal", "shop")
+    schedule = {i: {(t, "vpn"): PROXY_DOWN for t in targets} for i in range(2, 6)}
+    pairs, paths = outages_for(tmp_path, schedule, range(9))
+    assert len(pairs) == 4 and set(pairs["verdict"]) == {"tunnel_down"}
+    (outage,) = paths.to_dict("records")
+    assert (outage["path"], outage["verdict"], outage["targets"]) == ("vpn", "tunnel_down", tuple(sorted(targets)))
+    vpn = pd.Timedelta(milliseconds=1)  # the vpn probe starts a millisecond after the direct one
+    assert (outage["start"], outage["end"]) == (at(2, "news") + vpn, at(6, "shop") + vpn)
+
+
+def _latency_frame(slow_hours: int, factor: float) -> pd.DataFrame:
+    times = pd.date_range(T0, periods=12 * 24 * 9, freq="5min", tz="UTC")
+    connect = pd.Series(20.0, index=times)
+    slow = (times >= times[-1] - pd.Timedelta(hours=slow_hours)) & (times < times[-1] - pd.Timedelta(hours=1))
+    connect[slow] = 20.0 * factor
+    return pd.DataFrame({"started_at": times, "path": "direct", "group": "blocked", "ok": True,
+                         "connect_ms": connect.to_numpy(), "first_byte_ms": 50.0})  # fmt: skip
+
+
+def test_throttling_is_degraded_with_its_factor() -> None:
+    frame = _latency_frame(slow_hours=4, factor=10)
+    (outage,) = degraded(frame, factor=3).to_dict("records")
+    assert outage["verdict"] == "degraded" and outage["factor"] == pytest.approx(10)
+    assert outage["minutes"] == 180
+
+
+def test_no_degradation_below_the_factor() -> None:
+    assert degraded(_latency_frame(slow_hours=4, factor=2), factor=3).empty
