@@ -1,0 +1,223 @@
+"""Did outages (or an external series) line up with events beyond chance?
+
+For each event window: the rate inside (outage minutes per measured minute, or the series'
+mean), the same rate over a baseline (measured time outside every event window and every
+holiday), their ratio with a 95 % interval from a day-block bootstrap, and a p-value from
+circular shifts of the series by whole days, which keeps its autocorrelation and its daily
+cycle. A verdict in words: effect, no effect, or not enough data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from .events import Event
+
+BOOTSTRAP = 1000
+ALPHA = 0.05
+MIN_WINDOW_COVERAGE = 0.5  # of the window's time must be measured
+MIN_BASELINE_DAYS = 7
+SMOOTH = 0.5  # added to both rates' numerators so that an empty baseline gives a finite ratio
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """A regular series: `value` and `exposure` per bin (outage minutes and measured minutes,
+    or a measurement and 1 where present)."""
+
+    start: pd.Timestamp
+    step: pd.Timedelta
+    value: np.ndarray
+    exposure: np.ndarray
+
+    @property
+    def bins_per_day(self) -> int:
+        return max(1, int(pd.Timedelta(days=1) / self.step))
+
+    def mask(self, start: pd.Timestamp, end: pd.Timestamp) -> np.ndarray:
+        first = int(np.ceil((start - self.start) / self.step)) if start > self.start else 0
+        last = int(np.ceil((end - self.start) / self.step))
+        mask = np.zeros(len(self.value), dtype=bool)
+        mask[max(0, first) : max(0, min(len(mask), last))] = True
+        return mask
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    event: str
+    title: str
+    category: str
+    window_start: pd.Timestamp
+    window_end: pd.Timestamp
+    inside_rate: float | None
+    baseline_rate: float | None
+    ratio: float | None
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    coverage: float
+    lead_lag_hours: float | None
+    verdict: str
+
+    def as_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out["window_start"] = self.window_start.isoformat()
+        out["window_end"] = self.window_end.isoformat()
+        return out
+
+
+def outage_series(
+    outages: pd.DataFrame, heartbeats: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, step: str = "1h"
+) -> Series:
+    """Outage minutes and measured minutes per bin. A bin with a heartbeat counts as measured
+    in full; outages are only counted where there was measuring."""
+    size = pd.Timedelta(step)
+    start = start.floor(size)
+    bins = max(1, int(np.ceil((end - start) / size)))
+    exposure = np.zeros(bins)
+    if len(heartbeats):
+        index = ((heartbeats["started_at"] - start) // size).astype("int64").to_numpy()
+        index = index[(index >= 0) & (index < bins)]
+        exposure[np.unique(index)] = size / pd.Timedelta(minutes=1)
+    value = np.zeros(bins)
+    edges = start + size * np.arange(bins + 1)
+    for o_start, o_end in zip(outages.get("start", []), outages.get("end", []), strict=True):
+        first = max(0, int((o_start - start) // size))
+        last = min(bins, int(np.ceil((o_end - start) / size)))
+        for b in range(first, last):
+            overlap = min(o_end, edges[b + 1]) - max(o_start, edges[b])
+            value[b] += max(0.0, overlap / pd.Timedelta(minutes=1))
+    value = np.minimum(value, exposure)  # unmeasured time is unknown, never outage
+    return Series(start=start, step=size, value=value, exposure=exposure)
+
+
+def external_series(frame: pd.DataFrame, column: str) -> Series:
+    """A daily or hourly series from a CSV export (a date column and a value column)."""
+    times = frame.index
+    step = pd.Series(times).diff().dropna().median()
+    step = pd.Timedelta(hours=1) if step < pd.Timedelta(hours=12) else pd.Timedelta(days=1)
+    regular = frame[column].resample(step).mean()
+    present = regular.notna().to_numpy()
+    return Series(
+        start=regular.index[0], step=step, value=np.where(present, regular.to_numpy(), 0.0),
+        exposure=present.astype(float),
+    )  # fmt: skip
+
+
+def _rate(series: Series, mask: np.ndarray) -> tuple[float, float]:
+    return float(series.value[mask].sum()), float(series.exposure[mask].sum())
+
+
+def _ratio(inside: tuple[float, float], base: tuple[float, float], smooth: float) -> float:
+    return ((inside[0] + smooth) / (inside[1] + smooth)) / ((base[0] + smooth) / (base[1] + smooth))
+
+
+def _bootstrap(series: Series, window: np.ndarray, baseline: np.ndarray, smooth: float,
+               rng: np.random.Generator) -> tuple[float, float]:  # fmt: skip
+    per_day = series.bins_per_day
+    day = np.arange(len(series.value)) // per_day
+    sums = {}
+    for name, mask in (("in", window), ("base", baseline)):
+        days = np.unique(day[mask])
+        v = np.bincount(day[mask], weights=series.value[mask], minlength=day.max() + 1)[days]
+        e = np.bincount(day[mask], weights=series.exposure[mask], minlength=day.max() + 1)[days]
+        pick = rng.integers(0, len(days), size=(BOOTSTRAP, len(days)))
+        sums[name] = (v[pick].sum(axis=1), e[pick].sum(axis=1))
+    ratios = ((sums["in"][0] + smooth) / (sums["in"][1] + smooth)) / (
+        (sums["base"][0] + smooth) / (sums["base"][1] + smooth)
+    )
+    low, high = np.percentile(ratios, [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)])
+    return float(low), float(high)
+
+
+def _permutation_p(series: Series, window: np.ndarray, observed: float, two_sided: bool) -> float | None:
+    """Shift the series circularly by whole days; how often is the window's rate as extreme?"""
+    per_day = series.bins_per_day
+    days = len(series.value) // per_day
+    if days < 2:
+        return None
+    base_rate = series.value.sum() / max(series.exposure.sum(), 1e-12)
+    extreme, total = 0, 0
+    for k in range(1, days):
+        v = np.roll(series.value, k * per_day)[window].sum()
+        e = np.roll(series.exposure, k * per_day)[window].sum()
+        if e <= 0:
+            continue
+        rate = v / e
+        total += 1
+        if two_sided:
+            extreme += abs(np.log((rate + 1e-9) / (base_rate + 1e-9))) >= abs(np.log((observed + 1e-9) / (base_rate + 1e-9)))
+        else:
+            extreme += rate >= observed
+    return None if total == 0 else (1 + extreme) / (1 + total)
+
+
+def check_events(
+    series: Series,
+    events: Sequence[Event],
+    all_events: Sequence[Event],
+    *,
+    before: pd.Timedelta = pd.Timedelta(0),
+    after: pd.Timedelta = pd.Timedelta(0),
+    first_outages: pd.Series | None = None,
+    two_sided: bool = False,
+    seed: int = 0,
+) -> list[Check]:
+    """One Check per event. `all_events` are kept out of the baseline (holidays included)."""
+    rng = np.random.default_rng(seed)
+    excluded = np.zeros(len(series.value), dtype=bool)
+    for event in all_events:
+        start, end = event.window
+        excluded |= series.mask(start - before, end + after)
+    measured = series.exposure > 0
+    baseline = measured & ~excluded
+    smooth = SMOOTH if not two_sided else 0.0
+    checks = []
+    for event in events:
+        start, end = event.window
+        w_start, w_end = start - before, end + after
+        window = series.mask(w_start, w_end) & measured
+        length = (w_end - w_start) / series.step
+        coverage = float(window.sum() / length) if length > 0 else 0.0
+        base_days = len(np.unique(np.flatnonzero(baseline) // series.bins_per_day))
+        lead = _lead_lag(first_outages, w_start, w_end, start)
+        common = dict(event=event.id, title=event.title, category=event.category, window_start=w_start,
+                      window_end=w_end, coverage=round(coverage, 3), lead_lag_hours=lead)  # fmt: skip
+        if coverage < MIN_WINDOW_COVERAGE or base_days < MIN_BASELINE_DAYS:
+            reason = (f"not enough data: {coverage:.0%} of the window measured" if coverage < MIN_WINDOW_COVERAGE
+                      else f"not enough data: {base_days} baseline days (need {MIN_BASELINE_DAYS})")  # fmt: skip
+            checks.append(Check(**common, inside_rate=None, baseline_rate=None, ratio=None, ci_low=None,
+                                ci_high=None, p_value=None, verdict=reason))  # fmt: skip
+            continue
+        inside, base = _rate(series, window), _rate(series, baseline)
+        ratio = _ratio(inside, base, smooth)
+        low, high = _bootstrap(series, window, baseline, smooth, rng)
+        p = _permutation_p(series, window, inside[0] / inside[1], two_sided)
+        checks.append(Check(
+            **common, inside_rate=inside[0] / inside[1], baseline_rate=base[0] / base[1], ratio=ratio,
+            ci_low=low, ci_high=high, p_value=p, verdict=_words(ratio, low, high, p, two_sided),
+        ))  # fmt: skip
+    return checks
+
+
+def _lead_lag(first_outages: pd.Series | None, w_start: pd.Timestamp, w_end: pd.Timestamp,
+              event_start: pd.Timestamp) -> float | None:  # fmt: skip
+    if first_outages is None or not len(first_outages):
+        return None
+    inside = first_outages[(first_outages >= w_start) & (first_outages < w_end)]
+    if not len(inside):
+        return None
+    return round((inside.min() - event_start) / pd.Timedelta(hours=1), 2)
+
+
+def _words(ratio: float, low: float, high: float, p: float | None, two_sided: bool) -> str:
+    significant = p is not None and p < ALPHA
+    if significant and low > 1:
+        return f"effect: {ratio:.1f}x the baseline" + (" (a spike)" if two_sided else "")
+    if significant and high < 1:
+        return f"effect: {ratio:.2f}x the baseline" + (" (a drop)" if two_sided else " (fewer outages)")
+    return "no effect: within the baseline's range"
