@@ -21,7 +21,7 @@ from .events import Event
 ALPHA = 0.05
 MIN_WINDOW_COVERAGE = 0.5  # of the window's time must be measured
 MIN_BASELINE_DAYS = 7
-SMOOTH = 0.5  # added to both rates' numerators so that an empty baseline gives a finite ratio
+MIN_DAYS = 20  # fewer days of data and no circular shift can be significant at 5 %
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,17 +112,13 @@ def _rate(series: Series, mask: np.ndarray) -> tuple[float, float]:
     return float(series.value[mask].sum()), float(series.exposure[mask].sum())
 
 
-def _ratio(inside: tuple[float, float], base: tuple[float, float], smooth: float) -> float:
-    return ((inside[0] + smooth) / (inside[1] + smooth)) / ((base[0] + smooth) / (base[1] + smooth))
-
-
 def _t_quantile(df: int, z: float = 1.959964) -> float:
     """Student's t quantile for a two-sided 95 % interval (Cornish-Fisher expansion)."""
     df = max(df, 1)
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def _log_rate_variance(series: Series, mask: np.ndarray, smooth: float) -> tuple[float, int]:
+def _log_rate_variance(series: Series, mask: np.ndarray) -> tuple[float, int]:
     """Variance of log(sum value / sum exposure) over the mask, with days as the independent
     units (the ratio estimator's delta-method variance), and the number of days."""
     day = np.arange(len(series.value)) // series.bins_per_day
@@ -130,19 +126,23 @@ def _log_rate_variance(series: Series, mask: np.ndarray, smooth: float) -> tuple
     v = np.bincount(day[mask], weights=series.value[mask], minlength=day.max() + 1)[days]
     e = np.bincount(day[mask], weights=series.exposure[mask], minlength=day.max() + 1)[days]
     n = len(days)
-    rate = (v.sum() + smooth) / (e.sum() + smooth)
+    rate = v.sum() / e.sum()
     if n < 2:
         return float("inf"), n
     residual = v - rate * e
-    variance = n * residual.var(ddof=1) / (e.sum() + smooth) ** 2  # of the rate
+    variance = n * residual.var(ddof=1) / e.sum() ** 2  # of the rate
     return float(variance / rate**2), n
 
 
-def _interval(series: Series, window: np.ndarray, baseline: np.ndarray, ratio: float,
-              smooth: float) -> tuple[float, float]:  # fmt: skip
-    """95 % interval of the ratio: log-normal, t quantile on the window's days (the fewer)."""
-    var_in, days_in = _log_rate_variance(series, window, smooth)
-    var_base, _ = _log_rate_variance(series, baseline, smooth)
+def _interval(
+    series: Series, window: np.ndarray, baseline: np.ndarray, ratio: float
+) -> tuple[float, float] | tuple[None, None]:
+    """95 % interval of the ratio: log-normal, t quantile on the window's days (the fewer).
+    None when the window spans a single day: one day has no spread to go on."""
+    var_in, days_in = _log_rate_variance(series, window)
+    var_base, _ = _log_rate_variance(series, baseline)
+    if not np.isfinite(var_in + var_base):
+        return None, None
     half = _t_quantile(days_in - 1) * float(np.sqrt(var_in + var_base))
     return float(ratio * np.exp(-half)), float(ratio * np.exp(half))
 
@@ -186,7 +186,7 @@ def check_events(
         excluded |= series.mask(start - before, end + after)
     measured = series.exposure > 0
     baseline = measured & ~excluded
-    smooth = SMOOTH if not two_sided else 0.0
+    data_days = int(series.exposure.astype(bool).sum() // series.bins_per_day)
     checks = []
     for event in events:
         start, end = event.window
@@ -198,19 +198,30 @@ def check_events(
         lead = _lead_lag(first_outages, w_start, w_end, start)
         common = dict(event=event.id, title=event.title, category=event.category, window_start=w_start,
                       window_end=w_end, coverage=round(coverage, 3), lead_lag_hours=lead)  # fmt: skip
-        if coverage < MIN_WINDOW_COVERAGE or base_days < MIN_BASELINE_DAYS:
-            reason = (f"not enough data: {coverage:.0%} of the window measured" if coverage < MIN_WINDOW_COVERAGE
-                      else f"not enough data: {base_days} baseline days (need {MIN_BASELINE_DAYS})")  # fmt: skip
+        reason = None
+        if coverage < MIN_WINDOW_COVERAGE:
+            reason = f"not enough data: {coverage:.0%} of the window measured"
+        elif base_days < MIN_BASELINE_DAYS:
+            reason = f"not enough data: {base_days} baseline days (need {MIN_BASELINE_DAYS})"
+        elif data_days < MIN_DAYS:
+            reason = f"not enough data: {data_days} days measured (need {MIN_DAYS} for a p-value under 5 %)"
+        if reason:
             checks.append(Check(**common, inside_rate=None, baseline_rate=None, ratio=None, ci_low=None,
                                 ci_high=None, p_value=None, verdict=reason))  # fmt: skip
             continue
         inside, base = _rate(series, window), _rate(series, baseline)
-        ratio = _ratio(inside, base, smooth)
-        low, high = _interval(series, window, baseline, ratio, smooth)
-        p = _permutation_p(series, window, inside[0] / inside[1], two_sided)
+        rate_in, rate_base = inside[0] / inside[1], base[0] / base[1]
+        p = _permutation_p(series, window, rate_in, two_sided)
+        ratio: float | None = None
+        low = high = None
+        if rate_in > 0 and rate_base > 0:
+            ratio = rate_in / rate_base
+            low, high = _interval(series, window, baseline, ratio)
+        elif rate_in == 0 and rate_base > 0:
+            ratio = 0.0
         checks.append(Check(
-            **common, inside_rate=inside[0] / inside[1], baseline_rate=base[0] / base[1], ratio=ratio,
-            ci_low=low, ci_high=high, p_value=p, verdict=_words(ratio, low, high, p, two_sided),
+            **common, inside_rate=rate_in, baseline_rate=rate_base, ratio=ratio, ci_low=low, ci_high=high,
+            p_value=p, verdict=_words(rate_in, rate_base, ratio, low, high, p, two_sided),
         ))  # fmt: skip
     return checks
 
@@ -225,10 +236,19 @@ def _lead_lag(first_outages: pd.Series | None, w_start: pd.Timestamp, w_end: pd.
     return round((inside.min() - event_start) / pd.Timedelta(hours=1), 2)
 
 
-def _words(ratio: float, low: float, high: float, p: float | None, two_sided: bool) -> str:
+def _words(rate_in: float, rate_base: float, ratio: float | None, low: float | None, high: float | None,
+           p: float | None, two_sided: bool) -> str:  # fmt: skip
     significant = p is not None and p < ALPHA
-    if significant and low > 1:
+    if rate_in == 0 and rate_base == 0:
+        return "no effect: nothing inside the window or in the baseline"
+    if ratio is None:  # something inside, nothing in the baseline
+        return "effect: only inside the window, none in the baseline" if significant else (
+            "no effect: none in the baseline, but as much at other times of the data")
+    if significant and low is None:  # too few days in the window for an interval
+        direction = (" (a spike)" if ratio > 1 else " (a drop)") if two_sided else ""
+        return f"effect: {ratio:.2f}x the baseline{direction}, too few days for an interval"
+    if significant and low is not None and low > 1:
         return f"effect: {ratio:.1f}x the baseline" + (" (a spike)" if two_sided else "")
-    if significant and high < 1:
+    if significant and high is not None and high < 1:
         return f"effect: {ratio:.2f}x the baseline" + (" (a drop)" if two_sided else " (fewer outages)")
     return "no effect: within the baseline's range"

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from .config import Config, load_config
+from .console import config_option, err, out
 from .daemon import run_daemon
 from .errors import ConfigError, StoreError, TunnelwatchError
 from .logs import setup_logging
@@ -34,17 +34,6 @@ def config_app() -> None:
     """Inspect the configuration."""
 
 
-out = Console(soft_wrap=True)
-if not out.is_terminal:
-    out.width = 200
-err = Console(stderr=True, soft_wrap=True)
-
-config_option = click.option(
-    "--config",
-    "-c",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Config file (default: the shipped config/tunnelwatch.toml).",
-)
 PHASE_COLUMNS = ("resolve_ms", "proxy_ms", "connect_ms", "tls_ms", "first_byte_ms", "total_ms")
 
 
@@ -186,6 +175,16 @@ def status(config: Path | None) -> None:
             failed.get("failed_operation") or "",
         )
     out.print(pairs)
+
+
+def _register_analysis() -> None:
+    from analysis.cli import events_group, outages
+
+    app.add_command(outages)
+    app.add_command(events_group)
+
+
+_register_analysis()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -62,6 +62,13 @@ class DaemonSettings(_Frozen):
     store_retry_s: float = Field(5, gt=0, le=3600)
 
 
+class AnalysisSettings(_Frozen):
+    open_after: int = Field(2, ge=1, le=100)  # failing rounds in a row that open an outage
+    close_after: int = Field(2, ge=1, le=100)  # good rounds in a row that close it
+    degraded_factor: float = Field(3.0, gt=1)  # median latency over its 7-day median that is "degraded"
+    events: list[Path] = []  # more event files (TOML or .ics) besides the shipped calendar
+
+
 class MetricsSettings(_Frozen):
     enabled: bool = True
     listen: str = "127.0.0.1:9464"
@@ -200,6 +207,7 @@ class Config(_Frozen):
     probe: ProbeSettings = ProbeSettings()
     daemon: DaemonSettings = DaemonSettings()
     metrics: MetricsSettings = MetricsSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
     targets: list[Target] = Field(min_length=1)
     paths: list[PathSpec] = Field(min_length=1)
     source: str = Field("", exclude=True)

@@ -45,6 +45,8 @@ def measurement(at: datetime, target: str, path: str, outcome: dict[str, Any], r
 def build_store(
     db: Path,
     rounds: Iterable[tuple[int, dict[str, dict[str, dict[str, Any]]]]],
+    start: datetime = T0,
+    interval: timedelta = INTERVAL,
 ) -> None:
     """rounds: (round index, {target: {path: outcome}}). Each target is its own round, as the
     daemon runs it, a few seconds apart within the slot."""
@@ -53,7 +55,7 @@ def build_store(
     measurements, heartbeats = [], []
     for index, targets in rounds:
         for offset, (target, by_path) in enumerate(targets.items()):
-            at = T0 + index * INTERVAL + timedelta(seconds=offset * 10)
+            at = start + index * interval + timedelta(seconds=offset * 10)
             round_id = f"r{index}-{target}"
             batch = [measurement(at + timedelta(milliseconds=i), target, path, outcome, round_id)
                      for i, (path, outcome) in enumerate(by_path.items())]  # fmt: skip

@@ -1,0 +1,282 @@
+"""Commands that answer questions: `tunnelwatch outages`, `tunnelwatch events list|check`.
+Argument parsing and output only; the work is in the analysis modules."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import pandas as pd
+from rich.table import Table
+
+from probe.config import Config, load_config
+from probe.console import config_option, err, out
+from probe.errors import ConfigError
+
+from .eventcheck import Check, check_events, external_series, outage_series
+from .events import CATEGORIES, Event, load_events, select
+from .outages import Hysteresis
+from .pipeline import analyse
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(d|h|min|m|s)$")
+UNITS = {"d": "days", "h": "hours", "min": "minutes", "m": "minutes", "s": "seconds"}
+FORMATS = click.Choice(["table", "csv", "json"])
+
+
+class When(click.ParamType):
+    """A date (midnight UTC) or an ISO 8601 date and time (UTC unless it has an offset)."""
+
+    name = "date"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a date; use 2018-03-31 or 2018-03-31T08:00+08:00", param, ctx)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> pd.Timedelta:
+        if isinstance(value, pd.Timedelta):
+            return value
+        match = DURATION.match(str(value).strip())
+        if str(value).strip() == "0":
+            return pd.Timedelta(0)
+        if not match:
+            self.fail(f"{value!r} is not a duration; use e.g. 3d, 12h, 90min or 0", param, ctx)
+        return pd.Timedelta(**{UNITS[match.group(2)]: float(match.group(1))})
+
+
+def _range(since: datetime | None, until: datetime | None) -> None:
+    if since and until and since >= until:
+        raise click.BadParameter(f"--since {since.isoformat()} is not before --until {until.isoformat()}")
+
+
+def _events(cfg: Config, extra: Sequence[Path]) -> list[Event]:
+    return load_events([*cfg.analysis.events, *extra])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, pd.Timestamp):
+        return value.strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value))
+    if isinstance(value, float):
+        return "" if pd.isna(value) else f"{value:.3g}"
+    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, float) and pd.isna(value):
+        return None
+    return value
+
+
+def emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str) -> None:
+    if fmt == "json":
+        for row in rows:
+            sys.stdout.write(json.dumps({c: _jsonable(row.get(c)) for c in columns}) + "\n")
+    elif fmt == "csv":
+        frame = pd.DataFrame([{c: _jsonable(row.get(c)) for c in columns} for row in rows], columns=columns)
+        frame.to_csv(sys.stdout, index=False)
+    else:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column.replace("_", " "))
+        for row in rows:
+            table.add_row(*(_cell(row.get(c)) for c in columns))
+        out.print(table)
+
+
+def _overlapping(start: pd.Timestamp, end: pd.Timestamp, events: Sequence[Event]) -> tuple[str, ...]:
+    return tuple(e.id for e in events if e.window[0] < end and start < e.window[1])
+
+
+def _analyse(cfg: Config, since: datetime | None, until: datetime | None, **filters: tuple[str, ...]) -> Any:
+    return analyse(
+        cfg.store.path,
+        since,
+        until,
+        hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after),
+        slot_s=cfg.probe.interval_s,
+        degraded_factor=cfg.analysis.degraded_factor,
+        **filters,
+    )
+
+
+@click.command()
+@click.option("--since", type=When(), help="From this date or time (UTC unless it has an offset).")
+@click.option("--until", type=When(), help="Up to this date or time.")
+@click.option("--path", "-p", "paths", multiple=True, help="Only this path (repeatable).")
+@click.option("--target", "-t", "targets", multiple=True, help="Only this target (repeatable).")
+@click.option("--kind", "kinds", multiple=True, help="Only this verdict: blocked, tunnel_down, local_outage, "
+              "site_down, degraded, inconclusive (repeatable).")  # fmt: skip
+@click.option("--by", type=click.Choice(["path", "target"]), default="path", show_default=True,
+              help="One row per path outage, or per (target, path) outage.")  # fmt: skip
+@click.option("--events", "event_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="More events (TOML or .ics) to match outages against.")  # fmt: skip
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@config_option
+def outages(since: datetime | None, until: datetime | None, paths: tuple[str, ...], targets: tuple[str, ...],
+            kinds: tuple[str, ...], by: str, event_files: tuple[Path, ...], fmt: str, config: Path | None) -> None:  # fmt: skip
+    """Outage intervals with their verdict, duration and the events they overlap."""
+    _range(since, until)
+    cfg = load_config(config)
+    events = _events(cfg, event_files)
+    result = _analyse(cfg, since, until, targets=targets, paths=paths)
+    frame = result.paths if by == "path" else result.pairs
+    if kinds:
+        frame = frame[frame["verdict"].isin(kinds)]
+    rows = []
+    for row in frame.sort_values(["start", "path"]).to_dict("records"):
+        row["duration"] = str(pd.Timedelta(minutes=round(row["minutes"]))).removeprefix("0 days ")
+        row["events"] = _overlapping(row["start"], row["end"], events)
+        row["targets"] = row["targets"] if by == "path" else (row["target"],)
+        rows.append(row)
+    columns = ["path", "targets", "start", "end", "duration", "minutes", "verdict", "rules", "factor", "events",
+               "ongoing"]  # fmt: skip
+    emit(rows, columns, fmt, f"outages by {by} (times UTC)")
+    if fmt == "table" and not rows:
+        err.print("no outages in that range" if result.span else "no measurements in that range")
+
+
+@click.group(name="events")
+def events_group() -> None:
+    """The event calendar, and whether outages lined up with it."""
+
+
+@events_group.command("list")
+@click.option("--year", type=int, help="Only events in this year.")
+@click.option("--category", "categories", multiple=True, help=f"Only this category: {', '.join(CATEGORIES)}.")
+@click.option("--events", "event_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="More events (TOML or .ics).")  # fmt: skip
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@config_option
+def events_list(year: int | None, categories: tuple[str, ...], event_files: tuple[Path, ...], fmt: str,
+                config: Path | None) -> None:  # fmt: skip
+    """List known events."""
+    cfg = load_config(config)
+    chosen = select(_events(cfg, event_files), categories=categories, year=year)
+    rows = [{**e.model_dump(), "start": str(e.start), "end": str(e.end)} for e in chosen]
+    emit(rows, ["id", "category", "start", "end", "confidence", "title", "source"], fmt,
+         "events (dates are Beijing dates)")  # fmt: skip
+
+
+def _read_series(path: Path, column: str) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ConfigError(f"{path}: not a CSV file: {exc}") from None
+    names = {c.lower(): c for c in frame.columns}
+    time_column = next((names[n] for n in ("date", "day", "datetime", "time", "timestamp") if n in names), None)
+    if time_column is None:
+        raise ConfigError(f"{path}: no date column; name one of date, day, datetime, time, timestamp")
+    if column not in frame.columns:
+        raise ConfigError(f"{path}: no column {column!r}; columns: {', '.join(map(str, frame.columns))}")
+    times = pd.to_datetime(frame[time_column], errors="coerce", utc=True)
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = times.isna() | (values.isna() & frame[column].notna())
+    if bad.any():
+        line = int(bad.to_numpy().nonzero()[0][0]) + 2  # the header is line 1
+        raise ConfigError(
+            f"{path}: line {line}: cannot read {time_column}={frame[time_column].iloc[line - 2]!r}, "
+            f"{column}={frame[column].iloc[line - 2]!r} as a date and a number"
+        )
+    return pd.DataFrame({column: values.to_numpy()}, index=pd.DatetimeIndex(times)).sort_index()
+
+
+def _check_rows(checks: list[Check], series_mode: bool) -> list[dict[str, Any]]:
+    rows = []
+    for c in checks:
+        row = c.as_dict()
+        row["window"] = f"{c.window_start:%Y-%m-%d %H:%M} - {c.window_end:%Y-%m-%d %H:%M}"
+        if not series_mode and c.inside_rate is not None and c.baseline_rate is not None:
+            row["inside"] = f"{100 * c.inside_rate:.2f} %"
+            row["baseline"] = f"{100 * c.baseline_rate:.2f} %"
+        elif c.inside_rate is not None and c.baseline_rate is not None:
+            row["inside"], row["baseline"] = f"{c.inside_rate:.4g}", f"{c.baseline_rate:.4g}"
+        if c.ratio is not None:
+            interval = f" [{c.ci_low:.2f}, {c.ci_high:.2f}]" if c.ci_low is not None and c.ci_high is not None else ""
+            row["ratio_95ci"] = f"{c.ratio:.2f}{interval}"
+        rows.append(row)
+    return rows
+
+
+@events_group.command("check")
+@click.option("--event", "ids", multiple=True, help="Only this event id (repeatable).")
+@click.option("--category", "categories", multiple=True, help=f"Only this category: {', '.join(CATEGORIES)}.")
+@click.option("--path", "-p", "paths", multiple=True, help="Only outages of this path (repeatable).")
+@click.option("--target", "-t", "targets", multiple=True, help="Only outages affecting this target (repeatable).")
+@click.option("--before", type=Duration(), default="0", help="Widen each window this much before (e.g. 3d).")
+@click.option("--after", type=Duration(), default="0", help="Widen each window this much after (e.g. 2d).")
+@click.option("--since", type=When(), help="Only data from this date.")
+@click.option("--until", type=When(), help="Only data up to this date.")
+@click.option("--series", type=click.Path(path_type=Path, dir_okay=False),
+              help="Test an external daily or hourly CSV series instead of the store's outages.")  # fmt: skip
+@click.option("--column", help="The series' value column (with --series).")
+@click.option("--events", "event_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="More events (TOML or .ics).")  # fmt: skip
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@config_option
+def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple[str, ...], targets: tuple[str, ...],
+                 before: pd.Timedelta, after: pd.Timedelta, since: datetime | None, until: datetime | None,
+                 series: Path | None, column: str | None, event_files: tuple[Path, ...], fmt: str,
+                 config: Path | None) -> None:  # fmt: skip
+    """For each event window: outage rate inside against a baseline, the ratio with a 95 %
+    interval, a circular-shift p-value, and the lead or lag of the first outage."""
+    _range(since, until)
+    if (series is None) != (column is None):
+        raise click.BadParameter("--series and --column go together")
+    cfg = load_config(config)
+    every = _events(cfg, event_files)
+    chosen = select(every, ids=ids, categories=categories)
+    if series is not None and column is not None:
+        frame = _read_series(series, column)
+        if since or until:
+            frame = frame[(frame.index >= (since or frame.index.min())) & (frame.index < (until or frame.index.max() + pd.Timedelta(1)))]
+        if frame.empty:
+            raise ConfigError(f"{series}: no rows in that range")
+        data = external_series(frame, column)
+        span = (frame.index.min(), frame.index.max())
+        firsts = None
+    else:
+        result = _analyse(cfg, since, until, targets=targets, paths=paths)
+        if result.span is None:
+            raise ConfigError(f"{cfg.store.path}: no measurements in that range to check events against")
+        span = result.span
+        outages = result.paths[result.paths["verdict"] != "degraded"]
+        data = outage_series(outages, result.heartbeats, span[0], span[1])
+        firsts = outages["start"] if len(outages) else None
+    if not ids and not categories:
+        chosen = [e for e in chosen if e.category != "holiday"]
+    chosen = [e for e in chosen if e.window[0] - before < span[1] and span[0] < e.window[1] + after]
+    if not chosen:
+        err.print(f"no event falls within the data ({span[0]:%Y-%m-%d} to {span[1]:%Y-%m-%d})")
+        return
+    checks = check_events(data, chosen, every, before=before, after=after, first_outages=firsts,
+                          two_sided=series is not None)  # fmt: skip
+    columns = ["event", "category", "window", "coverage", "inside", "baseline", "ratio_95ci", "p_value",
+               "lead_lag_hours", "verdict"]  # fmt: skip
+    if fmt != "table":
+        columns += ["ratio", "ci_low", "ci_high", "inside_rate", "baseline_rate"]
+    what = f"{series.name}: mean of {column}" if series else "outage minutes per measured minute"
+    emit(_check_rows(checks, series is not None), columns, fmt, f"events against {what} (windows UTC)")
+
+

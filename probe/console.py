@@ -1,0 +1,20 @@
+"""What every command shares: the consoles and the --config option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+out = Console(soft_wrap=True)
+if not out.is_terminal:
+    out.width = 200
+err = Console(stderr=True, soft_wrap=True)
+
+config_option = click.option(
+    "--config",
+    "-c",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Config file (default: the shipped config/tunnelwatch.toml).",
+)

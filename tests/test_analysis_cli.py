@@ -1,0 +1,159 @@
+"""`tunnelwatch outages` and `tunnelwatch events` as a user runs them, on a store of known data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.analysis_data import build_store, everything, fail
+
+TUNNELWATCH = [sys.executable, "-m", "probe"]
+START = datetime(2019, 7, 1, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+CRACKDOWN = range(9 * 24 + 2, 9 * 24 + 10)  # 2019-07-10 02:00-10:00 UTC: the tunnel is down
+USER_EVENTS = """
+[[events]]
+id = "test-crackdown"
+title = "A crackdown on tunnels"
+category = "blocking-wave"
+start = 2019-07-10
+end = 2019-07-10
+confidence = "confirmed"
+source = "the test"
+
+[[events]]
+id = "quiet-day"
+title = "Nothing happened"
+category = "policy"
+start = 2019-07-16
+end = 2019-07-16
+"""
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("analysis")
+    down = {(t, "vpn"): fail("connection_refused", "proxy_connect") for t in ("news", "search", "portal", "shop")}
+    rounds = [(i, everything(down if i in CRACKDOWN else {})) for i in range(40 * 24)]
+    build_store(tmp / "tw.db", rounds, start=START, interval=HOUR)
+    (tmp / "events.toml").write_text(USER_EVENTS)
+    (tmp / "tunnelwatch.toml").write_text(f"""
+[vantage]
+name = "lab"
+[store]
+path = "{tmp / "tw.db"}"
+[probe]
+interval_s = 3600
+[analysis]
+events = ["{tmp / "events.toml"}"]
+[[targets]]
+name = "news"
+group = "blocked"
+kind = "http"
+url = "https://news.example/"
+[[paths]]
+name = "direct"
+kind = "direct"
+""")
+    return tmp / "tunnelwatch.toml"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TUNNELWATCH, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_outages_lists_the_crackdown_with_its_event(store: Path) -> None:
+    result = cli("outages", "--config", str(store), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    (outage,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert (outage["path"], outage["verdict"]) == ("vpn", "tunnel_down")
+    assert outage["targets"] == ["news", "portal", "search", "shop"]
+    assert outage["start"].startswith("2019-07-10T02:00") and outage["end"].startswith("2019-07-10T10:00")
+    assert outage["events"] == ["test-crackdown"]
+
+
+def test_outages_filters_and_formats(store: Path) -> None:
+    assert cli("outages", "--config", str(store), "--path", "direct", "--format", "json").stdout == ""
+    csv = cli("outages", "--config", str(store), "--by", "target", "--kind", "tunnel_down", "--format", "csv")
+    lines = csv.stdout.splitlines()
+    assert lines[0].startswith("path,targets,start,end") and len(lines) == 5
+    table = cli("outages", "--config", str(store), "--since", "2019-07-12")
+    assert table.returncode == 0 and "no outages in that range" in table.stderr
+
+
+def test_events_check_finds_the_crackdown_and_no_effect_on_a_quiet_day(store: Path) -> None:
+    result = cli("events", "check", "--config", str(store), "--event", "test-crackdown", "--event", "quiet-day",
+                 "--format", "json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    checks = {c["event"]: c for c in map(json.loads, result.stdout.splitlines())}
+    crackdown, quiet = checks["test-crackdown"], checks["quiet-day"]
+    assert crackdown["verdict"] == "effect: only inside the window, none in the baseline"
+    assert crackdown["p_value"] < 0.05
+    assert crackdown["lead_lag_hours"] == 10  # the event starts at midnight Beijing, 16:00 UTC the day before
+    assert crackdown["inside_rate"] == pytest.approx(8 / 24, rel=1e-2)
+    assert quiet["verdict"] == "no effect: nothing inside the window or in the baseline"
+    assert quiet["inside_rate"] == 0
+
+
+def test_events_check_on_an_external_series(tmp_path: Path, store: Path) -> None:
+    days = [START + timedelta(days=d) for d in range(60)]
+    rows = ["date,users"] + [f"{d:%Y-%m-%d},{400 if d.day == 10 and d.month == 7 else 1000 + (d.day % 3)}" for d in days]
+    (tmp_path / "tor.csv").write_text("\n".join(rows) + "\n")
+    result = cli("events", "check", "--config", str(store), "--series", str(tmp_path / "tor.csv"), "--column",
+                 "users", "--event", "test-crackdown", "--event", "quiet-day", "--format", "json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    checks = {c["event"]: c for c in map(json.loads, result.stdout.splitlines())}
+    assert "drop" in checks["test-crackdown"]["verdict"] and checks["test-crackdown"]["ratio"] < 0.5
+    assert checks["quiet-day"]["verdict"].startswith("no effect")
+
+
+def test_events_list_imports_icalendar(tmp_path: Path, store: Path) -> None:
+    (tmp_path / "cal.ics").write_text(
+        "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\nUID:plenum-2024@example\r\n"
+        "SUMMARY:Third Plenum\r\nDTSTART;VALUE=DATE:20240715\r\nDTEND;VALUE=DATE:20240719\r\n"
+        "CATEGORIES:party-congress\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    )
+    result = cli("events", "list", "--config", str(store), "--events", str(tmp_path / "cal.ics"), "--year", "2024",
+                 "--category", "party-congress", "--format", "json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (event,) = map(json.loads, result.stdout.splitlines())
+    assert (event["id"], event["start"], event["end"]) == ("plenum-2024@example", "2024-07-15", "2024-07-18")
+
+
+def test_shipped_calendar_has_the_known_dates(store: Path) -> None:
+    result = cli("events", "list", "--config", str(store), "--format", "json", "--year", "2018")
+    events = {e["id"]: e for e in map(json.loads, result.stdout.splitlines())}
+    assert (events["npc-2018"]["start"], events["npc-2018"]["end"]) == ("2018-03-05", "2018-03-20")
+    assert events["miit-deadline-2018"]["start"] == "2018-03-31"
+    march_2016 = cli("events", "list", "--config", str(store), "--format", "json", "--year", "2016",
+                     "--category", "npc").stdout  # fmt: skip
+    assert '"npc-2016"' in march_2016 and '"2016-03-05"' in march_2016
+
+
+BAD = [
+    (["events", "check", "--event", "nope"], "no event with id 'nope'"),
+    (["outages", "--since", "last tuesday"], "'last tuesday' is not a date"),
+    (["outages", "--since", "2019-07-10", "--until", "2019-07-01"], "is not before --until"),
+    (["events", "check", "--before", "3 weeks"], "is not a duration"),
+    (["events", "list", "--events", "{tmp}/bad.toml"], "bad.toml: events[0] (id 'x'): category"),
+    (["events", "list", "--events", "{tmp}/bad.ics"], "bad.ics: not a valid iCalendar file"),
+    (["events", "check", "--series", "{tmp}/bad.csv", "--column", "users"], "bad.csv: no column 'users'"),
+    (["events", "check", "--series", "{tmp}/worse.csv", "--column", "users"], "worse.csv: line 3"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_input_exits_2_with_a_clear_message(tmp_path: Path, store: Path, args: list[str], message: str) -> None:
+    (tmp_path / "bad.toml").write_text('[[events]]\nid = "x"\ntitle = "t"\ncategory = "gossip"\nstart = 2019-01-01\n'
+                                       "end = 2019-01-02\n")  # fmt: skip
+    (tmp_path / "bad.ics").write_text("this is not a calendar")
+    (tmp_path / "bad.csv").write_text("date,visitors\n2019-07-01,5\n")
+    (tmp_path / "worse.csv").write_text("date,users\n2019-07-01,5\n2019-07-02,many\n")
+    result = cli(*[a.format(tmp=tmp_path) for a in args], "--config", str(store))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
