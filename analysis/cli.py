@@ -280,3 +280,59 @@ def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple
     emit(_check_rows(checks, series is not None), columns, fmt, f"events against {what} (windows UTC)")
 
 
+
+
+def _week(cfg: Config, label: str | None, since: datetime | None, until: datetime | None, tz: str | None) -> Any:
+    from .report import span, week
+
+    zone = tz or cfg.report.timezone
+    if since or until:
+        if label or not (since and until):
+            raise click.BadParameter("give --week, or both --since and --until")
+        _range(since, until)
+        return span(since, until, zone)
+    return week(label, zone)
+
+
+@click.group(name="chart")
+def chart_group() -> None:
+    """Charts of the measurements."""
+
+
+@chart_group.command("weekly")
+@click.option("--week", "label", help="ISO week, e.g. 2018-W10 (default: last complete week).")
+@click.option("--since", type=When(), help="Instead of a week: from this date.")
+@click.option("--until", type=When(), help="Instead of a week: up to this date.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("charts"), show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["png", "svg"]), default="png", show_default=True)
+@click.option("--tz", help="Time zone of the axes (default: report.timezone).")
+@config_option
+def chart_weekly(label: str | None, since: datetime | None, until: datetime | None, out: Path, fmt: str,
+                 tz: str | None, config: Path | None) -> None:  # fmt: skip
+    """Availability heatmap, latency smoke and outage timeline of one week."""
+    from .report import save_figures, weekly_figures
+
+    cfg = load_config(config)
+    w = _week(cfg, label, since, until, tz)
+    for path in save_figures(weekly_figures(cfg, w, _events(cfg, ())), out, w.label, fmt):
+        err.print(f"wrote {path}")
+
+
+@click.group(name="report")
+def report_group() -> None:
+    """Reports of the measurements."""
+
+
+@report_group.command("weekly")
+@click.option("--week", "label", help="ISO week, e.g. 2018-W10 (default: last complete week).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="HTML file (default: reports/WEEK.html).")
+@click.option("--tz", help="Time zone (default: report.timezone).")
+@config_option
+def report_weekly(label: str | None, out: Path | None, tz: str | None, config: Path | None) -> None:
+    """A self-contained HTML report of one week, and a Markdown summary beside it."""
+    from .report import write_report
+
+    cfg = load_config(config)
+    w = _week(cfg, label, None, None, tz)
+    page, summary = write_report(cfg, w, out or cfg.report.directory / f"tunnelwatch-{w.label}.html")
+    err.print(f"wrote {page} and {summary}")

@@ -178,10 +178,10 @@ def status(config: Path | None) -> None:
 
 
 def _register_analysis() -> None:
-    from analysis.cli import events_group, outages
+    from analysis.cli import chart_group, events_group, outages, report_group
 
-    app.add_command(outages)
-    app.add_command(events_group)
+    for command in (outages, events_group, chart_group, report_group):
+        app.add_command(command)
 
 
 _register_analysis()

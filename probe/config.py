@@ -69,6 +69,24 @@ class AnalysisSettings(_Frozen):
     events: list[Path] = []  # more event files (TOML or .ics) besides the shipped calendar
 
 
+class ReportSettings(_Frozen):
+    timezone: str = "Asia/Shanghai"  # charts and weeks are in this time zone
+    directory: Path = Path("reports")  # where the daemon writes each week's report
+    keep: int = Field(12, ge=1, le=1000)  # reports kept; older ones are deleted
+    weekly: bool = True  # the daemon writes last week's report every Monday 00:00
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except (KeyError, ValueError):
+            raise ValueError(f"time zone {value!r} is unknown; use an IANA name such as Asia/Shanghai or UTC")
+        return value
+
+
 class MetricsSettings(_Frozen):
     enabled: bool = True
     listen: str = "127.0.0.1:9464"
@@ -208,6 +226,7 @@ class Config(_Frozen):
     daemon: DaemonSettings = DaemonSettings()
     metrics: MetricsSettings = MetricsSettings()
     analysis: AnalysisSettings = AnalysisSettings()
+    report: ReportSettings = ReportSettings()
     targets: list[Target] = Field(min_length=1)
     paths: list[PathSpec] = Field(min_length=1)
     source: str = Field("", exclude=True)

@@ -25,7 +25,7 @@ def fail(failure: str, operation: str, **facts: Any) -> dict[str, Any]:
 
 
 def measurement(at: datetime, target: str, path: str, outcome: dict[str, Any], round_id: str) -> Measurement:
-    facts = dict(outcome)
+    facts = {"connect_ms": 20.0, "first_byte_ms": 60.0, **outcome}
     facts["addresses"] = tuple(facts.get("addresses", ()))
     return Measurement(
         vantage="lab",
@@ -36,8 +36,6 @@ def measurement(at: datetime, target: str, path: str, outcome: dict[str, Any], r
         kind="tcp" if target.endswith("-endpoint") else "http",
         input=f"https://{target}.example/",
         started_at=at,
-        connect_ms=20.0,
-        first_byte_ms=60.0,
         **facts,
     )
 
@@ -80,3 +78,46 @@ def everything(outcome_for: dict[tuple[str, str], dict[str, Any]] | None = None)
 
 def dumps(addresses: Iterable[str]) -> str:
     return json.dumps(list(addresses))
+
+
+WEEK = datetime(2018, 3, 4, 16, tzinfo=UTC)  # Monday 2018-03-05 00:00 in Beijing, during the NPC
+BEIJING_HOUR = timedelta(hours=1)
+
+
+def realistic_week(db: Path, seed: int = 7) -> None:
+    """A week at 5-minute rounds, Monday 2018-03-05 in Beijing, with: a tunnel crackdown
+    (Tuesday 10:00 to Wednesday 02:00), DNS poisoning of one site (Thursday 08:00-20:00),
+    throttling of the direct path (Friday 18:00-22:00), the daemon stopped (Saturday
+    03:00-09:00), and noise: now and then a failed probe."""
+    import random
+
+    rng = random.Random(seed)
+    base = {"direct": 35.0, "vpn": 160.0, "wg": 120.0}
+
+    def within(i: int, day: int, start_h: int, end_h: float) -> bool:
+        hour = i * 5 / 60
+        return day * 24 + start_h <= hour < day * 24 + end_h
+
+    rounds = []
+    for i in range(7 * 24 * 12):
+        if within(i, 5, 3, 9):
+            continue  # the daemon was stopped
+        outcomes: dict[tuple[str, str], dict[str, Any]] = {}
+        for target in TARGETS:
+            for path, mean in base.items():
+                slow = 5 if path == "direct" and within(i, 4, 18, 22) else 1
+                outcome = dict(OK, connect_ms=round(rng.lognormvariate(0, 0.25) * mean * slow, 2),
+                               first_byte_ms=round(rng.lognormvariate(0, 0.3) * mean * 2.5 * slow, 2))
+                if TARGETS[target] == "blocked" and path == "direct":
+                    outcome = fail("connection_reset", "tls_handshake")  # always blocked directly
+                if path == "vpn" and within(i, 1, 10, 26):
+                    outcome = fail("eof_error", "http_round_trip")
+                if target == "news" and path == "direct" and within(i, 3, 8, 20):
+                    outcome = fail("generic_timeout_error", "connect", addresses=("10.10.34.35",))
+                if rng.random() < 0.01:
+                    outcome = fail("generic_timeout_error", "http_round_trip")
+                outcomes[(target, path)] = outcome
+        crackdown = within(i, 1, 10, 26)
+        outcomes[("vpn-endpoint", "direct")] = fail("generic_timeout_error", "connect") if crackdown else {"ok": True}
+        rounds.append((i, everything(outcomes)))
+    build_store(db, rounds, start=WEEK)

@@ -1,0 +1,217 @@
+"""Weekly charts. Functions return a matplotlib Figure and write nothing; only the CLI and
+the report save files. Figures are built without pyplot, so nothing is kept alive globally.
+
+Colours are colour-blind safe (Okabe-Ito; cividis for rates) and each path keeps one colour
+across every chart. Hours with no measurement are drawn as "no data", never as failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.dates as mdates  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
+
+from .events import Event  # noqa: E402
+from .verdicts import BLOCKED, DEGRADED, FAILING, INCONCLUSIVE, LOCAL_OUTAGE, SITE_DOWN, TUNNEL_DOWN  # noqa: E402
+
+WIDTH_IN, DPI = 12.8, 100  # 1280 px
+OKABE_ITO = ("#0072B2", "#009E73", "#CC79A7", "#56B4E9", "#E69F00", "#D55E00", "#F0E442", "#000000")
+VERDICT_COLOURS = {
+    BLOCKED: "#D55E00",
+    TUNNEL_DOWN: "#E69F00",
+    LOCAL_OUTAGE: "#000000",
+    SITE_DOWN: "#0072B2",
+    DEGRADED: "#CC79A7",
+    INCONCLUSIVE: "#999999",
+}
+NO_DATA = "#DDDDDD"
+# SmokePing colours its median by the loss in that interval; ours by the failure rate.
+FAILURE_STEPS = ((0.0, "#009E73", "0 %"), (0.05, "#0072B2", "< 5 %"), (0.2, "#E69F00", "< 20 %"),
+                 (0.5, "#D55E00", "< 50 %"), (1.01, "#000000", ">= 50 %"))  # fmt: skip
+
+
+def path_colours(paths: Iterable[str]) -> dict[str, str]:
+    """One colour per path, stable for a given set of names."""
+    return {path: OKABE_ITO[i % len(OKABE_ITO)] for i, path in enumerate(sorted(set(paths)))}
+
+
+def _local(times: pd.Series | pd.DatetimeIndex, tz: str) -> pd.Series:
+    return pd.Series(pd.DatetimeIndex(times).tz_convert(tz).tz_localize(None))
+
+
+def _time_axis(ax: object, start: pd.Timestamp, end: pd.Timestamp, tz: str) -> None:
+    ax.set_xlim(start.tz_convert(tz).tz_localize(None), end.tz_convert(tz).tz_localize(None))  # type: ignore[attr-defined]
+    ax.xaxis.set_major_locator(mdates.DayLocator())  # type: ignore[attr-defined]
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%a %m-%d"))  # type: ignore[attr-defined]
+    ax.xaxis.set_minor_locator(mdates.HourLocator(byhour=range(0, 24, 6)))  # type: ignore[attr-defined]
+    ax.grid(axis="x", which="major", color="#bbbbbb", linewidth=0.6)  # type: ignore[attr-defined]
+
+
+def _period(start: pd.Timestamp, end: pd.Timestamp, tz: str) -> str:
+    last = end.tz_convert(tz) - pd.Timedelta(seconds=1)
+    return f"{start.tz_convert(tz):%a %Y-%m-%d} to {last:%a %Y-%m-%d}"
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[first, last) index pairs of the runs of True in a boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return list(zip(edges[::2], edges[1::2], strict=True))
+
+
+def _hours(start: pd.Timestamp, end: pd.Timestamp) -> pd.DatetimeIndex:
+    return pd.date_range(start, end, freq="1h", inclusive="left")
+
+
+def availability_heatmap(verdicts: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, tz: str) -> Figure:
+    """One row per path (grouped by target group), one column per hour; colour = success rate."""
+    hours = _hours(start, end)
+    rows = sorted(verdicts[["group", "path"]].drop_duplicates().itertuples(index=False)) if len(verdicts) else []
+    matrix = np.full((max(1, len(rows)), len(hours)), np.nan)
+    if len(verdicts):
+        frame = verdicts.assign(hour=verdicts["started_at"].dt.floor("1h"), ok=verdicts["state"] != FAILING)
+        rates = frame.groupby(["group", "path", "hour"])["ok"].mean()
+        position = {h: i for i, h in enumerate(hours)}
+        for (group, path, hour), rate in rates.items():
+            if hour in position:
+                matrix[rows.index((group, path)), position[hour]] = rate
+    height = 1.6 + 0.32 * max(1, len(rows))
+    fig = Figure(figsize=(WIDTH_IN, height), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    cmap = ListedColormap(matplotlib.colormaps["cividis"](np.linspace(0, 1, 256)))
+    cmap.set_bad(NO_DATA)
+    x = mdates.date2num(_local(pd.DatetimeIndex([*hours, end]), tz))
+    image = ax.pcolormesh(x, np.arange(len(matrix) + 1), np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1)
+    for row, values in enumerate(matrix):
+        for first, last in _runs(np.isnan(values)):
+            ax.add_patch(Rectangle((x[first], row), x[last] - x[first], 1, facecolor=NO_DATA, hatch="///",
+                                   edgecolor="#999999", linewidth=0))  # fmt: skip
+    colours = path_colours(p for _, p in rows)
+    ax.set_yticks(np.arange(len(rows)) + 0.5, [f"{group} · {path}" for group, path in rows])
+    for label, (_, path) in zip(ax.get_yticklabels(), rows, strict=False):
+        label.set_color(colours[path])
+    ax.set_ylim(len(matrix), 0)
+    _time_axis(ax, start, end, tz)
+    ax.set_xlabel(f"time ({tz})")
+    ax.set_ylabel("target group · path")
+    ax.set_title(f"Availability per hour, {_period(start, end, tz)}")
+    bar = fig.colorbar(image, ax=ax, pad=0.01)
+    bar.set_label("success rate (share of probes that worked)")
+    ax.legend(handles=[Patch(facecolor=NO_DATA, hatch="///", edgecolor="#888888", label="no data (not measuring)")],
+              loc="upper right", bbox_to_anchor=(1.0, -0.12), frameon=False)  # fmt: skip
+    return fig
+
+
+def _failure_colour(rate: float) -> str:
+    return next(colour for limit, colour, _ in FAILURE_STEPS if rate <= limit or limit > 1)
+
+
+def latency_smoke(
+    measurements: pd.DataFrame, verdicts: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, tz: str,
+    metric: str = "connect_ms",
+) -> Figure:  # fmt: skip
+    """Per path, SmokePing-style: the hourly median of `metric` as a line coloured by that
+    hour's failure rate, with grey bands for the 10-90 and 25-75 percentiles."""
+    data = measurements[measurements["group"] != "endpoint"]
+    paths = sorted(data["path"].unique()) or ["(none)"]
+    fig = Figure(figsize=(WIDTH_IN, 1.2 + 1.9 * len(paths)), dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(paths), 1, sharex=True, squeeze=False)[:, 0]
+    colours = path_colours(paths)
+    hours = _hours(start, end)
+    label = metric.removesuffix("_ms").replace("_", " ")
+    for ax, path in zip(axes, paths, strict=True):
+        ok = data[(data["path"] == path) & data["ok"] & data[metric].notna()]
+        grouped = ok.groupby(ok["started_at"].dt.floor("1h"))[metric]
+        q = grouped.quantile([0.1, 0.25, 0.5, 0.75, 0.9]).unstack().reindex(hours)
+        v = verdicts[verdicts["path"] == path]
+        if (v["group"] == "control").any():  # the path's health, not the censorship of blocked sites
+            v = v[v["group"] == "control"]
+        failure = (v["state"] == FAILING).groupby(v["started_at"].dt.floor("1h")).mean().reindex(hours)
+        x = mdates.date2num(_local(hours + pd.Timedelta(minutes=30), tz))
+        if not q.empty and q.notna().any().any():
+            ax.fill_between(x, q[0.1], q[0.9], color="#cccccc", step="mid", linewidth=0, label="10-90 %")
+            ax.fill_between(x, q[0.25], q[0.75], color="#999999", step="mid", linewidth=0, label="25-75 %")
+            points = np.column_stack([x, q[0.5].to_numpy()])
+            segments = np.stack([points[:-1], points[1:]], axis=1)
+            rates = failure.fillna(0).to_numpy()[:-1]
+            keep = ~np.isnan(segments).any(axis=(1, 2))
+            line = LineCollection(segments[keep], colors=[_failure_colour(r) for r in rates[keep]], linewidths=2)
+            ax.add_collection(line)
+            ax.set_ylim(0, float(np.nanmax(q[0.9].to_numpy())) * 1.15 or 1)
+        ax.set_ylabel(f"{label} (ms)")
+        ax.set_title(path, loc="left", color=colours.get(path, "black"), fontweight="bold", fontsize=10)
+        _time_axis(ax, start, end, tz)
+    axes[-1].set_xlabel(f"time ({tz}); hours without a line had no successful probe")
+    fig.suptitle(f"Latency ({label}) per path, {_period(start, end, tz)}: hourly median coloured by the "
+                 "failure rate on control targets")  # fmt: skip
+    handles = [Patch(color="#cccccc", label="10-90 percentile"), Patch(color="#999999", label="25-75 percentile")]
+    handles += [Patch(color=colour, label=f"median, control failures {text}") for _, colour, text in FAILURE_STEPS]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=8)
+    return fig
+
+
+def outage_timeline(
+    outages: pd.DataFrame, gaps: pd.DataFrame, events: Sequence[Event], paths: Sequence[str],
+    start: pd.Timestamp, end: pd.Timestamp, tz: str,
+) -> Figure:  # fmt: skip
+    """Bars per path coloured by verdict, daemon gaps hatched; event windows in lanes above,
+    shaded lightly across the paths."""
+    paths = sorted(set(paths) | set(outages["path"] if len(outages) else [])) or ["(none)"]
+    to_num = lambda t: mdates.date2num(t.tz_convert(tz).tz_localize(None))  # noqa: E731
+    lo, hi = to_num(start), to_num(end)
+    shown = [(e, max(lo, to_num(e.window[0])), min(hi, to_num(e.window[1]))) for e in events]
+    shown = [(e, a, b) for e, a, b in shown if b > a]
+    lanes = [f"event: {e.category}" for e, _, _ in shown]
+    fig = Figure(figsize=(WIDTH_IN, 2.2 + 0.45 * (len(paths) + len(lanes))), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    colours = path_colours(paths)
+    for lane, (event, a, b) in enumerate(shown):
+        ax.broken_barh([(a, b - a)], (lane - 0.35, 0.7), color="#56B4E9", alpha=0.5, zorder=2)
+        ax.text(a + (hi - lo) * 0.003, lane, event.title[:90], fontsize=8, va="center", ha="left", zorder=3,
+                clip_on=True)  # fmt: skip
+        ax.axvspan(a, b, ymin=0, ymax=1, color="#56B4E9", alpha=0.08, linewidth=0, zorder=0)
+    first = len(lanes)
+    for row, path in enumerate(paths, start=first):
+        for o in outages[outages["path"] == path].itertuples() if len(outages) else []:
+            a, b = max(lo, to_num(o.start)), min(hi, to_num(o.end))
+            if b > a:
+                ax.broken_barh([(a, b - a)], (row - 0.35, 0.7), color=VERDICT_COLOURS.get(o.verdict, "#999999"),
+                               zorder=2)  # fmt: skip
+        for g in gaps.itertuples() if len(gaps) else []:
+            a, b = max(lo, to_num(g.start)), min(hi, to_num(g.end))
+            if b > a:
+                ax.broken_barh([(a, b - a)], (row - 0.35, 0.7), facecolor=NO_DATA, hatch="///",
+                               edgecolor="#888888", zorder=3)  # fmt: skip
+    ax.set_yticks(range(first + len(paths)), lanes + paths)
+    for label, name in zip(ax.get_yticklabels(), lanes + paths, strict=True):
+        label.set_color(colours.get(name, "#444444"))
+    if lanes:
+        ax.axhline(first - 0.5, color="#888888", linewidth=0.8)
+    ax.set_ylim(first + len(paths) - 0.4, -0.6)
+    _time_axis(ax, start, end, tz)
+    ax.set_xlabel(f"time ({tz})")
+    ax.set_ylabel("events · paths")
+    ax.set_title(f"Outages by path and verdict, {_period(start, end, tz)}")
+    handles = [Patch(color=c, label=v.replace("_", " ")) for v, c in VERDICT_COLOURS.items()]
+    handles += [Patch(facecolor=NO_DATA, hatch="///", edgecolor="#888888", label="no data"),
+                Patch(color="#56B4E9", alpha=0.5, label="event window")]  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+    return fig
+
+
+def heartbeat_gaps(heartbeats: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, interval_s: float) -> pd.DataFrame:
+    """Periods with no heartbeat for longer than 2.5 intervals: the daemon was not measuring."""
+    limit = pd.Timedelta(seconds=2.5 * interval_s)
+    times = sorted(heartbeats["started_at"]) if len(heartbeats) else []
+    edges = [start - pd.Timedelta(seconds=interval_s), *times, end + pd.Timedelta(seconds=interval_s)]
+    gaps = [(a + pd.Timedelta(seconds=interval_s), b) for a, b in zip(edges, edges[1:], strict=False) if b - a > limit]
+    return pd.DataFrame(gaps, columns=["start", "end"])

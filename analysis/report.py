@@ -1,0 +1,259 @@
+"""The weekly charts and report: files written here and by the CLI only.
+
+The HTML report is self-contained (charts embedded as PNG data, no network fetches): the
+three charts, the week's outages, the event check for events in or near the week, and the
+change against the previous week. A Markdown summary is written beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from probe.config import Config
+from probe.errors import ConfigError
+
+from .charts import availability_heatmap, heartbeat_gaps, latency_smoke, outage_timeline
+from .eventcheck import Check, check_events, outage_series
+from .events import Event, load_events
+from .outages import Hysteresis
+from .pipeline import Analysis, analyse
+from .verdicts import FAILING
+
+ISO_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
+CHARTS = ("availability", "latency", "outages")
+
+
+@dataclass(frozen=True, slots=True)
+class Week:
+    start: pd.Timestamp  # UTC
+    end: pd.Timestamp
+    tz: str
+    label: str
+
+    @property
+    def previous(self) -> Week:
+        start = self.start - pd.Timedelta(days=7)
+        local = start.tz_convert(self.tz)
+        year, week, _ = local.isocalendar()
+        return Week(start, self.start, self.tz, f"{year}-W{week:02d}")
+
+
+def week(label: str | None, tz: str, today: date | None = None) -> Week:
+    """An ISO week (2018-W10) in the time zone; without a label, the last complete week."""
+    zone = _zone(tz)
+    if label is None:
+        today = today or datetime.now(zone).date()
+        monday = today - timedelta(days=today.weekday() + 7)
+    else:
+        match = ISO_WEEK.match(label)
+        if not match:
+            raise ConfigError(f"--week {label!r} is not an ISO week; use e.g. 2018-W10")
+        try:
+            monday = date.fromisocalendar(int(match.group(1)), int(match.group(2)), 1)
+        except ValueError as exc:
+            raise ConfigError(f"--week {label!r}: {exc}") from None
+    start = pd.Timestamp(datetime.combine(monday, time(0), tzinfo=zone)).tz_convert("UTC")
+    year, number, _ = monday.isocalendar()
+    return Week(start, start + pd.Timedelta(days=7), tz, f"{year}-W{number:02d}")
+
+
+def span(since: datetime, until: datetime, tz: str) -> Week:
+    _zone(tz)
+    start, end = pd.Timestamp(since).tz_convert("UTC"), pd.Timestamp(until).tz_convert("UTC")
+    return Week(start, end, tz, f"{start.tz_convert(tz):%Y-%m-%d}_{end.tz_convert(tz):%Y-%m-%d}")
+
+
+def _zone(tz: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(tz)
+    except (KeyError, ValueError):
+        raise ConfigError(f"time zone {tz!r} is unknown; use an IANA name such as Asia/Shanghai or UTC") from None
+
+
+def _analyse(cfg: Config, w: Week) -> Analysis:
+    return analyse(
+        cfg.store.path, w.start.to_pydatetime(), w.end.to_pydatetime(),
+        hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after), slot_s=cfg.probe.interval_s,
+        degraded_factor=cfg.analysis.degraded_factor,
+    )  # fmt: skip
+
+
+def _clip(outages: pd.DataFrame, w: Week) -> pd.DataFrame:
+    if outages.empty:
+        return outages
+    inside = outages[(outages["start"] < w.end) & (outages["end"] > w.start)].copy()
+    inside["start"] = inside["start"].clip(lower=w.start)
+    inside["end"] = inside["end"].clip(upper=w.end)
+    inside["minutes"] = (inside["end"] - inside["start"]).dt.total_seconds() / 60
+    return inside
+
+
+def weekly_figures(cfg: Config, w: Week, events: list[Event]) -> dict[str, Figure]:
+    result = _analyse(cfg, w)
+    gaps = heartbeat_gaps(result.heartbeats, w.start, w.end, cfg.probe.interval_s)
+    paths = sorted(result.verdicts["path"].unique()) if len(result.verdicts) else [p.name for p in cfg.paths]
+    return {
+        "availability": availability_heatmap(result.verdicts, w.start, w.end, w.tz),
+        "latency": latency_smoke(result.measurements, result.verdicts, w.start, w.end, w.tz),
+        "outages": outage_timeline(_clip(result.paths, w), gaps, events, paths, w.start, w.end, w.tz),
+    }
+
+
+def save_figures(figures: dict[str, Figure], out: Path, label: str, fmt: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, figure in figures.items():
+        path = out / f"{name}-{label}.{fmt}"
+        figure.savefig(path, format=fmt)
+        written.append(path)
+    return written
+
+
+def _png(figure: Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _availability(verdicts: pd.DataFrame) -> pd.Series:
+    if verdicts.empty:
+        return pd.Series(dtype=float)
+    return (verdicts["state"] != FAILING).groupby(verdicts["path"]).mean() * 100
+
+
+def _minutes(outages: pd.DataFrame) -> pd.Series:
+    real = outages[outages["verdict"] != "degraded"] if len(outages) else outages
+    return real.groupby("path")["minutes"].sum() if len(real) else pd.Series(dtype=float)
+
+
+@dataclass(frozen=True, slots=True)
+class WeeklyReport:
+    html: str
+    markdown: str
+
+
+def build_report(cfg: Config, w: Week) -> WeeklyReport:
+    events = load_events(cfg.analysis.events)
+    this, before = _analyse(cfg, w), _analyse(cfg, w.previous)
+    outages = _clip(this.paths, w)
+    figures = weekly_figures(cfg, w, events)
+    changes = pd.DataFrame({
+        "availability_pct": _availability(this.verdicts), "previous_pct": _availability(before.verdicts),
+        "outage_min": _minutes(outages), "previous_min": _minutes(_clip(before.paths, w.previous)),
+    }).fillna({"outage_min": 0, "previous_min": 0})  # fmt: skip
+    checks = _event_checks(cfg, w, events)
+    title = f"tunnelwatch weekly report {w.label}: {cfg.vantage.name}"
+    return WeeklyReport(
+        html=_html(title, w, figures, changes, outages, events, checks),
+        markdown=_markdown(title, w, changes, outages, events, checks),
+    )
+
+
+def _event_checks(cfg: Config, w: Week, events: list[Event]) -> list[Check]:
+    near = [e for e in events if e.category != "holiday" and e.window[0] < w.end + pd.Timedelta(days=7)
+            and e.window[1] > w.start - pd.Timedelta(days=7)]  # fmt: skip
+    if not near:
+        return []
+    everything = analyse(cfg.store.path, slot_s=cfg.probe.interval_s,
+                         hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after))  # fmt: skip
+    if everything.span is None:
+        return []
+    outages = everything.paths[everything.paths["verdict"] != "degraded"]
+    series = outage_series(outages, everything.heartbeats, *everything.span)
+    return check_events(series, near, events, first_outages=outages["start"] if len(outages) else None)
+
+
+def _local(t: pd.Timestamp, tz: str) -> str:
+    return f"{t.tz_convert(tz):%a %m-%d %H:%M}"
+
+
+def _outage_rows(outages: pd.DataFrame, events: list[Event], tz: str) -> list[list[str]]:
+    rows = []
+    for o in outages.sort_values("start").itertuples() if len(outages) else []:
+        overlapping = [e.id for e in events if e.window[0] < o.end and o.start < e.window[1]]
+        rows.append([o.path, _local(o.start, tz), _local(o.end, tz), f"{o.minutes:.0f}", o.verdict,
+                     ", ".join(o.targets), ", ".join(overlapping)])  # fmt: skip
+    return rows
+
+
+def _change_rows(changes: pd.DataFrame) -> list[list[str]]:
+    fmt = lambda v, unit: "" if pd.isna(v) else f"{v:.1f}{unit}"  # noqa: E731
+    return [[path, fmt(r.availability_pct, " %"), fmt(r.previous_pct, " %"),
+             fmt(r.availability_pct - r.previous_pct, " pt"), fmt(r.outage_min, ""), fmt(r.previous_min, "")]
+            for path, r in changes.iterrows()]  # fmt: skip
+
+
+def _check_rows(checks: list[Check]) -> list[list[str]]:
+    return [[c.event, c.title, f"{c.coverage:.0%}", "" if c.ratio is None else f"{c.ratio:.2f}",
+             "" if c.p_value is None else f"{c.p_value:.3f}", c.verdict] for c in checks]  # fmt: skip
+
+
+OUTAGE_HEAD = ["path", "start", "end", "minutes", "verdict", "targets", "events"]
+CHANGE_HEAD = ["path", "availability", "previous week", "change", "outage minutes", "previous week"]
+CHECK_HEAD = ["event", "title", "measured", "ratio", "p", "verdict"]
+
+
+def _table(head: list[str], rows: list[list[str]], empty: str) -> str:
+    if not rows:
+        return f"<p class='empty'>{html.escape(empty)}</p>"
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1320px;color:#222}
+img{width:100%;max-width:1280px;display:block;margin:1em 0}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}th{background:#f0f0f0}
+.empty{color:#666;font-style:italic}"""
+
+
+def _html(title: str, w: Week, figures: dict[str, Figure], changes: pd.DataFrame, outages: pd.DataFrame,
+          events: list[Event], checks: list[Check]) -> str:  # fmt: skip
+    images = "".join(
+        f"<h2>{name.capitalize()}</h2><img alt='{name} chart' src='data:image/png;base64,{_png(figure)}'>"
+        for name, figure in figures.items()
+    )
+    period = f"{_local(w.start, w.tz)} to {_local(w.end, w.tz)} ({w.tz})"
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>
+<p>{html.escape(period)}. Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.</p>
+<h2>Against the previous week</h2>{_table(CHANGE_HEAD, _change_rows(changes), "no measurements this week")}
+<h2>Outages</h2>{_table(OUTAGE_HEAD, _outage_rows(outages, events, w.tz), "no outages this week")}
+<h2>Events in or near the week</h2>{_table(CHECK_HEAD, _check_rows(checks), "no event in or near this week")}
+{images}</body></html>
+"""
+
+
+def _markdown(title: str, w: Week, changes: pd.DataFrame, outages: pd.DataFrame, events: list[Event],
+              checks: list[Check]) -> str:  # fmt: skip
+    def table(head: list[str], rows: list[list[str]], empty: str) -> str:
+        if not rows:
+            return f"_{empty}_\n"
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+    return (
+        f"# {title}\n\n{_local(w.start, w.tz)} to {_local(w.end, w.tz)} ({w.tz})\n\n"
+        f"## Against the previous week\n\n{table(CHANGE_HEAD, _change_rows(changes), 'no measurements')}\n"
+        f"## Outages\n\n{table(OUTAGE_HEAD, _outage_rows(outages, events, w.tz), 'no outages this week')}\n"
+        f"## Events in or near the week\n\n{table(CHECK_HEAD, _check_rows(checks), 'none')}"
+    )
+
+
+def write_report(cfg: Config, w: Week, out: Path) -> tuple[Path, Path]:
+    report = build_report(cfg, w)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.html, encoding="utf-8")
+    summary = out.with_suffix(".md")
+    summary.write_text(report.markdown, encoding="utf-8")
+    return out, summary
