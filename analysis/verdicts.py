@@ -218,29 +218,37 @@ def _decide_suspicious(
     round_paths = rounds.groupby(["round_id", "target"])["path"].nunique()
     endpoints = _endpoint_status(measurements, paths, slot_s)
 
-    for index in m.index[suspicious]:
-        row = m.loc[index]
-        key = (row["round_id"], row["target"])
-        ok_paths = round_ok_paths.get(key, frozenset())
+    any_ok = any_ok_by_slot.to_dict()
+    path_ok = by_slot_path.to_dict()
+    direct_ok = direct_ok_by_slot.to_dict()
+    failures, ok_paths_by_round, paths_by_round = round_failures.to_dict(), round_ok_paths.to_dict(), round_paths.to_dict()
+    decided: dict[str, list] = {"state": [], "verdict": [], "rule": [], "blocking": [], "detail": []}
+    rows = m.loc[suspicious]
+    for row in rows.itertuples(index=False):
+        key = (row.round_id, row.target)
         evidence = Evidence(
-            tunnel=bool(row["tunnel"]),
-            ok=bool(row["ok"]),
-            failure=None if pd.isna(row["failure"]) else row["failure"],
-            failed_operation=None if pd.isna(row["failed_operation"]) else row["failed_operation"],
-            differs=bool(row["differs"]),
-            dns_inconsistent=bool(row["dns_inconsistent"]),
-            tunnel_ok=bool(row["tunnel_ok"]),
-            other_ok=bool(ok_paths - {row["path"]}),
-            round_failures=round_failures.get(key, frozenset()),
-            round_paths=int(round_paths.get(key, 1)),
-            all_controls_fail=not any_ok_by_slot.get(row["slot"], True),
-            own_controls_fail=not by_slot_path.get((row["slot"], row["path"]), True),
-            direct_controls_ok=bool(direct_ok_by_slot.get(row["slot"], False)),
+            tunnel=bool(row.tunnel),
+            ok=bool(row.ok),
+            failure=None if pd.isna(row.failure) else row.failure,
+            failed_operation=None if pd.isna(row.failed_operation) else row.failed_operation,
+            differs=bool(row.differs),
+            dns_inconsistent=bool(row.dns_inconsistent),
+            tunnel_ok=bool(row.tunnel_ok),
+            other_ok=bool(ok_paths_by_round.get(key, frozenset()) - {row.path}),
+            round_failures=failures.get(key, frozenset()),
+            round_paths=int(paths_by_round.get(key, 1)),
+            all_controls_fail=not any_ok.get(row.slot, True),
+            own_controls_fail=not path_ok.get((row.slot, row.path), True),
+            direct_controls_ok=bool(direct_ok.get(row.slot, False)),
         )
         verdict, rule, blocking = decide(evidence)
-        out.loc[index, ["state", "verdict", "rule", "blocking"]] = [FAILING, verdict, rule, blocking]
-        if verdict == TUNNEL_DOWN:
-            out.loc[index, "detail"] = endpoints.get((row["slot"], row["path"]), "")
+        decided["state"].append(FAILING)
+        decided["verdict"].append(verdict)
+        decided["rule"].append(rule)
+        decided["blocking"].append(blocking)
+        decided["detail"].append(endpoints.get((row.slot, row.path), "") if verdict == TUNNEL_DOWN else "")
+    for column, values in decided.items():
+        out.loc[rows.index, column] = values
 
 
 def _endpoint_status(measurements: pd.DataFrame, paths: pd.DataFrame, slot_s: float) -> dict[tuple[int, str], str]:
