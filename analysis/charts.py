@@ -17,7 +17,6 @@ import matplotlib.dates as mdates  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
@@ -87,8 +86,7 @@ def availability_heatmap(verdicts: pd.DataFrame, start: pd.Timestamp, end: pd.Ti
     height = 1.6 + 0.32 * max(1, len(rows))
     fig = Figure(figsize=(WIDTH_IN, height), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
-    cmap = ListedColormap(matplotlib.colormaps["cividis"](np.linspace(0, 1, 256)))
-    cmap.set_bad(NO_DATA)
+    cmap = matplotlib.colormaps["cividis"].with_extremes(bad=NO_DATA)
     x = mdates.date2num(_local(pd.DatetimeIndex([*hours, end]), tz))
     image = ax.pcolormesh(x, np.arange(len(matrix) + 1), np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1)
     for row, values in enumerate(matrix):
@@ -123,6 +121,9 @@ def latency_smoke(
     hour's failure rate, with grey bands for the 10-90 and 25-75 percentiles."""
     data = measurements[measurements["group"] != "endpoint"]
     paths = sorted(data["path"].unique()) or ["(none)"]
+    if data.empty:
+        data = pd.DataFrame({"path": [], "ok": [], metric: [], "started_at": pd.DatetimeIndex([], tz="UTC")})
+        verdicts = pd.DataFrame({"path": [], "group": [], "state": [], "started_at": pd.DatetimeIndex([], tz="UTC")})
     fig = Figure(figsize=(WIDTH_IN, 1.2 + 1.9 * len(paths)), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(paths), 1, sharex=True, squeeze=False)[:, 0]
     colours = path_colours(paths)

@@ -173,6 +173,11 @@ def _event_checks(cfg: Config, w: Week, events: list[Event]) -> list[Check]:
     return check_events(series, near, events, first_outages=outages["start"] if len(outages) else None)
 
 
+def _period(w: Week) -> str:
+    last = w.end.tz_convert(w.tz) - pd.Timedelta(seconds=1)
+    return f"{w.start.tz_convert(w.tz):%a %Y-%m-%d} to {last:%a %Y-%m-%d} ({w.tz})"
+
+
 def _local(t: pd.Timestamp, tz: str) -> str:
     return f"{t.tz_convert(tz):%a %m-%d %H:%M}"
 
@@ -223,7 +228,7 @@ def _html(title: str, w: Week, figures: dict[str, Figure], changes: pd.DataFrame
         f"<h2>{name.capitalize()}</h2><img alt='{name} chart' src='data:image/png;base64,{_png(figure)}'>"
         for name, figure in figures.items()
     )
-    period = f"{_local(w.start, w.tz)} to {_local(w.end, w.tz)} ({w.tz})"
+    period = _period(w)
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>
 <p>{html.escape(period)}. Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.</p>
@@ -243,7 +248,7 @@ def _markdown(title: str, w: Week, changes: pd.DataFrame, outages: pd.DataFrame,
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
     return (
-        f"# {title}\n\n{_local(w.start, w.tz)} to {_local(w.end, w.tz)} ({w.tz})\n\n"
+        f"# {title}\n\n{_period(w)}\n\n"
         f"## Against the previous week\n\n{table(CHANGE_HEAD, _change_rows(changes), 'no measurements')}\n"
         f"## Outages\n\n{table(OUTAGE_HEAD, _outage_rows(outages, events, w.tz), 'no outages this week')}\n"
         f"## Events in or near the week\n\n{table(CHECK_HEAD, _check_rows(checks), 'none')}"
@@ -257,3 +262,21 @@ def write_report(cfg: Config, w: Week, out: Path) -> tuple[Path, Path]:
     summary = out.with_suffix(".md")
     summary.write_text(report.markdown, encoding="utf-8")
     return out, summary
+
+
+def write_weekly(cfg: Config, today: date | None = None) -> tuple[Path, Path]:
+    """What the daemon runs every Monday: last week's report and charts into the reports
+    directory, keeping the newest `report.keep` weeks."""
+    w = week(None, cfg.report.timezone, today)
+    directory = cfg.report.directory
+    page, summary = write_report(cfg, w, directory / f"tunnelwatch-{w.label}.html")
+    save_figures(weekly_figures(cfg, w, load_events(cfg.analysis.events)), directory / "charts", w.label, "png")
+    _prune(directory, cfg.report.keep)
+    return page, summary
+
+
+def _prune(directory: Path, keep: int) -> None:
+    weeks = sorted({p.stem.removeprefix("tunnelwatch-") for p in directory.glob("tunnelwatch-*-W*.html")})
+    for old in weeks[:-keep]:
+        for path in [*directory.glob(f"tunnelwatch-{old}.*"), *(directory / "charts").glob(f"*-{old}.*")]:
+            path.unlink(missing_ok=True)

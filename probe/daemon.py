@@ -21,6 +21,7 @@ from typing import Any
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from .config import Config, PathSpec, Target, load_config
@@ -154,6 +155,14 @@ class Daemon:
     def _schedule(self) -> None:
         assert self._scheduler is not None
         self._scheduler.remove_all_jobs()
+        if self._config.report.weekly:
+            self._scheduler.add_job(
+                self._weekly_report,
+                CronTrigger(day_of_week="mon", hour=0, minute=0, timezone=self._config.report.timezone),
+                id="weekly-report",
+                name="weekly report",
+                misfire_grace_time=6 * 3600,
+            )
         self._units = {u.target.name: u for u in build_units(self._config, datetime.now(UTC))}
         for name, unit in self._units.items():
             self._scheduler.add_job(
@@ -189,6 +198,17 @@ class Daemon:
             self._log_round(unit, measurements, elapsed)
         finally:
             self._rounds.discard(task)
+
+    async def _weekly_report(self) -> None:
+        """Last week's report; a failure to render is logged and never stops probing."""
+        from analysis.report import write_weekly
+
+        try:
+            page, _ = await asyncio.to_thread(write_weekly, self._config)
+        except Exception:  # any failure of the report must not touch the probing
+            log.exception("weekly report failed")
+        else:
+            log.info("weekly report written: %s", page)
 
     def _log_round(self, unit: Unit, measurements: list[Any], elapsed: float) -> None:
         failed = [f"{m.path}={m.failure}@{m.failed_operation}" for m in measurements if not m.ok]

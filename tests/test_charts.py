@@ -1,0 +1,188 @@
+"""Weekly charts and report on a realistic week: a tunnel crackdown, DNS poisoning, throttling,
+a stopped daemon, inside the 2018 NPC. Asserted on axes, labels, series and colours."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.collections import LineCollection, PolyCollection, QuadMesh
+from matplotlib.colors import to_hex
+from matplotlib.image import imread
+
+from analysis.charts import FAILURE_STEPS, VERDICT_COLOURS, availability_heatmap, latency_smoke, path_colours
+from analysis.report import week, weekly_figures
+from probe.config import load_config
+from tests.analysis_data import realistic_week
+
+TUNNELWATCH = [sys.executable, "-m", "probe"]
+TZ = "Asia/Shanghai"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("week")
+    realistic_week(tmp / "tw.db")
+    path = tmp / "tunnelwatch.toml"
+    path.write_text(f"""
+[vantage]
+name = "beijing-lab"
+[store]
+path = "{tmp / "tw.db"}"
+[report]
+directory = "{tmp / "reports"}"
+[[targets]]
+name = "news"
+group = "blocked"
+kind = "http"
+url = "https://news.example/"
+[[paths]]
+name = "direct"
+kind = "direct"
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def figures(config: Path) -> dict:
+    from analysis.events import load_events
+
+    cfg = load_config(config)
+    return weekly_figures(cfg, week("2018-W10", TZ), load_events())
+
+
+def test_availability_rows_labels_and_the_gap_as_no_data(figures: dict) -> None:
+    ax = figures["availability"].axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == [f"{g} · {p}" for g in ("blocked", "control") for p in ("direct", "vpn", "wg")]
+    assert "Mon 2018-03-05 to Sun 2018-03-11" in ax.get_title()
+    assert ax.get_xlabel() == f"time ({TZ})"
+    colours = path_colours(["direct", "vpn", "wg"])
+    assert [to_hex(t.get_color()) for t in ax.get_yticklabels()][:3] == [colours[p].lower() for p in ("direct", "vpn", "wg")]
+    (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
+    values = mesh.get_array().reshape(6, 168)
+    saturday = 5 * 24
+    gap = values[:, saturday + 3 : saturday + 9]
+    assert np.ma.getmaskarray(gap).all()  # the stopped daemon: no data, not failure
+    assert not np.ma.getmaskarray(values[:, saturday + 10 :]).any()
+    control_vpn = values[4]
+    assert control_vpn[24 + 11 : 24 + 25].max() == 0  # the crackdown: Tuesday 11:00 to Wednesday 01:00
+    assert control_vpn[:24].min() > 0.5
+    assert any(p.get_hatch() == "///" for p in ax.patches)
+    assert figures["availability"].axes[1].get_ylabel().startswith("success rate")
+
+
+def test_latency_smoke_per_path_with_bands_and_a_coloured_median(figures: dict) -> None:
+    fig = figures["latency"]
+    axes = [ax for ax in fig.axes if ax.get_title(loc="left")]
+    assert [ax.get_title(loc="left") for ax in axes] == ["direct", "vpn", "wg"]
+    assert all(ax.get_ylabel() == "connect (ms)" for ax in axes)
+    direct, vpn = axes[0], axes[1]
+    bands = [c for c in direct.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2  # 10-90 and 25-75 percentiles
+    (line,) = [c for c in direct.collections if isinstance(c, LineCollection)]
+    allowed = {colour.lower() for _, colour, _ in FAILURE_STEPS}
+    assert {to_hex(c) for c in line.get_colors()} <= allowed
+    medians = np.concatenate([s[:, 1] for s in line.get_segments()])
+    assert medians.max() > 4 * np.median(medians)  # Friday's throttling stands out
+    (vpn_line,) = [c for c in vpn.collections if isinstance(c, LineCollection)]
+    assert len(vpn_line.get_segments()) < 168 - 20  # no line while the tunnel was down
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "10-90 percentile" in legend and "median, control failures >= 50 %" in legend
+
+
+def test_outage_timeline_bars_by_verdict_and_event_lanes(figures: dict) -> None:
+    ax = figures["outages"].axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["event: cppcc", "event: npc", "direct", "vpn", "wg"]
+    texts = [t.get_text() for t in ax.texts]
+    assert any("National People's Congress" in t for t in texts)
+    bars = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    vpn_row = labels.index("vpn")
+    middle = lambda b: (b.get_paths()[0].vertices[:, 1].min() + b.get_paths()[0].vertices[:, 1].max()) / 2  # noqa: E731
+    on_vpn = [b for b in bars if abs(middle(b) - vpn_row) < 0.01]
+    colours = {to_hex(b.get_facecolor()[0]) for b in on_vpn}
+    assert VERDICT_COLOURS["tunnel_down"].lower() in colours
+    assert any(b.get_hatch() == "///" for b in on_vpn)  # the stopped daemon
+    legend = [t.get_text() for t in figures["outages"].legends[0].get_texts()]
+    assert {"blocked", "tunnel down", "local outage", "site down", "degraded", "no data", "event window"} <= set(legend)
+
+
+def test_an_empty_week_draws_no_data_everywhere() -> None:
+    start = pd.Timestamp("2018-03-04 16:00", tz="UTC")
+    empty = pd.DataFrame(columns=["group", "path", "started_at", "state"])
+    fig = availability_heatmap(empty, start, start + pd.Timedelta(days=7), TZ)
+    (mesh,) = [c for c in fig.axes[0].collections if isinstance(c, QuadMesh)]
+    assert np.ma.getmaskarray(mesh.get_array()).all()
+    frame = pd.DataFrame(columns=["group", "path", "started_at", "ok", "connect_ms"])
+    assert latency_smoke(frame, empty, start, start + pd.Timedelta(days=7), TZ).axes
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg"])
+def test_chart_weekly_writes_every_chart(tmp_path: Path, config: Path, fmt: str) -> None:
+    result = subprocess.run([*TUNNELWATCH, "chart", "weekly", "--config", str(config), "--week", "2018-W10",
+                             "--out", str(tmp_path), "--format", fmt], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in ("availability", "latency", "outages"):
+        written = tmp_path / f"{name}-2018-W10.{fmt}"
+        assert written.stat().st_size > 10_000
+    if fmt == "png":
+        image = imread(tmp_path / "availability-2018-W10.png")
+        assert image.shape[1] == 1280
+
+
+def test_bad_week_is_refused(config: Path) -> None:
+    result = subprocess.run([*TUNNELWATCH, "chart", "weekly", "--config", str(config), "--week", "2018-10"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and "is not an ISO week" in result.stderr
+
+
+def test_weekly_report_is_self_contained_and_renders_in_chromium(tmp_path: Path, config: Path) -> None:
+    out = tmp_path / "report.html"
+    result = subprocess.run([*TUNNELWATCH, "report", "weekly", "--config", str(config), "--week", "2018-W10",
+                             "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    page = out.read_text()
+    assert page.count("src='data:image/png;base64,") == 3
+    assert "src='http" not in page and "href='http" not in page  # no network fetches
+    assert "tunnel_down" in page and "npc-2018" in page and "Against the previous week" in page
+    summary = out.with_suffix(".md").read_text()
+    assert summary.startswith("# tunnelwatch weekly report 2018-W10") and "| vpn | Tue 03-06 10:00" in summary
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (the README's test command installs it as root)")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1400,2400", f"--screenshot={shot}", out.as_uri()],
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    image = imread(shot)
+    assert image.shape[:2] == (2400, 1400)
+    assert image[..., :3].std() > 0.05  # not a blank page: text, tables and charts drew
+
+
+def test_the_weekly_job_writes_last_week_and_keeps_the_newest(config: Path) -> None:
+    from datetime import date
+
+    from analysis.report import write_weekly
+
+    cfg = load_config(config)
+    directory = cfg.report.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in ("2017-W50", "2017-W51"):
+        (directory / f"tunnelwatch-{old}.html").write_text("old")
+        (directory / f"tunnelwatch-{old}.md").write_text("old")
+    cfg = cfg.model_copy(update={"report": cfg.report.model_copy(update={"keep": 2})})
+    page, summary = write_weekly(cfg, today=date(2018, 3, 13))  # a Tuesday: last week is 2018-W10
+    assert page.name == "tunnelwatch-2018-W10.html" and summary.exists()
+    assert sorted(p.name for p in (directory / "charts").iterdir()) == [
+        "availability-2018-W10.png", "latency-2018-W10.png", "outages-2018-W10.png"]  # fmt: skip
+    assert sorted(p.name for p in directory.glob("*.html")) == ["tunnelwatch-2017-W51.html", "tunnelwatch-2018-W10.html"]
+    assert not (directory / "tunnelwatch-2017-W50.md").exists()
