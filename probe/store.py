@@ -90,21 +90,6 @@ class Store(Protocol):
 
     def record_paths(self, paths: Sequence[tuple[str, str, str, str | None]]) -> None: ...
 
-    def record_paths(self, paths: Sequence[tuple[str, str, str, str | None]]) -> None:
-        """What each path is (name, kind, label, endpoint target), so analysis knows which
-        path is direct and which are tunnels without the config that measured them."""
-        try:
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(
-                    "INSERT INTO paths (name, kind, label, endpoint_target) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, label = excluded.label, "
-                    "endpoint_target = excluded.endpoint_target",
-                    paths,
-                )
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot record the paths: {exc}") from exc
-
     def measurements(self, round_id: str | None = None) -> list[dict[str, Any]]: ...
 
     def close(self) -> None: ...

@@ -121,3 +121,24 @@ def realistic_week(db: Path, seed: int = 7) -> None:
         outcomes[("vpn-endpoint", "direct")] = fail("generic_timeout_error", "connect") if crackdown else {"ok": True}
         rounds.append((i, everything(outcomes)))
     build_store(db, rounds, start=WEEK)
+
+
+def analysis_config(tmp: Path, db: Path, extra: str = "") -> Path:
+    """A config for analysing a store built here: its store path, one target, the direct path."""
+    path = tmp / "tunnelwatch.toml"
+    path.write_text(f"""
+[vantage]
+name = "beijing-lab"
+[store]
+path = "{db}"
+{extra}
+[[targets]]
+name = "news"
+group = "blocked"
+kind = "http"
+url = "https://news.example/"
+[[paths]]
+name = "direct"
+kind = "direct"
+""")
+    return path

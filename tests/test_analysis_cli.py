@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.analysis_data import build_store, everything, fail
+from tests.analysis_data import analysis_config, build_store, everything, fail
 
 TUNNELWATCH = [sys.executable, "-m", "probe"]
 START = datetime(2019, 7, 1, tzinfo=UTC)
@@ -42,25 +42,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rounds = [(i, everything(down if i in CRACKDOWN else {})) for i in range(40 * 24)]
     build_store(tmp / "tw.db", rounds, start=START, interval=HOUR)
     (tmp / "events.toml").write_text(USER_EVENTS)
-    (tmp / "tunnelwatch.toml").write_text(f"""
-[vantage]
-name = "lab"
-[store]
-path = "{tmp / "tw.db"}"
-[probe]
-interval_s = 3600
-[analysis]
-events = ["{tmp / "events.toml"}"]
-[[targets]]
-name = "news"
-group = "blocked"
-kind = "http"
-url = "https://news.example/"
-[[paths]]
-name = "direct"
-kind = "direct"
-""")
-    return tmp / "tunnelwatch.toml"
+    extra = f'[probe]\ninterval_s = 3600\n[analysis]\nevents = ["{tmp / "events.toml"}"]'
+    return analysis_config(tmp, tmp / "tw.db", extra)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from matplotlib.image import imread
 from analysis.charts import FAILURE_STEPS, VERDICT_COLOURS, availability_heatmap, latency_smoke, path_colours
 from analysis.report import week, weekly_figures
 from probe.config import load_config
-from tests.analysis_data import realistic_week
+from tests.analysis_data import analysis_config, realistic_week
 
 TUNNELWATCH = [sys.executable, "-m", "probe"]
 TZ = "Asia/Shanghai"
@@ -28,24 +28,7 @@ TZ = "Asia/Shanghai"
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("week")
     realistic_week(tmp / "tw.db")
-    path = tmp / "tunnelwatch.toml"
-    path.write_text(f"""
-[vantage]
-name = "beijing-lab"
-[store]
-path = "{tmp / "tw.db"}"
-[report]
-directory = "{tmp / "reports"}"
-[[targets]]
-name = "news"
-group = "blocked"
-kind = "http"
-url = "https://news.example/"
-[[paths]]
-name = "direct"
-kind = "direct"
-""")
-    return path
+    return analysis_config(tmp, tmp / "tw.db", f'[report]\ndirectory = "{tmp / "reports"}"')
 
 
 @pytest.fixture(scope="module")
