@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from .verdicts import DEGRADED, FAILING
@@ -31,61 +32,58 @@ def _interval(times: pd.Series) -> pd.Timedelta:
     return steps.median() if len(steps) else pd.Timedelta(minutes=5)
 
 
-def _close(rows: list[dict], start: pd.Timestamp, end: pd.Timestamp, failing: list[pd.Series], ongoing: bool) -> None:
-    verdicts = Counter(r["verdict"] for r in failing)
-    rows.append({
-        "path": failing[0]["path"],
-        "target": failing[0]["target"],
-        "start": start,
-        "end": end,
-        "verdict": verdicts.most_common(1)[0][0],
-        "targets": (failing[0]["target"],),
-        "rules": tuple(sorted({r["rule"] for r in failing})),
-        "rounds": len(failing),
-        "ongoing": ongoing,
-    })  # fmt: skip
+def _runs(values: np.ndarray) -> list[tuple[bool, int, int]]:
+    """(value, first index, length) of each run of equal booleans."""
+    if not len(values):
+        return []
+    edges = np.flatnonzero(np.diff(values.astype(np.int8))) + 1
+    starts = np.concatenate([[0], edges])
+    lengths = np.diff(np.concatenate([starts, [len(values)]]))
+    return [(bool(values[a]), int(a), int(n)) for a, n in zip(starts, lengths, strict=True)]
 
 
 def pair_outages(verdicts: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> pd.DataFrame:
-    """Outage intervals of every (target, path)."""
+    """Outage intervals of every (target, path). The state machine walks runs of equal
+    states, not rows, so a year of rounds costs little."""
     rows: list[dict] = []
-    for _, series in verdicts.sort_values("started_at").groupby(["target", "path"], sort=True):
-        _series_outages(series.reset_index(drop=True), hysteresis, rows)
+    ordered = verdicts.sort_values(["target", "path", "started_at"])
+    for (target, path), series in ordered.groupby(["target", "path"], sort=True):
+        times = series["started_at"].reset_index(drop=True)
+        failing = (series["state"] == FAILING).to_numpy()
+        interval = _interval(times)
+        gaps = np.flatnonzero(times.diff().to_numpy()[1:] > hysteresis.gap_factor * interval) + 1
+        bounds = [0, *gaps.tolist(), len(times)]
+        kinds, rules = series["verdict"].to_numpy(), series["rule"].to_numpy()
+        for segment, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            last_segment = segment == len(bounds) - 2
+            for start, end, ongoing in _segment_outages(failing[a:b], hysteresis, last_segment):
+                index = np.arange(a + start, a + end)
+                index = index[failing[index]]
+                closed_at = times[a + end] if end < b - a and not ongoing else times[index[-1]] + interval
+                verdicts_in = Counter(kinds[index])
+                rows.append({
+                    "path": path, "target": target, "start": times[index[0]], "end": closed_at,
+                    "verdict": verdicts_in.most_common(1)[0][0], "targets": (target,),
+                    "rules": tuple(sorted(set(rules[index]))), "rounds": len(index), "ongoing": ongoing,
+                })  # fmt: skip
     return _frame(rows)
 
 
-def _series_outages(series: pd.DataFrame, h: Hysteresis, rows: list[dict]) -> None:
-    interval = _interval(series["started_at"])
-    run: list[pd.Series] = []  # consecutive failing rounds not yet an outage
-    failing: list[pd.Series] = []  # failing rounds of the open outage
-    good = 0
-    previous: pd.Timestamp | None = None
-    for _, row in series.iterrows():
-        at = row["started_at"]
-        if previous is not None and at - previous > h.gap_factor * interval:
-            if failing:
-                _close(rows, failing[0]["started_at"], failing[-1]["started_at"] + interval, failing, False)
-            run, failing, good = [], [], 0
-        previous = at
-        if row["state"] == FAILING:
-            good = 0
-            if failing:
-                failing.append(row)
-            else:
-                run.append(row)
-                if len(run) >= h.open_after:
-                    failing, run = run, []
-        else:
-            run = []
-            if failing:
-                good += 1
-                if good == 1:
-                    first_good = at
-                if good >= h.close_after:
-                    _close(rows, failing[0]["started_at"], first_good, failing, False)
-                    failing, good = [], 0
-    if failing:
-        _close(rows, failing[0]["started_at"], failing[-1]["started_at"] + interval, failing, True)
+def _segment_outages(failing: np.ndarray, h: Hysteresis, last_segment: bool) -> list[tuple[int, int, bool]]:
+    """(first index, index of the closing good round or the segment's end, still ongoing)."""
+    found = []
+    open_at: int | None = None
+    for value, first, length in _runs(failing):
+        if open_at is None:
+            if value and length >= h.open_after:
+                open_at = first
+        elif not value and length >= h.close_after:
+            found.append((open_at, first, False))
+            open_at = None
+    if open_at is not None:
+        # Open at the end of a segment: ongoing if this is the newest data, else ended by a gap.
+        found.append((open_at, len(failing), last_segment))
+    return found
 
 
 def path_outages(pairs: pd.DataFrame) -> pd.DataFrame:
