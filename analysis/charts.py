@@ -21,7 +21,15 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from .events import Event  # noqa: E402
-from .verdicts import BLOCKED, DEGRADED, FAILING, INCONCLUSIVE, LOCAL_OUTAGE, SITE_DOWN, TUNNEL_DOWN  # noqa: E402
+from .verdicts import (  # noqa: E402
+    BLOCKED,
+    DEGRADED,
+    FAILING,
+    INCONCLUSIVE,
+    LOCAL_OUTAGE,
+    SITE_DOWN,
+    TUNNEL_DOWN,
+)
 
 WIDTH_IN, DPI = 12.8, 100  # 1280 px
 OKABE_ITO = ("#0072B2", "#009E73", "#CC79A7", "#56B4E9", "#E69F00", "#D55E00", "#F0E442", "#000000")

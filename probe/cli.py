@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from datetime import UTC, datetime
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from .logs import setup_logging
 from .model import Measurement
 from .rounds import ProbeContext, path_rows, plan, run_round
 from .store import open_store
-
 
 
 @click.group(name="tunnelwatch")

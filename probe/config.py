@@ -83,7 +83,7 @@ class ReportSettings(_Frozen):
         try:
             ZoneInfo(value)
         except (KeyError, ValueError):
-            raise ValueError(f"time zone {value!r} is unknown; use an IANA name such as Asia/Shanghai or UTC")
+            raise ValueError(f"time zone {value!r} is unknown; use an IANA name such as Asia/Shanghai or UTC") from None
         return value
 
 
@@ -111,7 +111,7 @@ def _check_resolver_server(server: str) -> str:
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        raise ValueError(f"resolver server {server!r} must be an IP address, optionally with :port")
+        raise ValueError(f"resolver server {server!r} must be an IP address, optionally with :port") from None
     if port and not (port.isdigit() and 1 <= int(port) <= 65535):
         raise ValueError(f"resolver server {server!r} has a bad port; valid ports are 1-65535")
     return server
@@ -163,7 +163,7 @@ class PathSpec(_Frozen):
                 try:
                     ipaddress.ip_address(self.address)
                 except ValueError:
-                    raise ValueError(f"address {self.address!r} is not an IP address")
+                    raise ValueError(f"address {self.address!r} is not an IP address") from None
         if self.kind != "bind" and (self.address or self.interface):
             raise ValueError(f"address and interface are for bind paths, not {self.kind}")
         if self.kind in ("direct", "bind") and (self.host or self.port or self.username):

@@ -19,7 +19,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.events import (
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_MISSED,
+    JobExecutionEvent,
+)
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -95,7 +99,9 @@ class Daemon:
                 try:
                     server = self._metrics.serve(host, port)
                 except OSError as exc:
-                    raise ConfigError(f"{config.source}: metrics.listen: cannot listen on {config.metrics.listen}: {exc}")
+                    raise ConfigError(
+                        f"{config.source}: metrics.listen: cannot listen on {config.metrics.listen}: {exc}"
+                    ) from None
             self._writer = StoreWriter(store, self._metrics, config.daemon.store_buffer, config.daemon.store_retry_s)
             await self._serve()
         finally:

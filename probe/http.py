@@ -20,9 +20,9 @@ import httpcore
 import httpx
 
 from .config import PathSpec, Target
+from .dns import is_ip
 from .errors import ProbeFailure
 from .model import HTTP_ROUND_TRIP, Trace
-from .dns import is_ip
 from .paths import open_stream, start_tls
 
 MAX_REDIRECTS = 10

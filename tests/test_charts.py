@@ -15,7 +15,13 @@ from matplotlib.collections import LineCollection, PolyCollection, QuadMesh
 from matplotlib.colors import to_hex
 from matplotlib.image import imread
 
-from analysis.charts import FAILURE_STEPS, VERDICT_COLOURS, availability_heatmap, latency_smoke, path_colours
+from analysis.charts import (
+    FAILURE_STEPS,
+    VERDICT_COLOURS,
+    availability_heatmap,
+    latency_smoke,
+    path_colours,
+)
 from analysis.report import week, weekly_figures
 from probe.config import load_config
 from tests.analysis_data import analysis_config, realistic_week

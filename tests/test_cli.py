@@ -7,11 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from probe.config import default_config_path, load_config
 from tests.conftest import DNS, PAGE_TITLE, rows
-from tests.servers import LOOPBACK, Web
+from tests.servers import LOOPBACK
 
 TUNNELWATCH = [sys.executable, "-m", "probe"]
 

@@ -12,7 +12,15 @@ import pytest
 from probe.config import Config, load_config
 from probe.model import Measurement
 from probe.rounds import ProbeContext, measure, plan, run_round
-from tests.conftest import DNS, HOST, PAGE_TITLE, RESET_MARKER, Proxies, TLSFiles, write_config
+from tests.conftest import (
+    DNS,
+    HOST,
+    PAGE_TITLE,
+    RESET_MARKER,
+    Proxies,
+    TLSFiles,
+    write_config,
+)
 from tests.servers import IS_ROOT, LOOPBACK, Web, need
 
 

@@ -1,0 +1,103 @@
+"""A synthetic store for benchmarks: TARGETS targets x 4 paths at 5-minute rounds for DAYS days.
+
+What is in it: a third of the targets are "blocked" and always fail directly (a TLS reset);
+the "vpn" tunnel is down for three days from every NPC opening (5 March) in the range; the
+daemon is stopped for 6 hours on the 15th of every month; 0.5 % of probes fail at random;
+connect times are log-normal per path. Rows go in with executemany, as the daemon writes.
+
+Usage: .venv/bin/python bench/synth.py OUT.db [--days 30] [--targets 100] [--start 2018-01-01]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from probe.store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, _insert, open_store  # noqa: E402
+
+PATHS = [("direct", "direct", "", None), ("vpn", "socks5", "shadowsocks", None), ("wg", "bind", "wireguard", None),
+         ("proxy", "http", "", None)]  # fmt: skip
+MEAN_MS = {"direct": 35.0, "vpn": 160.0, "wg": 120.0, "proxy": 90.0}
+INTERVAL_MS = 300_000
+BATCH_ROUNDS = 2000
+
+
+def build(db: Path, days: int, targets: int, start: datetime, seed: int = 1) -> int:
+    rng = np.random.default_rng(seed)
+    store = open_store(db)
+    store.record_paths(PATHS)
+    conn = store._db  # the bench writes in bulk, as the store's single writer would
+    names = [f"t{i:03d}" for i in range(targets)]
+    groups = ["blocked" if i % 3 == 0 else "control" for i in range(targets)]
+    t0 = int(start.timestamp() * 1000)
+    rounds = days * 24 * 12
+    npc = [int(datetime(y, 3, 5, tzinfo=UTC).timestamp() * 1000) for y in range(start.year, start.year + days // 365 + 2)]
+    rows, beats, total = [], [], 0
+    for r in range(rounds):
+        slot = t0 + r * INTERVAL_MS
+        day = datetime.fromtimestamp(slot / 1000, UTC)
+        if day.day == 15 and day.hour < 6:
+            continue  # the daemon was stopped
+        crackdown = any(n <= slot < n + 3 * 86_400_000 for n in npc)
+        noise = rng.random((targets, len(PATHS))) < 0.005
+        latency = rng.lognormal(0, 0.25, (targets, len(PATHS)))
+        for i, (name, group) in enumerate(zip(names, groups, strict=True)):
+            at = slot + i * (INTERVAL_MS // targets)
+            round_id = f"{at}-{name}"
+            ok_count = 0
+            for j, (path, *_) in enumerate(PATHS):
+                failure = None
+                operation = None
+                if group == "blocked" and path == "direct":
+                    failure, operation = "connection_reset", "tls_handshake"
+                elif path == "vpn" and crackdown:
+                    failure, operation = "eof_error", "http_round_trip"
+                elif noise[i, j]:
+                    failure, operation = "generic_timeout_error", "http_round_trip"
+                ok = failure is None
+                ok_count += ok
+                connect = round(MEAN_MS[path] * latency[i, j], 2) if ok else None
+                rows.append((
+                    "bench", round_id, name, group, path, "http", f"https://{name}.example/", at + j, int(ok),
+                    failure, operation, 5.0 if ok else None, None, connect, connect and connect * 1.2,
+                    connect and connect * 3, connect and connect * 4, "system", None, json.dumps(["93.184.216.34"]),
+                    "93.184.216.34" if ok else None, 200 if ok else None, None, 5000 if ok else None, None,
+                    "Example" if ok else None, None, None, None, None, None, "",
+                ))  # fmt: skip
+            beats.append((round_id, "bench", at, at + 2000, len(PATHS), ok_count, "", name, at))
+        if r % BATCH_ROUNDS == BATCH_ROUNDS - 1 or r == rounds - 1:
+            conn.execute("BEGIN")
+            conn.executemany(_insert("measurements", MEASUREMENT_COLUMNS), rows)
+            conn.executemany(_insert("heartbeats", HEARTBEAT_COLUMNS), beats)
+            conn.execute("COMMIT")
+            total += len(rows)
+            rows, beats = [], []
+    store.close()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--targets", type=int, default=100)
+    parser.add_argument("--start", default="2018-01-01")
+    args = parser.parse_args()
+    args.out.unlink(missing_ok=True)
+    started = time.perf_counter()
+    start = datetime.fromisoformat(args.start).replace(tzinfo=UTC)
+    count = build(args.out, args.days, args.targets, start)
+    print(f"{count:,} measurements in {time.perf_counter() - started:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
