@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from probe.model import PATH_OPERATIONS
@@ -39,7 +40,7 @@ class Evidence:
     dns_inconsistent: bool = False  # the names resolved here are not what the tunnel saw
     tunnel_ok: bool = False  # some tunnel reached this target in this round
     other_ok: bool = False  # some other path reached this target in this round
-    round_failures: frozenset[str | None] = frozenset()  # every path's failure this round (None: ok)
+    same_failure: str | None = None  # the failure every path of this round saw, if they all saw one
     round_paths: int = 1  # how many paths measured this target this round
     all_controls_fail: bool = False  # in this slot every path failed every control target
     own_controls_fail: bool = False  # in this slot this path failed every control target
@@ -47,9 +48,7 @@ class Evidence:
 
 
 def _same_failure_everywhere(e: Evidence) -> str | None:
-    if e.round_paths >= 2 and len(e.round_failures) == 1 and None not in e.round_failures:
-        return next(iter(e.round_failures))
-    return None
+    return e.same_failure if e.round_paths >= 2 else None
 
 
 def _direct_blocked(e: Evidence) -> bool:
@@ -127,19 +126,6 @@ def dns_inconsistent(direct: frozenset[str], tunnel: frozenset[str]) -> bool:
     return all(map(is_bogon, direct)) and not all(map(is_bogon, tunnel))
 
 
-def _differs(row: pd.Series) -> bool:
-    if row["kind"] != "http" or pd.isna(row["status_tunnel"]) or pd.isna(row["status"]):
-        return False
-    if row["status"] != row["status_tunnel"]:
-        return True
-    if isinstance(row["title"], str) and isinstance(row["title_tunnel"], str) and row["title"] != row["title_tunnel"]:
-        return True
-    lengths = row["body_length"], row["body_length_tunnel"]
-    if pd.isna(lengths[0]) or pd.isna(lengths[1]) or max(lengths) == 0:
-        return False
-    return min(lengths) / max(lengths) < LENGTH_RATIO
-
-
 EPOCH = pd.Timestamp(0, tz="UTC")
 
 
@@ -155,8 +141,31 @@ def path_kinds(paths: pd.DataFrame, names: pd.Series) -> dict[str, bool]:
     return {name: known.get(name, name != "direct") for name in names.unique()}
 
 
+EVIDENCE = ("tunnel", "ok", "failure", "failed_operation", "differs", "dns_inconsistent", "tunnel_ok", "other_ok",
+            "same_failure", "round_paths", "all_controls_fail", "own_controls_fail", "direct_controls_ok")  # fmt: skip
+ROUND = ["round_id", "target"]
+
+
+def _floats(column: pd.Series) -> np.ndarray:
+    return column.to_numpy(dtype=float, na_value=np.nan)
+
+
+def _page_differs(m: pd.DataFrame) -> pd.Series:
+    """Fine directly, but unlike the page the tunnel saw: status, title, or length ratio."""
+    status, status_t = _floats(m["status"]), _floats(m["status_tunnel"])
+    both = ~np.isnan(status) & ~np.isnan(status_t)
+    titles = m["title"].notna() & m["title_tunnel"].notna() & (m["title"] != m["title_tunnel"])
+    length, length_t = _floats(m["body_length"]), _floats(m["body_length_tunnel"])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.minimum(length, length_t) / np.maximum(length, length_t)
+    return pd.Series(both & ((status != status_t) | titles.to_numpy() | (ratio < LENGTH_RATIO)), index=m.index)
+
+
 def classify(measurements: pd.DataFrame, paths: pd.DataFrame, slot_s: float = 300) -> pd.DataFrame:
-    """One verdict row per measurement (endpoint probes are evidence, not verdicts)."""
+    """One verdict row per measurement (endpoint probes are evidence, not verdicts).
+
+    Evidence is gathered with whole-column operations; the rule table is then consulted
+    once per distinct evidence, not once per measurement."""
     m = measurements[measurements["group"] != "endpoint"].copy()
     tunnels = path_kinds(paths, m["path"])
     m["tunnel"] = m["path"].map(tunnels).astype(bool)
@@ -168,87 +177,74 @@ def classify(measurements: pd.DataFrame, paths: pd.DataFrame, slot_s: float = 30
 
     reference = (
         m[m["tunnel"] & m["ok"]]
-        .drop_duplicates(["round_id", "target"])[["round_id", "target", "status", "title", "body_length", "addresses"]]
+        .drop_duplicates(ROUND)[[*ROUND, "status", "title", "body_length", "addresses"]]
         .assign(tunnel_ok=True)
     )
-    m = m.merge(reference, on=["round_id", "target"], how="left", suffixes=("", "_tunnel"))
+    m = m.merge(reference, on=ROUND, how="left", suffixes=("", "_tunnel"))
     m["tunnel_ok"] = m["tunnel_ok"].astype("boolean").fillna(False).astype(bool)
     candidates = ~m["tunnel"] & m["tunnel_ok"]
-    m["differs"] = False
+    m["differs"] = candidates & m["ok"] & (m["kind"] == "http") & _page_differs(m)
     m["dns_inconsistent"] = False
-    if candidates.any():
-        sub = m[candidates]
-        fine = candidates & m["ok"]
-        if fine.any():
-            m.loc[fine, "differs"] = m[fine].apply(_differs, axis=1).astype(bool)
-        m.loc[candidates, "dns_inconsistent"] = [
+    unlike = candidates & (m["addresses"] != m["addresses_tunnel"])
+    if unlike.any():
+        m.loc[unlike, "dns_inconsistent"] = [
             dns_inconsistent(_addresses(a), _addresses(b))
-            for a, b in zip(sub["addresses"], sub["addresses_tunnel"], strict=True)
+            for a, b in zip(m.loc[unlike, "addresses"], m.loc[unlike, "addresses_tunnel"], strict=True)
         ]
-    suspicious = ~m["ok"] | m["differs"] | m["dns_inconsistent"]
-
     out = m[columns].copy()
-    out["state"] = OK
-    out["verdict"] = OK
-    out["rule"] = "ok"
-    out["blocking"] = None
-    out["detail"] = ""
+    out["state"], out["verdict"], out["rule"], out["blocking"], out["detail"] = OK, OK, "ok", None, ""
+    suspicious = ~m["ok"] | m["differs"] | m["dns_inconsistent"]
     if suspicious.any():
-        _decide_suspicious(m, out, suspicious, measurements, paths, slot_s)
+        _round_and_slot_evidence(m)
+        _decide_suspicious(m, out, suspicious, _endpoint_status(measurements, paths, slot_s))
     return out.sort_values(["started_at", "target", "path"]).reset_index(drop=True)
 
 
-def _decide_suspicious(
-    m: pd.DataFrame,
-    out: pd.DataFrame,
-    suspicious: pd.Series,
-    measurements: pd.DataFrame,
-    paths: pd.DataFrame,
-    slot_s: float,
-) -> None:
+def _round_and_slot_evidence(m: pd.DataFrame) -> None:
+    """What the other paths of the round, and the control targets of the slot, saw."""
+    rounds = m.groupby(ROUND, sort=False)
+    ok_in_round = rounds["ok"].transform("sum")
+    m["round_paths"] = rounds["path"].transform("size")
+    m["other_ok"] = (ok_in_round - m["ok"].astype(int)) > 0
+    kinds = rounds["failure"].transform("nunique")
+    first = rounds["failure"].transform("first")
+    m["same_failure"] = first.where((ok_in_round == 0) & (kinds == 1), None)
     controls = m[m["group"] == "control"]
-    by_slot_path = controls.groupby(["slot", "path"])["ok"].any()
-    any_ok_by_slot = controls.groupby("slot")["ok"].any()
-    direct_ok_by_slot = controls[~controls["tunnel"]].groupby("slot")["ok"].any()
-    rounds = m[m["round_id"].isin(m.loc[suspicious, "round_id"])]
-    round_failures = rounds.groupby(["round_id", "target"])["failure"].agg(
-        lambda s: frozenset(None if pd.isna(f) else f for f in s)
-    )
-    round_ok_paths = rounds[rounds["ok"]].groupby(["round_id", "target"])["path"].agg(frozenset)
-    round_paths = rounds.groupby(["round_id", "target"])["path"].nunique()
-    endpoints = _endpoint_status(measurements, paths, slot_s)
+    any_ok = controls.groupby("slot")["ok"].any()
+    direct_ok = controls[~controls["tunnel"]].groupby("slot")["ok"].any()
+    m["all_controls_fail"] = ~m["slot"].map(any_ok).astype("boolean").fillna(True).astype(bool)
+    m["direct_controls_ok"] = m["slot"].map(direct_ok).astype("boolean").fillna(False).astype(bool)
+    own = controls.groupby(["slot", "path"])["ok"].any().rename("own_ok").reset_index()
+    m["own_controls_fail"] = ~m[["slot", "path"]].merge(own, on=["slot", "path"], how="left")["own_ok"].astype(
+        "boolean").fillna(True).astype(bool).to_numpy()  # fmt: skip
 
-    any_ok = any_ok_by_slot.to_dict()
-    path_ok = by_slot_path.to_dict()
-    direct_ok = direct_ok_by_slot.to_dict()
-    failures, ok_paths_by_round, paths_by_round = round_failures.to_dict(), round_ok_paths.to_dict(), round_paths.to_dict()
-    decided: dict[str, list] = {"state": [], "verdict": [], "rule": [], "blocking": [], "detail": []}
+
+def _none(value: object) -> object:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA else value
+
+
+def _decide_suspicious(m: pd.DataFrame, out: pd.DataFrame, suspicious: pd.Series,
+                       endpoints: dict[tuple[int, str], str]) -> None:  # fmt: skip
     rows = m.loc[suspicious]
-    for row in rows.itertuples(index=False):
-        key = (row.round_id, row.target)
-        evidence = Evidence(
-            tunnel=bool(row.tunnel),
-            ok=bool(row.ok),
-            failure=None if pd.isna(row.failure) else row.failure,
-            failed_operation=None if pd.isna(row.failed_operation) else row.failed_operation,
-            differs=bool(row.differs),
-            dns_inconsistent=bool(row.dns_inconsistent),
-            tunnel_ok=bool(row.tunnel_ok),
-            other_ok=bool(ok_paths_by_round.get(key, frozenset()) - {row.path}),
-            round_failures=failures.get(key, frozenset()),
-            round_paths=int(paths_by_round.get(key, 1)),
-            all_controls_fail=not any_ok.get(row.slot, True),
-            own_controls_fail=not path_ok.get((row.slot, row.path), True),
-            direct_controls_ok=bool(direct_ok.get(row.slot, False)),
-        )
-        verdict, rule, blocking = decide(evidence)
-        decided["state"].append(FAILING)
-        decided["verdict"].append(verdict)
-        decided["rule"].append(rule)
-        decided["blocking"].append(blocking)
-        decided["detail"].append(endpoints.get((row.slot, row.path), "") if verdict == TUNNEL_DOWN else "")
-    for column, values in decided.items():
-        out.loc[rows.index, column] = values
+    texts = ("failure", "failed_operation", "same_failure")
+    keys = list(zip(*(rows[column].map(_none) if column in texts else rows[column] for column in EVIDENCE),
+                    strict=True))  # fmt: skip
+    decided: dict[tuple, tuple[str, str, str | None]] = {}
+    for key in set(keys):
+        fields = dict(zip(EVIDENCE, key, strict=True))
+        fields = {k: (bool(v) if isinstance(v, (bool, np.bool_)) else v) for k, v in fields.items()}
+        fields["round_paths"] = int(fields["round_paths"])
+        decided[key] = decide(Evidence(**fields))
+    verdicts = [decided[k] for k in keys]
+    out.loc[rows.index, "state"] = FAILING
+    out.loc[rows.index, "verdict"] = [v[0] for v in verdicts]
+    out.loc[rows.index, "rule"] = [v[1] for v in verdicts]
+    out.loc[rows.index, "blocking"] = [v[2] for v in verdicts]
+    if endpoints:
+        out.loc[rows.index, "detail"] = [
+            endpoints.get((slot, path), "") if verdict[0] == TUNNEL_DOWN else ""
+            for slot, path, verdict in zip(rows["slot"], rows["path"], verdicts, strict=True)
+        ]
 
 
 def _endpoint_status(measurements: pd.DataFrame, paths: pd.DataFrame, slot_s: float) -> dict[tuple[int, str], str]:
