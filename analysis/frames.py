@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+from pandas.api.types import union_categoricals
 
 from probe.errors import StoreError
 
@@ -41,6 +42,9 @@ HEARTBEAT_COLUMNS: dict[str, str] = {
     "scheduled_at_ms": "Int64",
 }
 PATH_COLUMNS = ("name", "kind", "label", "endpoint_target")
+CHUNK_ROWS = 100_000
+CATEGORIES = {"round_id", "target", "grp", "path", "kind", "failure", "failed_operation", "dns_rcode", "addresses",
+              "title"}  # fmt: skip
 
 
 def _connect(db: Path) -> sqlite3.Connection:
@@ -72,15 +76,29 @@ def _where(since: datetime | None, until: datetime | None, filters: dict[str, Se
 
 
 def _frame(db: Path, table: str, columns: dict[str, str], where: str, args: list) -> pd.DataFrame:
+    """Rows in chunks, each made compact (categories for repeated text) before the next is
+    read, so the peak stays near the compact size rather than that of Python tuples."""
     conn = _connect(db)
+    chunks = []
     try:
-        rows = conn.execute(f"SELECT {', '.join(columns)} FROM {table}{where} ORDER BY started_at_ms", args).fetchall()
+        cursor = conn.execute(f"SELECT {', '.join(columns)} FROM {table}{where} ORDER BY started_at_ms", args)
+        while rows := cursor.fetchmany(CHUNK_ROWS):
+            chunk = pd.DataFrame.from_records(rows, columns=list(columns)).astype(columns)
+            for column in CATEGORIES.intersection(chunk.columns):  # few distinct values: store each once
+                chunk[column] = chunk[column].astype("category")
+            chunks.append(chunk)
     except sqlite3.Error as exc:
         raise StoreError(f"{db}: cannot read {table}: {exc}") from None
     finally:
         conn.close()
-    frame = pd.DataFrame.from_records(rows, columns=list(columns))
-    frame = frame.astype(columns)
+    if not chunks:
+        frame = pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+    else:
+        frame = pd.DataFrame({
+            c: union_categoricals([ch[c] for ch in chunks]) if c in CATEGORIES
+            else pd.concat([ch[c] for ch in chunks], ignore_index=True)
+            for c in columns
+        })  # fmt: skip
     frame["started_at"] = pd.to_datetime(frame.pop("started_at_ms"), unit="ms", utc=True)
     return frame
 

@@ -227,7 +227,7 @@ def _decide_suspicious(m: pd.DataFrame, out: pd.DataFrame, suspicious: pd.Series
                        endpoints: dict[tuple[int, str], str]) -> None:  # fmt: skip
     rows = m.loc[suspicious]
     texts = ("failure", "failed_operation", "same_failure")
-    keys = list(zip(*(rows[column].map(_none) if column in texts else rows[column] for column in EVIDENCE),
+    keys = list(zip(*(rows[column].astype(object).map(_none) if column in texts else rows[column] for column in EVIDENCE),
                     strict=True))  # fmt: skip
     decided: dict[tuple, tuple[str, str, str | None]] = {}
     for key in set(keys):
