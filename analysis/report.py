@@ -98,8 +98,18 @@ def _clip(outages: pd.DataFrame, w: Week) -> pd.DataFrame:
     return inside
 
 
-def weekly_figures(cfg: Config, w: Week, events: list[Event]) -> dict[str, Figure]:
-    result = _analyse(cfg, w)
+def _within(result: Analysis, w: Week) -> Analysis:
+    """The part of a wider analysis that falls in the week (verdicts are per slot; outages
+    are clipped to the week)."""
+    def inside(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[(frame["started_at"] >= w.start) & (frame["started_at"] < w.end)]
+
+    return Analysis(inside(result.measurements), inside(result.heartbeats), inside(result.verdicts),
+                    _clip(result.pairs, w), _clip(result.paths, w))  # fmt: skip
+
+
+def weekly_figures(cfg: Config, w: Week, events: list[Event], result: Analysis | None = None) -> dict[str, Figure]:
+    result = result or _analyse(cfg, w)
     gaps = heartbeat_gaps(result.heartbeats, w.start, w.end, cfg.probe.interval_s)
     paths = sorted(result.verdicts["path"].unique()) if len(result.verdicts) else [p.name for p in cfg.paths]
     return {
@@ -142,16 +152,21 @@ class WeeklyReport:
     markdown: str
 
 
+CONTEXT_WEEKS = 8  # the event check of a weekly report looks at the weeks before it too
+
+
 def build_report(cfg: Config, w: Week) -> WeeklyReport:
     events = load_events(cfg.analysis.events)
-    this, before = _analyse(cfg, w), _analyse(cfg, w.previous)
-    outages = _clip(this.paths, w)
-    figures = weekly_figures(cfg, w, events)
+    context = Week(w.start - pd.Timedelta(weeks=CONTEXT_WEEKS), w.end, w.tz, w.label)
+    wide = _analyse(cfg, context)  # one reading of the store serves every part of the report
+    this, before = _within(wide, w), _within(wide, w.previous)
+    outages = this.paths
+    figures = weekly_figures(cfg, w, events, this)
     changes = pd.DataFrame({
         "availability_pct": _availability(this.verdicts), "previous_pct": _availability(before.verdicts),
-        "outage_min": _minutes(outages), "previous_min": _minutes(_clip(before.paths, w.previous)),
+        "outage_min": _minutes(outages), "previous_min": _minutes(before.paths),
     }).fillna({"outage_min": 0, "previous_min": 0})  # fmt: skip
-    checks = _event_checks(cfg, w, events)
+    checks = _event_checks(wide, w, events)
     title = f"tunnelwatch weekly report {w.label}: {cfg.vantage.name}"
     return WeeklyReport(
         html=_html(title, w, figures, changes, outages, events, checks),
@@ -159,17 +174,13 @@ def build_report(cfg: Config, w: Week) -> WeeklyReport:
     )
 
 
-def _event_checks(cfg: Config, w: Week, events: list[Event]) -> list[Check]:
+def _event_checks(wide: Analysis, w: Week, events: list[Event]) -> list[Check]:
     near = [e for e in events if e.category != "holiday" and e.window[0] < w.end + pd.Timedelta(days=7)
             and e.window[1] > w.start - pd.Timedelta(days=7)]  # fmt: skip
-    if not near:
+    if not near or wide.span is None:
         return []
-    everything = analyse(cfg.store.path, slot_s=cfg.probe.interval_s,
-                         hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after))  # fmt: skip
-    if everything.span is None:
-        return []
-    outages = everything.paths[everything.paths["verdict"] != "degraded"]
-    series = outage_series(outages, everything.heartbeats, *everything.span)
+    outages = wide.paths[wide.paths["verdict"] != "degraded"]
+    series = outage_series(outages, wide.heartbeats, *wide.span)
     return check_events(series, near, events, first_outages=outages["start"] if len(outages) else None)
 
 
