@@ -46,17 +46,34 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s
     raise RuntimeError(f"{proc.args[0]} did not listen on {port}: {log.read_text(errors='replace')}")
 
 
+def wait_for_dns(port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 10) -> None:
+    """Until the resolver answers a query (any answer: REFUSED and SERVFAIL count)."""
+    query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05probe\x04test\x00\x00\x01\x00\x01"
+    deadline = time.monotonic() + timeout_s
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.1)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {log.read_text(errors='replace')}")
+            sock.sendto(query, (LOOPBACK, port))
+            try:
+                if sock.recv(512)[:2] == b"\x12\x34":
+                    time.sleep(0.3)  # c-ares' first channel failed when asked at once; let it settle
+                    return
+            except OSError:
+                time.sleep(0.05)
+    raise RuntimeError(f"{proc.args[0]} did not answer DNS on {port}: {log.read_text(errors='replace')}")
+
+
 @contextmanager
 def running(args: Sequence[str], log: Path, port: int | None = None, udp: bool = False) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as sink:
         proc = subprocess.Popen(list(args), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        if port is not None and not udp:
+        if port is not None and udp:
+            wait_for_dns(port, proc, log)
+        elif port is not None:
             wait_for_port(port, proc, log)
-        else:
-            time.sleep(0.3)
-            if proc.poll() is not None:
-                raise RuntimeError(f"{args[0]} exited with {proc.returncode}: {log.read_text(errors='replace')}")
         yield proc
     finally:
         stop(proc)

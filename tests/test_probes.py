@@ -251,3 +251,4 @@ def test_per_path_concurrency_bounds_the_probes_in_flight(tmp_path: Path, silent
     assert all(gap >= 0.45 for gap in gaps), gaps  # each waited for the previous one's timeout
     parallel = sorted(m.started_at for m in _silent_round(tmp_path, silent_port, per_path=3))
     assert (parallel[-1] - parallel[0]).total_seconds() < 0.3
+
