@@ -327,12 +327,18 @@ def report_group() -> None:
 @click.option("--week", "label", help="ISO week, e.g. 2018-W10 (default: last complete week).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="HTML file (default: reports/WEEK.html).")
 @click.option("--tz", help="Time zone (default: report.timezone).")
+@click.option("--scheduled", is_flag=True, help="What the daemon runs on Mondays: last week's report and charts "
+              "into report.directory, keeping the newest report.keep.")  # fmt: skip
 @config_option
-def report_weekly(label: str | None, out: Path | None, tz: str | None, config: Path | None) -> None:
+def report_weekly(label: str | None, out: Path | None, tz: str | None, scheduled: bool, config: Path | None) -> None:
     """A self-contained HTML report of one week, and a Markdown summary beside it."""
-    from .report import write_report
+    from .report import write_report, write_weekly
 
     cfg = load_config(config)
+    if scheduled:
+        page, summary = write_weekly(cfg)
+        err.print(f"wrote {page} and {summary}")
+        return
     w = _week(cfg, label, None, None, tz)
     page, summary = write_report(cfg, w, out or cfg.report.directory / f"tunnelwatch-{w.label}.html")
     err.print(f"wrote {page} and {summary}")

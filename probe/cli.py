@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -23,7 +24,28 @@ from .rounds import ProbeContext, path_rows, plan, run_round
 from .store import open_store
 
 
-@click.group(name="tunnelwatch")
+class LazyGroup(click.Group):
+    """Subcommands whose modules load only when asked for: the daemon and the probe never
+    import pandas and matplotlib."""
+
+    LAZY = {
+        "outages": "analysis.cli:outages",
+        "events": "analysis.cli:events_group",
+        "chart": "analysis.cli:chart_group",
+        "report": "analysis.cli:report_group",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY:
+            module, attribute = self.LAZY[name].split(":")
+            return getattr(importlib.import_module(module), attribute)  # type: ignore[no-any-return]
+        return super().get_command(ctx, name)
+
+
+@click.group(name="tunnelwatch", cls=LazyGroup)
 def app() -> None:
     """Measure disruptions of the open Internet and of the tunnels used to reach it."""
 
@@ -174,16 +196,6 @@ def status(config: Path | None) -> None:
             failed.get("failed_operation") or "",
         )
     out.print(pairs)
-
-
-def _register_analysis() -> None:
-    from analysis.cli import chart_group, events_group, outages, report_group
-
-    for command in (outages, events_group, chart_group, report_group):
-        app.add_command(command)
-
-
-_register_analysis()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

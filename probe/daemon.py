@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -206,15 +207,20 @@ class Daemon:
             self._rounds.discard(task)
 
     async def _weekly_report(self) -> None:
-        """Last week's report; a failure to render is logged and never stops probing."""
-        from analysis.report import write_weekly
-
-        try:
-            page, _ = await asyncio.to_thread(write_weekly, self._config)
-        except Exception:  # any failure of the report must not touch the probing
-            log.exception("weekly report failed")
+        """Last week's report, in a child process: its memory (pandas, matplotlib) goes when it
+        ends, and a failure to render is logged and never stops probing."""
+        command = [sys.executable, "-m", "probe", "report", "weekly", "--scheduled"]
+        if self._config_path is not None:
+            command += ["--config", str(self._config_path)]
+        child = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        _, stderr = await child.communicate()
+        message = stderr.decode(errors="replace").strip().splitlines()
+        if child.returncode == 0:
+            log.info("weekly report: %s", message[-1] if message else "written")
         else:
-            log.info("weekly report written: %s", page)
+            log.error("weekly report failed (exit %s): %s", child.returncode, " | ".join(message[-5:]))
 
     def _log_round(self, unit: Unit, measurements: list[Any], elapsed: float) -> None:
         failed = [f"{m.path}={m.failure}@{m.failed_operation}" for m in measurements if not m.ok]
