@@ -85,7 +85,7 @@ def outage_series(
         exposure[np.unique(index)] = size / pd.Timedelta(minutes=1)
     value = np.zeros(bins)
     edges = start + size * np.arange(bins + 1)
-    for o_start, o_end in zip(outages.get("start", []), outages.get("end", []), strict=True):
+    for o_start, o_end in _union(outages):
         first = max(0, int((o_start - start) // size))
         last = min(bins, int(np.ceil((o_end - start) / size)))
         for b in range(first, last):
@@ -93,6 +93,17 @@ def outage_series(
             value[b] += max(0.0, overlap / pd.Timedelta(minutes=1))
     value = np.minimum(value, exposure)  # unmeasured time is unknown, never outage
     return Series(start=start, step=size, value=value, exposure=exposure)
+
+
+def _union(outages: pd.DataFrame) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """Outage intervals of every path merged: time when something was down counts once."""
+    merged: list[list[pd.Timestamp]] = []
+    for o_start, o_end in sorted(zip(outages.get("start", []), outages.get("end", []), strict=True)):
+        if merged and o_start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], o_end)
+        else:
+            merged.append([o_start, o_end])
+    return [(a, b) for a, b in merged]
 
 
 def external_series(frame: pd.DataFrame, column: str) -> Series:

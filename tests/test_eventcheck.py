@@ -83,6 +83,13 @@ def test_outage_series_counts_only_measured_time() -> None:
     assert series.value.tolist() == [30, 0, 60, 0]  # hour 1 was not measured: unknown, not outage
 
 
+def test_overlapping_outages_of_two_paths_count_once() -> None:
+    outages = pd.DataFrame({"start": [YEAR, YEAR + pd.Timedelta(minutes=10)],
+                            "end": [YEAR + pd.Timedelta(minutes=30), YEAR + pd.Timedelta(minutes=40)]})  # fmt: skip
+    beats = pd.DataFrame({"started_at": [YEAR + pd.Timedelta(minutes=5)]})
+    assert outage_series(outages, beats, YEAR, YEAR + pd.Timedelta(hours=1)).value.tolist() == [40]
+
+
 def test_lead_and_lag_of_the_first_outage() -> None:
     windows = events(1)
     series = synthetic(windows, 0.02, 0.4, seed=5)
