@@ -1,0 +1,73 @@
+"""The censorship lab's network: three namespaces joined by veth pairs.
+
+    tw-vp (vantage point) 10.66.1.2 --- 10.66.1.1 tw-rt (censoring ISP router) 10.66.2.1 --- tw-net ("internet")
+
+tw-rt forwards between the two and runs the ISP's resolver; censorship is injected there
+with iptables and the resolver's configuration. tw-net holds the sites (nginx), a clean
+resolver, a block page and the tunnel's exit (microsocks). Everything is torn down at the
+end, and leftovers of a killed run are removed before building.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+PREFIX = "tw-"
+VP, RT, NET = "tw-vp", "tw-rt", "tw-net"
+VP_ADDR, RT_VP_ADDR, RT_NET_ADDR, NET_ADDR = "10.66.1.2", "10.66.1.1", "10.66.2.1", "10.66.2.2"
+NEWS, PORTAL, BLOCKPAGE, RESOLVER, SOCKS = "10.66.2.10", "10.66.2.11", "10.66.2.30", "10.66.2.53", "10.66.2.20"
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check)
+
+
+def in_ns(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return sh("ip", "netns", "exec", ns, *args, check=check)
+
+
+def clean() -> None:
+    """Remove every namespace of ours, from this run or a killed one."""
+    for line in sh("ip", "netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(PREFIX):
+            pids = sh("ip", "netns", "pids", name, check=False).stdout.split()
+            for pid in pids:
+                sh("kill", "-9", pid, check=False)
+            sh("ip", "netns", "del", name, check=False)
+
+
+@dataclass(frozen=True)
+class Lab:
+    def iptables(self, *rule: str) -> None:
+        in_ns(RT, "iptables", *rule)
+
+
+def _link(a: str, a_if: str, a_addr: str, b: str, b_if: str, b_addr: str) -> None:
+    sh("ip", "link", "add", a_if, "netns", a, "type", "veth", "peer", "name", b_if, "netns", b)
+    in_ns(a, "ip", "addr", "add", f"{a_addr}/24", "dev", a_if)
+    in_ns(b, "ip", "addr", "add", f"{b_addr}/24", "dev", b_if)
+    in_ns(a, "ip", "link", "set", a_if, "up")
+    in_ns(b, "ip", "link", "set", b_if, "up")
+
+
+@contextmanager
+def network(extra_net_addresses: Sequence[str]) -> Iterator[Lab]:
+    clean()
+    try:
+        for ns in (VP, RT, NET):
+            sh("ip", "netns", "add", ns)
+            in_ns(ns, "ip", "link", "set", "lo", "up")
+        _link(VP, "vp0", VP_ADDR, RT, "rt0", RT_VP_ADDR)
+        _link(RT, "rt1", RT_NET_ADDR, NET, "in0", NET_ADDR)
+        for address in extra_net_addresses:
+            in_ns(NET, "ip", "addr", "add", f"{address}/32", "dev", "lo")
+        in_ns(VP, "ip", "route", "add", "default", "via", RT_VP_ADDR)
+        in_ns(NET, "ip", "route", "add", "default", "via", RT_NET_ADDR)
+        in_ns(RT, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        yield Lab()
+    finally:
+        clean()

@@ -1,0 +1,205 @@
+"""Real censorship injected on a router between the vantage point and the "internet", and
+tunnelwatch must name it: one scenario at a time, `tunnelwatch probe` run inside the vantage
+point's namespace, verdicts read from what it stored."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import trustme
+
+from analysis.frames import load_measurements, load_paths
+from analysis.verdicts import classify
+from tests.lab.network import BLOCKPAGE, NET, NEWS, PORTAL, RESOLVER, RT, RT_VP_ADDR, SOCKS, VP, in_ns, network
+from tests.servers import need, stop
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root for network namespaces and iptables")
+
+SITES = {"news.test": NEWS, "portal.test": PORTAL, "blocked.isp.test": BLOCKPAGE}
+
+
+def _start(ns: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as sink:
+        return subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+
+
+def _wait(ns: str, host: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    probe = f"import socket; socket.create_connection(('{host}', {port}), 0.5).close()"
+    for _ in range(100):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited: {log.read_text(errors='replace')}")
+        if in_ns(ns, sys.executable, "-c", probe, check=False).returncode == 0:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {host}:{port} in {ns}: {log.read_text(errors='replace')}")
+
+
+@contextmanager
+def _running(ns: str, args: list[str], log: Path, host: str | None = None, port: int | None = None
+             ) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
+    proc = _start(ns, args, log)
+    try:
+        if host and port:
+            _wait(ns, host, port, proc, log)
+        else:
+            time.sleep(0.3)
+        yield proc
+    finally:
+        stop(proc)
+
+
+def _dnsmasq(listen: str, *options: str) -> list[str]:
+    return [need("dnsmasq"), "--keep-in-foreground", f"--listen-address={listen}", "--bind-interfaces",
+            "--no-resolv", "--no-hosts", "--pid-file=", *options]  # fmt: skip
+
+
+def _nginx_conf(tmp: Path, certs: dict[str, tuple[Path, Path]]) -> str:
+    servers = "".join(
+        f"server {{ listen {address}:443 ssl; ssl_certificate {certs[name][0]}; ssl_certificate_key {certs[name][1]};"
+        f" location / {{ default_type text/html; return 200 '<title>{'Blocked' if name.startswith('blocked') else name}"
+        f"</title>{'access denied' if name.startswith('blocked') else 'the real page ' * 50}'; }} }}\n"
+        for name, address in SITES.items()
+    )
+    temp = " ".join(f"{k}_temp_path {tmp / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (f"user root; daemon off; worker_processes 1; pid {tmp / 'nginx.pid'}; error_log {tmp / 'error.log'};\n"
+            f"events {{ worker_connections 64; }}\nhttp {{ access_log off; {temp}\n{servers}}}\n")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The network, the sites, the clean resolver and the tunnel's exit; yields a config."""
+    tmp = tmp_path_factory.mktemp("lab")
+    ca = trustme.CA()
+    certs = {}
+    for name in SITES:
+        leaf = ca.issue_cert(name)
+        cert, key = tmp / f"{name}.crt", tmp / f"{name}.key"
+        cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(key))
+        certs[name] = (cert, key)
+    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+    (tmp / "nginx.conf").write_text(_nginx_conf(tmp, certs))
+    clean_answers = [f"--address=/{name}/{address}" for name, address in SITES.items()]
+    with network([NEWS, PORTAL, BLOCKPAGE, RESOLVER, SOCKS]), ExitStack() as stack:
+        stack.enter_context(_running(NET, [need("nginx"), "-c", str(tmp / "nginx.conf"), "-p", str(tmp)],
+                                     tmp / "nginx.log", NEWS, 443))  # fmt: skip
+        stack.enter_context(_running(NET, _dnsmasq(RESOLVER, "--local=/test/", *clean_answers), tmp / "clean-dns.log"))
+        stack.enter_context(_running(NET, [need("microsocks"), "-i", SOCKS, "-p", "1080"], tmp / "socks.log",
+                                     SOCKS, 1080))  # fmt: skip
+        config = tmp / "tunnelwatch.toml"
+        config.write_text(f"""
+[vantage]
+name = "lab-vantage"
+[store]
+path = "{tmp / "store.db"}"
+[probe]
+timeout_s = 3
+ca_file = "{tmp / "ca.pem"}"
+[metrics]
+enabled = false
+[[targets]]
+name = "news"
+group = "blocked"
+kind = "http"
+url = "https://news.test/"
+[[targets]]
+name = "portal"
+group = "control"
+kind = "http"
+url = "https://portal.test/"
+[[paths]]
+name = "direct"
+kind = "direct"
+resolver = ["{RT_VP_ADDR}"]
+[[paths]]
+name = "socks"
+kind = "socks5"
+host = "{SOCKS}"
+port = 1080
+remote_dns = false
+resolver = ["{RESOLVER}"]
+""")
+        yield config
+
+
+@contextmanager
+def isp_resolver(tmp: Path, *options: str) -> Iterator[None]:
+    """The ISP's resolver on the router: forwards to the clean one unless told to lie."""
+    with _running(RT, _dnsmasq(RT_VP_ADDR, f"--server={RESOLVER}", *options), tmp / "isp-dns.log"):
+        yield
+
+
+@contextmanager
+def rule(*spec: str) -> Iterator[None]:
+    in_ns(RT, "iptables", "-I", "FORWARD", *spec)
+    try:
+        yield
+    finally:
+        in_ns(RT, "iptables", "-D", "FORWARD", *spec, check=False)
+
+
+def probe_round(config: Path) -> pd.DataFrame:
+    """`tunnelwatch probe` inside the vantage point; the verdicts of the round it stored."""
+    db = config.parent / "store.db"
+    before = set(load_measurements(db)["round_id"]) if db.exists() else set()
+    result = in_ns(VP, sys.executable, "-m", "probe", "probe", "--config", str(config), check=False)
+    assert result.returncode in (0, 1), result.stderr
+    measurements = load_measurements(db)
+    this_round = measurements[~measurements["round_id"].isin(before)]  # earlier rounds share its slot
+    return classify(this_round, load_paths(db)).set_index(["target", "path"])
+
+
+def test_clean_network_everything_works(lab: Path) -> None:
+    with isp_resolver(lab.parent):
+        verdicts = probe_round(lab)
+    assert set(verdicts["verdict"]) == {"ok"}, verdicts[["failure", "verdict"]]
+
+
+def test_dns_poisoning_to_a_block_page_is_blocked_dns(lab: Path) -> None:
+    with isp_resolver(lab.parent, f"--address=/news.test/{BLOCKPAGE}"):
+        verdicts = probe_round(lab)
+    news = verdicts.loc[("news", "direct")]
+    assert (news["failure"], news["failed_operation"]) == ("ssl_invalid_hostname", "tls_handshake")
+    assert (news["verdict"], news["blocking"]) == ("blocked", "dns")
+    assert verdicts.loc[("news", "socks"), "verdict"] == "ok"
+    assert verdicts.loc[("portal", "direct"), "verdict"] == "ok"
+
+
+def test_reset_on_the_tls_sni_is_blocked_tls(lab: Path) -> None:
+    with isp_resolver(lab.parent), rule("-p", "tcp", "--dport", "443", "-m", "string", "--string", "news.test",
+                                        "--algo", "bm", "-j", "REJECT", "--reject-with", "tcp-reset"):  # fmt: skip
+        verdicts = probe_round(lab)
+    news = verdicts.loc[("news", "direct")]
+    assert (news["failure"], news["failed_operation"]) == ("connection_reset", "tls_handshake")
+    assert (news["verdict"], news["blocking"]) == ("blocked", "tls")
+    assert verdicts.loc[("news", "socks"), "verdict"] == "ok"  # the SNI went to port 1080, inside the tunnel
+
+
+def test_a_blocked_tunnel_port_is_tunnel_down(lab: Path) -> None:
+    with isp_resolver(lab.parent), rule("-p", "tcp", "--dport", "1080", "-j", "REJECT", "--reject-with",
+                                        "tcp-reset"):  # fmt: skip
+        verdicts = probe_round(lab)
+    for target in ("news", "portal"):
+        row = verdicts.loc[(target, "socks")]
+        assert (row["failure"], row["failed_operation"]) == ("connection_refused", "proxy_connect")
+        assert row["verdict"] == "tunnel_down"
+        assert verdicts.loc[(target, "direct"), "verdict"] == "ok"
+
+
+def test_the_uplink_down_is_a_local_outage(lab: Path) -> None:
+    with isp_resolver(lab.parent):
+        in_ns(RT, "ip", "link", "set", "rt1", "down")
+        try:
+            verdicts = probe_round(lab)
+        finally:
+            in_ns(RT, "ip", "link", "set", "rt1", "up")
+    assert set(verdicts["verdict"]) == {"local_outage"}, verdicts[["failure", "failed_operation", "verdict"]]
