@@ -227,8 +227,8 @@ def _decide_suspicious(m: pd.DataFrame, out: pd.DataFrame, suspicious: pd.Series
                        endpoints: dict[tuple[int, str], str]) -> None:  # fmt: skip
     rows = m.loc[suspicious]
     texts = ("failure", "failed_operation", "same_failure")
-    keys = list(zip(*(rows[column].astype(object).map(_none) if column in texts else rows[column] for column in EVIDENCE),
-                    strict=True))  # fmt: skip
+    columns = [[_none(v) for v in rows[c].astype(object)] if c in texts else rows[c].tolist() for c in EVIDENCE]
+    keys = list(zip(*columns, strict=True))
     decided: dict[tuple, tuple[str, str, str | None]] = {}
     for key in set(keys):
         fields = dict(zip(EVIDENCE, key, strict=True))

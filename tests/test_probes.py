@@ -252,3 +252,15 @@ def test_per_path_concurrency_bounds_the_probes_in_flight(tmp_path: Path, silent
     parallel = sorted(m.started_at for m in _silent_round(tmp_path, silent_port, per_path=3))
     assert (parallel[-1] - parallel[0]).total_seconds() < 0.3
 
+
+
+def test_the_system_resolver_reads_the_hosts_file_first(tmp_path: Path) -> None:
+    from probe.dns import hosts_file
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n# 10.0.0.9 commented.test\n10.1.2.3 intranet.test Intranet.alias\n::1 v6.test\n")
+    assert hosts_file("intranet.test", str(hosts)) == ["10.1.2.3"]
+    assert hosts_file("INTRANET.ALIAS.", str(hosts)) == ["10.1.2.3"]
+    assert hosts_file("v6.test", str(hosts)) == ["::1"]
+    assert hosts_file("commented.test", str(hosts)) == []
+    assert hosts_file("x.test", str(tmp_path / "missing")) == []

@@ -18,12 +18,26 @@ import trustme
 
 from analysis.frames import load_measurements, load_paths
 from analysis.verdicts import classify
-from tests.lab.network import BLOCKPAGE, NET, NEWS, PORTAL, RESOLVER, RT, RT_VP_ADDR, SOCKS, VP, in_ns, network
+from tests.lab.network import (
+    BLOCKPAGE,
+    NET,
+    NEWS,
+    PORTAL,
+    RESOLVER,
+    RT,
+    RT_VP_ADDR,
+    SHOP,
+    SOCKS,
+    VP,
+    in_ns,
+    network,
+)
 from tests.servers import need, stop
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root for network namespaces and iptables")
 
-SITES = {"news.test": NEWS, "portal.test": PORTAL, "blocked.isp.test": BLOCKPAGE}
+SITES = {"news.test": NEWS, "portal.test": PORTAL, "blocked.isp.test": BLOCKPAGE, "shop.test": SHOP}
+WRONG_CERT = {"shop.test": "elsewhere.test"}  # the site's own misconfiguration, the same from everywhere
 
 
 def _start(ns: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -32,8 +46,16 @@ def _start(ns: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
                                 start_new_session=True)  # fmt: skip
 
 
+DNS_PROBE = (
+    "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.3); "
+    "s.sendto(bytes.fromhex('1234010000010000000000000570726f62650474657374000001 0001'.replace(' ', '')), "
+    "('{host}', 53)); assert s.recv(512)[:2] == bytes.fromhex('1234')"
+)
+
+
 def _wait(ns: str, host: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    probe = f"import socket; socket.create_connection(('{host}', {port}), 0.5).close()"
+    probe = (DNS_PROBE.format(host=host) if port == 53
+             else f"import socket; socket.create_connection(('{host}', {port}), 0.5).close()")  # fmt: skip
     for _ in range(100):
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args} exited: {log.read_text(errors='replace')}")
@@ -63,7 +85,8 @@ def _dnsmasq(listen: str, *options: str) -> list[str]:
 
 
 def _nginx_conf(tmp: Path, certs: dict[str, tuple[Path, Path]]) -> str:
-    servers = "".join(
+    plain = f"server {{ listen {NEWS}:80; location / {{ default_type text/html; return 200 '<title>news</title>'; }} }}\n"
+    servers = plain + "".join(
         f"server {{ listen {address}:443 ssl; ssl_certificate {certs[name][0]}; ssl_certificate_key {certs[name][1]};"
         f" location / {{ default_type text/html; return 200 '<title>{'Blocked' if name.startswith('blocked') else name}"
         f"</title>{'access denied' if name.startswith('blocked') else 'the real page ' * 50}'; }} }}\n"
@@ -81,7 +104,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     ca = trustme.CA()
     certs = {}
     for name in SITES:
-        leaf = ca.issue_cert(name)
+        leaf = ca.issue_cert(WRONG_CERT.get(name, name))
         cert, key = tmp / f"{name}.crt", tmp / f"{name}.key"
         cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
         leaf.private_key_pem.write_to_path(str(key))
@@ -89,10 +112,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
     (tmp / "nginx.conf").write_text(_nginx_conf(tmp, certs))
     clean_answers = [f"--address=/{name}/{address}" for name, address in SITES.items()]
-    with network([NEWS, PORTAL, BLOCKPAGE, RESOLVER, SOCKS]), ExitStack() as stack:
+    with network([NEWS, PORTAL, BLOCKPAGE, SHOP, RESOLVER, SOCKS]), ExitStack() as stack:
         stack.enter_context(_running(NET, [need("nginx"), "-c", str(tmp / "nginx.conf"), "-p", str(tmp)],
                                      tmp / "nginx.log", NEWS, 443))  # fmt: skip
-        stack.enter_context(_running(NET, _dnsmasq(RESOLVER, "--local=/test/", *clean_answers), tmp / "clean-dns.log"))
+        stack.enter_context(_running(NET, _dnsmasq(RESOLVER, "--local=/test/", *clean_answers), tmp / "clean-dns.log",
+                                     RESOLVER, 53))  # fmt: skip
         stack.enter_context(_running(NET, [need("microsocks"), "-i", SOCKS, "-p", "1080"], tmp / "socks.log",
                                      SOCKS, 1080))  # fmt: skip
         config = tmp / "tunnelwatch.toml"
@@ -111,6 +135,16 @@ name = "news"
 group = "blocked"
 kind = "http"
 url = "https://news.test/"
+[[targets]]
+name = "news-http"
+group = "blocked"
+kind = "http"
+url = "http://news.test/"
+[[targets]]
+name = "shop"
+group = "blocked"
+kind = "http"
+url = "https://shop.test/"
 [[targets]]
 name = "portal"
 group = "control"
@@ -134,7 +168,7 @@ resolver = ["{RESOLVER}"]
 @contextmanager
 def isp_resolver(tmp: Path, *options: str) -> Iterator[None]:
     """The ISP's resolver on the router: forwards to the clean one unless told to lie."""
-    with _running(RT, _dnsmasq(RT_VP_ADDR, f"--server={RESOLVER}", *options), tmp / "isp-dns.log"):
+    with _running(RT, _dnsmasq(RT_VP_ADDR, f"--server={RESOLVER}", *options), tmp / "isp-dns.log", RT_VP_ADDR, 53):
         yield
 
 
@@ -161,7 +195,8 @@ def probe_round(config: Path) -> pd.DataFrame:
 def test_clean_network_everything_works(lab: Path) -> None:
     with isp_resolver(lab.parent):
         verdicts = probe_round(lab)
-    assert set(verdicts["verdict"]) == {"ok"}, verdicts[["failure", "verdict"]]
+    fine = verdicts.drop(index="shop", level="target")  # shop's certificate is wrong on purpose
+    assert set(fine["verdict"]) == {"ok"}, fine[["failure", "failed_operation", "verdict"]].to_string()
 
 
 def test_dns_poisoning_to_a_block_page_is_blocked_dns(lab: Path) -> None:
@@ -188,7 +223,7 @@ def test_a_blocked_tunnel_port_is_tunnel_down(lab: Path) -> None:
     with isp_resolver(lab.parent), rule("-p", "tcp", "--dport", "1080", "-j", "REJECT", "--reject-with",
                                         "tcp-reset"):  # fmt: skip
         verdicts = probe_round(lab)
-    for target in ("news", "portal"):
+    for target in ("news", "news-http", "portal"):
         row = verdicts.loc[(target, "socks")]
         assert (row["failure"], row["failed_operation"]) == ("connection_refused", "proxy_connect")
         assert row["verdict"] == "tunnel_down"
@@ -203,3 +238,56 @@ def test_the_uplink_down_is_a_local_outage(lab: Path) -> None:
         finally:
             in_ns(RT, "ip", "link", "set", "rt1", "up")
     assert set(verdicts["verdict"]) == {"local_outage"}, verdicts[["failure", "failed_operation", "verdict"]]
+
+
+def _news(verdicts: pd.DataFrame, target: str = "news") -> pd.Series:
+    return verdicts.loc[(target, "direct")]
+
+
+RESET = ["-j", "REJECT", "--reject-with", "tcp-reset"]
+SCENARIOS = [
+    # (name, ISP resolver options, router rule, target, failure, failed operation, blocking type)
+    ("injected NXDOMAIN", ["--address=/news.test/"], None, "news", "dns_nxdomain_error", "resolve", "dns"),
+    ("refused port", [], ["-d", NEWS, "-p", "tcp", "--dport", "443", *RESET], "news", "connection_refused",
+     "connect", "tcp_ip"),
+    ("reset on the HTTP Host", [], ["-p", "tcp", "--dport", "80", "-m", "string", "--string", "Host: news.test",
+                                    "--algo", "bm", *RESET], "news-http", "connection_reset", "http_round_trip",
+     "http-failure"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "resolver", "spec", "target", "failure", "operation", "blocking"), SCENARIOS,
+                         ids=[s[0] for s in SCENARIOS])  # fmt: skip
+def test_blocking_of_one_site_is_named_with_its_type(
+    lab: Path, name: str, resolver: list[str], spec: list[str] | None, target: str, failure: str, operation: str,
+    blocking: str,
+) -> None:  # fmt: skip
+    with isp_resolver(lab.parent, *resolver), (rule(*spec) if spec else ExitStack()):
+        verdicts = probe_round(lab)
+    row = _news(verdicts, target)
+    assert (row["failure"], row["failed_operation"]) == (failure, operation), name
+    assert (row["verdict"], row["blocking"]) == ("blocked", blocking), verdicts[["started_at", "failure", "verdict"]].to_string()
+    assert verdicts.loc[(target, "socks"), "verdict"] == "ok"
+    assert verdicts.loc[("portal", "direct"), "verdict"] == "ok"
+
+
+def test_a_site_down_for_everyone_is_not_censorship(lab: Path) -> None:
+    in_ns(NET, "iptables", "-I", "INPUT", "-d", NEWS, "-p", "tcp", "--dport", "443", *RESET)
+    try:
+        with isp_resolver(lab.parent):
+            verdicts = probe_round(lab)
+    finally:
+        in_ns(NET, "iptables", "-D", "INPUT", "-d", NEWS, "-p", "tcp", "--dport", "443", *RESET, check=False)
+    for path in ("direct", "socks"):
+        assert verdicts.loc[("news", path), "failure"] == "connection_refused"
+        assert (verdicts.loc[("news", path), "verdict"], verdicts.loc[("news", path), "rule"]) == (
+            "site_down", "same-failure-everywhere")  # fmt: skip
+
+
+def test_a_bad_certificate_on_the_site_itself_is_not_censorship(lab: Path) -> None:
+    with isp_resolver(lab.parent):
+        verdicts = probe_round(lab)
+    for path in ("direct", "socks"):
+        row = verdicts.loc[("shop", path)]
+        assert row["failure"] == "ssl_invalid_hostname"
+        assert (row["verdict"], row["rule"]) == ("site_down", "bad-certificate-everywhere")
