@@ -248,6 +248,10 @@ RESET = ["-j", "REJECT", "--reject-with", "tcp-reset"]
 SCENARIOS = [
     # (name, ISP resolver options, router rule, target, failure, failed operation, blocking type)
     ("injected NXDOMAIN", ["--address=/news.test/"], None, "news", "dns_nxdomain_error", "resolve", "dns"),
+    ("drop after the SNI", [], ["-p", "tcp", "--dport", "443", "-m", "string", "--string", "news.test", "--algo",
+                                "bm", "-j", "DROP"], "news", "generic_timeout_error", "tls_handshake", "tls"),
+    ("SYN blackhole", [], ["-d", NEWS, "-p", "tcp", "--syn", "-j", "DROP"], "news", "generic_timeout_error",
+     "connect", "tcp_ip"),
     ("refused port", [], ["-d", NEWS, "-p", "tcp", "--dport", "443", *RESET], "news", "connection_refused",
      "connect", "tcp_ip"),
     ("reset on the HTTP Host", [], ["-p", "tcp", "--dport", "80", "-m", "string", "--string", "Host: news.test",
