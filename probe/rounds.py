@@ -25,7 +25,7 @@ from .failures import classify
 from .http import probe_http
 from .model import Heartbeat, Measurement, Trace
 from .tcp import probe_tcp
-from .tls import probe_tls
+from .tls import CERT_FAILURES, peek_certificate, probe_tls
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ Probe = Callable[..., Awaitable[dict[str, Any]]]
 PROBES: dict[str, Probe] = {"http": probe_http, "tls": probe_tls, "tcp": probe_tcp, "dns": probe_dns}
 ENDPOINT_GROUP = "endpoint"
 DIRECT = PathSpec(name="direct", kind="direct")
+CERT_PEEK_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +42,17 @@ class ProbeContext:
 
     config: Config
     ssl_context: ssl.SSLContext
+    unverified_ssl_context: ssl.SSLContext  # only to record a certificate that failed verification
 
     @classmethod
     def build(cls, config: Config) -> ProbeContext:
         cafile = str(config.probe.ca_file) if config.probe.ca_file else certifi.where()
         context = ssl.create_default_context(cafile=cafile)
         context.set_alpn_protocols(["http/1.1"])
-        return cls(config=config, ssl_context=context)
+        unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
+        return cls(config=config, ssl_context=context, unverified_ssl_context=unverified)
 
 
 def new_round_id(now: datetime) -> str:
@@ -114,6 +119,8 @@ async def measure(ctx: ProbeContext, target: Target, path: PathSpec, round_id: s
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if failure.startswith("unknown_failure"):
             log.warning("unclassified failure probing %s via %s", target.name, path.name, exc_info=exc)
+    if failure in CERT_FAILURES:
+        await _record_certificate(ctx, target, path, trace)
     total_ms = (time.perf_counter() - started) * 1000
     phases, facts = trace.phases_ms, trace.facts
     return Measurement(
@@ -150,6 +157,14 @@ async def measure(ctx: ProbeContext, target: Target, path: PathSpec, round_id: s
         tls_verified=facts.get("tls_verified"),
         detail=detail,
     )
+
+
+async def _record_certificate(ctx: ProbeContext, target: Target, path: PathSpec, trace: Trace) -> None:
+    try:
+        async with asyncio.timeout(CERT_PEEK_TIMEOUT_S):
+            await peek_certificate(target, path, trace, ctx.unverified_ssl_context)
+    except Exception as exc:  # the certificate is a bonus fact; the failure is already recorded
+        log.debug("could not record the certificate of %s via %s: %s", target.name, path.name, exc)
 
 
 async def run_round(

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ssl
+from datetime import UTC
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import PathSpec, Target
 from .model import Trace
 from .paths import open_stream, start_tls
+
+CERT_FAILURES = frozenset({"ssl_invalid_hostname", "ssl_unknown_authority", "ssl_invalid_certificate"})
 
 
 async def probe_tls(
@@ -19,3 +23,29 @@ async def probe_tls(
     finally:
         writer.transport.abort()
     return {}
+
+
+def _endpoint(target: Target) -> tuple[str, int, str]:
+    if target.kind == "http":
+        url = urlsplit(target.url or "")
+        return url.hostname or "", url.port or 443, url.hostname or ""
+    return target.host or "", target.port or 443, target.sni or target.host or ""
+
+
+async def peek_certificate(target: Target, path: PathSpec, trace: Trace, unverified: ssl.SSLContext) -> None:
+    """After a failed verification, handshake once more without verifying, only to record the
+    certificate that was shown: a censor's interception shows its own issuer."""
+    from cryptography import x509  # only on this path
+
+    host, port, sni = _endpoint(target)
+    _, writer = await open_stream(path, host, port, Trace())
+    try:
+        await writer.start_tls(unverified, server_hostname=sni)
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.transport.abort()
+    if der:
+        cert = x509.load_der_x509_certificate(der)
+        trace.fact("cert_subject", cert.subject.rfc4514_string())
+        trace.fact("cert_issuer", cert.issuer.rfc4514_string())
+        trace.fact("cert_not_after", cert.not_valid_after_utc.astimezone(UTC))

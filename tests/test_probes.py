@@ -264,3 +264,17 @@ def test_the_system_resolver_reads_the_hosts_file_first(tmp_path: Path) -> None:
     assert hosts_file("v6.test", str(hosts)) == ["::1"]
     assert hosts_file("commented.test", str(hosts)) == []
     assert hosts_file("x.test", str(tmp_path / "missing")) == []
+
+
+@pytest.mark.parametrize(("target", "failure"), [("unknown-ca", "ssl_unknown_authority"),
+                                                 ("expired", "ssl_invalid_certificate"),
+                                                 ("wrong-host", "ssl_invalid_hostname")])  # fmt: skip
+def test_a_certificate_that_failed_verification_is_still_recorded(lab: Config, target: str, failure: str) -> None:
+    m = run(lab, target, "direct")
+    assert m.failure == failure and m.tls_verified is False
+    assert m.cert_issuer and "trustme" in m.cert_issuer.lower()
+    assert m.cert_subject is not None and m.cert_not_after is not None
+    if target == "expired":
+        assert m.cert_not_after < m.started_at
+    if target == "unknown-ca":
+        assert m.cert_issuer != run(lab, "tls-good", "direct").cert_issuer  # another CA signed it
