@@ -44,6 +44,7 @@ class Evidence:
     round_paths: int = 1  # how many paths measured this target this round
     all_controls_fail: bool = False  # in this slot every path failed every control target
     own_controls_fail: bool = False  # in this slot this path failed every control target
+    paths_healthy: bool = False  # every path of this round worked for the control targets in this slot
     direct_controls_ok: bool = False  # in this slot a control target worked directly
 
 
@@ -75,6 +76,9 @@ RULES: tuple[Rule, ...] = (
          lambda e: (_same_failure_everywhere(e) or "").startswith("ssl_")),
     Rule("same-failure-everywhere", SITE_DOWN, "every path failed the same way: the site is down, not blocked",
          lambda e: _same_failure_everywhere(e) is not None),
+    Rule("fails-everywhere", SITE_DOWN, "every path failed, in different ways, while every path worked for the "
+         "control targets: the site is down", lambda e: e.round_paths >= 2 and not e.ok and not e.other_ok
+         and e.paths_healthy),
     Rule("blocked-dns", BLOCKED, "direct resolution failed or disagrees with the tunnel's, which worked",
          lambda e: _direct_blocked(e) and (e.dns_inconsistent or e.failed_operation == "resolve"),
          lambda e: "dns"),
@@ -142,7 +146,8 @@ def path_kinds(paths: pd.DataFrame, names: pd.Series) -> dict[str, bool]:
 
 
 EVIDENCE = ("tunnel", "ok", "failure", "failed_operation", "differs", "dns_inconsistent", "tunnel_ok", "other_ok",
-            "same_failure", "round_paths", "all_controls_fail", "own_controls_fail", "direct_controls_ok")  # fmt: skip
+            "same_failure", "round_paths", "all_controls_fail", "own_controls_fail", "direct_controls_ok",
+            "paths_healthy")  # fmt: skip
 ROUND = ["round_id", "target"]
 
 
@@ -217,6 +222,8 @@ def _round_and_slot_evidence(m: pd.DataFrame) -> None:
     own = controls.groupby(["slot", "path"])["ok"].any().rename("own_ok").reset_index()
     m["own_controls_fail"] = ~m[["slot", "path"]].merge(own, on=["slot", "path"], how="left")["own_ok"].astype(
         "boolean").fillna(True).astype(bool).to_numpy()  # fmt: skip
+    broken = m["own_controls_fail"] | m["failed_operation"].astype(object).isin(PATH_OPERATIONS)
+    m["paths_healthy"] = ~broken.groupby([m["round_id"], m["target"]], sort=False, observed=True).transform("any")
 
 
 def _none(value: object) -> object:

@@ -25,6 +25,8 @@ RULE_EVIDENCE: dict[str, Evidence] = {
     "same-failure-everywhere": Evidence(tunnel=False, ok=False, failure="connection_refused",
                                         failed_operation="connect", same_failure="connection_refused",
                                         round_paths=2),
+    "fails-everywhere": Evidence(tunnel=True, ok=False, failure="eof_error", failed_operation="tls_handshake",
+                                 round_paths=3, paths_healthy=True),
     "blocked-dns": Evidence(tunnel=False, ok=False, failure="dns_nxdomain_error", failed_operation="resolve",
                             tunnel_ok=True, other_ok=True),
     "blocked-tcp_ip": Evidence(tunnel=False, ok=False, failure="generic_timeout_error", failed_operation="connect",

@@ -19,7 +19,7 @@ PREFIX = "tw-"
 VP, RT, NET = "tw-vp", "tw-rt", "tw-net"
 VP_ADDR, RT_VP_ADDR, RT_NET_ADDR, NET_ADDR = "10.66.1.2", "10.66.1.1", "10.66.2.1", "10.66.2.2"
 NEWS, PORTAL, SHOP = "10.66.2.10", "10.66.2.11", "10.66.2.12"
-BLOCKPAGE, RESOLVER, SOCKS = "10.66.2.30", "10.66.2.53", "10.66.2.20"
+BLOCKPAGE, RESOLVER, SOCKS, SHADOWSOCKS = "10.66.2.30", "10.66.2.53", "10.66.2.20", "10.66.2.21"
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

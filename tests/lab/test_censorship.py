@@ -26,6 +26,7 @@ from tests.lab.network import (
     RESOLVER,
     RT,
     RT_VP_ADDR,
+    SHADOWSOCKS,
     SHOP,
     SOCKS,
     VP,
@@ -112,13 +113,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
     (tmp / "nginx.conf").write_text(_nginx_conf(tmp, certs))
     clean_answers = [f"--address=/{name}/{address}" for name, address in SITES.items()]
-    with network([NEWS, PORTAL, BLOCKPAGE, SHOP, RESOLVER, SOCKS]), ExitStack() as stack:
+    cipher = ["-k", "lab-ss-key", "-m", "chacha20-ietf-poly1305"]
+    with network([NEWS, PORTAL, BLOCKPAGE, SHOP, RESOLVER, SOCKS, SHADOWSOCKS]), ExitStack() as stack:
         stack.enter_context(_running(NET, [need("nginx"), "-c", str(tmp / "nginx.conf"), "-p", str(tmp)],
                                      tmp / "nginx.log", NEWS, 443))  # fmt: skip
         stack.enter_context(_running(NET, _dnsmasq(RESOLVER, "--local=/test/", *clean_answers), tmp / "clean-dns.log",
                                      RESOLVER, 53))  # fmt: skip
         stack.enter_context(_running(NET, [need("microsocks"), "-i", SOCKS, "-p", "1080"], tmp / "socks.log",
                                      SOCKS, 1080))  # fmt: skip
+        stack.enter_context(_running(NET, [need("ss-server"), "-s", SHADOWSOCKS, "-p", "8388", *cipher],
+                                     tmp / "ss-server.log", SHADOWSOCKS, 8388))  # fmt: skip
+        stack.enter_context(_running(VP, [need("ss-local"), "-s", SHADOWSOCKS, "-p", "8388", "-b", "127.0.0.1",
+                                          "-l", "1081", *cipher], tmp / "ss-local.log", "127.0.0.1", 1081))  # fmt: skip
         config = tmp / "tunnelwatch.toml"
         config.write_text(f"""
 [vantage]
@@ -161,6 +167,15 @@ host = "{SOCKS}"
 port = 1080
 remote_dns = false
 resolver = ["{RESOLVER}"]
+[[paths]]
+name = "shadowsocks"
+kind = "socks5"
+label = "shadowsocks"
+host = "127.0.0.1"
+port = 1081
+remote_dns = false
+resolver = ["{RESOLVER}"]
+endpoint = {{ host = "{SHADOWSOCKS}", port = 8388, transport = "tcp" }}
 """)
         yield config
 
@@ -230,6 +245,19 @@ def test_a_blocked_tunnel_port_is_tunnel_down(lab: Path) -> None:
         assert verdicts.loc[(target, "direct"), "verdict"] == "ok"
 
 
+def test_a_blocked_shadowsocks_server_is_tunnel_down_with_its_port_unreachable(lab: Path) -> None:
+    """The crackdown case: ss-local still answers SOCKS locally, but its server's port is
+    blocked; every site fails through it while direct control sites work."""
+    with isp_resolver(lab.parent), rule("-d", SHADOWSOCKS, "-p", "tcp", "--dport", "8388", *RESET):
+        verdicts = probe_round(lab)
+    for target in ("news", "portal"):
+        row = verdicts.loc[(target, "shadowsocks")]
+        assert row["verdict"] == "tunnel_down", verdicts[["failure", "failed_operation", "verdict"]].to_string()
+        assert (row["rule"], row["detail"]) == ("tunnel-fails-controls", "endpoint connection_refused")
+        assert verdicts.loc[(target, "socks"), "verdict"] == "ok"
+    assert verdicts.loc[("portal", "direct"), "verdict"] == "ok"
+
+
 def test_the_uplink_down_is_a_local_outage(lab: Path) -> None:
     with isp_resolver(lab.parent):
         in_ns(RT, "ip", "link", "set", "rt1", "down")
@@ -270,7 +298,7 @@ def test_blocking_of_one_site_is_named_with_its_type(
         verdicts = probe_round(lab)
     row = _news(verdicts, target)
     assert (row["failure"], row["failed_operation"]) == (failure, operation), name
-    assert (row["verdict"], row["blocking"]) == ("blocked", blocking), verdicts[["started_at", "failure", "verdict"]].to_string()
+    assert (row["verdict"], row["blocking"]) == ("blocked", blocking), verdicts[["failure", "verdict"]].to_string()
     assert verdicts.loc[(target, "socks"), "verdict"] == "ok"
     assert verdicts.loc[("portal", "direct"), "verdict"] == "ok"
 
@@ -282,10 +310,11 @@ def test_a_site_down_for_everyone_is_not_censorship(lab: Path) -> None:
             verdicts = probe_round(lab)
     finally:
         in_ns(NET, "iptables", "-D", "INPUT", "-d", NEWS, "-p", "tcp", "--dport", "443", *RESET, check=False)
-    for path in ("direct", "socks"):
-        assert verdicts.loc[("news", path), "failure"] == "connection_refused"
-        assert (verdicts.loc[("news", path), "verdict"], verdicts.loc[("news", path), "rule"]) == (
-            "site_down", "same-failure-everywhere")  # fmt: skip
+    news = verdicts.loc["news"]
+    assert news.loc["direct", "failure"] == news.loc["socks", "failure"] == "connection_refused"
+    assert news.loc["shadowsocks", "failure"] != "connection_refused"  # ss-local reports it in its own way
+    assert set(news["verdict"]) == {"site_down"}, news[["failure", "failed_operation", "verdict"]].to_string()
+    assert set(news["rule"]) == {"fails-everywhere"}
 
 
 def test_a_bad_certificate_on_the_site_itself_is_not_censorship(lab: Path) -> None:
