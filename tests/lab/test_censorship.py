@@ -4,6 +4,7 @@ point's namespace, verdicts read from what it stored."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -324,3 +325,45 @@ def test_a_bad_certificate_on_the_site_itself_is_not_censorship(lab: Path) -> No
         row = verdicts.loc[("shop", path)]
         assert row["failure"] == "ssl_invalid_hostname"
         assert (row["verdict"], row["rule"]) == ("site_down", "bad-certificate-everywhere")
+
+
+INTERVAL_S = 2.0
+
+
+def test_a_timeline_of_injected_censorship_comes_back_as_outages(lab: Path) -> None:
+    """The daemon probes every 2 s inside the vantage point while censorship is switched on
+    and off; `tunnelwatch outages` must give each window, with its verdict, within one
+    interval of the truth, and nothing in the clean periods."""
+    config = lab.with_name("timeline.toml")
+    text = lab.read_text().replace("[probe]", f"[probe]\ninterval_s = {INTERVAL_S}").replace(
+        str(lab.parent / "store.db"), str(lab.parent / "timeline.db"))  # fmt: skip
+    config.write_text(text.replace("timeout_s = 3", "timeout_s = 1.5"))
+    sni = ["-p", "tcp", "--dport", "443", "-m", "string", "--string", "news.test", "--algo", "bm", *RESET]
+    socks = ["-p", "tcp", "--dport", "1080", *RESET]
+    truth: dict[str, tuple[float, float]] = {}
+    with isp_resolver(lab.parent):
+        daemon = _start(VP, [sys.executable, "-m", "probe", "run", "--config", str(config)], lab.parent / "timeline.log")
+        try:
+            time.sleep(14)
+            for name, spec in (("sni", sni), ("socks", socks)):
+                with rule(*spec):
+                    started = time.time()
+                    time.sleep(16)
+                truth[name] = (started, time.time())
+                time.sleep(14)
+        finally:
+            stop(daemon)
+    result = subprocess.run([sys.executable, "-m", "probe", "outages", "--by", "target", "--format", "json",
+                             "--config", str(config)], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    outages = [o for o in map(json.loads, result.stdout.splitlines()) if o["targets"] != ["shop"]]
+    found = {(o["targets"][0], o["path"], o["verdict"]): o for o in outages}
+    expected = {("news", "direct", "blocked"): "sni", **{(t, "socks", "tunnel_down"): "socks"
+                for t in ("news", "news-http", "portal")}}  # fmt: skip
+    assert set(found) == set(expected), outages
+    slack = INTERVAL_S + 1.0
+    for key, window in expected.items():
+        start = pd.Timestamp(found[key]["start"]).timestamp()
+        end = pd.Timestamp(found[key]["end"]).timestamp()
+        assert abs(start - truth[window][0]) <= slack, (key, start - truth[window][0])
+        assert abs(end - truth[window][1]) <= slack, (key, end - truth[window][1])
