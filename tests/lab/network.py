@@ -20,6 +20,7 @@ VP, RT, NET = "tw-vp", "tw-rt", "tw-net"
 VP_ADDR, RT_VP_ADDR, RT_NET_ADDR, NET_ADDR = "10.66.1.2", "10.66.1.1", "10.66.2.1", "10.66.2.2"
 NEWS, PORTAL, SHOP = "10.66.2.10", "10.66.2.11", "10.66.2.12"
 BLOCKPAGE, RESOLVER, SOCKS, SHADOWSOCKS = "10.66.2.30", "10.66.2.53", "10.66.2.20", "10.66.2.21"
+WG_ENDPOINT, WG_SERVER, WG_CLIENT, WG_PORT = "10.66.2.22", "10.99.0.1", "10.99.0.2", 51820
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -31,6 +31,10 @@ from tests.lab.network import (
     SHOP,
     SOCKS,
     VP,
+    WG_CLIENT,
+    WG_ENDPOINT,
+    WG_PORT,
+    WG_SERVER,
     in_ns,
     network,
 )
@@ -99,6 +103,36 @@ def _nginx_conf(tmp: Path, certs: dict[str, tuple[Path, Path]]) -> str:
             f"events {{ worker_connections 64; }}\nhttp {{ access_log off; {temp}\n{servers}}}\n")  # fmt: skip
 
 
+def _key(tmp: Path, name: str) -> tuple[Path, str]:
+    private = subprocess.run([need("wg"), "genkey"], capture_output=True, text=True, check=True).stdout
+    (tmp / name).write_text(private)
+    public = subprocess.run([need("wg"), "pubkey"], input=private, capture_output=True, text=True, check=True).stdout
+    return tmp / name, public.strip()
+
+
+@contextmanager
+def _wireguard(tmp: Path) -> Iterator[None]:
+    """wireguard-go on both ends (kernel WireGuard is not available here); the vantage point
+    sends what leaves from the tunnel's address through it (source-address policy routing)."""
+    server_key, server_pub = _key(tmp, "wg-server.key")
+    client_key, client_pub = _key(tmp, "wg-client.key")
+    wg, go = need("wg"), need("wireguard-go")
+    with ExitStack() as stack:
+        for ns, dev in ((NET, "wgs"), (VP, "wgc")):
+            stack.enter_context(_running(ns, [go, "-f", dev], tmp / f"{dev}.log"))
+        in_ns(NET, wg, "set", "wgs", "listen-port", str(WG_PORT), "private-key", str(server_key), "peer", client_pub,
+              "allowed-ips", f"{WG_CLIENT}/32")  # fmt: skip
+        in_ns(NET, "ip", "addr", "add", f"{WG_SERVER}/24", "dev", "wgs")
+        in_ns(NET, "ip", "link", "set", "wgs", "up")
+        in_ns(VP, wg, "set", "wgc", "private-key", str(client_key), "peer", server_pub, "endpoint",
+              f"{WG_ENDPOINT}:{WG_PORT}", "allowed-ips", "0.0.0.0/0", "persistent-keepalive", "1")  # fmt: skip
+        in_ns(VP, "ip", "addr", "add", f"{WG_CLIENT}/24", "dev", "wgc")
+        in_ns(VP, "ip", "link", "set", "wgc", "up")
+        in_ns(VP, "ip", "rule", "add", "from", WG_CLIENT, "table", "100")
+        in_ns(VP, "ip", "route", "add", "default", "dev", "wgc", "table", "100")
+        yield
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The network, the sites, the clean resolver and the tunnel's exit; yields a config."""
@@ -115,7 +149,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (tmp / "nginx.conf").write_text(_nginx_conf(tmp, certs))
     clean_answers = [f"--address=/{name}/{address}" for name, address in SITES.items()]
     cipher = ["-k", "lab-ss-key", "-m", "chacha20-ietf-poly1305"]
-    with network([NEWS, PORTAL, BLOCKPAGE, SHOP, RESOLVER, SOCKS, SHADOWSOCKS]), ExitStack() as stack:
+    with network([NEWS, PORTAL, BLOCKPAGE, SHOP, RESOLVER, SOCKS, SHADOWSOCKS, WG_ENDPOINT]), ExitStack() as stack:
+        stack.enter_context(_wireguard(tmp))
         stack.enter_context(_running(NET, [need("nginx"), "-c", str(tmp / "nginx.conf"), "-p", str(tmp)],
                                      tmp / "nginx.log", NEWS, 443))  # fmt: skip
         stack.enter_context(_running(NET, _dnsmasq(RESOLVER, "--local=/test/", *clean_answers), tmp / "clean-dns.log",
@@ -177,6 +212,13 @@ port = 1081
 remote_dns = false
 resolver = ["{RESOLVER}"]
 endpoint = {{ host = "{SHADOWSOCKS}", port = 8388, transport = "tcp" }}
+[[paths]]
+name = "wireguard"
+kind = "bind"
+label = "wireguard"
+address = "{WG_CLIENT}"
+resolver = ["{RESOLVER}"]
+endpoint = {{ host = "{WG_ENDPOINT}", port = {WG_PORT}, transport = "udp" }}
 """)
         yield config
 
@@ -255,6 +297,17 @@ def test_a_blocked_shadowsocks_server_is_tunnel_down_with_its_port_unreachable(l
         row = verdicts.loc[(target, "shadowsocks")]
         assert row["verdict"] == "tunnel_down", verdicts[["failure", "failed_operation", "verdict"]].to_string()
         assert (row["rule"], row["detail"]) == ("tunnel-fails-controls", "endpoint connection_refused")
+        assert verdicts.loc[(target, "socks"), "verdict"] == "ok"
+    assert verdicts.loc[("portal", "direct"), "verdict"] == "ok"
+
+
+def test_wireguard_with_its_udp_port_blocked_is_tunnel_down(lab: Path) -> None:
+    with isp_resolver(lab.parent), rule("-p", "udp", "--dport", str(WG_PORT), "-j", "DROP"):
+        verdicts = probe_round(lab)
+    for target in ("news", "portal"):
+        row = verdicts.loc[(target, "wireguard")]
+        assert (row["verdict"], row["rule"]) == ("tunnel_down", "tunnel-fails-controls"), verdicts[
+            ["failure", "failed_operation", "verdict"]].to_string()  # fmt: skip
         assert verdicts.loc[(target, "socks"), "verdict"] == "ok"
     assert verdicts.loc[("portal", "direct"), "verdict"] == "ok"
 
