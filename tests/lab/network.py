@@ -10,8 +10,10 @@ end, and leftovers of a killed run are removed before building.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ VP_ADDR, RT_VP_ADDR, RT_NET_ADDR, NET_ADDR = "10.66.1.2", "10.66.1.1", "10.66.2.
 NEWS, PORTAL, SHOP = "10.66.2.10", "10.66.2.11", "10.66.2.12"
 BLOCKPAGE, RESOLVER, SOCKS, SHADOWSOCKS = "10.66.2.30", "10.66.2.53", "10.66.2.20", "10.66.2.21"
 WG_ENDPOINT, WG_SERVER, WG_CLIENT, WG_PORT = "10.66.2.22", "10.99.0.1", "10.99.0.2", 51820
+HTTP_PROXY = "10.66.2.23"
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -31,8 +34,13 @@ def in_ns(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProces
     return sh("ip", "netns", "exec", ns, *args, check=check)
 
 
+NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` mounts /etc/netns/NS/resolv.conf over /etc/resolv.conf
+
+
 def clean() -> None:
     """Remove every namespace of ours, from this run or a killed one."""
+    for ns in (VP, RT, NET):
+        shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
     for line in sh("ip", "netns", "list").stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
         if name.startswith(PREFIX):
@@ -70,6 +78,9 @@ def network(extra_net_addresses: Sequence[str]) -> Iterator[Lab]:
         in_ns(VP, "ip", "route", "add", "default", "via", RT_VP_ADDR)
         in_ns(NET, "ip", "route", "add", "default", "via", RT_NET_ADDR)
         in_ns(RT, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # Programs in the "internet" (the HTTP proxy resolving for its clients) ask the clean resolver.
+        (NETNS_ETC / NET).mkdir(parents=True, exist_ok=True)
+        (NETNS_ETC / NET / "resolv.conf").write_text(f"nameserver {RESOLVER}\n")
         yield Lab()
     finally:
         clean()

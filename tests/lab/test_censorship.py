@@ -21,6 +21,7 @@ from analysis.frames import load_measurements, load_paths
 from analysis.verdicts import classify
 from tests.lab.network import (
     BLOCKPAGE,
+    HTTP_PROXY,
     NET,
     NEWS,
     PORTAL,
@@ -149,8 +150,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (tmp / "nginx.conf").write_text(_nginx_conf(tmp, certs))
     clean_answers = [f"--address=/{name}/{address}" for name, address in SITES.items()]
     cipher = ["-k", "lab-ss-key", "-m", "chacha20-ietf-poly1305"]
-    with network([NEWS, PORTAL, BLOCKPAGE, SHOP, RESOLVER, SOCKS, SHADOWSOCKS, WG_ENDPOINT]), ExitStack() as stack:
+    with network([NEWS, PORTAL, BLOCKPAGE, SHOP, RESOLVER, SOCKS, SHADOWSOCKS, WG_ENDPOINT, HTTP_PROXY]), ExitStack() as stack:
         stack.enter_context(_wireguard(tmp))
+        (tmp / "tinyproxy.conf").write_text(f"Port 8888\nListen {HTTP_PROXY}\nTimeout 30\nAllow 10.66.0.0/16\n"
+                                            "MaxClients 50\nUser root\nGroup root\n")  # fmt: skip
+        stack.enter_context(_running(NET, [need("tinyproxy"), "-d", "-c", str(tmp / "tinyproxy.conf")],
+                                     tmp / "tinyproxy.log", HTTP_PROXY, 8888))  # fmt: skip
         stack.enter_context(_running(NET, [need("nginx"), "-c", str(tmp / "nginx.conf"), "-p", str(tmp)],
                                      tmp / "nginx.log", NEWS, 443))  # fmt: skip
         stack.enter_context(_running(NET, _dnsmasq(RESOLVER, "--local=/test/", *clean_answers), tmp / "clean-dns.log",
@@ -212,6 +217,11 @@ port = 1081
 remote_dns = false
 resolver = ["{RESOLVER}"]
 endpoint = {{ host = "{SHADOWSOCKS}", port = 8388, transport = "tcp" }}
+[[paths]]
+name = "http-proxy"
+kind = "http"
+host = "{HTTP_PROXY}"
+port = 8888
 [[paths]]
 name = "wireguard"
 kind = "bind"
@@ -277,12 +287,13 @@ def test_reset_on_the_tls_sni_is_blocked_tls(lab: Path) -> None:
     assert verdicts.loc[("news", "socks"), "verdict"] == "ok"  # the SNI went to port 1080, inside the tunnel
 
 
-def test_a_blocked_tunnel_port_is_tunnel_down(lab: Path) -> None:
-    with isp_resolver(lab.parent), rule("-p", "tcp", "--dport", "1080", "-j", "REJECT", "--reject-with",
+@pytest.mark.parametrize(("path", "port"), [("socks", "1080"), ("http-proxy", "8888")])
+def test_a_blocked_proxy_port_is_tunnel_down(lab: Path, path: str, port: str) -> None:
+    with isp_resolver(lab.parent), rule("-p", "tcp", "--dport", port, "-j", "REJECT", "--reject-with",
                                         "tcp-reset"):  # fmt: skip
         verdicts = probe_round(lab)
     for target in ("news", "news-http", "portal"):
-        row = verdicts.loc[(target, "socks")]
+        row = verdicts.loc[(target, path)]
         assert (row["failure"], row["failed_operation"]) == ("connection_refused", "proxy_connect")
         assert row["verdict"] == "tunnel_down"
         assert verdicts.loc[(target, "direct"), "verdict"] == "ok"
