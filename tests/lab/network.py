@@ -13,9 +13,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 PREFIX = "tw-"
 VP, RT, NET = "tw-vp", "tw-rt", "tw-net"
