@@ -14,7 +14,6 @@ import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "tw-"
@@ -50,12 +49,6 @@ def clean() -> None:
             sh("ip", "netns", "del", name, check=False)
 
 
-@dataclass(frozen=True)
-class Lab:
-    def iptables(self, *rule: str) -> None:
-        in_ns(RT, "iptables", *rule)
-
-
 def _link(a: str, a_if: str, a_addr: str, b: str, b_if: str, b_addr: str) -> None:
     sh("ip", "link", "add", a_if, "netns", a, "type", "veth", "peer", "name", b_if, "netns", b)
     in_ns(a, "ip", "addr", "add", f"{a_addr}/24", "dev", a_if)
@@ -65,7 +58,7 @@ def _link(a: str, a_if: str, a_addr: str, b: str, b_if: str, b_addr: str) -> Non
 
 
 @contextmanager
-def network(extra_net_addresses: Sequence[str]) -> Iterator[Lab]:
+def network(extra_net_addresses: Sequence[str]) -> Iterator[None]:
     clean()
     try:
         for ns in (VP, RT, NET):
@@ -81,6 +74,6 @@ def network(extra_net_addresses: Sequence[str]) -> Iterator[Lab]:
         # Programs in the "internet" (the HTTP proxy resolving for its clients) ask the clean resolver.
         (NETNS_ETC / NET).mkdir(parents=True, exist_ok=True)
         (NETNS_ETC / NET / "resolv.conf").write_text(f"nameserver {RESOLVER}\n")
-        yield Lab()
+        yield
     finally:
         clean()
