@@ -30,7 +30,6 @@ from .pipeline import Analysis, analyse
 from .verdicts import FAILING
 
 ISO_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
-CHARTS = ("availability", "latency", "outages")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from .console import config_option, err, out
 from .daemon import run_daemon
 from .errors import ConfigError, StoreError, TunnelwatchError
 from .logs import setup_logging
-from .model import Measurement
+from .model import PHASES, Measurement
 from .rounds import ProbeContext, path_rows, plan, run_round
 from .store import open_store
 
@@ -55,7 +55,7 @@ def config_app() -> None:
     """Inspect the configuration."""
 
 
-PHASE_COLUMNS = ("resolve_ms", "proxy_ms", "connect_ms", "tls_ms", "first_byte_ms", "total_ms")
+PHASE_COLUMNS = tuple(f"{phase}_ms" for phase in (*PHASES, "total"))
 
 
 def _check_names(kind: str, asked: Sequence[str], known: Sequence[str], source: str) -> None:

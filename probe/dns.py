@@ -50,10 +50,6 @@ class Resolver:
             options["local_ip"] = self.local_ip
         if self.local_dev:
             options["local_dev"] = self.local_dev
-        if self.servers:
-            # Explicit servers only: no hosts file, no search domains.
-            options["lookups"] = "b"
-            options["ndots"] = 0
         return aiodns.DNSResolver(nameservers=list(self.servers) or None, **options)
 
 

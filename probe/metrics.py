@@ -12,10 +12,9 @@ from prometheus_client import (
     start_http_server,
 )
 
-from .model import Measurement
+from .model import PHASES, Measurement
 
 LABELS = ("target", "group", "path", "kind")
-PHASES = ("resolve", "proxy", "connect", "tls", "first_byte")
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 

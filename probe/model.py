@@ -19,7 +19,8 @@ PROXY_AUTH = "proxy_auth"
 # A failure in one of these is the path's own failure, not the target's.
 PATH_OPERATIONS = frozenset({BIND, PROXY_CONNECT, PROXY_AUTH})
 
-PHASES = ("resolve", "proxy", "connect", "tls", "first_byte", "total")
+# The timed phases of a probe, each stored as <phase>_ms; total_ms spans them all.
+PHASES = ("resolve", "proxy", "connect", "tls", "first_byte")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -75,10 +75,6 @@ async def _connect(addresses: list[str], port: int, path: PathSpec) -> socket.so
     raise last
 
 
-async def _streams(sock: socket.socket) -> Streams:
-    return await asyncio.open_connection(sock=sock)
-
-
 async def _connect_target(path: PathSpec, host: str, port: int, trace: Trace) -> Streams:
     check_bind(path)
     addresses = await lookup(resolver_for(path), host, trace)
@@ -87,7 +83,7 @@ async def _connect_target(path: PathSpec, host: str, port: int, trace: Trace) ->
     sock = await _connect(addresses, port, path)
     trace.phase("connect", _elapsed_ms(started))
     trace.fact("peer_address", sock.getpeername()[0])
-    return await _streams(sock)
+    return await asyncio.open_connection(sock=sock)
 
 
 async def _connect_proxy(path: PathSpec, trace: Trace) -> Streams:
@@ -96,7 +92,7 @@ async def _connect_proxy(path: PathSpec, trace: Trace) -> Streams:
     try:
         addresses = await lookup(SYSTEM_RESOLVER, path.host or "", Trace())
         sock = await _connect(addresses, path.port or 0, path)
-        return await _streams(sock)
+        return await asyncio.open_connection(sock=sock)
     except ProbeFailure:
         raise
     except (OSError, ares.DNSError) as exc:
