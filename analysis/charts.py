@@ -24,7 +24,6 @@ from .events import Event  # noqa: E402
 from .verdicts import (  # noqa: E402
     BLOCKED,
     DEGRADED,
-    FAILING,
     INCONCLUSIVE,
     LOCAL_OUTAGE,
     SITE_DOWN,
@@ -79,18 +78,19 @@ def _hours(start: pd.Timestamp, end: pd.Timestamp) -> pd.DatetimeIndex:
     return pd.date_range(start, end, freq="1h", inclusive="left")
 
 
-def availability_heatmap(verdicts: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, tz: str) -> Figure:
-    """One row per path (grouped by target group), one column per hour; colour = success rate."""
+def availability_heatmap(hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, tz: str) -> Figure:
+    """One row per path (grouped by target group), one column per hour; colour = success rate.
+    `hourly` is the summary's probes and failing probes per (hour, group, path)."""
     hours = _hours(start, end)
-    rows = sorted(verdicts[["group", "path"]].drop_duplicates().itertuples(index=False)) if len(verdicts) else []
+    rows = sorted(hourly[["group", "path"]].drop_duplicates().itertuples(index=False)) if len(hourly) else []
+    rows = [(str(g), str(p)) for g, p in rows]
     matrix = np.full((max(1, len(rows)), len(hours)), np.nan)
-    if len(verdicts):
-        frame = verdicts.assign(hour=verdicts["started_at"].dt.floor("1h"), ok=verdicts["state"] != FAILING)
-        rates = frame.groupby(["group", "path", "hour"])["ok"].mean()
+    if len(hourly):
         position = {h: i for i, h in enumerate(hours)}
-        for (group, path, hour), rate in rates.items():
-            if hour in position:
-                matrix[rows.index((group, path)), position[hour]] = rate
+        for hour, group, path, probes, failing in hourly[["hour", "group", "path", "probes", "failing"]].itertuples(
+                index=False):  # fmt: skip
+            if hour in position and probes:
+                matrix[rows.index((group, path)), position[hour]] = 1 - failing / probes
     height = 1.6 + 0.32 * max(1, len(rows))
     fig = Figure(figsize=(WIDTH_IN, height), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
@@ -122,29 +122,27 @@ def _failure_colour(rate: float) -> str:
 
 
 def latency_smoke(
-    measurements: pd.DataFrame, verdicts: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, tz: str,
-    metric: str = "connect_ms",
+    latency: pd.DataFrame, hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, tz: str,
+    metric: str = "connect",
 ) -> Figure:  # fmt: skip
     """Per path, SmokePing-style: the hourly median of `metric` as a line coloured by that
-    hour's failure rate, with grey bands for the 10-90 and 25-75 percentiles."""
-    data = measurements[measurements["group"] != "endpoint"]
-    paths = sorted(data["path"].unique()) or ["(none)"]
-    if data.empty:
-        data = pd.DataFrame({"path": [], "ok": [], metric: [], "started_at": pd.DatetimeIndex([], tz="UTC")})
-        verdicts = pd.DataFrame({"path": [], "group": [], "state": [], "started_at": pd.DatetimeIndex([], tz="UTC")})
+    hour's failure rate, with grey bands for the 10-90 and 25-75 percentiles. `latency` and
+    `hourly` are the summary's percentiles and counts per hour."""
+    paths = sorted(set(latency["path"].astype(str))) or ["(none)"]
     fig = Figure(figsize=(WIDTH_IN, 1.2 + 1.9 * len(paths)), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(paths), 1, sharex=True, squeeze=False)[:, 0]
     colours = path_colours(paths)
     hours = _hours(start, end)
-    label = metric.removesuffix("_ms").replace("_", " ")
+    label = metric.replace("_", " ")
     for ax, path in zip(axes, paths, strict=True):
-        ok = data[(data["path"] == path) & data["ok"] & data[metric].notna()]
-        grouped = ok.groupby(ok["started_at"].dt.floor("1h"))[metric]
-        q = grouped.quantile([0.1, 0.25, 0.5, 0.75, 0.9]).unstack().reindex(hours)
-        v = verdicts[verdicts["path"] == path]
-        if (v["group"] == "control").any():  # the path's health, not the censorship of blocked sites
-            v = v[v["group"] == "control"]
-        failure = (v["state"] == FAILING).groupby(v["started_at"].dt.floor("1h")).mean().reindex(hours)
+        mine = latency[latency["path"] == path].set_index("hour")
+        q = pd.DataFrame({p: mine[f"{metric}_p{round(p * 100)}"] for p in (0.1, 0.25, 0.5, 0.75, 0.9)},
+                         dtype=float).reindex(hours)  # fmt: skip
+        h = hourly[hourly["path"] == path]
+        if (h["group"] == "control").any():  # the path's health, not the censorship of blocked sites
+            h = h[h["group"] == "control"]
+        sums = h.groupby("hour")[["failing", "probes"]].sum()
+        failure = (sums["failing"] / sums["probes"]).reindex(hours)
         x = mdates.date2num(_local(hours + pd.Timedelta(minutes=30), tz))
         if not q.empty and q.notna().any().any():
             ax.fill_between(x, q[0.1], q[0.9], color="#cccccc", step="mid", linewidth=0, label="10-90 %")
@@ -215,12 +213,3 @@ def outage_timeline(
                 Patch(color="#56B4E9", alpha=0.5, label="event window")]  # fmt: skip
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
     return fig
-
-
-def heartbeat_gaps(heartbeats: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, interval_s: float) -> pd.DataFrame:
-    """Periods with no heartbeat for longer than 2.5 intervals: the daemon was not measuring."""
-    limit = pd.Timedelta(seconds=2.5 * interval_s)
-    times = sorted(heartbeats["started_at"]) if len(heartbeats) else []
-    edges = [start - pd.Timedelta(seconds=interval_s), *times, end + pd.Timedelta(seconds=interval_s)]
-    gaps = [(a + pd.Timedelta(seconds=interval_s), b) for a, b in zip(edges, edges[1:], strict=False) if b - a > limit]
-    return pd.DataFrame(gaps, columns=["start", "end"])

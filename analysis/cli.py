@@ -262,7 +262,7 @@ def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple
             raise ConfigError(f"{cfg.store.path}: no measurements in that range to check events against")
         span = result.span
         outages = result.paths[result.paths["verdict"] != "degraded"]
-        data = outage_series(outages, result.heartbeats, span[0], span[1])
+        data = outage_series(outages, result.summary.coverage, span[0], span[1])
         firsts = outages["start"] if len(outages) else None
     if not ids and not categories:
         chosen = [e for e in chosen if e.category != "holiday"]

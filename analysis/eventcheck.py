@@ -71,28 +71,29 @@ class Check:
 
 
 def outage_series(
-    outages: pd.DataFrame, heartbeats: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, step: str = "1h"
+    outages: pd.DataFrame, coverage: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, step: str = "1h"
 ) -> Series:
-    """Outage minutes and measured minutes per bin. A bin with a heartbeat counts as measured
-    in full; outages are only counted where there was measuring."""
+    """Outage minutes and measured minutes per bin. `coverage` holds the spans the daemon was
+    measuring; outages only count where there was measuring."""
     size = pd.Timedelta(step)
     start = start.floor(size)
     bins = max(1, int(np.ceil((end - start) / size)))
-    exposure = np.zeros(bins)
-    if len(heartbeats):
-        index = ((heartbeats["started_at"] - start) // size).astype("int64").to_numpy()
-        index = index[(index >= 0) & (index < bins)]
-        exposure[np.unique(index)] = size / pd.Timedelta(minutes=1)
-    value = np.zeros(bins)
     edges = start + size * np.arange(bins + 1)
-    for o_start, o_end in _union(outages):
-        first = max(0, int((o_start - start) // size))
-        last = min(bins, int(np.ceil((o_end - start) / size)))
-        for b in range(first, last):
-            overlap = min(o_end, edges[b + 1]) - max(o_start, edges[b])
-            value[b] += max(0.0, overlap / pd.Timedelta(minutes=1))
-    value = np.minimum(value, exposure)  # unmeasured time is unknown, never outage
+    exposure = _minutes_per_bin(list(zip(coverage.get("start", []), coverage.get("end", []), strict=True)), edges)
+    value = np.minimum(_minutes_per_bin(_union(outages), edges), exposure)  # unmeasured time is unknown, never outage
     return Series(start=start, step=size, value=value, exposure=exposure)
+
+
+def _minutes_per_bin(intervals: list[tuple[pd.Timestamp, pd.Timestamp]], edges: pd.DatetimeIndex) -> np.ndarray:
+    out = np.zeros(len(edges) - 1)
+    start, size = edges[0], edges[1] - edges[0]
+    for a, b in intervals:
+        first = max(0, int((a - start) // size))
+        last = min(len(out), int(np.ceil((b - start) / size)))
+        for i in range(first, last):
+            overlap = min(b, edges[i + 1]) - max(a, edges[i])
+            out[i] += max(0.0, overlap / pd.Timedelta(minutes=1))
+    return out
 
 
 def _union(outages: pd.DataFrame) -> list[tuple[pd.Timestamp, pd.Timestamp]]:

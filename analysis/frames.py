@@ -1,7 +1,9 @@
-"""The only module that reads the store: measurements, heartbeats and paths as DataFrames.
+"""The only analysis module that touches the store: raw rows and summaries as DataFrames,
+and the writing of summaries by compaction.
 
-Dtypes are defined once here. Filtering by time, target, path and group happens in the SQL
-query, and only the columns analysis needs are read.
+Dtypes are defined once here. Filtering by time, target and path happens in the SQL query,
+and only the columns analysis needs are read. `load_summary` is what commands use: the
+stored summaries before the cursor joined to the raw rows after it, summarised alike.
 """
 
 from __future__ import annotations
@@ -15,6 +17,20 @@ import pandas as pd
 from pandas.api.types import union_categoricals
 
 from probe.errors import StoreError
+from probe.store import SQLiteStore
+
+from .rollup import (
+    COVERAGE_COLUMNS,
+    HOURLY_COLUMNS,
+    LATENCY_COLUMNS,
+    RUN_COLUMNS,
+    RUN_KEY,
+    Summary,
+    join,
+    merge_coverage,
+    merge_runs,
+    summarise,
+)
 
 MEASUREMENT_COLUMNS: dict[str, str] = {
     "round_id": "str",
@@ -133,3 +149,209 @@ def load_paths(db: Path) -> pd.DataFrame:
     finally:
         conn.close()
     return pd.DataFrame.from_records(rows, columns=list(PATH_COLUMNS))
+
+
+ROUND_SPAN = pd.Timedelta(minutes=15)  # the longest a round's probes are spread over
+COMPACT_MARGIN = pd.Timedelta(hours=1)  # rows may be written this late (the writer buffers)
+DAY_MS = 86_400_000
+
+
+def _ts(ms: pd.Series) -> pd.Series:
+    return pd.to_datetime(ms.astype("int64"), unit="ms", utc=True)
+
+
+def _query(db: Path, sql: str, args: Sequence[object] = ()) -> list[tuple]:
+    conn = _connect(db)
+    try:
+        return conn.execute(sql, list(args)).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []  # a store from before summaries: everything is raw
+        raise StoreError(f"{db}: cannot read: {exc}") from None
+    finally:
+        conn.close()
+
+
+def read_cursor(db: Path) -> pd.Timestamp | None:
+    rows = _query(db, "SELECT until_ms FROM rollup_cursor")
+    return pd.Timestamp(rows[0][0], unit="ms", tz="UTC") if rows else None
+
+
+def first_raw_hour(db: Path, after: pd.Timestamp | None) -> pd.Timestamp | None:
+    """The hour of the first raw row at or after `after`."""
+    rows = _query(db, "SELECT MIN(started_at_ms) FROM measurements WHERE started_at_ms >= ?",
+                  [_ms(after) if after is not None else -(2**62)])  # fmt: skip
+    if not rows or rows[0][0] is None:
+        return None
+    return pd.Timestamp(rows[0][0], unit="ms", tz="UTC").floor("1h")
+
+
+def summarise_raw(db: Path, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float) -> Summary:
+    """The summary of the rounds that started in [start, end), from raw rows."""
+    since = None if start is None else (start - ROUND_SPAN).to_pydatetime()
+    until = None if end is None else (end + ROUND_SPAN).to_pydatetime()
+    m = load_measurements(db, since, until)
+    if len(m):
+        first = m.groupby("round_id", observed=True)["started_at"].transform("min")
+        inside = pd.Series(True, index=m.index)
+        if start is not None:
+            inside &= first >= start
+        if end is not None:
+            inside &= first < end
+        m = m[inside]
+    beats = load_heartbeats(db, None if start is None else start.to_pydatetime(), None if end is None else end.to_pydatetime())
+    return summarise(m, beats, load_paths(db), slot_s)
+
+
+def load_summary(db: Path, since: datetime | None, until: datetime | None, slot_s: float) -> Summary:
+    """Everything analysis needs of [since, until): stored summaries before the cursor, raw
+    rows after it."""
+    start = None if since is None else pd.Timestamp(since)
+    end = None if until is None else pd.Timestamp(until)
+    _connect(db).close()
+    cursor = read_cursor(db)
+    stored = Summary.empty()
+    if cursor is not None and (start is None or start < cursor):
+        stored = _stored(db, start, cursor if end is None else min(end, cursor))
+    tail_from = start if cursor is None or (start is not None and start > cursor) else cursor
+    summary = join(stored, summarise_raw(db, tail_from, end, slot_s))
+    if start is None and end is None:
+        return summary
+    return summary.clip(start or pd.Timestamp.min.tz_localize("UTC"), end or pd.Timestamp.max.tz_localize("UTC"))
+
+
+def _stored(db: Path, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
+    lo, hi = (_ms(start.to_pydatetime()) if start is not None else -(2**62)), _ms(end.to_pydatetime())
+    runs = pd.DataFrame.from_records(
+        _query(db, f"SELECT target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds FROM verdict_runs "
+                   "WHERE last_ms >= ? AND first_ms < ? ORDER BY first_ms", [lo, hi]),
+        columns=[c if c not in ("first", "last") else f"{c}_ms" for c in RUN_COLUMNS],
+    )  # fmt: skip
+    hour_lo = lo - lo % 3_600_000
+    hourly = pd.DataFrame.from_records(
+        _query(db, "SELECT hour_ms, grp, path, probes, failing FROM hourly WHERE hour_ms >= ? AND hour_ms < ?",
+               [hour_lo, hi]), columns=["hour_ms", *HOURLY_COLUMNS[1:]])  # fmt: skip
+    latency = pd.DataFrame.from_records(
+        _query(db, f"SELECT hour_ms, {', '.join(LATENCY_COLUMNS[1:])} FROM hourly_latency "
+                   "WHERE hour_ms >= ? AND hour_ms < ?", [hour_lo, hi]), columns=["hour_ms", *LATENCY_COLUMNS[1:]])
+    coverage = pd.DataFrame.from_records(
+        _query(db, "SELECT start_ms, end_ms FROM coverage WHERE end_ms > ? AND start_ms < ? ORDER BY start_ms",
+               [lo, hi]), columns=["start_ms", "end_ms"])  # fmt: skip
+    empty = Summary.empty()
+    runs = runs.assign(first=_ts(runs.pop("first_ms")), last=_ts(runs.pop("last_ms")))[RUN_COLUMNS] if len(runs) \
+        else empty.runs
+    hourly = hourly.assign(hour=_ts(hourly.pop("hour_ms")))[HOURLY_COLUMNS] if len(hourly) else empty.hourly
+    latency = latency.assign(hour=_ts(latency.pop("hour_ms")))[LATENCY_COLUMNS] if len(latency) else empty.latency
+    coverage = pd.DataFrame({"start": _ts(coverage["start_ms"]), "end": _ts(coverage["end_ms"])}) if len(coverage) \
+        else empty.coverage
+    return Summary(runs, hourly, latency, coverage)
+
+
+def _writable(db: Path) -> sqlite3.Connection:
+    SQLiteStore(db).close()  # creates or migrates the schema
+    try:
+        return sqlite3.connect(db, timeout=30, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{db}: cannot open the store: {exc}") from None
+
+
+def write_summary(db: Path, summary: Summary, expected: pd.Timestamp | None, end: pd.Timestamp,
+                  slot_s: float) -> bool:  # fmt: skip
+    """Add a summary of the rounds before `end` and move the cursor to `end`, in one
+    transaction, if the cursor is still `expected`. Runs and coverage continue the stored ones."""
+    conn = _writable(db)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute("SELECT until_ms FROM rollup_cursor").fetchone()
+        if (row[0] if row else None) != (None if expected is None else _ms(expected.to_pydatetime())):
+            conn.execute("ROLLBACK")
+            return False
+        _write_runs(conn, summary.runs)
+        conn.executemany(
+            "INSERT INTO hourly (hour_ms, grp, path, probes, failing) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+            "SET probes = probes + excluded.probes, failing = failing + excluded.failing",
+            [(_ms(h), g, p, int(n), int(f)) for h, g, p, n, f in summary.hourly[HOURLY_COLUMNS].itertuples(index=False)],
+        )  # fmt: skip
+        values = LATENCY_COLUMNS[3:]
+        conn.executemany(
+            f"INSERT INTO hourly_latency (hour_ms, path, samples, {', '.join(values)}) "
+            f"VALUES ({', '.join('?' * len(LATENCY_COLUMNS))}) ON CONFLICT DO UPDATE SET samples = samples + "
+            "excluded.samples, " + ", ".join(
+                f"{v} = (coalesce({v}, excluded.{v}) * samples + coalesce(excluded.{v}, {v}) * excluded.samples) "
+                "/ (samples + excluded.samples)" for v in values),
+            [(_ms(r[0]), r[1], int(r[2]), *(None if pd.isna(x) else float(x) for x in r[3:]))
+             for r in summary.latency[LATENCY_COLUMNS].itertuples(index=False)],
+        )  # fmt: skip
+        _write_coverage(conn, summary.coverage, slot_s)
+        conn.execute("INSERT INTO rollup_cursor (id, until_ms, slot_s) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE "
+                     "SET until_ms = excluded.until_ms, slot_s = excluded.slot_s", [_ms(end), slot_s])  # fmt: skip
+        conn.execute("COMMIT")
+        return True
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise StoreError(f"{db}: cannot write summaries: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _write_runs(conn: sqlite3.Connection, runs: pd.DataFrame) -> None:
+    if runs.empty:
+        return
+    since = _ms(runs["first"].min()) - DAY_MS
+    rows = conn.execute(f"SELECT id, target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds FROM verdict_runs "
+                        "WHERE last_ms >= ?", [since]).fetchall()  # fmt: skip
+    old = pd.DataFrame.from_records(rows, columns=["id", "target", "path", *RUN_KEY, "first", "last", "rounds"])
+    if len(old):
+        old = old.sort_values("last").groupby(["target", "path"]).tail(1)
+        old["first"], old["last"] = _ts(old["first"]), _ts(old["last"])
+    merged = merge_runs(old, runs.assign(id=None))
+    grown = merged[merged["id"].notna()]
+    conn.executemany("UPDATE verdict_runs SET last_ms = ?, rounds = ? WHERE id = ?",
+                     [(_ms(t), int(n), int(i)) for t, n, i in zip(grown["last"], grown["rounds"], grown["id"],
+                                                                  strict=True)])  # fmt: skip
+    new = merged[merged["id"].isna()]
+    conn.executemany(
+        f"INSERT INTO verdict_runs (target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds) "
+        f"VALUES ({', '.join('?' * (len(RUN_KEY) + 5))})",
+        [(*r[:-3], _ms(r[-3]), _ms(r[-2]), int(r[-1])) for r in new[RUN_COLUMNS].itertuples(index=False)],
+    )
+
+
+def _write_coverage(conn: sqlite3.Connection, coverage: pd.DataFrame, slot_s: float) -> None:
+    if coverage.empty:
+        return
+    reach = _ms(coverage["start"].min()) - round(slot_s * 1000 * 3)
+    rows = conn.execute("SELECT start_ms, end_ms FROM coverage WHERE end_ms >= ?", [reach]).fetchall()
+    old = pd.DataFrame({"start": _ts(pd.Series([r[0] for r in rows], dtype="int64")),
+                        "end": _ts(pd.Series([r[1] for r in rows], dtype="int64"))})  # fmt: skip
+    # Spans that pause less than the gap allowance are one span.
+    allowance = pd.Timedelta(seconds=1.5 * slot_s)
+    widened = pd.DataFrame({"start": old["start"], "end": old["end"] + allowance})
+    merged = merge_coverage(widened, coverage.assign(end=coverage["end"] + allowance))
+    merged["end"] -= allowance
+    conn.execute("DELETE FROM coverage WHERE end_ms >= ?", [reach])
+    conn.executemany("INSERT INTO coverage (start_ms, end_ms) VALUES (?, ?)",
+                     [(_ms(a), _ms(b)) for a, b in merged[COVERAGE_COLUMNS].itertuples(index=False)])  # fmt: skip
+
+
+def delete_raw(db: Path, before: pd.Timestamp) -> int:
+    """Delete raw rows that started before `before`, a day per transaction so the daemon's
+    writer is never kept waiting long."""
+    conn = _writable(db)
+    deleted = 0
+    try:
+        oldest = conn.execute("SELECT MIN(started_at_ms) FROM measurements").fetchone()[0]
+        limit = _ms(before.to_pydatetime())
+        cut = oldest
+        while cut is not None and cut < limit:
+            cut = min(limit, cut + DAY_MS)
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                deleted += conn.execute("DELETE FROM measurements WHERE started_at_ms < ?", [cut]).rowcount
+                conn.execute("DELETE FROM heartbeats WHERE started_at_ms < ?", [cut])
+    except sqlite3.Error as exc:
+        raise StoreError(f"{db}: cannot delete old raw rows: {exc}") from None
+    finally:
+        conn.close()
+    return deleted

@@ -4,6 +4,8 @@ A (target, path) is in an outage from the first of `open_after` consecutive fail
 until the first of `close_after` consecutive good rounds. A gap in the rounds (the daemon
 stopped, the machine slept) is unknown: an outage open at a gap ends one interval after its
 last failing round, and rounds on either side of a gap are never counted as consecutive.
+Rounds come as verdict runs (rollup.py): the same code serves a week of raw rows and a year
+of summaries.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .rollup import as_ns
 from .verdicts import DEGRADED, FAILING
 
 OUTAGE_COLUMNS = ["path", "target", "start", "end", "minutes", "verdict", "targets", "rules", "rounds", "ongoing",
@@ -27,62 +30,70 @@ class Hysteresis:
     gap_factor: float = 2.5  # a pause longer than this many intervals is a gap
 
 
-def _interval(times: pd.Series) -> pd.Timedelta:
-    steps = times.diff().dropna()
-    return steps.median() if len(steps) else pd.Timedelta(minutes=5)
+def _interval_ns(first: np.ndarray, last: np.ndarray, rounds: np.ndarray) -> float:
+    """The pair's usual step between rounds: within its runs, else between them."""
+    steps = rounds - 1
+    if steps.sum() > 0:
+        return float((last - first).sum() / steps.sum())
+    if len(first) > 1:
+        return float(np.median(np.diff(first)))
+    return float(pd.Timedelta(minutes=5).value)
 
 
-def _runs(values: np.ndarray) -> list[tuple[bool, int, int]]:
-    """(value, first index, length) of each run of equal booleans."""
-    if not len(values):
-        return []
-    edges = np.flatnonzero(np.diff(values.astype(np.int8))) + 1
-    starts = np.concatenate([[0], edges])
-    lengths = np.diff(np.concatenate([starts, [len(values)]]))
-    return [(bool(values[a]), int(a), int(n)) for a, n in zip(starts, lengths, strict=True)]
-
-
-def pair_outages(verdicts: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> pd.DataFrame:
-    """Outage intervals of every (target, path). The state machine walks runs of equal
-    states, not rows, so a year of rounds costs little."""
+def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> pd.DataFrame:
+    """Outage intervals of every (target, path), from its verdict runs (see rollup.py). The
+    state machine walks runs, not rounds, so a year costs little."""
     rows: list[dict] = []
-    ordered = verdicts.sort_values(["target", "path", "started_at"])
-    for (target, path), series in ordered.groupby(["target", "path"], sort=True):
-        times = series["started_at"].reset_index(drop=True)
-        failing = (series["state"] == FAILING).to_numpy()
-        interval = _interval(times)
-        gaps = np.flatnonzero(times.diff().to_numpy()[1:] > hysteresis.gap_factor * interval) + 1
-        bounds = [0, *gaps.tolist(), len(times)]
-        kinds, rules = series["verdict"].to_numpy(), series["rule"].to_numpy()
-        for segment, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
-            last_segment = segment == len(bounds) - 2
-            for start, end, ongoing in _segment_outages(failing[a:b], hysteresis, last_segment):
-                index = np.arange(a + start, a + end)
-                index = index[failing[index]]
-                closed_at = times[a + end] if end < b - a and not ongoing else times[index[-1]] + interval
-                verdicts_in = Counter(kinds[index])
-                rows.append({
-                    "path": path, "target": target, "start": times[index[0]], "end": closed_at,
-                    "verdict": verdicts_in.most_common(1)[0][0], "targets": (target,),
-                    "rules": tuple(sorted(set(rules[index]))), "rounds": len(index), "ongoing": ongoing,
-                })  # fmt: skip
+    ordered = runs.sort_values(["target", "path", "first"])
+    for (target, path), g in ordered.groupby(["target", "path"], sort=True, observed=True):
+        first, last = as_ns(g["first"]), as_ns(g["last"])
+        rounds = g["rounds"].to_numpy(dtype="int64")
+        failing = (g["state"] == FAILING).to_numpy()
+        interval = _interval_ns(first, last, rounds)
+        gap_after = np.append(first[1:] - last[:-1] > hysteresis.gap_factor * interval, True)
+        kinds, rules = g["verdict"].to_numpy(), g["rule"].to_numpy()
+        for a, b, closed_at, ongoing in _walk(failing, rounds, gap_after, hysteresis):
+            index = np.arange(a, b)[failing[a:b]]
+            end = first[closed_at] if closed_at is not None else last[index[-1]] + interval
+            counts = Counter()
+            for i in index:
+                counts[kinds[i]] += rounds[i]
+            rows.append({
+                "path": path, "target": target, "start": pd.Timestamp(first[index[0]], tz="UTC"),
+                "end": pd.Timestamp(int(end), tz="UTC"),
+                "verdict": counts.most_common(1)[0][0], "targets": (target,),
+                "rules": tuple(sorted(set(rules[index]))), "rounds": int(rounds[index].sum()), "ongoing": ongoing,
+            })  # fmt: skip
     return _frame(rows)
 
 
-def _segment_outages(failing: np.ndarray, h: Hysteresis, last_segment: bool) -> list[tuple[int, int, bool]]:
-    """(first index, index of the closing good round or the segment's end, still ongoing)."""
+def _walk(failing: np.ndarray, rounds: np.ndarray, gap_after: np.ndarray,
+          h: Hysteresis) -> list[tuple[int, int, int | None, bool]]:  # fmt: skip
+    """(first run, end run, run whose first round closed it or None, ongoing) per outage.
+
+    Consecutive runs with the same state form a streak; `open_after` failing rounds in a
+    streak open an outage at its start, `close_after` good ones close it at theirs. An
+    outage open at a gap ends there; open at the end of the data, it is ongoing."""
     found = []
     open_at: int | None = None
-    for value, first, length in _runs(failing):
+    i, n = 0, len(failing)
+    while i < n:
+        j, total = i, 0
+        while True:  # the streak i..j
+            total += rounds[j]
+            if gap_after[j] or j + 1 == n or failing[j + 1] != failing[i]:
+                break
+            j += 1
         if open_at is None:
-            if value and length >= h.open_after:
-                open_at = first
-        elif not value and length >= h.close_after:
-            found.append((open_at, first, False))
+            if failing[i] and total >= h.open_after:
+                open_at = i
+        elif not failing[i] and total >= h.close_after:
+            found.append((open_at, i, i, False))
             open_at = None
-    if open_at is not None:
-        # Open at the end of a segment: ongoing if this is the newest data, else ended by a gap.
-        found.append((open_at, len(failing), last_segment))
+        if gap_after[j] and open_at is not None:
+            found.append((open_at, j + 1, None, j + 1 == n))
+            open_at = None
+        i = j + 1
     return found
 
 
@@ -111,29 +122,28 @@ def path_outages(pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 def degraded(
-    measurements: pd.DataFrame,
+    latency: pd.DataFrame,
     *,
-    window: str = "1h",
     baseline: str = "7D",
     factor: float = 3.0,
-    metric: str = "connect_ms",
+    metric: str = "connect",
     min_windows: int = 6,
 ) -> pd.DataFrame:
-    """Windows where a path's median `metric` exceeds `factor` x its rolling baseline median.
+    """Hours where a path's median `metric` exceeds `factor` x its rolling baseline median.
 
-    Only successful probes count; the baseline is the median of the preceding windows'
-    medians over `baseline`, so a degraded window does not raise its own bar.
+    `latency` is the hourly summary (rollup.py: percentiles of the probes that worked); the
+    baseline is the median of the preceding hours' medians over `baseline`, so a degraded
+    hour does not raise its own bar.
     """
     rows: list[dict] = []
-    ok = measurements[measurements["ok"] & measurements[metric].notna() & (measurements["group"] != "endpoint")]
-    for path, group in ok.groupby("path", sort=True):
-        medians = group.set_index("started_at")[metric].resample(window).median().dropna()
+    column = f"{metric}_p50"
+    step = pd.Timedelta(hours=1)
+    for path, group in latency.groupby("path", sort=True):
+        medians = group.set_index("hour")[column].astype(float).dropna().sort_index()
         reference = medians.rolling(baseline, min_periods=min_windows).median().shift(1)
         ratio = (medians / reference).dropna()
-        slow = ratio[ratio > factor]
-        step = pd.Timedelta(window)
         current: dict | None = None
-        for at, value in slow.items():
+        for at, value in ratio[ratio > factor].items():
             if current is not None and at == current["end"]:
                 current["end"] = at + step
                 current["factor"] = max(current["factor"], value)
@@ -142,7 +152,7 @@ def degraded(
             if current is not None:
                 rows.append(current)
             current = {"path": path, "target": "*", "start": at, "end": at + step, "verdict": DEGRADED,
-                       "targets": (), "rules": (f"{metric}>{factor:g}x-{baseline}-median",), "rounds": 1,
+                       "targets": (), "rules": (f"{metric}_ms>{factor:g}x-{baseline}-median",), "rounds": 1,
                        "ongoing": False, "factor": float(value)}  # fmt: skip
         if current is not None:
             rows.append(current)

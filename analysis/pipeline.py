@@ -1,4 +1,4 @@
-"""From the store to answers: verdicts, outages per (target, path) and per path, degradation."""
+"""From the store to answers: outages per (target, path) and per path, degradation."""
 
 from __future__ import annotations
 
@@ -8,24 +8,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from .frames import load_heartbeats, load_measurements, load_paths
+from .frames import load_summary
 from .outages import Hysteresis, degraded, pair_outages, path_outages
-from .verdicts import classify
+from .rollup import Summary
 
 
 @dataclass(frozen=True, slots=True)
 class Analysis:
-    measurements: pd.DataFrame
-    heartbeats: pd.DataFrame
-    verdicts: pd.DataFrame
+    summary: Summary
     pairs: pd.DataFrame  # outages per (target, path)
     paths: pd.DataFrame  # outages per path, degradation included
 
     @property
     def span(self) -> tuple[pd.Timestamp, pd.Timestamp] | None:
-        if self.heartbeats.empty:
-            return None
-        return self.heartbeats["started_at"].min(), self.heartbeats["finished_at"].max()
+        return self.summary.span
 
 
 def analyse(
@@ -39,23 +35,18 @@ def analyse(
     slot_s: float = 300,
     degraded_factor: float = 3.0,
 ) -> Analysis:
-    # Verdicts compare a target's paths and look at control targets: read every target and
-    # path of the time range, and filter the results.
-    measurements = load_measurements(db, since, until)
-    heartbeats = load_heartbeats(db, since, until)
-    verdicts = classify(measurements, load_paths(db), slot_s)
-    pairs = pair_outages(verdicts, hysteresis)
-    by_path = pd.concat(
-        [frame for frame in (path_outages(pairs), degraded(measurements, factor=degraded_factor)) if not frame.empty]
-        or [path_outages(pairs)],
-        ignore_index=True,
-    )
+    # Verdicts compare a target's paths and look at control targets, so summaries cover
+    # every target and path; the filters apply to the results.
+    summary = load_summary(db, since, until, slot_s)
+    pairs = pair_outages(summary.runs, hysteresis)
+    slow = degraded(summary.latency, factor=degraded_factor)
+    by_path = pd.concat([f for f in (path_outages(pairs), slow) if not f.empty] or [path_outages(pairs)],
+                        ignore_index=True)  # fmt: skip
     if targets:
-        verdicts = verdicts[verdicts["target"].isin(targets)]
         pairs = pairs[pairs["target"].isin(targets)]
-        by_path = by_path[by_path["targets"].map(lambda ts: bool(set(ts) & set(targets)))]
+        by_path = path_outages(pairs)
     if paths:
-        verdicts = verdicts[verdicts["path"].isin(paths)]
         pairs = pairs[pairs["path"].isin(paths)]
         by_path = by_path[by_path["path"].isin(paths)]
-    return Analysis(measurements, heartbeats, verdicts, pairs.reset_index(drop=True), by_path.reset_index(drop=True))
+    summary = summary.only(targets, paths)
+    return Analysis(summary, pairs.reset_index(drop=True), by_path.reset_index(drop=True))

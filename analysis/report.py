@@ -22,12 +22,11 @@ from matplotlib.figure import Figure
 from probe.config import Config
 from probe.errors import ConfigError
 
-from .charts import availability_heatmap, heartbeat_gaps, latency_smoke, outage_timeline
+from .charts import availability_heatmap, latency_smoke, outage_timeline
 from .eventcheck import Check, check_events, outage_series
 from .events import Event, load_events
 from .outages import Hysteresis
 from .pipeline import Analysis, analyse
-from .verdicts import FAILING
 
 ISO_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
 
@@ -98,23 +97,19 @@ def _clip(outages: pd.DataFrame, w: Week) -> pd.DataFrame:
 
 
 def _within(result: Analysis, w: Week) -> Analysis:
-    """The part of a wider analysis that falls in the week (verdicts are per slot; outages
-    are clipped to the week)."""
-    def inside(frame: pd.DataFrame) -> pd.DataFrame:
-        return frame[(frame["started_at"] >= w.start) & (frame["started_at"] < w.end)]
-
-    return Analysis(inside(result.measurements), inside(result.heartbeats), inside(result.verdicts),
-                    _clip(result.pairs, w), _clip(result.paths, w))  # fmt: skip
+    """The part of a wider analysis that falls in the week (outages clipped to the week)."""
+    return Analysis(result.summary.clip(w.start, w.end), _clip(result.pairs, w), _clip(result.paths, w))
 
 
 def weekly_figures(cfg: Config, w: Week, events: list[Event], result: Analysis | None = None) -> dict[str, Figure]:
     result = result or _analyse(cfg, w)
-    gaps = heartbeat_gaps(result.heartbeats, w.start, w.end, cfg.probe.interval_s)
-    paths = sorted(result.verdicts["path"].unique()) if len(result.verdicts) else [p.name for p in cfg.paths]
+    s = result.summary
+    paths = sorted(set(s.hourly["path"].astype(str))) if len(s.hourly) else [p.name for p in cfg.paths]
     return {
-        "availability": availability_heatmap(result.verdicts, w.start, w.end, w.tz),
-        "latency": latency_smoke(result.measurements, result.verdicts, w.start, w.end, w.tz),
-        "outages": outage_timeline(_clip(result.paths, w), gaps, events, paths, w.start, w.end, w.tz),
+        "availability": availability_heatmap(s.hourly, w.start, w.end, w.tz),
+        "latency": latency_smoke(s.latency, s.hourly, w.start, w.end, w.tz),
+        "outages": outage_timeline(_clip(result.paths, w), s.gaps(w.start, w.end), events, paths, w.start, w.end,
+                                   w.tz),  # fmt: skip
     }
 
 
@@ -134,10 +129,11 @@ def _png(figure: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _availability(verdicts: pd.DataFrame) -> pd.Series:
-    if verdicts.empty:
+def _availability(hourly: pd.DataFrame) -> pd.Series:
+    if hourly.empty:
         return pd.Series(dtype=float)
-    return (verdicts["state"] != FAILING).groupby(verdicts["path"]).mean() * 100
+    sums = hourly.groupby("path")[["probes", "failing"]].sum()
+    return (1 - sums["failing"] / sums["probes"]) * 100
 
 
 def _minutes(outages: pd.DataFrame) -> pd.Series:
@@ -162,7 +158,7 @@ def build_report(cfg: Config, w: Week) -> WeeklyReport:
     outages = this.paths
     figures = weekly_figures(cfg, w, events, this)
     changes = pd.DataFrame({
-        "availability_pct": _availability(this.verdicts), "previous_pct": _availability(before.verdicts),
+        "availability_pct": _availability(this.summary.hourly), "previous_pct": _availability(before.summary.hourly),
         "outage_min": _minutes(outages), "previous_min": _minutes(before.paths),
     }).fillna({"outage_min": 0, "previous_min": 0})  # fmt: skip
     checks = _event_checks(wide, w, events)
@@ -179,7 +175,7 @@ def _event_checks(wide: Analysis, w: Week, events: list[Event]) -> list[Check]:
     if not near or wide.span is None:
         return []
     outages = wide.paths[wide.paths["verdict"] != "degraded"]
-    series = outage_series(outages, wide.heartbeats, *wide.span)
+    series = outage_series(outages, wide.summary.coverage, *wide.span)
     return check_events(series, near, events, first_outages=outages["start"] if len(outages) else None)
 
 

@@ -82,6 +82,48 @@ MIGRATIONS = (
         endpoint_target TEXT                 -- the target that probes the tunnel server's port
     );
     """,
+    """
+    -- Summaries kept by compaction (analysis/rollup.py): everything before the cursor is here.
+    CREATE TABLE rollup_cursor (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        until_ms INTEGER NOT NULL,           -- rounds that started before this are summarised
+        slot_s REAL NOT NULL                 -- the probing interval verdicts were judged by
+    );
+    CREATE TABLE verdict_runs (
+        id INTEGER PRIMARY KEY,
+        target TEXT NOT NULL,
+        path TEXT NOT NULL,
+        state TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        blocking TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        first_ms INTEGER NOT NULL,
+        last_ms INTEGER NOT NULL,
+        rounds INTEGER NOT NULL
+    );
+    CREATE INDEX verdict_runs_last ON verdict_runs (last_ms);
+    CREATE TABLE hourly (
+        hour_ms INTEGER NOT NULL,
+        grp TEXT NOT NULL,
+        path TEXT NOT NULL,
+        probes INTEGER NOT NULL,
+        failing INTEGER NOT NULL,
+        PRIMARY KEY (hour_ms, grp, path)
+    ) WITHOUT ROWID;
+    CREATE TABLE hourly_latency (
+        hour_ms INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        samples INTEGER NOT NULL,
+        connect_p10 REAL, connect_p25 REAL, connect_p50 REAL, connect_p75 REAL, connect_p90 REAL,
+        first_byte_p10 REAL, first_byte_p25 REAL, first_byte_p50 REAL, first_byte_p75 REAL, first_byte_p90 REAL,
+        PRIMARY KEY (hour_ms, path)
+    ) WITHOUT ROWID;
+    CREATE TABLE coverage (
+        start_ms INTEGER PRIMARY KEY,
+        end_ms INTEGER NOT NULL
+    );
+    """,
 )
 
 

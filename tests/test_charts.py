@@ -23,6 +23,7 @@ from analysis.charts import (
     path_colours,
 )
 from analysis.report import week, weekly_figures
+from analysis.rollup import Summary
 from probe.config import load_config
 from tests.analysis_data import analysis_config, realistic_week
 
@@ -104,12 +105,11 @@ def test_outage_timeline_bars_by_verdict_and_event_lanes(figures: dict) -> None:
 
 def test_an_empty_week_draws_no_data_everywhere() -> None:
     start = pd.Timestamp("2018-03-04 16:00", tz="UTC")
-    empty = pd.DataFrame(columns=["group", "path", "started_at", "state"])
-    fig = availability_heatmap(empty, start, start + pd.Timedelta(days=7), TZ)
+    empty = Summary.empty()
+    fig = availability_heatmap(empty.hourly, start, start + pd.Timedelta(days=7), TZ)
     (mesh,) = [c for c in fig.axes[0].collections if isinstance(c, QuadMesh)]
     assert np.ma.getmaskarray(mesh.get_array()).all()
-    frame = pd.DataFrame(columns=["group", "path", "started_at", "ok", "connect_ms"])
-    assert latency_smoke(frame, empty, start, start + pd.Timedelta(days=7), TZ).axes
+    assert latency_smoke(empty.latency, empty.hourly, start, start + pd.Timedelta(days=7), TZ).axes
 
 
 @pytest.mark.parametrize("fmt", ["png", "svg"])

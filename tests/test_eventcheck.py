@@ -77,17 +77,18 @@ def test_holidays_and_other_events_stay_out_of_the_baseline() -> None:
 
 def test_outage_series_counts_only_measured_time() -> None:
     outages = pd.DataFrame({"start": [YEAR + pd.Timedelta(minutes=30)], "end": [YEAR + pd.Timedelta(hours=3)]})
-    beats = pd.DataFrame({"started_at": [YEAR + pd.Timedelta(minutes=5), YEAR + pd.Timedelta(hours=2, minutes=5)]})
-    series = outage_series(outages, beats, YEAR, YEAR + pd.Timedelta(hours=4))
-    assert series.exposure.tolist() == [60, 0, 60, 0]
-    assert series.value.tolist() == [30, 0, 60, 0]  # hour 1 was not measured: unknown, not outage
+    coverage = pd.DataFrame({"start": [YEAR, YEAR + pd.Timedelta(hours=2, minutes=30)],
+                             "end": [YEAR + pd.Timedelta(hours=1), YEAR + pd.Timedelta(hours=3)]})  # fmt: skip
+    series = outage_series(outages, coverage, YEAR, YEAR + pd.Timedelta(hours=4))
+    assert series.exposure.tolist() == [60, 0, 30, 0]
+    assert series.value.tolist() == [30, 0, 30, 0]  # hour 1 was not measured: unknown, not outage
 
 
 def test_overlapping_outages_of_two_paths_count_once() -> None:
     outages = pd.DataFrame({"start": [YEAR, YEAR + pd.Timedelta(minutes=10)],
                             "end": [YEAR + pd.Timedelta(minutes=30), YEAR + pd.Timedelta(minutes=40)]})  # fmt: skip
-    beats = pd.DataFrame({"started_at": [YEAR + pd.Timedelta(minutes=5)]})
-    assert outage_series(outages, beats, YEAR, YEAR + pd.Timedelta(hours=1)).value.tolist() == [40]
+    coverage = pd.DataFrame({"start": [YEAR], "end": [YEAR + pd.Timedelta(hours=1)]})
+    assert outage_series(outages, coverage, YEAR, YEAR + pd.Timedelta(hours=1)).value.tolist() == [40]
 
 
 def test_lead_and_lag_of_the_first_outage() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from analysis.frames import load_measurements, load_paths
 from analysis.outages import Hysteresis, degraded, pair_outages, path_outages
+from analysis.rollup import hourly_latency, verdict_runs
 from analysis.verdicts import classify
 from tests.analysis_data import INTERVAL, T0, build_store, everything, fail
 
@@ -28,7 +29,7 @@ def outages_for(tmp_path: Path, schedule: dict[int, dict[tuple[str, str], dict[s
     db = tmp_path / "tw.db"
     build_store(db, [(i, everything(schedule.get(i, {}))) for i in rounds])
     verdicts = classify(load_measurements(db), load_paths(db))
-    pairs = pair_outages(verdicts, hysteresis)
+    pairs = pair_outages(verdict_runs(verdicts), hysteresis)
     return pairs, path_outages(pairs)
 
 
@@ -67,7 +68,7 @@ def test_a_stopped_daemon_is_unknown_not_an_outage(tmp_path: Path) -> None:
     schedule = {i: {("news", "direct"): RESET} for i in (4, 5, 30, 31)}
     db = tmp_path / "tw.db"
     build_store(db, [(i, everything(schedule.get(i, {}))) for i in rounds])
-    pairs = pair_outages(classify(load_measurements(db), load_paths(db)))
+    pairs = pair_outages(verdict_runs(classify(load_measurements(db), load_paths(db))))
     first, second = pairs.sort_values("start").to_dict("records")
     assert (first["start"], first["end"]) == (at(4), at(6))  # one interval after its last failing round
     assert (second["start"], second["end"]) == (at(30), at(32))
@@ -101,10 +102,10 @@ def _latency_frame(slow_hours: int, factor: float) -> pd.DataFrame:
 
 def test_throttling_is_degraded_with_its_factor() -> None:
     frame = _latency_frame(slow_hours=4, factor=10)
-    (outage,) = degraded(frame, factor=3).to_dict("records")
+    (outage,) = degraded(hourly_latency(frame), factor=3).to_dict("records")
     assert outage["verdict"] == "degraded" and outage["factor"] == pytest.approx(10)
     assert outage["minutes"] == 180
 
 
 def test_no_degradation_below_the_factor() -> None:
-    assert degraded(_latency_frame(slow_hours=4, factor=2), factor=3).empty
+    assert degraded(hourly_latency(_latency_frame(slow_hours=4, factor=2)), factor=3).empty
