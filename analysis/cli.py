@@ -342,3 +342,21 @@ def report_weekly(label: str | None, out: Path | None, tz: str | None, scheduled
     w = _week(cfg, label, None, None, tz)
     page, summary = write_report(cfg, w, out or cfg.report.directory / f"tunnelwatch-{w.label}.html")
     err.print(f"wrote {page} and {summary}")
+
+
+@click.group(name="store")
+def store_group() -> None:
+    """Look after the store."""
+
+
+@store_group.command("compact")
+@config_option
+def store_compact(config: Path | None) -> None:
+    """Summarise complete hours (verdict runs, hourly counts and latency, coverage) and delete
+    raw rows older than store.keep_raw_days. The daemon runs this every hour."""
+    from .rollup import compact
+
+    cfg = load_config(config)
+    hours, deleted = compact(cfg.store.path, cfg.probe.interval_s, cfg.store.keep_raw_days)
+    err.print(f"summarised {hours} hours; deleted {deleted} raw measurements older than "
+              f"{cfg.store.keep_raw_days:g} days")  # fmt: skip

@@ -4,8 +4,11 @@ What is in it: a third of the targets are "blocked" and always fail directly (a 
 the "vpn" tunnel is down for three days from every NPC opening (5 March) in the range; the
 daemon is stopped for 6 hours on the 15th of every month; 0.5 % of probes fail at random;
 connect times are log-normal per path. Rows go in with executemany, as the daemon writes.
+With --compact, the store is compacted after every batch, as the daemon does every hour
+(analysis/rollup.py): raw rows older than --keep-raw-days go, summaries stay.
 
 Usage: .venv/bin/python bench/synth.py OUT.db [--days 30] [--targets 100] [--start 2018-01-01]
+       [--compact [--keep-raw-days 31]]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from analysis.rollup import compact  # noqa: E402
 from probe.store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, _insert, open_store  # noqa: E402
 
 PATHS = [("direct", "direct", "", None), ("vpn", "socks5", "shadowsocks", None), ("wg", "bind", "wireguard", None),
@@ -31,7 +35,9 @@ INTERVAL_MS = 300_000
 BATCH_ROUNDS = 2000
 
 
-def build(db: Path, days: int, targets: int, start: datetime, seed: int = 1) -> int:
+def build(db: Path, days: int, targets: int, start: datetime, seed: int = 1,
+          keep_raw_days: float | None = None) -> int:  # fmt: skip
+    """Write the store; with `keep_raw_days`, compact it after every batch as the daemon would."""
     rng = np.random.default_rng(seed)
     store = open_store(db)
     store.record_paths(PATHS)
@@ -81,6 +87,8 @@ def build(db: Path, days: int, targets: int, start: datetime, seed: int = 1) -> 
             conn.execute("COMMIT")
             total += len(rows)
             rows, beats = [], []
+            if keep_raw_days is not None:
+                compact(db, INTERVAL_MS / 1000, keep_raw_days, datetime.fromtimestamp(slot / 1000 + 7200, UTC))
     store.close()
     return total
 
@@ -91,11 +99,13 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--targets", type=int, default=100)
     parser.add_argument("--start", default="2018-01-01")
+    parser.add_argument("--compact", action="store_true", help="compact as the daemon does")
+    parser.add_argument("--keep-raw-days", type=float, default=31)
     args = parser.parse_args()
     args.out.unlink(missing_ok=True)
     started = time.perf_counter()
     start = datetime.fromisoformat(args.start).replace(tzinfo=UTC)
-    count = build(args.out, args.days, args.targets, start)
+    count = build(args.out, args.days, args.targets, start, keep_raw_days=args.keep_raw_days if args.compact else None)
     print(f"{count:,} measurements in {time.perf_counter() - started:.0f} s -> {args.out}")
 
 

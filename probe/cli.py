@@ -33,6 +33,7 @@ class LazyGroup(click.Group):
         "events": "analysis.cli:events_group",
         "chart": "analysis.cli:chart_group",
         "report": "analysis.cli:report_group",
+        "store": "analysis.cli:store_group",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

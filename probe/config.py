@@ -42,6 +42,7 @@ class Vantage(_Frozen):
 
 class StoreSettings(_Frozen):
     path: Path = Path("data/tunnelwatch.db")
+    keep_raw_days: float = Field(31, ge=1)  # raw rows older than this go once summarised (analysis/rollup.py)
 
 
 class ProbeSettings(_Frozen):
@@ -60,6 +61,7 @@ class DaemonSettings(_Frozen):
     misfire_grace_s: float = Field(30, gt=0)
     store_buffer: int = Field(100_000, ge=100)
     store_retry_s: float = Field(5, gt=0, le=3600)
+    compact_every_s: float = Field(3600, ge=1)  # summarise finished hours, delete raw rows past keep_raw_days
 
 
 class AnalysisSettings(_Frozen):

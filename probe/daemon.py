@@ -170,6 +170,14 @@ class Daemon:
                 name="weekly report",
                 misfire_grace_time=6 * 3600,
             )
+        self._scheduler.add_job(
+            self._compact,
+            IntervalTrigger(seconds=self._config.daemon.compact_every_s, timezone=UTC),
+            id="compact",
+            name="compaction",
+            misfire_grace_time=1800,
+            coalesce=True,
+        )
         self._units = {u.target.name: u for u in build_units(self._config, datetime.now(UTC))}
         for name, unit in self._units.items():
             self._scheduler.add_job(
@@ -207,9 +215,17 @@ class Daemon:
             self._rounds.discard(task)
 
     async def _weekly_report(self) -> None:
-        """Last week's report, in a child process: its memory (pandas, matplotlib) goes when it
-        ends, and a failure to render is logged and never stops probing."""
-        command = [sys.executable, "-m", "probe", "report", "weekly", "--scheduled"]
+        """Last week's report and charts, written by a child process."""
+        await self._child("weekly report", "report", "weekly", "--scheduled")
+
+    async def _compact(self) -> None:
+        """Summarise the last complete hours and delete raw rows past store.keep_raw_days."""
+        await self._child("compaction", "store", "compact")
+
+    async def _child(self, what: str, *args: str) -> None:
+        """A command in a child process: its memory (pandas, matplotlib) goes when it ends,
+        and its failure is logged and never stops probing."""
+        command = [sys.executable, "-m", "probe", *args]
         if self._config_path is not None:
             command += ["--config", str(self._config_path)]
         child = await asyncio.create_subprocess_exec(
@@ -218,9 +234,9 @@ class Daemon:
         _, stderr = await child.communicate()
         message = stderr.decode(errors="replace").strip().splitlines()
         if child.returncode == 0:
-            log.info("weekly report: %s", message[-1] if message else "written")
+            log.info("%s: %s", what, message[-1] if message else "done")
         else:
-            log.error("weekly report failed (exit %s): %s", child.returncode, " | ".join(message[-5:]))
+            log.error("%s failed (exit %s): %s", what, child.returncode, " | ".join(message[-5:]))
 
     def _log_round(self, unit: Unit, measurements: list[Any], elapsed: float) -> None:
         failed = [f"{m.path}={m.failure}@{m.failed_operation}" for m in measurements if not m.ok]

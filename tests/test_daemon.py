@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -17,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from probe.config import load_config
+from tests.analysis_data import realistic_week
 from tests.conftest import rows
 from tests.servers import LOOPBACK
 
@@ -253,6 +255,29 @@ def test_a_locked_store_loses_nothing(config_file: Path, daemons: Callable[..., 
         starts = sorted(h["scheduled_at_ms"] for h in beats if h["target"] == target)
         assert all(b - a == 1000 for a, b in zip(starts, starts[1:], strict=False)), (target, starts)
     assert len(rows(daemon.db)) == sum(h["probes"] for h in beats)
+
+
+def test_the_daemon_compacts_its_store_while_it_probes(config_file: Path, daemons: Callable[..., Daemon]) -> None:
+    """A store holding an old week: the hourly compaction (here every 2 s) summarises it and
+    deletes its raw rows, while the daemon's own rounds keep landing."""
+    db = load_config(config_file).store.path
+    realistic_week(db)
+    old = len(rows(db))
+    probes = sum(1 for r in rows(db) if r["grp"] != "endpoint")  # what the summaries count
+    text = config_file.read_text().replace("[store]", "[store]\nkeep_raw_days = 1")
+    config_file.write_text(text)
+    daemon = daemons(fast(config_file, "\n[daemon]\ncompact_every_s = 2\n"))
+    daemon.wait_until(lambda: "compaction: summarised" in daemon.output(), what="a compaction")
+    daemon.wait_until(lambda: len(daemon.heartbeats()) >= 8, what="rounds after it")
+    assert daemon.stop() == 0
+    assert re.search(r"compaction: summarised \d+ hours; deleted \d+ raw", daemon.output())
+    beats = daemon.heartbeats()
+    assert all(h["started_at_ms"] > time.time() * 1000 - 3600_000 for h in beats)  # 2018's are summarised
+    assert len(rows(db)) == sum(h["probes"] for h in beats) < old
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM verdict_runs").fetchone()[0] > 0
+        summarised = conn.execute("SELECT SUM(probes) FROM hourly").fetchone()[0]
+    assert summarised == probes
 
 
 def test_status_reads_the_store(config_file: Path, daemons: Callable[..., Daemon]) -> None:
