@@ -12,6 +12,8 @@ from .frames import load_summary
 from .outages import Hysteresis, degraded, pair_outages, path_outages
 from .rollup import Summary
 
+BASELINE = pd.Timedelta(days=7)
+
 
 @dataclass(frozen=True, slots=True)
 class Analysis:
@@ -36,10 +38,16 @@ def analyse(
     degraded_factor: float = 3.0,
 ) -> Analysis:
     # Verdicts compare a target's paths and look at control targets, so summaries cover
-    # every target and path; the filters apply to the results.
-    summary = load_summary(db, since, until, slot_s)
+    # every target and path; the filters apply to the results. Latency is read from a week
+    # earlier: degradation is judged against the 7 days before.
+    start = None if since is None else pd.Timestamp(since)
+    wide = load_summary(db, None if start is None else start - BASELINE, until, slot_s)
+    summary = wide if start is None else wide.clip(start, pd.Timestamp(until or pd.Timestamp.max.tz_localize("UTC")))
     pairs = pair_outages(summary.runs, hysteresis)
-    slow = degraded(summary.latency, factor=degraded_factor)
+    slow = degraded(wide.latency, baseline=f"{BASELINE.days}D", factor=degraded_factor)
+    if start is not None and len(slow):
+        slow = slow[slow["end"] > start].assign(start=lambda f: f["start"].clip(lower=start))
+        slow["minutes"] = (slow["end"] - slow["start"]).dt.total_seconds() / 60
     by_path = pd.concat([f for f in (path_outages(pairs), slow) if not f.empty] or [path_outages(pairs)],
                         ignore_index=True)  # fmt: skip
     if targets:
