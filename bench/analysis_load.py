@@ -5,7 +5,8 @@ Builds stores of DAYS days (100 targets x 4 paths, 5-minute rounds; see bench/sy
 written and compacted as the daemon does (raw rows for the last 31 days, summaries before),
 runs each command RUNS times and reports the median. Targets from the issues: over a year,
 `outages` and `events check` under 10 s and 2 GB; the weekly chart and report under 3 s.
-The weekly commands run on an old week (from summaries) and on the last full week (raw rows).
+The weekly commands run on an old week and on the last full week (its raw rows still kept);
+like the daemon, the build compacts as it goes, so both are read from summaries.
 
 Usage: .venv/bin/python bench/analysis_load.py [--days 365] [--runs 3] [--out bench/RESULTS-analysis.md]
 """
