@@ -226,6 +226,9 @@ def _check_rows(checks: list[Check], series_mode: bool) -> list[dict[str, Any]]:
 @click.option("--target", "-t", "targets", multiple=True, help="Only outages affecting this target (repeatable).")
 @click.option("--before", type=Duration(), default="0", help="Widen each window this much before (e.g. 3d).")
 @click.option("--after", type=Duration(), default="0", help="Widen each window this much after (e.g. 2d).")
+@click.option("--unit", type=Duration(), default="1d", show_default=True,
+              help="The independent unit of the statistics (intervals, circular shifts); outages are binned at "
+              "a 24th of it. Shorter units suit short runs, e.g. 1h, or 10s for a lab run of minutes.")  # fmt: skip
 @click.option("--since", type=When(), help="Only data from this date.")
 @click.option("--until", type=When(), help="Only data up to this date.")
 @click.option("--series", type=click.Path(path_type=Path, dir_okay=False),
@@ -236,14 +239,16 @@ def _check_rows(checks: list[Check], series_mode: bool) -> list[dict[str, Any]]:
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @config_option
 def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple[str, ...], targets: tuple[str, ...],
-                 before: pd.Timedelta, after: pd.Timedelta, since: datetime | None, until: datetime | None,
-                 series: Path | None, column: str | None, event_files: tuple[Path, ...], fmt: str,
-                 config: Path | None) -> None:  # fmt: skip
+                 before: pd.Timedelta, after: pd.Timedelta, unit: pd.Timedelta, since: datetime | None,
+                 until: datetime | None, series: Path | None, column: str | None, event_files: tuple[Path, ...],
+                 fmt: str, config: Path | None) -> None:  # fmt: skip
     """For each event window: outage rate inside against a baseline, the ratio with a 95 %
     interval, a circular-shift p-value, and the lead or lag of the first outage."""
     _range(since, until)
     if (series is None) != (column is None):
         raise click.BadParameter("--series and --column go together")
+    if unit <= pd.Timedelta(0):
+        raise click.BadParameter(f"--unit {unit} must be longer than 0")
     cfg = load_config(config)
     every = _events(cfg, event_files)
     chosen = select(every, ids=ids, categories=categories)
@@ -262,7 +267,7 @@ def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple
             raise ConfigError(f"{cfg.store.path}: no measurements in that range to check events against")
         span = result.span
         outages = result.paths[result.paths["verdict"] != "degraded"]
-        data = outage_series(outages, result.summary.coverage, span[0], span[1])
+        data = outage_series(outages, result.summary.coverage, span[0], span[1], unit)
         firsts = outages["start"] if len(outages) else None
     if not ids and not categories:
         chosen = [e for e in chosen if e.category != "holiday"]

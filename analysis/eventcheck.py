@@ -6,6 +6,8 @@ holiday), their ratio with a 95 % interval (log-normal, days as the independent 
 for the window's few days), and a p-value from
 circular shifts of the series by whole days, which keeps its autocorrelation and its daily
 cycle. A verdict in words: effect, no effect, or not enough data.
+
+The unit is a day unless told otherwise: a lab run of minutes uses seconds as its "days".
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from .events import Event
 
 ALPHA = 0.05
 MIN_WINDOW_COVERAGE = 0.5  # of the window's time must be measured
-MIN_BASELINE_DAYS = 7
-MIN_DAYS = 20  # fewer days of data and no circular shift can be significant at 5 %
+MIN_BASELINE_DAYS = 7  # units, days by default
+MIN_DAYS = 20  # fewer units of data and no circular shift can be significant at 5 %
+DAY = pd.Timedelta(days=1)
+BINS_PER_UNIT = 24  # outage series: hourly bins for daily units
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +37,15 @@ class Series:
     step: pd.Timedelta
     value: np.ndarray
     exposure: np.ndarray
+    unit: pd.Timedelta = DAY  # the independent unit of the statistics, a whole number of steps
 
     @property
     def bins_per_day(self) -> int:
-        return max(1, int(pd.Timedelta(days=1) / self.step))
+        return max(1, int(self.unit / self.step))
+
+    @property
+    def units(self) -> str:
+        return "days" if self.unit == DAY else f"units of {_duration(self.unit)}"
 
     def mask(self, start: pd.Timestamp, end: pd.Timestamp) -> np.ndarray:
         first = int(np.ceil((start - self.start) / self.step)) if start > self.start else 0
@@ -70,18 +79,23 @@ class Check:
         return out
 
 
+def _duration(step: pd.Timedelta) -> str:
+    return str(step).removeprefix("0 days ").removesuffix(".000000") if step < DAY else f"{step.days} days"
+
+
 def outage_series(
-    outages: pd.DataFrame, coverage: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, step: str = "1h"
+    outages: pd.DataFrame, coverage: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, unit: pd.Timedelta = DAY
 ) -> Series:
-    """Outage minutes and measured minutes per bin. `coverage` holds the spans the daemon was
-    measuring; outages only count where there was measuring."""
-    size = pd.Timedelta(step)
+    """Outage minutes and measured minutes per bin (a 24th of the unit: hours for days).
+    `coverage` holds the spans the daemon was measuring; outages only count where there was
+    measuring."""
+    size = unit / BINS_PER_UNIT
     start = start.floor(size)
     bins = max(1, int(np.ceil((end - start) / size)))
     edges = start + size * np.arange(bins + 1)
     exposure = _minutes_per_bin(list(zip(coverage.get("start", []), coverage.get("end", []), strict=True)), edges)
     value = np.minimum(_minutes_per_bin(_union(outages), edges), exposure)  # unmeasured time is unknown, never outage
-    return Series(start=start, step=size, value=value, exposure=exposure)
+    return Series(start=start, step=size, value=value, exposure=exposure, unit=unit)
 
 
 def _minutes_per_bin(intervals: list[tuple[pd.Timestamp, pd.Timestamp]], edges: pd.DatetimeIndex) -> np.ndarray:
@@ -214,9 +228,10 @@ def check_events(
         if coverage < MIN_WINDOW_COVERAGE:
             reason = f"not enough data: {coverage:.0%} of the window measured"
         elif base_days < MIN_BASELINE_DAYS:
-            reason = f"not enough data: {base_days} baseline days (need {MIN_BASELINE_DAYS})"
+            reason = f"not enough data: {base_days} baseline {series.units} (need {MIN_BASELINE_DAYS})"
         elif data_days < MIN_DAYS:
-            reason = f"not enough data: {data_days} days measured (need {MIN_DAYS} for a p-value under 5 %)"
+            reason = (f"not enough data: {data_days} {series.units} measured (need {MIN_DAYS} for a p-value "
+                      "under 5 %)")  # fmt: skip
         if reason:
             checks.append(Check(**common, inside_rate=None, baseline_rate=None, ratio=None, ci_low=None,
                                 ci_high=None, p_value=None, verdict=reason))  # fmt: skip
@@ -249,7 +264,7 @@ def _lead_lag(first_outages: pd.Series | None, w_start: pd.Timestamp, w_end: pd.
 
 
 def _words(rate_in: float, rate_base: float, ratio: float | None, low: float | None, high: float | None,
-           p: float | None, two_sided: bool) -> str:  # fmt: skip
+           p: float | None, two_sided: bool, units: str = "days") -> str:  # fmt: skip
     significant = p is not None and p < ALPHA
     if rate_in == 0 and rate_base == 0:
         return "no effect: nothing inside the window or in the baseline"
@@ -258,7 +273,7 @@ def _words(rate_in: float, rate_base: float, ratio: float | None, low: float | N
             "no effect: none in the baseline, but as much at other times of the data")
     if significant and low is None:  # too few days in the window for an interval
         direction = (" (a spike)" if ratio > 1 else " (a drop)") if two_sided else ""
-        return f"effect: {ratio:.2f}x the baseline{direction}, too few days for an interval"
+        return f"effect: {ratio:.2f}x the baseline{direction}, too few {units} for an interval"
     if significant and low is not None and low > 1:
         return f"effect: {ratio:.1f}x the baseline" + (" (a spike)" if two_sided else "")
     if significant and high is not None and high < 1:

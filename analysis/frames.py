@@ -44,6 +44,7 @@ MEASUREMENT_COLUMNS: dict[str, str] = {
     "failed_operation": "object",
     "connect_ms": "float64",
     "first_byte_ms": "float64",
+    "total_ms": "float64",
     "dns_rcode": "object",
     "addresses": "str",
     "status": "Int64",

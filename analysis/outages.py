@@ -124,36 +124,42 @@ def path_outages(pairs: pd.DataFrame) -> pd.DataFrame:
 def degraded(
     latency: pd.DataFrame,
     *,
+    window: str = "1h",
     baseline: str = "7D",
     factor: float = 3.0,
-    metric: str = "connect",
+    metrics: tuple[str, ...] = ("connect", "first_byte", "total"),
     min_windows: int = 6,
 ) -> pd.DataFrame:
-    """Hours where a path's median `metric` exceeds `factor` x its rolling baseline median.
+    """Windows where a path's median of some metric exceeds `factor` x its rolling baseline.
 
-    `latency` is the hourly summary (rollup.py: percentiles of the probes that worked); the
-    baseline is the median of the preceding hours' medians over `baseline`, so a degraded
-    hour does not raise its own bar.
+    `latency` holds percentiles per window (rollup.py: the probes that worked); a metric's
+    baseline is the median of the preceding windows' medians over `baseline`, so a degraded
+    window does not raise its own bar. Connect and first-byte times show a slow network,
+    the total time (the whole page) shows throttled bandwidth.
     """
     rows: list[dict] = []
-    column = f"{metric}_p50"
-    step = pd.Timedelta(hours=1)
+    step = pd.Timedelta(window)
     for path, group in latency.groupby("path", sort=True):
-        medians = group.set_index("hour")[column].astype(float).dropna().sort_index()
-        reference = medians.rolling(baseline, min_periods=min_windows).median().shift(1)
-        ratio = (medians / reference).dropna()
+        medians = group.set_index("hour").sort_index()
+        ratios = pd.DataFrame({
+            metric: medians[f"{metric}_p50"].astype(float) / medians[f"{metric}_p50"].astype(float).dropna()
+            .rolling(baseline, min_periods=min_windows).median().shift(1)
+            for metric in metrics if f"{metric}_p50" in medians
+        })  # fmt: skip
+        worst = ratios.max(axis=1)
         current: dict | None = None
-        for at, value in ratio[ratio > factor].items():
+        for at in worst[worst > factor].index:
+            over = tuple(f"{m}_ms>{factor:g}x-{baseline}-median" for m in ratios.columns if ratios.at[at, m] > factor)
             if current is not None and at == current["end"]:
                 current["end"] = at + step
-                current["factor"] = max(current["factor"], value)
+                current["factor"] = max(current["factor"], float(worst[at]))
+                current["rules"] = tuple(sorted(set(current["rules"]) | set(over)))
                 current["rounds"] += 1
                 continue
             if current is not None:
                 rows.append(current)
             current = {"path": path, "target": "*", "start": at, "end": at + step, "verdict": DEGRADED,
-                       "targets": (), "rules": (f"{metric}_ms>{factor:g}x-{baseline}-median",), "rounds": 1,
-                       "ongoing": False, "factor": float(value)}  # fmt: skip
+                       "targets": (), "rules": over, "rounds": 1, "ongoing": False, "factor": float(worst[at])}  # fmt: skip
         if current is not None:
             rows.append(current)
     return _frame(rows)

@@ -5,8 +5,8 @@ A Summary holds
   verdict, rule, blocking type, detail), with the first and last round's time and the
   count; a run also ends where the rounds pause, so gaps stay visible;
 - `hourly`: per (hour, group, path), probes and failing probes;
-- `latency`: per (hour, path), percentiles of connect and first-byte times of the probes
-  that worked;
+- `latency`: per (hour, path), percentiles of connect, first-byte and total times of the
+  probes that worked;
 - `coverage`: spans of time the daemon was measuring (heartbeats no further apart than
   2.5 intervals), each ending one interval after its last heartbeat.
 
@@ -29,7 +29,7 @@ from .verdicts import FAILING, classify
 RUN_KEY = ["state", "verdict", "rule", "blocking", "detail"]
 RUN_COLUMNS = ["target", "path", *RUN_KEY, "first", "last", "rounds"]
 HOURLY_COLUMNS = ["hour", "group", "path", "probes", "failing"]
-METRICS = ("connect", "first_byte")
+METRICS = ("connect", "first_byte", "total")  # total: the whole fetch, where throttling shows
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 LATENCY_COLUMNS = ["hour", "path", "samples", *(f"{m}_p{round(q * 100)}" for m in METRICS for q in QUANTILES)]
 COVERAGE_COLUMNS = ["start", "end"]
@@ -141,12 +141,13 @@ def hourly_counts(verdicts: pd.DataFrame) -> pd.DataFrame:
     return out[HOURLY_COLUMNS]
 
 
-def hourly_latency(measurements: pd.DataFrame) -> pd.DataFrame:
-    """Percentiles per (hour, path) of the probes that worked (endpoint probes left out)."""
+def hourly_latency(measurements: pd.DataFrame, window: str = "1h") -> pd.DataFrame:
+    """Percentiles per (hour, path) of the probes that worked (endpoint probes left out).
+    Another `window` (a lab run of minutes) gives the same frame per window."""
     ok = measurements[measurements["ok"] & (measurements["group"] != "endpoint")]
     if ok.empty:
         return Summary.empty().latency
-    grouped = ok.groupby([ok["started_at"].dt.floor(HOUR).rename("hour"), ok["path"].astype(str)], observed=True)
+    grouped = ok.groupby([ok["started_at"].dt.floor(window).rename("hour"), ok["path"].astype(str)], observed=True)
     parts = [grouped.size().rename("samples")]
     for metric in METRICS:
         q = grouped[f"{metric}_ms"].quantile(list(QUANTILES)).unstack()

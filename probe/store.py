@@ -117,6 +117,7 @@ MIGRATIONS = (
         samples INTEGER NOT NULL,
         connect_p10 REAL, connect_p25 REAL, connect_p50 REAL, connect_p75 REAL, connect_p90 REAL,
         first_byte_p10 REAL, first_byte_p25 REAL, first_byte_p50 REAL, first_byte_p75 REAL, first_byte_p90 REAL,
+        total_p10 REAL, total_p25 REAL, total_p50 REAL, total_p75 REAL, total_p90 REAL,
         PRIMARY KEY (hour_ms, path)
     ) WITHOUT ROWID;
     CREATE TABLE coverage (

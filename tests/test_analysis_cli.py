@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -140,3 +141,28 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path: Path, store: Path, arg
     result = cli(*[a.format(tmp=tmp_path) for a in args], "--config", str(store))
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
+
+
+def test_store_compact_then_the_same_answers(store: Path, tmp_path: Path) -> None:
+    """Compaction as the daemon runs it: old raw rows go, `outages` and `events check` say
+    what they said before."""
+    copy = tmp_path / "copy.toml"
+    db = tmp_path / "tw.db"
+    db.write_bytes((store.parent / "tw.db").read_bytes())
+    copy.write_text(store.read_text().replace(str(store.parent / "tw.db"), str(db)))
+    asks = [("outages", "--format", "json"), ("events", "check", "--format", "json")]
+    before = [cli(*ask, "--config", str(copy)).stdout for ask in asks]
+    text = copy.read_text().replace("[store]", "[store]\nkeep_raw_days = 1")
+    copy.write_text(text)
+    result = cli("store", "compact", "--config", str(copy))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"summarised 9\d\d hours; deleted [1-9]\d* raw measurements older than 1 days", result.stderr)
+    assert [cli(*ask, "--config", str(copy)).stdout for ask in asks] == before
+    assert before[0] and before[1]
+
+
+def test_store_compact_without_a_store_says_so(tmp_path: Path) -> None:
+    config = analysis_config(tmp_path, tmp_path / "none.db", "")
+    result = cli("store", "compact", "--config", str(config))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'none.db'}: no store there" in result.stderr and "Traceback" not in result.stderr

@@ -46,6 +46,32 @@ def test_a_planted_effect_is_found_and_its_interval_covers_the_truth() -> None:
         assert check.ci_low <= 20 <= check.ci_high, check  # the true ratio: 0.4 / 0.02
 
 
+def test_minutes_as_units_give_the_answers_days_give() -> None:
+    """A lab run of minutes: the same series, with a day shrunk to a minute, checked with
+    minutes as the unit, gives the same ratios, intervals and p-values."""
+    windows = events(6)
+    daily = synthetic(windows, p_base=0.02, p_in=0.4, seed=1)
+    shrink = 1440
+
+    def small(t: pd.Timestamp) -> pd.Timestamp:
+        return YEAR + (t - YEAR) / shrink
+
+    minute = pd.Timedelta(minutes=1)
+    series = Series(start=YEAR, step=daily.step / shrink, value=daily.value / shrink, exposure=daily.exposure / shrink,
+                    unit=minute)  # fmt: skip
+    scaled = [Event(id=e.id, title=e.title, category=e.category, start=small(e.window[0]).to_pydatetime(),
+                    end=small(e.window[1]).to_pydatetime()) for e in windows]  # fmt: skip
+    for day, fast in zip(check_events(daily, windows, windows), check_events(series, scaled, scaled), strict=True):
+        assert fast.verdict == day.verdict
+        assert (fast.ratio, fast.ci_low, fast.ci_high, fast.p_value) == pytest.approx(
+            (day.ratio, day.ci_low, day.ci_high, day.p_value))
+    measured = np.arange(960) >= 600  # 40 minutes, the first 25 not measured
+    short = Series(start=YEAR, step=series.step, value=np.where(measured, series.value[:960], 0),
+                   exposure=np.where(measured, series.exposure[:960], 0), unit=minute)  # fmt: skip
+    (check,) = check_events(short, scaled[:1], scaled)
+    assert check.verdict.startswith("not enough data") and "units of 00:01:00" in check.verdict
+
+
 def test_pure_noise_gives_no_effect() -> None:
     windows = events(6)
     for seed in range(3):

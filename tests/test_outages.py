@@ -97,7 +97,7 @@ def _latency_frame(slow_hours: int, factor: float) -> pd.DataFrame:
     slow = (times >= times[-1] - pd.Timedelta(hours=slow_hours)) & (times < times[-1] - pd.Timedelta(hours=1))
     connect[slow] = 20.0 * factor
     return pd.DataFrame({"started_at": times, "path": "direct", "group": "blocked", "ok": True,
-                         "connect_ms": connect.to_numpy(), "first_byte_ms": 50.0})  # fmt: skip
+                         "connect_ms": connect.to_numpy(), "first_byte_ms": 50.0, "total_ms": 80.0})  # fmt: skip
 
 
 def test_throttling_is_degraded_with_its_factor() -> None:

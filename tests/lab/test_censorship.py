@@ -18,6 +18,8 @@ import pytest
 import trustme
 
 from analysis.frames import load_measurements, load_paths
+from analysis.outages import degraded
+from analysis.rollup import hourly_latency
 from analysis.verdicts import classify
 from tests.lab.network import (
     BLOCKPAGE,
@@ -95,6 +97,7 @@ def _nginx_conf(tmp: Path, certs: dict[str, tuple[Path, Path]]) -> str:
     plain = f"server {{ listen {NEWS}:80; location / {{ default_type text/html; return 200 '<title>news</title>'; }} }}\n"
     servers = plain + "".join(
         f"server {{ listen {address}:443 ssl; ssl_certificate {certs[name][0]}; ssl_certificate_key {certs[name][1]};"
+        f" location = /big.html {{ root {tmp}; }}"
         f" location / {{ default_type text/html; return 200 '<title>{'Blocked' if name.startswith('blocked') else name}"
         f"</title>{'access denied' if name.startswith('blocked') else 'the real page ' * 50}'; }} }}\n"
         for name, address in SITES.items()
@@ -148,6 +151,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         certs[name] = (cert, key)
     ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
     (tmp / "nginx.conf").write_text(_nginx_conf(tmp, certs))
+    (tmp / "big.html").write_text("<title>big</title>" + "a page worth throttling " * 6000)  # 144 kB
     clean_answers = [f"--address=/{name}/{address}" for name, address in SITES.items()]
     cipher = ["-k", "lab-ss-key", "-m", "chacha20-ietf-poly1305"]
     with network([NEWS, PORTAL, BLOCKPAGE, SHOP, RESOLVER, SOCKS, SHADOWSOCKS, WG_ENDPOINT, HTTP_PROXY]), ExitStack() as stack:
@@ -392,6 +396,7 @@ def test_a_bad_certificate_on_the_site_itself_is_not_censorship(lab: Path) -> No
 
 
 INTERVAL_S = 2.0
+CLEAN_S = 30  # the clean periods around the two injected windows: enough 1-s units for `events check`
 
 
 def test_a_timeline_of_injected_censorship_comes_back_as_outages(lab: Path) -> None:
@@ -408,13 +413,13 @@ def test_a_timeline_of_injected_censorship_comes_back_as_outages(lab: Path) -> N
     with isp_resolver(lab.parent):
         daemon = _start(VP, [sys.executable, "-m", "probe", "run", "--config", str(config)], lab.parent / "timeline.log")
         try:
-            time.sleep(14)
+            time.sleep(CLEAN_S)
             for name, spec in (("sni", sni), ("socks", socks)):
                 with rule(*spec):
                     started = time.time()
                     time.sleep(16)
                 truth[name] = (started, time.time())
-                time.sleep(14)
+                time.sleep(CLEAN_S)
         finally:
             stop(daemon)
     result = subprocess.run([sys.executable, "-m", "probe", "outages", "--by", "target", "--format", "json",
@@ -431,3 +436,64 @@ def test_a_timeline_of_injected_censorship_comes_back_as_outages(lab: Path) -> N
         end = pd.Timestamp(found[key]["end"]).timestamp()
         assert abs(start - truth[window][0]) <= slack, (key, start - truth[window][0])
         assert abs(end - truth[window][1]) <= slack, (key, end - truth[window][1])
+
+    # Events placed on the two injected windows, and one on a clean period.
+    def at(t: float) -> str:
+        return pd.Timestamp(t, unit="s", tz="UTC").isoformat()
+
+    clean = truth["sni"][1] + CLEAN_S / 3
+    events = lab.with_name("lab-events.toml")
+    events.write_text("".join(
+        f'[[events]]\nid = "{name}"\ntitle = "{name}"\ncategory = "other"\nstart = {at(a)}\nend = {at(b)}\n'
+        for name, (a, b) in {"lab-sni": truth["sni"], "lab-socks": truth["socks"], "lab-clean": (clean, clean + 12)
+                             }.items()))  # fmt: skip
+    for event, only in (("lab-sni", ["--target", "news", "--path", "direct"]),
+                        ("lab-socks", ["--target", "portal", "--path", "socks"])):  # fmt: skip
+        result = subprocess.run([sys.executable, "-m", "probe", "events", "check", "--events", str(events),
+                                 "--event", event, "--event", "lab-clean", *only, "--unit", "1s", "--format", "json",
+                                 "--config", str(config)], capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        checks = {c["event"]: c for c in map(json.loads, result.stdout.splitlines())}
+        assert checks[event]["verdict"].startswith("effect"), checks[event]
+        assert checks[event]["p_value"] < 0.05 and checks[event]["inside_rate"] > 0.5
+        assert checks["lab-clean"]["verdict"].startswith("no effect"), checks["lab-clean"]
+        assert checks["lab-clean"]["inside_rate"] == 0
+
+
+def test_throttling_with_tc_tbf_is_degraded(lab: Path) -> None:
+    """tbf on the router slows what the site sends to the vantage point directly; the
+    tunnels' traffic comes from their servers and is not throttled. Each round is its own
+    1-s window, judged against the rounds before it."""
+    config = lab.with_name("throttle.toml")
+    config.write_text(lab.read_text().replace(str(lab.parent / "store.db"), str(lab.parent / "throttle.db"))
+                      + '[[targets]]\nname = "big"\ngroup = "control"\nkind = "http"\n'
+                      'url = "https://portal.test/big.html"\n')  # fmt: skip
+
+    def rounds(count: int) -> None:
+        for _ in range(count):
+            result = in_ns(VP, sys.executable, "-m", "probe", "probe", "--target", "big", "--config", str(config),
+                           check=False)  # fmt: skip
+            assert result.returncode == 0, result.stdout + result.stderr
+            time.sleep(1.1 - time.time() % 1)  # the next round in the next second
+
+    with isp_resolver(lab.parent):
+        rounds(8)
+        in_ns(RT, "tc", "qdisc", "add", "dev", "rt0", "root", "handle", "1:", "prio")
+        try:
+            in_ns(RT, "tc", "qdisc", "add", "dev", "rt0", "parent", "1:3", "handle", "30:", "tbf", "rate", "1mbit",
+                  "burst", "16kb", "latency", "500ms")  # fmt: skip
+            in_ns(RT, "tc", "filter", "add", "dev", "rt0", "parent", "1:", "protocol", "ip", "u32", "match", "ip",
+                  "src", f"{PORTAL}/32", "flowid", "1:3")  # fmt: skip
+            throttled_from = pd.Timestamp.now(tz="UTC")
+            rounds(4)
+        finally:
+            in_ns(RT, "tc", "qdisc", "del", "dev", "rt0", "root", check=False)
+    m = load_measurements(lab.parent / "throttle.db")
+    direct = m[m["path"] == "direct"]
+    before, during = direct[direct["started_at"] < throttled_from], direct[direct["started_at"] >= throttled_from]
+    assert during["ok"].all() and during["total_ms"].median() > 3 * before["total_ms"].median()
+    slow = degraded(hourly_latency(m, window="1s"), window="1s", baseline="60s", min_windows=4, factor=3)
+    assert set(slow["path"]) == {"direct"}, slow  # the tunnels were not throttled
+    assert (slow["start"] >= throttled_from.floor("1s")).all()
+    assert slow["rounds"].sum() >= 3 and (slow["factor"] > 3).all()
+    assert all(any(r.startswith("total_ms>3x") for r in rules) for rules in slow["rules"])
