@@ -114,7 +114,7 @@ def _analyse(cfg: Config, since: datetime | None, until: datetime | None, **filt
         until,
         hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after),
         slot_s=cfg.probe.interval_s,
-        degraded_factor=cfg.analysis.degraded_factor,
+        degraded_factor=cfg.analysis.degraded_factor, degraded_min_ms=cfg.analysis.degraded_min_ms,
         **filters,
     )
 

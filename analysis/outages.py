@@ -129,8 +129,10 @@ def degraded(
     factor: float = 3.0,
     metrics: tuple[str, ...] = ("connect", "first_byte", "total"),
     min_windows: int = 6,
+    min_increase_ms: float = 50.0,
 ) -> pd.DataFrame:
-    """Windows where a path's median of some metric exceeds `factor` x its rolling baseline.
+    """Windows where a path's median of some metric exceeds `factor` x its rolling baseline,
+    and by at least `min_increase_ms` (from 2 ms to 7 ms is noise, not throttling).
 
     `latency` holds percentiles per window (rollup.py: the probes that worked); a metric's
     baseline is the median of the preceding windows' medians over `baseline`, so a degraded
@@ -141,11 +143,12 @@ def degraded(
     step = pd.Timedelta(window)
     for path, group in latency.groupby("path", sort=True):
         medians = group.set_index("hour").sort_index()
-        ratios = pd.DataFrame({
-            metric: medians[f"{metric}_p50"].astype(float) / medians[f"{metric}_p50"].astype(float).dropna()
-            .rolling(baseline, min_periods=min_windows).median().shift(1)
-            for metric in metrics if f"{metric}_p50" in medians
-        })  # fmt: skip
+        ratios = {}
+        for metric in (m for m in metrics if f"{m}_p50" in medians):
+            median = medians[f"{metric}_p50"].astype(float)
+            reference = median.dropna().rolling(baseline, min_periods=min_windows).median().shift(1)
+            ratios[metric] = (median / reference).where(median - reference >= min_increase_ms)
+        ratios = pd.DataFrame(ratios)
         worst = ratios.max(axis=1)
         current: dict | None = None
         for at in worst[worst > factor].index:

@@ -36,6 +36,7 @@ def analyse(
     hysteresis: Hysteresis = Hysteresis(),
     slot_s: float = 300,
     degraded_factor: float = 3.0,
+    degraded_min_ms: float = 50.0,
 ) -> Analysis:
     # Verdicts compare a target's paths and look at control targets, so summaries cover
     # every target and path; the filters apply to the results. Latency is read from a week
@@ -44,7 +45,8 @@ def analyse(
     wide = load_summary(db, None if start is None else start - BASELINE, until, slot_s)
     summary = wide if start is None else wide.clip(start, pd.Timestamp(until or pd.Timestamp.max.tz_localize("UTC")))
     pairs = pair_outages(summary.runs, hysteresis)
-    slow = degraded(wide.latency, baseline=f"{BASELINE.days}D", factor=degraded_factor)
+    slow = degraded(wide.latency, baseline=f"{BASELINE.days}D", factor=degraded_factor,
+                    min_increase_ms=degraded_min_ms)  # fmt: skip
     if start is not None and len(slow):
         slow = slow[slow["end"] > start].assign(start=lambda f: f["start"].clip(lower=start))
         slow["minutes"] = (slow["end"] - slow["start"]).dt.total_seconds() / 60

@@ -82,7 +82,7 @@ def _analyse(cfg: Config, w: Week) -> Analysis:
     return analyse(
         cfg.store.path, w.start.to_pydatetime(), w.end.to_pydatetime(),
         hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after), slot_s=cfg.probe.interval_s,
-        degraded_factor=cfg.analysis.degraded_factor,
+        degraded_factor=cfg.analysis.degraded_factor, degraded_min_ms=cfg.analysis.degraded_min_ms,
     )  # fmt: skip
 
 

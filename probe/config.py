@@ -68,6 +68,7 @@ class AnalysisSettings(_Frozen):
     open_after: int = Field(2, ge=1, le=100)  # failing rounds in a row that open an outage
     close_after: int = Field(2, ge=1, le=100)  # good rounds in a row that close it
     degraded_factor: float = Field(3.0, gt=1)  # median latency over its 7-day median that is "degraded"
+    degraded_min_ms: float = Field(50, ge=0)  # ... and by at least this much
     events: list[Path] = []  # more event files (TOML or .ics) besides the shipped calendar
 
 

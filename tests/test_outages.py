@@ -109,3 +109,11 @@ def test_throttling_is_degraded_with_its_factor() -> None:
 
 def test_no_degradation_below_the_factor() -> None:
     assert degraded(hourly_latency(_latency_frame(slow_hours=4, factor=2)), factor=3).empty
+
+
+def test_a_large_factor_on_tiny_times_is_not_degradation() -> None:
+    frame = _latency_frame(slow_hours=4, factor=10)
+    frame[["connect_ms", "first_byte_ms", "total_ms"]] /= 10  # 2 ms to 20 ms: noise, not throttling
+    assert degraded(hourly_latency(frame), factor=3).empty
+    (outage,) = degraded(hourly_latency(frame), factor=3, min_increase_ms=10).to_dict("records")
+    assert outage["rules"] == ("connect_ms>3x-7D-median",)

@@ -40,6 +40,7 @@ from tests.lab.network import (
     WG_SERVER,
     in_ns,
     network,
+    sh,
 )
 from tests.servers import need, stop
 
@@ -345,6 +346,8 @@ RESET = ["-j", "REJECT", "--reject-with", "tcp-reset"]
 SCENARIOS = [
     # (name, ISP resolver options, router rule, target, failure, failed operation, blocking type)
     ("injected NXDOMAIN", ["--address=/news.test/"], None, "news", "dns_nxdomain_error", "resolve", "dns"),
+    ("DNS poisoning to a sinkhole", ["--address=/news.test/10.10.34.35"], None, "news", "network_unreachable",
+     "connect", "dns"),
     ("drop after the SNI", [], ["-p", "tcp", "--dport", "443", "-m", "string", "--string", "news.test", "--algo",
                                 "bm", "-j", "DROP"], "news", "generic_timeout_error", "tls_handshake", "tls"),
     ("SYN blackhole", [], ["-d", NEWS, "-p", "tcp", "--syn", "-j", "DROP"], "news", "generic_timeout_error",
@@ -478,16 +481,19 @@ def test_throttling_with_tc_tbf_is_degraded(lab: Path) -> None:
 
     with isp_resolver(lab.parent):
         rounds(8)
-        in_ns(RT, "tc", "qdisc", "add", "dev", "rt0", "root", "handle", "1:", "prio")
+        tc = ["tc", "-n", RT]
+        sh(*tc, "qdisc", "add", "dev", "rt0", "root", "handle", "1:", "htb", "default", "10")  # prio is missing here
         try:
-            in_ns(RT, "tc", "qdisc", "add", "dev", "rt0", "parent", "1:3", "handle", "30:", "tbf", "rate", "1mbit",
-                  "burst", "16kb", "latency", "500ms")  # fmt: skip
-            in_ns(RT, "tc", "filter", "add", "dev", "rt0", "parent", "1:", "protocol", "ip", "u32", "match", "ip",
-                  "src", f"{PORTAL}/32", "flowid", "1:3")  # fmt: skip
+            for klass in ("1:10", "1:20"):
+                sh(*tc, "class", "add", "dev", "rt0", "parent", "1:", "classid", klass, "htb", "rate", "1gbit")
+            sh(*tc, "qdisc", "add", "dev", "rt0", "parent", "1:20", "handle", "20:", "tbf", "rate", "1mbit", "burst",
+               "16kb", "latency", "500ms")  # fmt: skip
+            sh(*tc, "filter", "add", "dev", "rt0", "parent", "1:", "protocol", "ip", "u32", "match", "ip", "src",
+               f"{PORTAL}/32", "flowid", "1:20")  # fmt: skip
             throttled_from = pd.Timestamp.now(tz="UTC")
             rounds(4)
         finally:
-            in_ns(RT, "tc", "qdisc", "del", "dev", "rt0", "root", check=False)
+            sh(*tc, "qdisc", "del", "dev", "rt0", "root", check=False)
     m = load_measurements(lab.parent / "throttle.db")
     direct = m[m["path"] == "direct"]
     before, during = direct[direct["started_at"] < throttled_from], direct[direct["started_at"] >= throttled_from]
