@@ -346,7 +346,7 @@ RESET = ["-j", "REJECT", "--reject-with", "tcp-reset"]
 SCENARIOS = [
     # (name, ISP resolver options, router rule, target, failure, failed operation, blocking type)
     ("injected NXDOMAIN", ["--address=/news.test/"], None, "news", "dns_nxdomain_error", "resolve", "dns"),
-    ("DNS poisoning to a sinkhole", ["--address=/news.test/10.10.34.35"], ["-d", "10.10.34.35", "-j", "DROP"], "news",
+    ("DNS poisoning to a sinkhole", ["--address=/news.test/10.66.2.99"], ["-d", "10.66.2.99", "-j", "DROP"], "news",
      "generic_timeout_error", "connect", "dns"),  # a sinkhole that answers nothing
     ("drop after the SNI", [], ["-p", "tcp", "--dport", "443", "-m", "string", "--string", "news.test", "--algo",
                                 "bm", "-j", "DROP"], "news", "generic_timeout_error", "tls_handshake", "tls"),
