@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/tunnelwatch.toml
 DEBIAN_TEST_PACKAGES := nginx-light dnsmasq-base microsocks shadowsocks-libev tinyproxy iptables chromium wireguard-go wireguard-tools
+DEBIAN_BENCH_PACKAGES := nginx-light microsocks prometheus-blackbox-exporter wrk
 
-.PHONY: run test venv test-deps clean
+.PHONY: run test venv test-deps bench clean
 
 $(BIN)/tunnelwatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,12 @@ test-deps:
 
 test: venv test-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Every benchmark, about 30 minutes; rewrites bench/RESULTS.md. Not part of `make test`.
+bench: venv
+	@scripts/install-debian-packages $(DEBIAN_BENCH_PACKAGES)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

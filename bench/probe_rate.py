@@ -35,7 +35,7 @@ from bench.daemon_load import cpu_seconds, nginx_conf  # noqa: E402
 from tests.servers import LOOPBACK, free_port, running  # noqa: E402
 
 WARM_UP_S = 1.0
-CLIENTS = ("tunnelwatch", "raw asyncio", "raw asyncio + uvloop", "blackbox_exporter")
+CLIENTS = ("tunnelwatch", "tunnelwatch + uvloop", "raw asyncio", "raw asyncio + uvloop", "blackbox_exporter")
 
 
 def _cpu() -> float:
@@ -105,7 +105,7 @@ def client(name: str, url: str, in_flight: int, seconds: float) -> None:
         import uvloop
 
         uvloop.install()
-    probe = _tunnelwatch(url) if name == "tunnelwatch" else _raw(url)
+    probe = _tunnelwatch(url) if name.startswith("tunnelwatch") else _raw(url)
     print(json.dumps(asyncio.run(_drive(probe, in_flight, seconds))))
 
 
