@@ -45,6 +45,7 @@ MEASUREMENT_COLUMNS: dict[str, str] = {
     "connect_ms": "float64",
     "first_byte_ms": "float64",
     "total_ms": "float64",
+    "loop_lag_ms": "float64",
     "dns_rcode": "object",
     "addresses": "str",
     "status": "Int64",

@@ -36,6 +36,7 @@ COVERAGE_COLUMNS = ["start", "end"]
 RUN_BREAK = 1.5  # a pause longer than this many of the pair's usual steps ends a run
 GAP_INTERVALS = 2.5  # heartbeats further apart than this many intervals: the daemon was not measuring
 HOUR = pd.Timedelta(hours=1)
+LAG_LIMIT_MS = 10.0  # probe/lag.py: above this, a measurement's timings are not trusted
 
 
 def as_ns(times: pd.Series) -> np.ndarray:
@@ -142,9 +143,12 @@ def hourly_counts(verdicts: pd.DataFrame) -> pd.DataFrame:
 
 
 def hourly_latency(measurements: pd.DataFrame, window: str = "1h") -> pd.DataFrame:
-    """Percentiles per (hour, path) of the probes that worked (endpoint probes left out).
+    """Percentiles per (hour, path) of the probes that worked (endpoint probes, and probes
+    timed while the event loop ran over LAG_LIMIT_MS late, left out).
     Another `window` (a lab run of minutes) gives the same frame per window."""
     ok = measurements[measurements["ok"] & (measurements["group"] != "endpoint")]
+    if "loop_lag_ms" in ok:  # timings taken while the event loop ran late are inflated: leave them out
+        ok = ok[~(ok["loop_lag_ms"] > LAG_LIMIT_MS)]
     if ok.empty:
         return Summary.empty().latency
     grouped = ok.groupby([ok["started_at"].dt.floor(window).rename("hour"), ok["path"].astype(str)], observed=True)

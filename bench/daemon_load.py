@@ -7,14 +7,13 @@ subprocess, and reports from the store and /proc:
 - missed rounds: expected on the schedule minus those run (target 0)
 - CPU seconds per minute and peak RSS of the daemon (target < 200 MB)
 
-Usage: .venv/bin/python bench/daemon_load.py [--minutes 5] [--targets 2500] [--out bench/RESULTS.md]
+Usage: .venv/bin/python bench/daemon_load.py [--minutes 5] [--targets 2500]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
 import sqlite3
@@ -22,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,16 +74,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=5)
-    parser.add_argument("--targets", type=int, default=2500)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
-    args = parser.parse_args()
+def measure_daemon(minutes: float, targets: int) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="tw-bench-"))
     web, socks, metrics = free_port(), free_port(), free_port()
     (tmp / "nginx.conf").write_text(nginx_conf(tmp, web))
-    cfg = config(tmp, args.targets, web, socks, metrics)
+    cfg = config(tmp, targets, web, socks, metrics)
     nginx = [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)]
     with (
         running(nginx, tmp / "nginx.out", web),
@@ -95,7 +88,7 @@ def main() -> None:
         daemon = subprocess.Popen([str(ROOT / ".venv/bin/tunnelwatch"), "run", "--config", str(cfg)], stderr=log)
         started = time.monotonic()
         cpu_start = cpu_seconds(daemon.pid)
-        time.sleep(args.minutes * 60)
+        time.sleep(minutes * 60)
         cpu = cpu_seconds(daemon.pid) - cpu_start
         wall = time.monotonic() - started
         rss = peak_rss_mb(daemon.pid)
@@ -119,14 +112,10 @@ def main() -> None:
         expected += int((end_ms - 30_000 - target_first) // 60_000) + 1  # not the ones too close to the end
     run = sum(1 for _, _, sched, _ in beats if sched <= end_ms - 30_000)
     rate = probes[0] / (wall / 60)
-    command = f".venv/bin/python bench/daemon_load.py --minutes {args.minutes:g} --targets {args.targets}"
-    report = f"""# Daemon under load
-
-Command: `{command}`
-Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Machine: {platform.node()}, {os.cpu_count()} cores,
-Python {platform.python_version()}, {platform.platform()}.
-Load: {args.targets} http targets x {PATHS} paths (direct, bind 127.0.0.2, bind 127.0.0.3, microsocks SOCKS5)
-every 60 s against nginx on loopback, for {wall / 60:.1f} minutes.
+    shutil.rmtree(tmp, ignore_errors=True)
+    return f"""Load: {targets} http targets x {PATHS} paths (direct, bind 127.0.0.2, bind 127.0.0.3, microsocks
+SOCKS5) every 60 s against nginx on loopback, for {wall / 60:.1f} minutes, `tunnelwatch run` as a
+subprocess; figures from the store and /proc.
 
 | figure | value | target |
 |---|---|---|
@@ -140,13 +129,16 @@ every 60 s against nginx on loopback, for {wall / 60:.1f} minutes.
 | daemon peak RSS | {rss:.0f} MB | < 200 MB |
 
 URLs are IP literals, so no probe resolves a name: the cost of a fresh c-ares channel per
-lookup is not in these figures. One run; the machine is shared and noisy.
-
-Failures: {", ".join(f"{f}: {n}" for f, n in failures) or "none"}.
+lookup is not in these figures. Failures: {", ".join(f"{f}: {n}" for f, n in failures) or "none"}.
 """
-    args.out.write_text(report)
-    print(report)
-    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=5)
+    parser.add_argument("--targets", type=int, default=2500)
+    args = parser.parse_args()
+    print(measure_daemon(args.minutes, args.targets))
 
 
 if __name__ == "__main__":

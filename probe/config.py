@@ -42,7 +42,7 @@ class Vantage(_Frozen):
 
 class StoreSettings(_Frozen):
     path: Path = Path("data/tunnelwatch.db")
-    keep_raw_days: float = Field(31, ge=1)  # raw rows older than this go once summarised (analysis/rollup.py)
+    keep_raw_days: float = Field(14, ge=1)  # raw rows older than this go once summarised (analysis/rollup.py)
 
 
 class ProbeSettings(_Frozen):

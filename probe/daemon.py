@@ -281,7 +281,7 @@ class Daemon:
                 log.warning("SIGHUP: [%s] changed; that takes effect at the next restart", key)
         config = config.model_copy(update={"store": self._config.store, "metrics": self._config.metrics})
         self._config = config
-        self._ctx = ProbeContext.build(config)
+        self._ctx = ProbeContext.build(config, lag=self._ctx.lag)  # one loop, one lag sampler
         self._metrics.forget_probes()
         assert self._writer is not None
         self._writer.submit_paths(path_rows(config))

@@ -12,7 +12,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +23,7 @@ from .dns import probe_dns
 from .errors import ProbeFailure
 from .failures import classify
 from .http import probe_http
+from .lag import LagMonitor
 from .model import Heartbeat, Measurement, Trace
 from .tcp import probe_tcp
 from .tls import CERT_FAILURES, peek_certificate, probe_tls
@@ -43,16 +44,17 @@ class ProbeContext:
     config: Config
     ssl_context: ssl.SSLContext
     unverified_ssl_context: ssl.SSLContext  # only to record a certificate that failed verification
+    lag: LagMonitor = field(default_factory=LagMonitor)
 
     @classmethod
-    def build(cls, config: Config) -> ProbeContext:
+    def build(cls, config: Config, lag: LagMonitor | None = None) -> ProbeContext:
         cafile = str(config.probe.ca_file) if config.probe.ca_file else certifi.where()
         context = ssl.create_default_context(cafile=cafile)
         context.set_alpn_protocols(["http/1.1"])
         unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         unverified.check_hostname = False
         unverified.verify_mode = ssl.CERT_NONE
-        return cls(config=config, ssl_context=context, unverified_ssl_context=unverified)
+        return cls(config=config, ssl_context=context, unverified_ssl_context=unverified, lag=lag or LagMonitor())
 
 
 def new_round_id(now: datetime) -> str:
@@ -97,6 +99,7 @@ def plan(config: Config, targets: Iterable[str] = (), paths: Iterable[str] = ())
 async def measure(ctx: ProbeContext, target: Target, path: PathSpec, round_id: str) -> Measurement:
     """Probe one target over one path. Never raises for a network failure."""
     settings = ctx.config.probe
+    ctx.lag.ensure_running()
     trace = Trace()
     started_at = datetime.now(UTC)
     started = time.perf_counter()
@@ -155,6 +158,7 @@ async def measure(ctx: ProbeContext, target: Target, path: PathSpec, round_id: s
         cert_issuer=facts.get("cert_issuer"),
         cert_not_after=facts.get("cert_not_after"),
         tls_verified=facts.get("tls_verified"),
+        loop_lag_ms=ctx.lag.worst(started),
         detail=detail,
     )
 

@@ -25,7 +25,7 @@ MEASUREMENT_COLUMNS = (
     "failure", "failed_operation", "resolve_ms", "proxy_ms", "connect_ms", "tls_ms",
     "first_byte_ms", "total_ms", "resolver", "dns_rcode", "addresses", "peer_address",
     "status", "final_url", "body_length", "body_sha256", "title", "tls_version",
-    "cert_subject", "cert_issuer", "cert_not_after_ms", "tls_verified", "detail",
+    "cert_subject", "cert_issuer", "cert_not_after_ms", "tls_verified", "detail", "loop_lag_ms",
 )  # fmt: skip
 HEARTBEAT_COLUMNS = (
     "round_id", "vantage", "started_at_ms", "finished_at_ms", "probes", "succeeded", "config_sha256",
@@ -125,6 +125,9 @@ MIGRATIONS = (
         end_ms INTEGER NOT NULL
     );
     """,
+    """
+    ALTER TABLE measurements ADD COLUMN loop_lag_ms REAL;  -- probe/lag.py
+    """,
 )
 
 
@@ -149,7 +152,7 @@ def _measurement_row(m: Measurement) -> tuple[Any, ...]:
         m.first_byte_ms, m.total_ms, m.resolver, m.dns_rcode, json.dumps(list(m.addresses)), m.peer_address,
         m.status, m.final_url, m.body_length, m.body_sha256, m.title, m.tls_version,
         m.cert_subject, m.cert_issuer, _ms(m.cert_not_after),
-        None if m.tls_verified is None else int(m.tls_verified), m.detail,
+        None if m.tls_verified is None else int(m.tls_verified), m.detail, m.loop_lag_ms,
     )  # fmt: skip
 
 

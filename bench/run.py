@@ -1,0 +1,83 @@
+"""Every benchmark, one after the other, and bench/RESULTS.md rewritten with every figure,
+the command that produced it, the machine and the date. `make bench` runs this (about 30
+minutes). Nothing here is a test: targets are written beside the figures, never asserted.
+
+Usage: .venv/bin/python bench/run.py [--quick] [--only probe-rate timing daemon year]
+  --quick: shorter runs (a month instead of a year, 1 run each) to try the harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.analysis_load import measure_year  # noqa: E402
+from bench.daemon_load import measure_daemon  # noqa: E402
+from bench.probe_rate import measure_all  # noqa: E402
+from bench.timing_truth import measure_truth  # noqa: E402
+
+SECTIONS = ("probe-rate", "timing", "daemon", "year")
+
+
+def _machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU")  # fmt: skip
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
+    return (f"{platform.node()}: {model}, {os.cpu_count()} cores, {memory:.0f} GiB; {platform.platform()}; "
+            f"Python {platform.python_version()}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = parser.parse_args()
+    q = args.quick
+    plan = {
+        "probe-rate": ("Probe rate and CPU cost (issue 7)",
+                       f"bench/probe_rate.py --seconds {5 if q else 10} --runs {1 if q else 3} --in-flight 50 200",
+                       lambda: measure_all(5 if q else 10, 1 if q else 3, [50, 200])),
+        "timing": ("Timing truth under load (issue 7)", f"bench/timing_truth.py --seconds {5 if q else 10}",
+                   lambda: measure_truth(5 if q else 10, [1, 100, 500])),
+        "daemon": ("The daemon at 10,000 probes a minute (issue 3)",
+                   f"bench/daemon_load.py --minutes {1 if q else 5} --targets 2500",
+                   lambda: measure_daemon(1 if q else 5, 2500)),
+        "year": ("A year of measurements: store size and analysis (issues 4, 5, 7)",
+                 f"bench/analysis_load.py --days {30 if q else 365} --runs {1 if q else 3}",
+                 lambda: measure_year(30 if q else 365, 1 if q else 3)),
+    }  # fmt: skip
+    parts = []
+    for name in SECTIONS:
+        if name not in args.only:
+            continue
+        title, command, run = plan[name]
+        started = time.perf_counter()
+        print(f"running {name}: {command}", file=sys.stderr, flush=True)
+        body = run()
+        parts.append(f"## {title}\n\nCommand: `.venv/bin/python {command}` ({time.perf_counter() - started:.0f} s)\n\n"
+                     f"{body}")  # fmt: skip
+    flags = " ".join(["--quick"] * q + (["--only", *args.only] if args.only != list(SECTIONS) else []))
+    report = f"""# Benchmarks
+
+Written by `.venv/bin/python bench/run.py{" " + flags if flags else ""}` (or `make bench`) on
+{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.
+Machine: {_machine()}.
+The machine is shared and noisy: compare figures within one section, where they were measured
+in the same run, and read ratios rather than absolute rates.
+
+{chr(10).join(parts)}"""
+    args.out.write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
