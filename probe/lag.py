@@ -22,6 +22,7 @@ class LagMonitor:
     def __init__(self) -> None:
         self._ring = [0.0] * BUCKETS
         self._stamp = [-1] * BUCKETS  # which bucket number each slot holds now
+        self._last_wake: float | None = None
         self._task: asyncio.Task[None] | None = None
 
     def ensure_running(self) -> None:
@@ -33,6 +34,7 @@ class LagMonitor:
             asked = time.perf_counter()
             await asyncio.sleep(PERIOD_S)
             now = time.perf_counter()
+            self._last_wake = now
             late_ms = max(0.0, (now - asked - PERIOD_S) * 1000)
             bucket = int(now / BUCKET_S)
             slot = bucket % BUCKETS
@@ -42,12 +44,16 @@ class LagMonitor:
                 self._ring[slot] = late_ms
 
     def worst(self, since: float) -> float | None:
-        """The largest lateness (ms) noted from `since` (a perf_counter time) to now; None
-        when nothing was sampled then (the sampler not running)."""
-        first, last = int(since / BUCKET_S), int(time.perf_counter() / BUCKET_S) + 1
+        """The largest lateness (ms) noted from `since` (a perf_counter time) to now, or the
+        lateness now, if the sampler is overdue; None when the sampler is not running."""
+        if self._last_wake is None:
+            return None
+        now = time.perf_counter()
+        first, last = int(since / BUCKET_S), int(now / BUCKET_S) + 1
         first = max(first, last - BUCKETS + 1)
         values = [self._ring[b % BUCKETS] for b in range(first, last + 1) if self._stamp[b % BUCKETS] == b]
-        return round(max(values), 3) if values else None
+        overdue = (now - self._last_wake - PERIOD_S) * 1000  # the sampler should have woken by now
+        return round(max([*values, overdue, 0.0]), 3)
 
     def stop(self) -> None:
         if self._task is not None:
