@@ -40,7 +40,7 @@ class Series:
     unit: pd.Timedelta = DAY  # the independent unit of the statistics, a whole number of steps
 
     @property
-    def bins_per_day(self) -> int:
+    def bins_per_unit(self) -> int:
         return max(1, int(self.unit / self.step))
 
     @property
@@ -147,7 +147,7 @@ def _t_quantile(df: int, z: float = 1.959964) -> float:
 def _log_rate_variance(series: Series, mask: np.ndarray) -> tuple[float, int]:
     """Variance of log(sum value / sum exposure) over the mask, with days as the independent
     units (the ratio estimator's delta-method variance), and the number of days."""
-    day = np.arange(len(series.value)) // series.bins_per_day
+    day = np.arange(len(series.value)) // series.bins_per_unit
     days = np.unique(day[mask])
     v = np.bincount(day[mask], weights=series.value[mask], minlength=day.max() + 1)[days]
     e = np.bincount(day[mask], weights=series.exposure[mask], minlength=day.max() + 1)[days]
@@ -175,7 +175,7 @@ def _interval(
 
 def _permutation_p(series: Series, window: np.ndarray, observed: float, two_sided: bool) -> float | None:
     """Shift the series circularly by whole days; how often is the window's rate as extreme?"""
-    per_day = series.bins_per_day
+    per_day = series.bins_per_unit
     days = len(series.value) // per_day
     if days < 2:
         return None
@@ -212,7 +212,7 @@ def check_events(
         excluded |= series.mask(start - before, end + after)
     measured = series.exposure > 0
     baseline = measured & ~excluded
-    data_days = int(series.exposure.astype(bool).sum() // series.bins_per_day)
+    data_days = int(series.exposure.astype(bool).sum() // series.bins_per_unit)
     checks = []
     for event in events:
         start, end = event.window
@@ -220,7 +220,7 @@ def check_events(
         window = series.mask(w_start, w_end) & measured
         length = (w_end - w_start) / series.step
         coverage = float(window.sum() / length) if length > 0 else 0.0
-        base_days = len(np.unique(np.flatnonzero(baseline) // series.bins_per_day))
+        base_days = len(np.unique(np.flatnonzero(baseline) // series.bins_per_unit))
         lead = _lead_lag(first_outages, w_start, w_end, start)
         common = dict(event=event.id, title=event.title, category=event.category, window_start=w_start,
                       window_end=w_end, coverage=round(coverage, 3), lead_lag_hours=lead)  # fmt: skip

@@ -210,8 +210,7 @@ def load_summary(db: Path, since: datetime | None, until: datetime | None, slot_
     rows after it."""
     start = None if since is None else pd.Timestamp(since)
     end = None if until is None else pd.Timestamp(until)
-    _connect(db).close()
-    cursor = read_cursor(db)
+    cursor = read_cursor(db)  # says so if there is no store
     stored = Summary.empty()
     if cursor is not None and (start is None or start < cursor):
         stored = _stored(db, start, cursor if end is None else min(end, cursor))

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from analysis.rollup import LAG_LIMIT_MS  # noqa: E402
+from bench.daemon_load import percentile  # noqa: E402
 from tests.servers import LOOPBACK, free_port  # noqa: E402
 
 DELAY_MS = 50.0
@@ -93,15 +94,10 @@ def _client(port: int, in_flight: int, seconds: float) -> dict[str, list[Sample]
     return results
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def _spread(values: list[float]) -> str:
     if not values:
         return "none"
-    return f"{_percentile(values, 0.5):.2f} / {_percentile(values, 0.99):.2f} / {max(values):.2f}"
+    return f"{percentile(values, 0.5):.2f} / {percentile(values, 0.99):.2f} / {max(values):.2f}"
 
 
 def _level(in_flight: int, seconds: float) -> str:

