@@ -498,8 +498,10 @@ def test_throttling_with_tc_tbf_is_degraded(lab: Path) -> None:
     direct = m[m["path"] == "direct"]
     before, during = direct[direct["started_at"] < throttled_from], direct[direct["started_at"] >= throttled_from]
     assert during["ok"].all() and during["total_ms"].median() > 3 * before["total_ms"].median()
-    slow = degraded(hourly_latency(m, window="1s"), window="1s", baseline="60s", min_windows=4, factor=3)
+    # 144 kB at 1 Mbit/s take a second more; a proxy's delayed ACK (~40 ms) must not count
+    slow = degraded(hourly_latency(m, window="1s"), window="1s", baseline="60s", min_windows=4, factor=5,
+                    min_increase_ms=250)  # fmt: skip
     assert set(slow["path"]) == {"direct"}, slow  # the tunnels were not throttled
     assert (slow["start"] >= throttled_from.floor("1s")).all()
-    assert slow["rounds"].sum() >= 3 and (slow["factor"] > 3).all()
-    assert all(any(r.startswith("total_ms>3x") for r in rules) for rules in slow["rules"])
+    assert slow["rounds"].sum() >= 3 and (slow["factor"] > 5).all()
+    assert all(any(r.startswith("total_ms>5x") for r in rules) for rules in slow["rules"])
