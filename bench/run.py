@@ -4,6 +4,8 @@ minutes). Nothing here is a test: targets are written beside the figures, never 
 
 Usage: .venv/bin/python bench/run.py [--quick] [--only probe-rate timing daemon year]
   --quick: shorter runs (a month instead of a year, 1 run each) to try the harness.
+  --only: run these sections and keep the others' figures from the existing file; every
+          section carries the date it was measured.
 """
 
 from __future__ import annotations
@@ -55,21 +57,23 @@ def main() -> None:
                  f"bench/analysis_load.py --days {30 if q else 365} --runs {1 if q else 3}",
                  lambda: measure_year(30 if q else 365, 1 if q else 3)),
     }  # fmt: skip
+    kept = _sections(args.out.read_text()) if args.out.exists() else {}
     parts = []
     for name in SECTIONS:
-        if name not in args.only:
-            continue
         title, command, run = plan[name]
+        if name not in args.only:
+            if title in kept:
+                parts.append(kept[title])
+            continue
         started = time.perf_counter()
         print(f"running {name}: {command}", file=sys.stderr, flush=True)
         body = run()
-        parts.append(f"## {title}\n\nCommand: `.venv/bin/python {command}` ({time.perf_counter() - started:.0f} s)\n\n"
-                     f"{body}")  # fmt: skip
-    flags = " ".join(["--quick"] * q + (["--only", *args.only] if args.only != list(SECTIONS) else []))
+        parts.append(f"## {title}\n\nCommand: `.venv/bin/python {command}` ({time.perf_counter() - started:.0f} s), "
+                     f"measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC{' (--quick)' if q else ''}\n\n{body}")  # fmt: skip
     report = f"""# Benchmarks
 
-Written by `.venv/bin/python bench/run.py{" " + flags if flags else ""}` (or `make bench`) on
-{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.
+Written by `.venv/bin/python bench/run.py` (or `make bench`); each section says when it was
+measured (`--only` reruns some sections and keeps the others).
 Machine: {_machine()}.
 The machine is shared and noisy: compare figures within one section, where they were measured
 in the same run, and read ratios rather than absolute rates.
@@ -77,6 +81,12 @@ in the same run, and read ratios rather than absolute rates.
 {chr(10).join(parts)}"""
     args.out.write_text(report)
     print(report)
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The existing file's sections by title: "## title" up to the next one."""
+    chunks = text.split("\n## ")[1:]
+    return {chunk.split("\n", 1)[0]: "## " + chunk.rstrip("\n") + "\n" for chunk in chunks}
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Timing truth under load: how far are the connect and first-byte times tunnelwatch reports
 from what really happened, with 1, 100 and 500 probes in flight?
 
-A server in its own process (uvloop) answers every request DELAY_MS after reading it and
-records, per request path, how long it really held the answer (its own clock; the loopback
-round trip, some 30 microseconds, is left out). The client is tunnelwatch's real HTTP probe
+A server in its own process (uvloop) answers every request DELAY_MS after it arrived and
+records, per request path, how long it really held the answer: from the kernel's arrival
+time of the request to the answer's send (the loopback round trip, some 30 microseconds, is
+left out). The client is tunnelwatch's real HTTP probe
 (`probe.rounds.measure`), each of IN_FLIGHT workers probing its own URL back to back, so the
 server's record and the client's Measurement pair up in order. Errors: reported first byte
 minus the server's hold time; reported connect time (the truth on loopback is ~0). Every
@@ -20,6 +21,8 @@ import asyncio
 import json
 import multiprocessing
 import signal
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -30,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from analysis.rollup import LAG_LIMIT_MS  # noqa: E402
+from probe.conn import SO_TIMESTAMPNS  # noqa: E402
 from bench.daemon_load import percentile  # noqa: E402
 from tests.servers import LOOPBACK, free_port  # noqa: E402
 
@@ -38,24 +42,51 @@ Sample = tuple[float | None, float | None, float | None]  # connect, first byte,
 
 
 def _serve(port: int, ready: Any, log: Path) -> None:
+    """Answer every request DELAY_MS after it arrived; the hold time is the kernel's arrival
+    time of the request (SO_TIMESTAMPNS) to the moment the answer is handed to the kernel, so
+    a late server loop is part of the truth, not an error of the client."""
     import uvloop
 
     held: list[tuple[str, float]] = []
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        got = time.perf_counter()
+    async def readable(sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        loop.add_reader(sock.fileno(), lambda: future.done() or future.set_result(None))
+        try:
+            await future
+        finally:
+            loop.remove_reader(sock.fileno())
+
+    async def handle(sock: socket.socket) -> None:
+        head, arrived_ns = b"", 0
+        while b"\r\n\r\n" not in head:
+            await readable(sock)
+            data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(16))
+            if not data:
+                sock.close()
+                return
+            head += data
+            for _, _, payload in ancillary:
+                seconds, nanoseconds = struct.unpack("qq", payload)
+                arrived_ns = seconds * 1_000_000_000 + nanoseconds
         await asyncio.sleep(DELAY_MS / 1000)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        held.append((head.split(b" ", 2)[1].decode(), (time.perf_counter() - got) * 1000))
-        await writer.drain()
-        writer.close()
+        sent_ns = time.time_ns()
+        sock.send(answer)
+        held.append((head.split(b" ", 2)[1].decode(), (sent_ns - arrived_ns) / 1e6))
+        sock.close()
 
     async def main() -> None:
-        server = await asyncio.start_server(handle, LOOPBACK, port, backlog=4096)
+        loop = asyncio.get_running_loop()
+        listener = socket.create_server((LOOPBACK, port), backlog=4096)
+        listener.setblocking(False)
         ready.set()
-        async with server:
-            await asyncio.sleep(3600)
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            loop.create_task(handle(sock))
 
     def dump(*_: object) -> None:
         log.write_text(json.dumps(held))

@@ -7,6 +7,7 @@ channel kept across probes would measure its cache instead of the network.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ def resolver_for(path: PathSpec) -> Resolver:
     return Resolver(servers=servers, local_ip=path.address, local_dev=path.interface)
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every connection, of a few names
 def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host.strip("[]"))

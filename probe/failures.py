@@ -1,6 +1,6 @@
 """Exception -> OONI failure string. Pure and table-driven.
 
-httpx, httpcore and asyncio wrap the real cause, so the classifier walks
+asyncio and our own code may wrap the real cause, so the classifier walks
 ``__cause__``/``__context__`` to the first exception it has a specific entry for:
 an ``OSError`` errno, an ``ssl`` error, a c-ares code, or our own ``ProbeFailure``.
 """
@@ -13,7 +13,6 @@ import ssl
 from collections.abc import Iterator
 
 import aiodns.error as ares
-import httpcore
 import httpx
 
 from .errors import ProbeFailure
@@ -77,19 +76,8 @@ CLASS_FAILURES: tuple[tuple[type[BaseException], str], ...] = (
     (asyncio.IncompleteReadError, "eof_error"),
     (EOFError, "eof_error"),
     (TimeoutError, TIMEOUT),
-    (httpx.TimeoutException, TIMEOUT),
-    (httpcore.TimeoutException, TIMEOUT),
-    (httpx.TooManyRedirects, "http_too_many_redirects"),
-    (httpx.UnsupportedProtocol, "http_invalid_redirect_location_host"),
     (httpx.InvalidURL, "http_invalid_redirect_location_host"),
-    (httpx.DecodingError, "http_decoding_error"),
-    (httpx.RemoteProtocolError, "http_protocol_error"),
-    (httpcore.RemoteProtocolError, "http_protocol_error"),
-    (httpx.LocalProtocolError, "http_protocol_error"),
-    (httpcore.LocalProtocolError, "http_protocol_error"),
 )
-
-DISCONNECTED = "Server disconnected"
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -133,9 +121,6 @@ def classify(exc: BaseException) -> str:
         if failure:
             return failure
     for link in _chain(exc):
-        if isinstance(link, (httpx.RemoteProtocolError, httpcore.RemoteProtocolError)):
-            if DISCONNECTED in str(link):
-                return "eof_error"
         for cls, failure in CLASS_FAILURES:
             if failure and isinstance(link, cls):
                 return failure

@@ -1,156 +1,139 @@
-"""HTTP GET through a path with httpx, on a fresh connection for every request.
+"""HTTP GET through a path, on a fresh connection for every request.
 
-httpx handles redirects and the response; the connection under it comes from the
-probe's path through httpcore's network-backend seam, so resolution, proxying, binding
-and TLS are the same code as the tcp and tls probes and every phase is timed.
+The probe drives HTTP/1.1 itself over the path's connection (probe/conn.py): it writes one
+request, parses the answer with httptools (llhttp, in C), follows redirects and decodes
+gzip or deflate bodies. httpx's layers cost ten times the CPU of the probe's own work and
+time the answer from a busy event loop (bench/RESULTS.md); httpx stays for what it does
+well here: parsing URLs, joining redirect locations and encoding international names.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
 import html
 import re
 import ssl
-import time
-from collections.abc import AsyncIterator, Iterable
+import zlib
 from typing import Any
 
-import httpcore
+import httptools
 import httpx
 
 from .config import PathSpec, Target
+from .conn import Conn
 from .dns import is_ip
 from .errors import ProbeFailure
 from .model import HTTP_ROUND_TRIP, Trace
 from .paths import open_stream, start_tls
 
 MAX_REDIRECTS = 10
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 HOSTNAME = re.compile(r"^(?=.{1,253}\.?$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$")
 TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+# Content-Encoding -> zlib window bits (31: gzip; 47: zlib or gzip, told apart by the header).
+DECODERS = {b"gzip": 31, b"x-gzip": 31, b"deflate": 47}
 
 
-class _PathStream(httpcore.AsyncNetworkStream):
-    """An httpcore stream over asyncio streams that notes when the first response byte came."""
+class _Response:
+    """Collects what httptools parses: headers, the body (decoded, up to a cap), completion."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, trace: Trace) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._trace = trace
-        self._request_sent_at: float | None = None
-        self._first_byte_seen = False
+    def __init__(self, cap: int) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.body = bytearray()
+        self.cap = cap
+        self.status = 0
+        self.headers_done = False
+        self.complete = False
+        self._decoder: Any = None
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        data = await self._reader.read(max_bytes)
-        if data and not self._first_byte_seen and self._request_sent_at is not None:
-            self._first_byte_seen = True
-            self._trace.phase("first_byte", (time.perf_counter() - self._request_sent_at) * 1000)
-        return data
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if self._request_sent_at is None:
-            self._request_sent_at = time.perf_counter()
-        self._writer.write(buffer)
-        await self._writer.drain()
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        encoding = self.headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding in DECODERS:
+            self._decoder = zlib.decompressobj(DECODERS[encoding])
 
-    async def aclose(self) -> None:
-        self._writer.transport.abort()
+    def on_body(self, data: bytes) -> None:
+        room = self.cap - len(self.body)
+        if room <= 0:
+            return
+        try:
+            self.body += self._decoder.decompress(data, room) if self._decoder else data[:room]
+        except zlib.error as exc:
+            self._decoder = None
+            raise ProbeFailure("http_decoding_error", HTTP_ROUND_TRIP, f"undecodable body: {exc}") from exc
 
-    async def start_tls(
-        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        await start_tls(self._writer, ssl_context, server_hostname or "", self._trace)
-        self._trace.operation = HTTP_ROUND_TRIP
-        return self
+    def on_message_complete(self) -> None:
+        self.complete = True
 
-    def get_extra_info(self, info: str) -> Any:
-        if info == "ssl_object":
-            return self._writer.get_extra_info("ssl_object")
-        if info == "is_readable":
-            return self._reader.at_eof()
-        return None
-
-
-class _PathBackend(httpcore.AsyncNetworkBackend):
-    """httpcore asks for a TCP connection; the probe's path provides it."""
-
-    def __init__(self, path: PathSpec, trace: Trace) -> None:
-        self._path = path
-        self._trace = trace
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        reader, writer = await open_stream(self._path, host, port, self._trace)
-        self._trace.operation = HTTP_ROUND_TRIP
-        return _PathStream(reader, writer, self._trace)
-
-    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
-        raise NotImplementedError("probes do not use unix sockets")
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    @property
+    def framed(self) -> bool:
+        """The body's end is announced (length or chunks), so a close before it is an error."""
+        return b"content-length" in self.headers or b"chunked" in self.headers.get(b"transfer-encoding", b"").lower()
 
 
-class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for part in self._stream:
-            yield part
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+def _request(url: httpx.URL, user_agent: str) -> bytes:
+    return (
+        b"GET " + url.raw_path + b" HTTP/1.1\r\nHost: " + url.netloc + b"\r\nUser-Agent: " + user_agent.encode()
+        + b"\r\nAccept: */*\r\nAccept-Encoding: gzip, deflate\r\nConnection: close\r\n\r\n"
+    )  # fmt: skip
 
 
-class _PathTransport(httpx.AsyncBaseTransport):
-    """httpx on an httpcore pool that keeps no connection alive: every request dials anew."""
-
-    def __init__(self, path: PathSpec, trace: Trace, ssl_context: ssl.SSLContext) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_keepalive_connections=0,
-            retries=0,
-            network_backend=_PathBackend(path, trace),
-        )
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self._pool.handle_async_request(
-            httpcore.Request(
-                method=request.method,
-                url=httpcore.URL(
-                    scheme=request.url.raw_scheme,
-                    host=request.url.raw_host,
-                    port=request.url.port,
-                    target=request.url.raw_path,
-                ),
-                headers=request.headers.raw,
-                content=request.stream,
-                extensions=request.extensions,
-            )
-        )
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_ResponseStream(response.stream),
-            extensions=response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        await self._pool.aclose()
+async def _read_response(conn: Conn, trace: Trace, cap: int) -> _Response:
+    response = _Response(cap)
+    parser = httptools.HttpResponseParser(response)
+    while not response.complete and len(response.body) < cap:
+        data = await conn.recv()
+        if not data:
+            if not response.headers_done:
+                raise ProbeFailure("eof_error", HTTP_ROUND_TRIP, "the server closed the connection without answering")
+            if response.framed:
+                raise ProbeFailure("eof_error", HTTP_ROUND_TRIP, "the server closed the connection mid-body")
+            break  # the body ran to the close, as HTTP/1.1 allows without a length
+        trace.phase("first_byte", conn.answer_ms())
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            raise exc.__context__ or exc from None  # our own failure, raised in a callback
+        except httptools.HttpParserError as exc:
+            raise ProbeFailure("http_protocol_error", HTTP_ROUND_TRIP, f"malformed response: {exc}") from exc
+    response.status = parser.get_status_code()
+    return response
 
 
-async def _check_location(request: httpx.Request) -> None:
-    """A redirect to a host no resolver could look up is a finding, not a DNS failure."""
-    host = request.url.host
-    if not (is_ip(host) or HOSTNAME.match(host)):
-        raise ProbeFailure("http_invalid_redirect_location_host", HTTP_ROUND_TRIP, f"redirected to {request.url}")
+async def _get(url: httpx.URL, path: PathSpec, trace: Trace, ssl_context: ssl.SSLContext, user_agent: str,
+               cap: int) -> _Response:  # fmt: skip
+    host = url.raw_host.decode("ascii")
+    conn = await open_stream(path, host, url.port or DEFAULT_PORTS[url.scheme], trace)
+    try:
+        if url.scheme == "https":
+            await start_tls(conn, ssl_context, host, trace)
+        trace.operation = HTTP_ROUND_TRIP
+        await conn.send(_request(url, user_agent))
+        return await _read_response(conn, trace, cap)
+    finally:
+        conn.close()
+
+
+def _next_url(url: httpx.URL, location: bytes) -> httpx.URL:
+    """Where a redirect points; a location no resolver could look up is a finding."""
+    try:
+        target = url.join(location.decode("latin-1").strip())
+    except httpx.InvalidURL as exc:
+        raise ProbeFailure("http_invalid_redirect_location_host", HTTP_ROUND_TRIP, f"redirected to {location!r}") from exc
+    host = target.raw_host.decode("ascii")
+    if target.scheme not in DEFAULT_PORTS or not (is_ip(host) or HOSTNAME.match(host)):
+        raise ProbeFailure("http_invalid_redirect_location_host", HTTP_ROUND_TRIP, f"redirected to {target}")
+    return target
+
+
+@functools.lru_cache(maxsize=4096)  # a target's URL is parsed once, not on every probe
+def _parse(url: str) -> httpx.URL:
+    return httpx.URL(url)
 
 
 def _title(body: bytes) -> str | None:
@@ -171,35 +154,28 @@ async def probe_http(
     body_cap_bytes: int,
     **_: object,
 ) -> dict[str, Any]:
-    transport = _PathTransport(path, trace, ssl_context)
-    client = httpx.AsyncClient(
-        transport=transport,
-        follow_redirects=True,
-        max_redirects=MAX_REDIRECTS,
-        timeout=None,  # the caller bounds the whole probe with asyncio.timeout
-        trust_env=False,
-        headers={"User-Agent": user_agent, "Accept": "*/*"},
-        event_hooks={"request": [_check_location]},
-    )
-    async with client:
-        async with client.stream("GET", target.url or "") as response:
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk[: body_cap_bytes - len(body)]
-                if len(body) >= body_cap_bytes:
-                    break
+    url = _parse(target.url or "")
+    for _hop in range(MAX_REDIRECTS + 1):
+        response = await _get(url, path, trace, ssl_context, user_agent, body_cap_bytes)
+        status, location = response.status, response.headers.get(b"location")
+        if status not in REDIRECTS or location is None:
+            break
+        url = _next_url(url, location)
+    else:
+        raise ProbeFailure("http_too_many_redirects", HTTP_ROUND_TRIP, f"more than {MAX_REDIRECTS} redirects")
+    body = bytes(response.body)
     facts = {
-        "status": response.status_code,
-        "final_url": str(response.url),
+        "status": status,
+        "final_url": str(url),
         "body_length": len(body),
         "body_sha256": hashlib.sha256(body).hexdigest(),
-        "title": _title(bytes(body)),
+        "title": _title(body),
     }
     for name, value in facts.items():
         trace.fact(name, value)
-    if response.status_code >= 400:
-        raise ProbeFailure("http_status_error", HTTP_ROUND_TRIP, f"HTTP {response.status_code}")
-    _check_expected(target, facts["title"], bytes(body))
+    if status >= 400:
+        raise ProbeFailure("http_status_error", HTTP_ROUND_TRIP, f"HTTP {status}")
+    _check_expected(target, facts["title"], body)
     return facts
 
 

@@ -1,11 +1,11 @@
-"""How late the event loop runs: a probe's timestamps are taken by callbacks, so while the
-loop runs late, every phase it times is inflated by about as much.
+"""How late the event loop runs. A probe's phases are timed by the kernel (probe/conn.py),
+but its total time and a DNS lookup's time are taken by callbacks, so while the loop runs
+late they are inflated by about as much.
 
 A sampler sleeps PERIOD_S at a time and notes how much later than asked it woke, into
 10-ms buckets of a ring; `worst(since)` is the largest lateness noted since then. A
-measurement carries it as `loop_lag_ms`, and analysis leaves the timings of one taken while
-the loop was more than analysis.rollup.LAG_LIMIT_MS late out of its latency figures
-(bench/timing_truth.py).
+measurement carries it as `loop_lag_ms`, and analysis leaves the total time of one taken
+while the loop was more than analysis.rollup.LAG_LIMIT_MS late out of its latency figures.
 """
 
 from __future__ import annotations

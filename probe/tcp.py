@@ -10,6 +10,5 @@ from .paths import open_stream
 
 
 async def probe_tcp(target: Target, path: PathSpec, trace: Trace, **_: object) -> dict[str, Any]:
-    _, writer = await open_stream(path, target.host or "", target.port or 0, trace)
-    writer.transport.abort()
+    (await open_stream(path, target.host or "", target.port or 0, trace)).close()
     return {}

@@ -17,11 +17,11 @@ CERT_FAILURES = frozenset({"ssl_invalid_hostname", "ssl_unknown_authority", "ssl
 async def probe_tls(
     target: Target, path: PathSpec, trace: Trace, *, ssl_context: ssl.SSLContext, **_: object
 ) -> dict[str, Any]:
-    _, writer = await open_stream(path, target.host or "", target.port or 0, trace)
+    conn = await open_stream(path, target.host or "", target.port or 0, trace)
     try:
-        await start_tls(writer, ssl_context, target.sni or target.host or "", trace)
+        await start_tls(conn, ssl_context, target.sni or target.host or "", trace)
     finally:
-        writer.transport.abort()
+        conn.close()
     return {}
 
 
@@ -38,12 +38,12 @@ async def peek_certificate(target: Target, path: PathSpec, trace: Trace, unverif
     from cryptography import x509  # only on this path
 
     host, port, sni = _endpoint(target)
-    _, writer = await open_stream(path, host, port, Trace())
+    conn = await open_stream(path, host, port, Trace())
     try:
-        await writer.start_tls(unverified, server_hostname=sni)
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        await conn.start_tls(unverified, sni)
+        der = conn.ssl_object.getpeercert(binary_form=True) if conn.ssl_object else None
     finally:
-        writer.transport.abort()
+        conn.close()
     if der:
         cert = x509.load_der_x509_certificate(der)
         trace.fact("cert_subject", cert.subject.rfc4514_string())
