@@ -8,7 +8,8 @@ the moment the kernel received the answer:
 - the TCP handshake from `TCP_INFO`: the kernel's round-trip time of the SYN (unless the SYN
   was retransmitted; then the time seen from here, which holds the retransmission wait);
 - every answer from `SO_TIMESTAMPNS`: the arrival time of the newest segment in the receive
-  queue, read with the bytes (`recvmsg`).
+  queue, read with the bytes (`recvmsg`); a phase of several round trips (TLS 1.2, SOCKS
+  with authentication) is the sum of its round trips, without the probe's own time between.
 TLS runs over memory BIOs (`ssl.SSLObject`), so its records are read with their timestamps
 too. The socket is non-blocking and waited on with the loop's `add_reader`/`add_writer`.
 """
@@ -63,8 +64,9 @@ class Conn:
     bytes the last read returned (both CLOCK_REALTIME, ns): `answer_ms()` is their distance.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
+        self.peer = peer  # the address connected to
         self.sent_ns = 0
         self.received_ns = 0
         self._buffer = bytearray()  # bytes read ahead by readexactly/readuntil
@@ -83,7 +85,7 @@ class Conn:
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             raise OSError(code, os.strerror(code))
-        return cls(sock), _handshake_ms(sock, (time.perf_counter() - started) * 1000)
+        return cls(sock, address[0]), _handshake_ms(sock, (time.perf_counter() - started) * 1000)
 
     @property
     def ssl_object(self) -> ssl.SSLObject | None:
@@ -127,23 +129,28 @@ class Conn:
         return await self.readexactly(end + len(separator))
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> float:
-        """Handshake over this connection; the handshake time in ms (ClientHello sent to the
-        arrival of the server's last handshake flight)."""
+        """Handshake over this connection; the handshake's time in ms on the network: for
+        each flight the client sent, until the kernel received the server's answer to it
+        (TLS 1.2 takes two; the client's own work in between is not the network's)."""
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname or None)
-        started = time.time_ns()
+        network_ns = flight_sent_ns = answered_ns = 0
         while True:
             try:
                 self._tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
                 pass  # waiting outside the handler keeps this out of a timeout's exception chain
-            await self._send_raw(self._outgoing.read())
+            if flight := self._outgoing.read():
+                network_ns += answered_ns - flight_sent_ns
+                flight_sent_ns = answered_ns = time.time_ns()
+                await self._send_raw(flight)
             raw = await self._recv_raw()
             if not raw:
                 raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "the server closed the connection during the handshake")
+            answered_ns = self.received_ns
             self._incoming.write(raw)
         await self._send_raw(self._outgoing.read())
-        return (self.received_ns - started) / 1e6
+        return (network_ns + answered_ns - flight_sent_ns) / 1e6
 
     async def _more(self) -> bytes:
         data = await self._read()

@@ -72,7 +72,7 @@ async def _connect_target(path: PathSpec, host: str, port: int, trace: Trace) ->
     trace.operation = CONNECT
     conn, connect_ms = await _connect(addresses, port, path)
     trace.phase("connect", connect_ms)
-    trace.fact("peer_address", conn.sock.getpeername()[0])
+    trace.fact("peer_address", conn.peer)
     return conn
 
 

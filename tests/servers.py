@@ -108,6 +108,7 @@ NGINX_SITE = """
     location = /echo-ip {{ default_type text/plain; return 200 "$remote_addr"; }}
     location = /missing {{ return 404; }}
     location = /slow {{ return 444; }}
+    location /gz/ {{ alias {root}/; gzip on; gzip_min_length 1; gzip_types text/html; }}
     location / {{ root {root}; index index.html; }}
 """
 
