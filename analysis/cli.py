@@ -362,6 +362,7 @@ def store_compact(config: Path | None) -> None:
     from .rollup import compact
 
     cfg = load_config(config)
-    hours, deleted = compact(cfg.store.path, cfg.probe.interval_s, cfg.store.keep_raw_days)
+    hours, deleted = compact(cfg.store.path, cfg.probe.interval_s, cfg.store.keep_raw_days,
+                             keep_unforwarded=cfg.store.url is not None)  # fmt: skip
     err.print(f"summarised {hours} hours; deleted {deleted} raw measurements older than "
               f"{cfg.store.keep_raw_days:g} days")  # fmt: skip

@@ -336,9 +336,14 @@ def _write_coverage(conn: sqlite3.Connection, coverage: pd.DataFrame, slot_s: fl
                      [(_ms(a), _ms(b)) for a, b in merged[COVERAGE_COLUMNS].itertuples(index=False)])  # fmt: skip
 
 
-def delete_raw(db: Path, before: pd.Timestamp) -> int:
+def delete_raw(db: Path, before: pd.Timestamp, keep_unforwarded: bool = False) -> int:
     """Delete raw rows that started before `before`, a day per transaction so the daemon's
-    writer is never kept waiting long."""
+    writer is never kept waiting long. In fleet mode (`keep_unforwarded`) rows the forwarder
+    has not uploaded yet stay (probe/forwarder.py)."""
+    measurements, heartbeats = "", ""
+    if keep_unforwarded:
+        measurements = " AND id <= (SELECT coalesce(max(measurement_id), 0) FROM forward_cursor)"
+        heartbeats = " AND rowid <= (SELECT coalesce(max(heartbeat_rowid), 0) FROM forward_cursor)"
     conn = _writable(db)
     deleted = 0
     try:
@@ -349,8 +354,9 @@ def delete_raw(db: Path, before: pd.Timestamp) -> int:
             cut = min(limit, cut + DAY_MS)
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                deleted += conn.execute("DELETE FROM measurements WHERE started_at_ms < ?", [cut]).rowcount
-                conn.execute("DELETE FROM heartbeats WHERE started_at_ms < ?", [cut])
+                deleted += conn.execute(f"DELETE FROM measurements WHERE started_at_ms < ?{measurements}",
+                                        [cut]).rowcount  # fmt: skip
+                conn.execute(f"DELETE FROM heartbeats WHERE started_at_ms < ?{heartbeats}", [cut])
     except sqlite3.Error as exc:
         raise StoreError(f"{db}: cannot delete old raw rows: {exc}") from None
     finally:

@@ -247,7 +247,8 @@ def merge_coverage(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(merged, columns=COVERAGE_COLUMNS)
 
 
-def compact(db: Path, slot_s: float, keep_raw_days: float, now: datetime | None = None) -> tuple[int, int]:
+def compact(db: Path, slot_s: float, keep_raw_days: float, now: datetime | None = None,
+            keep_unforwarded: bool = False) -> tuple[int, int]:  # fmt: skip
     """Summarise the complete hours after the store's cursor, a day at a time, and delete raw
     rows older than `keep_raw_days` that are summarised. Returns (hours summarised, raw
     rows deleted). Safe to run while the daemon writes, and twice at once."""
@@ -268,5 +269,6 @@ def compact(db: Path, slot_s: float, keep_raw_days: float, now: datetime | None 
     cursor = read_cursor(db)
     deleted = 0
     if cursor is not None:
-        deleted = delete_raw(db, min(cursor - COMPACT_MARGIN, now_ts - pd.Timedelta(days=keep_raw_days)))
+        deleted = delete_raw(db, min(cursor - COMPACT_MARGIN, now_ts - pd.Timedelta(days=keep_raw_days)),
+                             keep_unforwarded)  # fmt: skip
     return hours, deleted

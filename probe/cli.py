@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
+import sqlite3
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -14,10 +16,11 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .config import Config, load_config
+from .config import Config, load_config, redact
 from .console import config_option, err, out
 from .daemon import run_daemon
 from .errors import ConfigError, StoreError, TunnelwatchError
+from .forwarder import backlog
 from .logs import setup_logging
 from .model import PHASES, Measurement
 from .rounds import ProbeContext, path_rows, plan, run_round
@@ -170,6 +173,12 @@ def status(config: Path | None) -> None:
         out.print("no round stored yet")
         return
     out.print(f"last heartbeat: {_when(beat['finished_at_ms'], now)}, round {beat['round_id']}")
+    if cfg.store.url is not None:
+        with contextlib.closing(sqlite3.connect(cfg.store.path)) as spool:
+            queued = backlog(spool)
+        out.print(f"central store {redact(cfg.store.url.get_secret_value())}: {queued.measurements} measurements "
+                  f"not uploaded yet{f', the oldest from {_when(queued.oldest_ms, now)}' if queued.oldest_ms else ''}"
+                  f"{f'; {queued.dropped} given up over store.spool_max_rows' if queued.dropped else ''}")  # fmt: skip
     paths = Table(title="paths now (newest measurement of each target)")
     for name in ("path", "state", "targets ok"):
         paths.add_column(name)

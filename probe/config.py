@@ -43,6 +43,19 @@ class Vantage(_Frozen):
 class StoreSettings(_Frozen):
     path: Path = Path("data/tunnelwatch.db")
     keep_raw_days: float = Field(14, ge=1)  # raw rows older than this go once summarised (analysis/rollup.py)
+    # Fleet mode: the central PostgreSQL (postgresql://user:${PASSWORD}@host/db); `path` is
+    # then the local spool the forwarder uploads from (probe/forwarder.py).
+    url: SecretStr | None = None
+    forward_every_s: float = Field(10, gt=0, le=3600)
+    forward_batch: int = Field(5000, ge=1, le=1_000_000)
+    spool_max_rows: int = Field(5_000_000, ge=100)  # the backlog's bound; beyond it the oldest are not uploaded
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None and not url.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a PostgreSQL URL: postgresql://user:password@host:port/database")
+        return url
 
 
 class ProbeSettings(_Frozen):
@@ -296,6 +309,16 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{_key_path(error['loc'])}: {msg}{shown}"
 
 
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}" if ":" in credentials else url
+
+
 def parse_config(text: str, source: str) -> Config:
     try:
         raw = tomllib.loads(text)
@@ -308,7 +331,7 @@ def parse_config(text: str, source: str) -> Config:
         errors = exc.errors(include_url=False)
         # Never echo a secret back: drop inputs of credential keys.
         for error in errors:
-            if error["loc"] and error["loc"][-1] in ("username", "password"):
+            if error["loc"] and (error["loc"][-1] in ("username", "password") or error["loc"][:2] == ("store", "url")):
                 error["input"] = {}
         lines = "\n".join(f"  {_describe(e)}" for e in errors)
         raise ConfigError(f"{source}: invalid configuration:\n{lines}") from None

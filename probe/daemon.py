@@ -30,7 +30,8 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from .config import Config, PathSpec, Target, load_config
-from .errors import ConfigError, TunnelwatchError
+from .errors import ConfigError, StoreError, TunnelwatchError
+from .forwarder import Forwarder
 from .metrics import Metrics
 from .rounds import ProbeContext, path_rows, plan, run_round
 from .store import StoreLock, open_store
@@ -39,6 +40,7 @@ from .writer import StoreWriter
 
 log = logging.getLogger("tunnelwatch.daemon")
 LOOP_LAG_CHECK_S = 1.0
+MAX_FORWARD_RETRY_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,8 @@ class Daemon:
         self._signals = 0
         self._scheduler: AsyncIOScheduler | None = None
         self._writer: StoreWriter | None = None
+        self._forwarder: Forwarder | None = None
+        self._forward_failing_since: float | None = None
 
     async def run(self) -> int:
         config = self._config
@@ -104,11 +108,16 @@ class Daemon:
                         f"{config.source}: metrics.listen: cannot listen on {config.metrics.listen}: {exc}"
                     ) from None
             self._writer = StoreWriter(store, self._metrics, config.daemon.store_buffer, config.daemon.store_retry_s)
+            if config.store.url is not None:
+                self._forwarder = Forwarder(config.store.path, config.store.url.get_secret_value(), config.vantage.name,
+                                            config.store.forward_batch, config.store.spool_max_rows)  # fmt: skip
             await self._serve()
         finally:
             if server is not None:
                 server.shutdown()
                 server.server_close()
+            if self._forwarder is not None:
+                self._forwarder.close()
             store.close()
             lock.release()
         return 0
@@ -132,6 +141,8 @@ class Daemon:
         self._schedule()
         scheduler.start()
         helpers = [loop.create_task(self._writer.run()), loop.create_task(self._watch_loop_lag())]
+        if self._forwarder is not None:
+            helpers.append(loop.create_task(self._forward_loop()))
         notify("READY=1")
         self._status()
         log.info(
@@ -157,6 +168,8 @@ class Daemon:
         await asyncio.gather(*helpers, return_exceptions=True)
         if not await self._writer.flush():
             log.error("could not write %d measurements before exiting", self._writer.buffered)
+        if self._forwarder is not None:
+            await self._forward_once(final=True)
         log.info("stopped")
 
     def _schedule(self) -> None:
@@ -288,6 +301,40 @@ class Daemon:
         self._schedule()
         self._status()
         log.info("SIGHUP: reloaded %s: %d targets, %d paths", config.source, len(config.targets), len(config.paths))
+
+    async def _forward_loop(self) -> None:
+        """Upload the spool's backlog every store.forward_every_s; back off while the central
+        store is unreachable. The spool keeps everything meanwhile."""
+        delay = every = self._config.store.forward_every_s
+        while True:
+            await asyncio.sleep(delay)
+            delay = every if await self._forward_once() else min(delay * 2, MAX_FORWARD_RETRY_S)
+
+    async def _forward_once(self, final: bool = False) -> bool:
+        forwarder = self._forwarder
+        assert forwarder is not None
+        failing = self._forward_failing_since
+        try:
+            sent = await asyncio.to_thread(forwarder.forward)
+        except StoreError as exc:
+            await asyncio.to_thread(forwarder.disconnect)
+            self._metrics.forward_errors.inc()
+            if failing is None or final:
+                self._forward_failing_since = time.monotonic()
+                log.error("%s; measurements stay in the spool and go up when it is back", exc)
+            ok = False
+        else:
+            self._metrics.forwarded.inc(sent)
+            if failing is not None:
+                log.warning("central store %s reachable again after %.0f s; uploaded %d measurements",
+                            forwarder.where, time.monotonic() - failing, sent)  # fmt: skip
+                self._forward_failing_since = None
+            ok = True
+        backlog = await asyncio.to_thread(forwarder.backlog)
+        self._metrics.forward_backlog.set(backlog.measurements)
+        self._metrics.forward_backlog_age.set(backlog.age_s())
+        self._metrics.forward_dropped.set(backlog.dropped)
+        return ok
 
     def _status(self) -> None:
         notify(f"STATUS=probing {len(self._units)} targets through {len(self._config.paths)} paths")

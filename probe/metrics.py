@@ -50,6 +50,17 @@ class Metrics:
         self.store_dropped = Counter(
             "tunnelwatch_store_dropped_measurements", "Measurements dropped because the buffer was full", registry=r
         )
+        # Fleet mode (probe/forwarder.py)
+        self.forwarded = Counter("tunnelwatch_forwarded_measurements", "Measurements uploaded to the central store",
+                                 registry=r)  # fmt: skip
+        self.forward_errors = Counter("tunnelwatch_forward_errors", "Failed uploads to the central store", registry=r)
+        self.forward_backlog = Gauge("tunnelwatch_forward_backlog_measurements",
+                                     "Measurements in the spool not uploaded yet", registry=r)  # fmt: skip
+        self.forward_backlog_age = Gauge("tunnelwatch_forward_backlog_age_seconds",
+                                         "Age of the oldest measurement not uploaded yet", registry=r)  # fmt: skip
+        self.forward_dropped = Gauge("tunnelwatch_forward_dropped_measurements",
+                                     "Measurements never uploaded: the backlog outgrew store.spool_max_rows",
+                                     registry=r)  # fmt: skip
 
     def observe(self, m: Measurement) -> None:
         labels = (m.target, m.group, m.path, m.kind)

@@ -128,6 +128,16 @@ MIGRATIONS = (
     """
     ALTER TABLE measurements ADD COLUMN loop_lag_ms REAL;  -- probe/lag.py
     """,
+    """
+    -- Fleet mode (probe/forwarder.py): what has been uploaded to the central store. Rows
+    -- after these ids are the backlog; compaction keeps them until they are uploaded.
+    CREATE TABLE forward_cursor (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        measurement_id INTEGER NOT NULL,     -- measurements.id uploaded up to
+        heartbeat_rowid INTEGER NOT NULL,    -- heartbeats.rowid uploaded up to
+        dropped INTEGER NOT NULL DEFAULT 0   -- never uploaded: the backlog outgrew its bound
+    );
+    """,
 )
 
 

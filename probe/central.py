@@ -1,0 +1,173 @@
+"""The fleet's central store: PostgreSQL, written by every vantage point's forwarder.
+
+The tables mean what the SQLite store's do, with the same column names (times as Unix
+milliseconds), so one SQL dialect serves both; rows carry their vantage point. Measurements
+and heartbeats are partitioned by month of `started_at_ms` (dropping a month is how
+retention works), and a row's natural key makes an upload idempotent: a batch sent twice,
+after a forwarder died between the commit and noting it, is stored once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from .errors import StoreError
+from .config import redact
+from .store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS
+
+CONNECT_TIMEOUT_S = 5
+TCP_USER_TIMEOUT_MS = 30_000
+PARTITIONED = ("measurements", "heartbeats")
+KEYS = {
+    "measurements": ("vantage", "round_id", "target", "path", "started_at_ms"),
+    "heartbeats": ("vantage", "round_id", "started_at_ms"),
+}
+_TEXT, _INT, _REAL = "text", "bigint", "double precision"
+TYPES = {
+    **dict.fromkeys(MEASUREMENT_COLUMNS + HEARTBEAT_COLUMNS, _TEXT),
+    **dict.fromkeys(("started_at_ms", "ok", "status", "body_length", "cert_not_after_ms", "tls_verified",
+                     "finished_at_ms", "probes", "succeeded", "scheduled_at_ms"), _INT),  # fmt: skip
+    **dict.fromkeys(("resolve_ms", "proxy_ms", "connect_ms", "tls_ms", "first_byte_ms", "total_ms", "loop_lag_ms"), _REAL),
+}
+NOT_NULL = {
+    "measurements": frozenset({"vantage", "round_id", "target", "grp", "path", "kind", "input", "started_at_ms", "ok",
+                               "addresses", "detail"}),
+    "heartbeats": frozenset({"vantage", "round_id", "started_at_ms", "finished_at_ms", "probes", "succeeded",
+                             "config_sha256"}),
+}  # fmt: skip
+
+
+def _table(name: str, columns: Sequence[str]) -> str:
+    body = ", ".join(f"{c} {TYPES[c]}{' NOT NULL' if c in NOT_NULL[name] else ''}" for c in columns)
+    return (f"CREATE TABLE {name} ({body}, PRIMARY KEY ({', '.join(KEYS[name])})) "
+            "PARTITION BY RANGE (started_at_ms);")  # fmt: skip
+
+
+# Each entry moves the schema from version i to i + 1. Never edit a shipped entry: append.
+MIGRATIONS = (
+    _table("measurements", MEASUREMENT_COLUMNS)
+    + _table("heartbeats", HEARTBEAT_COLUMNS)
+    + """
+    CREATE INDEX measurements_started_at ON measurements (started_at_ms);
+    CREATE INDEX measurements_pair ON measurements (target, path, started_at_ms);
+    CREATE INDEX heartbeats_started_at ON heartbeats (started_at_ms);
+    CREATE TABLE paths (
+        vantage text NOT NULL,
+        name text NOT NULL,
+        kind text NOT NULL,
+        label text NOT NULL DEFAULT '',
+        endpoint_target text,
+        PRIMARY KEY (vantage, name)
+    );
+    """,
+)
+
+
+def month_bounds(ms: int) -> tuple[int, int, str]:
+    """The month holding `ms`: its start and end (Unix ms) and a partition suffix."""
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+    end = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+    return round(start.timestamp() * 1000), round(end.timestamp() * 1000), f"y{moment:%Ym%m}"
+
+
+class CentralStore:
+    """One connection to the central PostgreSQL; every method is one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            # A censor may blackhole the uplink: bound every wait on it, not only the connect.
+            self._db = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                                       tcp_user_timeout=TCP_USER_TIMEOUT_MS, keepalives=1, keepalives_idle=10,
+                                       keepalives_interval=5, keepalives_count=3)  # fmt: skip
+            self._migrate()
+            self._months: set[str] = set()  # partitions known to exist
+        except psycopg.Error as exc:
+            raise StoreError(f"{redact(url)}: cannot open the central store: {_first_line(exc)}") from None
+
+    def _migrate(self) -> None:
+        with self._db.transaction():
+            self._db.execute("SELECT pg_advisory_xact_lock(7477)")  # two forwarders starting at once
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+            row = self._db.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if row is None:
+                self._db.execute("INSERT INTO schema_version VALUES (0)")
+            if version > len(MIGRATIONS):
+                raise StoreError(f"{redact(self.url)}: schema version {version} is newer than this tunnelwatch "
+                                 f"knows ({len(MIGRATIONS)}); upgrade tunnelwatch")  # fmt: skip
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                self._db.execute(script)
+                self._db.execute("UPDATE schema_version SET version = %s", [number])
+
+    def ingest(self, vantage: str, measurements: Sequence[tuple[Any, ...]], heartbeats: Sequence[tuple[Any, ...]],
+               paths: Sequence[tuple[Any, ...]] = ()) -> int:  # fmt: skip
+        """Rows as the SQLite store holds them (MEASUREMENT_COLUMNS, HEARTBEAT_COLUMNS), all
+        in one transaction; rows already stored are skipped. Returns the measurements added."""
+        try:
+            with self._db.transaction():
+                months = self._partitions([row[MEASUREMENT_COLUMNS.index("started_at_ms")] for row in measurements]
+                                          + [row[HEARTBEAT_COLUMNS.index("started_at_ms")] for row in heartbeats])  # fmt: skip
+                added = self._copy("measurements", MEASUREMENT_COLUMNS, measurements)
+                self._copy("heartbeats", HEARTBEAT_COLUMNS, heartbeats)
+                if paths:
+                    with self._db.cursor() as cursor:
+                        cursor.executemany(
+                            "INSERT INTO paths (vantage, name, kind, label, endpoint_target) VALUES (%s, %s, %s, %s, %s) "
+                            "ON CONFLICT (vantage, name) DO UPDATE SET kind = excluded.kind, label = excluded.label, "
+                            "endpoint_target = excluded.endpoint_target",
+                            [(vantage, *p) for p in paths],
+                        )
+        except psycopg.Error as exc:
+            raise StoreError(f"{redact(self.url)}: cannot store {len(measurements)} measurements: "
+                             f"{_first_line(exc)}") from None  # fmt: skip
+        self._months |= months
+        return added
+
+    def _partitions(self, times: Sequence[int]) -> set[str]:
+        """The monthly partitions these rows need, created if missing; their names."""
+        months = {month_bounds(ms) for ms in times}
+        if all(suffix in self._months for _, _, suffix in months):
+            return set()
+        self._db.execute("SELECT pg_advisory_xact_lock(7478)")  # forwarders adding the same month
+        for start, end, suffix in sorted(months):
+            for table in PARTITIONED:
+                self._db.execute(f"CREATE TABLE IF NOT EXISTS {table}_{suffix} PARTITION OF {table} "
+                                 f"FOR VALUES FROM ({start}) TO ({end})")  # fmt: skip
+        return {suffix for _, _, suffix in months}
+
+    def _copy(self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> int:
+        """COPY into a scratch table, then insert what is new: fast and idempotent."""
+        if not rows:
+            return 0
+        names = ", ".join(columns)
+        self._db.execute(f"CREATE TEMP TABLE IF NOT EXISTS incoming_{table} (LIKE {table}) ON COMMIT DELETE ROWS")
+        with self._db.cursor().copy(f"COPY incoming_{table} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor = self._db.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming_{table} "
+                                  "ON CONFLICT DO NOTHING")  # fmt: skip
+        return cursor.rowcount
+
+    def count(self, table: str = "measurements", vantage: str | None = None) -> int:
+        where, args = ("WHERE vantage = %s", [vantage]) if vantage else ("", [])
+        row = self._db.execute(f"SELECT count(*) FROM {table} {where}", args).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> CentralStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

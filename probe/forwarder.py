@@ -1,0 +1,140 @@
+"""Store and forward: a vantage point's measurements go to its local SQLite store first (the
+spool) and from there, in batches, to the fleet's central PostgreSQL (probe/central.py).
+
+The spool's `forward_cursor` notes how far uploads got. A batch is read after the cursor,
+stored centrally in one transaction (rows already there are skipped), and only then is
+the cursor moved: a forwarder killed between the two sends that batch again, and it is
+stored once. While the central store is unreachable (or the censor blocks the uplink) the
+daemon keeps measuring and the backlog grows, up to `store.spool_max_rows`; past that the
+oldest rows are given up (counted as dropped) so the spool cannot fill the disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import redact
+from .errors import StoreError
+from .store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    measurements: int  # not uploaded yet
+    oldest_ms: int | None  # when the oldest of them started
+    dropped: int  # given up over the spool's bound, ever
+
+    def age_s(self, now_ms: int | None = None) -> float:
+        if self.oldest_ms is None:
+            return 0.0
+        return max(0.0, ((now_ms if now_ms is not None else time.time() * 1000) - self.oldest_ms) / 1000)
+
+
+def backlog(spool: sqlite3.Connection) -> Backlog:
+    """What the spool holds that the central store does not have yet."""
+    row = spool.execute("SELECT measurement_id, dropped FROM forward_cursor").fetchone()
+    after, dropped = row if row else (0, 0)
+    count, oldest = spool.execute("SELECT count(*), min(started_at_ms) FROM measurements WHERE id > ?",
+                                  [after]).fetchone()  # fmt: skip
+    return Backlog(count, oldest, dropped)
+
+
+class Forwarder:
+    """Uploads the spool's backlog. Blocking calls: the daemon runs them in a thread."""
+
+    def __init__(self, spool: Path, url: str, vantage: str, batch: int, max_backlog: int) -> None:
+        self.url = url
+        self.vantage = vantage
+        self.batch = batch
+        self.max_backlog = max_backlog
+        try:
+            self._spool = sqlite3.connect(spool, timeout=30, isolation_level=None, check_same_thread=False)
+            self._spool.execute("INSERT OR IGNORE INTO forward_cursor (id, measurement_id, heartbeat_rowid) "
+                                "VALUES (1, 0, 0)")  # fmt: skip
+        except sqlite3.Error as exc:
+            raise StoreError(f"{spool}: cannot open the spool: {exc}") from None
+        self._central: Any = None  # a CentralStore once connected
+        self._paths_sent = False
+
+    def backlog(self) -> Backlog:
+        return backlog(self._spool)
+
+    def forward(self) -> int:
+        """Upload batches until the backlog is empty; the measurements sent. A failure of the
+        central store raises StoreError with nothing lost: the next call starts over there."""
+        sent = 0
+        self._bound()
+        while True:
+            moved = self._forward_batch()
+            sent += moved
+            if moved < self.batch:
+                return sent
+
+    def _forward_batch(self) -> int:
+        measurement_id, heartbeat_rowid = self._spool.execute(
+            "SELECT measurement_id, heartbeat_rowid FROM forward_cursor").fetchone()  # fmt: skip
+        rows = self._spool.execute(
+            f"SELECT id, {', '.join(MEASUREMENT_COLUMNS)} FROM measurements WHERE id > ? ORDER BY id LIMIT ?",
+            [measurement_id, self.batch],
+        ).fetchall()
+        last_id = rows[-1][0] if rows else measurement_id
+        beats = self._spool.execute(
+            f"SELECT rowid, {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            [heartbeat_rowid, self.batch],
+        ).fetchall()
+        last_rowid = beats[-1][0] if beats else heartbeat_rowid
+        if not rows and not beats and self._paths_sent:
+            return 0
+        paths = [] if self._paths_sent else self._spool.execute(
+            "SELECT name, kind, label, endpoint_target FROM paths").fetchall()  # fmt: skip
+        self._connect().ingest(self.vantage, [r[1:] for r in rows], [b[1:] for b in beats], paths)
+        self._paths_sent = True
+        with self._spool:
+            self._spool.execute("BEGIN IMMEDIATE")
+            self._spool.execute("UPDATE forward_cursor SET measurement_id = ?, heartbeat_rowid = ?",
+                                [last_id, last_rowid])  # fmt: skip
+        return max(len(rows), len(beats))
+
+    def _bound(self) -> None:
+        """Give up the oldest of a backlog over its bound, so the spool cannot fill the disk."""
+        over = self.backlog().measurements - self.max_backlog
+        if over <= 0:
+            return
+        with self._spool:
+            self._spool.execute("BEGIN IMMEDIATE")
+            (cut,) = self._spool.execute(
+                "SELECT id FROM measurements WHERE id > (SELECT measurement_id FROM forward_cursor) "
+                "ORDER BY id LIMIT 1 OFFSET ?", [over - 1]).fetchone()  # fmt: skip
+            self._spool.execute("UPDATE forward_cursor SET measurement_id = ?, dropped = dropped + ?", [cut, over])
+        log.error("the backlog outgrew store.spool_max_rows (%d): gave up uploading its %d oldest measurements",
+                  self.max_backlog, over)  # fmt: skip
+
+    def _connect(self) -> Any:
+        if self._central is None:
+            from .central import CentralStore  # psycopg: only a daemon in fleet mode needs it
+
+            self._central = CentralStore(self.url)
+        return self._central
+
+    def disconnect(self) -> None:
+        """After a failure: the next batch opens a new connection."""
+        if self._central is not None:
+            try:
+                self._central.close()
+            finally:
+                self._central = None
+
+    @property
+    def where(self) -> str:
+        return redact(self.url)
+
+    def close(self) -> None:
+        self.disconnect()
+        self._spool.close()

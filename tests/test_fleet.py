@@ -1,0 +1,230 @@
+"""Fleet mode against a real PostgreSQL: the central store, the forwarder, two daemons."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from analysis.rollup import compact
+from probe.central import MIGRATIONS, CentralStore, month_bounds
+from probe.config import redact
+from probe.errors import StoreError
+from probe.forwarder import Forwarder
+from probe.model import Heartbeat, Measurement
+from probe.store import SQLiteStore
+from tests.postgres import Postgres, cluster
+from tests.test_daemon import TUNNELWATCH, Daemon, daemons, fast, scrape  # noqa: F401 (daemons: a fixture)
+
+START = datetime(2018, 3, 31, 23, 0, tzinfo=UTC)  # the MIIT deadline: rows on both sides of a month's end
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    with cluster() as server:
+        yield server
+
+
+def spool_with(path: Path, rounds: int, vantage: str = "v1", start: datetime = START) -> SQLiteStore:
+    """A spool holding `rounds` rounds of two paths, every 5 minutes from `start`."""
+    store = SQLiteStore(path)
+    store.record_paths([("direct", "direct", "", None), ("socks", "socks5", "", None)])
+    for i in range(rounds):
+        at, round_id = start + timedelta(minutes=5 * i), f"r{i}"
+        store.write(
+            [Measurement(vantage=vantage, round_id=round_id, target="news", group="blocked", path=p, kind="http",
+                         input="https://news.example/", started_at=at, ok=p == "socks", connect_ms=12.5,
+                         failure=None if p == "socks" else "connection_reset",
+                         failed_operation=None if p == "socks" else "tls_handshake") for p in ("direct", "socks")],
+            [Heartbeat(vantage=vantage, round_id=round_id, started_at=at, finished_at=at, probes=2, succeeded=1)],
+        )  # fmt: skip
+    return store
+
+
+def test_the_central_store_migrates_once_and_partitions_by_month(postgres: Postgres, tmp_path: Path) -> None:
+    url = postgres.database("migrate")
+    CentralStore(url).close()
+    central = CentralStore(url)  # a second open migrates nothing
+    spool_with(tmp_path / "spool.db", rounds=30).close()
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        from probe.store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS
+
+        measurements = db.execute(f"SELECT {', '.join(MEASUREMENT_COLUMNS)} FROM measurements").fetchall()
+        heartbeats = db.execute(f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats").fetchall()
+    assert central.ingest("v1", measurements, heartbeats) == 60
+    assert central.ingest("v1", measurements, heartbeats) == 0  # sent twice, stored once
+    assert central.count() == 60 and central.count("heartbeats") == 30
+    with psycopg.connect(url) as conn:
+        (version,) = conn.execute("SELECT version FROM schema_version").fetchone()  # type: ignore[misc]
+        months = {r[0] for r in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'measurements'")}  # fmt: skip
+        per_month = dict(conn.execute("SELECT tableoid::regclass::text, count(*) FROM measurements GROUP BY 1"))
+    assert version == len(MIGRATIONS)
+    assert months == {"measurements_y2018m03", "measurements_y2018m04"}
+    assert per_month == {"measurements_y2018m03": 24, "measurements_y2018m04": 36}  # 12 rounds before midnight
+    central.close()
+
+
+def test_month_bounds() -> None:
+    start, end, suffix = month_bounds(round(datetime(2018, 12, 31, 23, tzinfo=UTC).timestamp() * 1000))
+    assert suffix == "y2018m12"
+    assert (datetime.fromtimestamp(start / 1000, UTC), datetime.fromtimestamp(end / 1000, UTC)) == (
+        datetime(2018, 12, 1, tzinfo=UTC), datetime(2019, 1, 1, tzinfo=UTC))  # fmt: skip
+
+
+def test_the_forwarder_uploads_every_row_exactly_once(postgres: Postgres, tmp_path: Path) -> None:
+    url = postgres.database("exactly_once")
+    store = spool_with(tmp_path / "spool.db", rounds=20)
+    forwarder = Forwarder(tmp_path / "spool.db", url, "v1", batch=7, max_backlog=10_000)
+    assert forwarder.backlog().measurements == 40
+    assert forwarder.forward() == 40
+    assert forwarder.backlog().measurements == 0 and forwarder.backlog().age_s() == 0
+    store.write(*_one_more_round(START + timedelta(hours=5)))
+    assert forwarder.backlog().measurements == 2
+    assert forwarder.forward() == 2
+    # a forwarder that died after the upload, before noting it: everything goes again
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        db.execute("UPDATE forward_cursor SET measurement_id = 0, heartbeat_rowid = 0")
+    forwarder.forward()
+    with CentralStore(url) as central:
+        assert (central.count(vantage="v1"), central.count("heartbeats")) == (42, 21)
+    with psycopg.connect(url) as conn:
+        paths = conn.execute("SELECT vantage, name, kind FROM paths ORDER BY name").fetchall()
+    assert paths == [("v1", "direct", "direct"), ("v1", "socks", "socks5")]
+    forwarder.close()
+    store.close()
+
+
+def _one_more_round(at: datetime) -> tuple[list[Measurement], list[Heartbeat]]:
+    return ([Measurement(vantage="v1", round_id="late", target="news", group="blocked", path=p, kind="http",
+                         input="https://news.example/", started_at=at, ok=True) for p in ("direct", "socks")],
+            [Heartbeat(vantage="v1", round_id="late", started_at=at, finished_at=at, probes=2, succeeded=2)])  # fmt: skip
+
+
+def test_an_unreachable_central_store_loses_nothing(tmp_path: Path) -> None:
+    with cluster() as server:
+        url = server.database("outage")
+        store = spool_with(tmp_path / "spool.db", rounds=10)
+        forwarder = Forwarder(tmp_path / "spool.db", url, "v1", batch=1000, max_backlog=10_000)
+        server.stop()
+        with pytest.raises(StoreError, match="cannot open the central store"):
+            forwarder.forward()
+        forwarder.disconnect()
+        assert forwarder.backlog().measurements == 20
+        store.write(*_one_more_round(START + timedelta(hours=2)))
+        server.start()
+        assert forwarder.forward() == 22
+        with CentralStore(url) as central:
+            assert central.count() == 22
+        forwarder.close()
+        store.close()
+
+
+def test_the_backlog_is_bounded_and_what_it_gave_up_is_counted(postgres: Postgres, tmp_path: Path) -> None:
+    url = postgres.database("bounded")
+    spool_with(tmp_path / "spool.db", rounds=30).close()
+    forwarder = Forwarder(tmp_path / "spool.db", url, "v1", batch=1000, max_backlog=50)
+    assert forwarder.forward() == 50
+    assert forwarder.backlog().dropped == 10
+    with psycopg.connect(url) as conn:
+        kept = {r[0] for r in conn.execute("SELECT DISTINCT round_id FROM measurements")}
+    assert kept == {f"r{i}" for i in range(5, 30)}  # the 5 oldest rounds were given up, not the newest
+    forwarder.close()
+
+
+def test_compaction_keeps_what_is_not_uploaded_yet(postgres: Postgres, tmp_path: Path) -> None:
+    url = postgres.database("compaction")
+    spool_with(tmp_path / "spool.db", rounds=40, start=datetime(2018, 3, 1, tzinfo=UTC)).close()
+    forwarder = Forwarder(tmp_path / "spool.db", url, "v1", batch=30, max_backlog=10_000)
+    forwarder._forward_batch()  # noqa: SLF001 - one batch only: 30 of 80 uploaded
+    now = datetime(2018, 4, 1, tzinfo=UTC)
+    compact(tmp_path / "spool.db", 300, keep_raw_days=1, now=now, keep_unforwarded=True)
+    assert forwarder.backlog().measurements == 50  # nothing unsent was deleted
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        (left,) = db.execute("SELECT count(*) FROM measurements").fetchone()
+    assert left == 50  # the 30 uploaded rows, summarised and older than a day, went
+    assert forwarder.forward() == 50
+    with CentralStore(url) as central:
+        assert central.count() == 80
+    forwarder.close()
+
+
+def test_a_bad_central_url_is_a_config_error_without_the_password(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[vantage]\nname = "v"\n[store]\nurl = "mysql://u:hunter2@db/tw"\n'
+                      '[[targets]]\nname = "t"\ngroup = "control"\nkind = "tcp"\nhost = "127.0.0.1"\nport = 1\n'
+                      '[[paths]]\nname = "direct"\nkind = "direct"\n')  # fmt: skip
+    result = subprocess.run([*TUNNELWATCH, "run", "--config", str(config)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "store.url" in result.stderr and "postgresql://" in result.stderr and "hunter2" not in result.stderr
+    assert redact("postgresql://tw:hunter2@db:5432/tw") == "postgresql://tw:***@db:5432/tw"
+
+
+def _vantage(config_file: Path, name: str, url: str) -> Path:
+    text = config_file.read_text()
+    config = config_file.with_name(f"{name}.toml")
+    config.write_text(text.replace('name = "test-vantage"', f'name = "{name}"')
+                      .replace(str(config_file.parent / "store.db"), str(config_file.parent / f"{name}.db"))
+                      .replace("[store]\n", f'[store]\nurl = "{url}"\nforward_every_s = 0.5\n')
+                      .replace("[metrics]\n", '[metrics]\nenabled = false\n'))  # fmt: skip
+    return config
+
+
+def _spooled(db: Path) -> set[tuple[str, str, str]]:
+    with sqlite3.connect(db) as conn:
+        return set(conn.execute("SELECT round_id, target, path FROM measurements"))
+
+
+def test_two_vantage_points_through_a_central_outage(config_file: Path, daemons: Callable[..., Daemon]) -> None:
+    """Two daemons report into PostgreSQL; it is stopped mid-run and started again; every
+    measurement of each arrives exactly once."""
+    fast(config_file)
+    with cluster() as server:
+        url = server.database("fleet")
+        a, b = (daemons(_vantage(config_file, name, url)) for name in ("vantage-a", "vantage-b"))
+        for daemon in (a, b):
+            daemon.wait_until(lambda d=daemon: len(d.heartbeats()) >= 6, what="rounds before the outage")
+        server.stop()
+        outage_from = len(a.heartbeats())
+        a.wait_until(lambda: len(a.heartbeats()) >= outage_from + 6, what="rounds during the outage")
+        with sqlite3.connect(a.db) as db:
+            from probe.forwarder import backlog
+
+            assert backlog(db).measurements > 0
+        server.start()
+        time.sleep(2)
+        for daemon in (a, b):
+            assert daemon.stop() == 0, daemon.output()
+        with psycopg.connect(url) as conn:
+            stored: dict[str, list[tuple[str, ...]]] = {"vantage-a": [], "vantage-b": []}
+            for vantage, *key in conn.execute("SELECT vantage, round_id, target, path FROM measurements"):
+                stored[vantage].append(tuple(key))
+        for name, daemon in (("vantage-a", a), ("vantage-b", b)):
+            spooled = _spooled(daemon.db)
+            assert len(stored[name]) == len(spooled) and set(stored[name]) == spooled  # once each, none lost
+        assert "measurements stay in the spool" in a.output() and "reachable again" in a.output()
+
+
+def test_status_shows_the_backlog(postgres: Postgres, tmp_path: Path) -> None:
+    url = postgres.database("status")
+    spool_with(tmp_path / "spool.db", rounds=20, start=datetime.now(UTC) - timedelta(hours=3)).close()
+    forwarder = Forwarder(tmp_path / "spool.db", url, "v1", batch=10, max_backlog=10_000)
+    forwarder._forward_batch()  # noqa: SLF001 - one batch of 10 only
+    forwarder.close()
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'[vantage]\nname = "v1"\n[store]\npath = "{tmp_path / "spool.db"}"\n'
+                      f'url = "{url.replace("tunnelwatch@", "tunnelwatch:s3cret@")}"\n'
+                      '[[targets]]\nname = "news"\ngroup = "blocked"\nkind = "tcp"\nhost = "127.0.0.1"\nport = 1\n'
+                      '[[paths]]\nname = "direct"\nkind = "direct"\n')  # fmt: skip
+    result = subprocess.run([*TUNNELWATCH, "status", "--config", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("central store")]
+    assert "30 measurements not uploaded yet, the oldest from" in line and "(2.6 h ago)" in line  # round r5
+    assert "s3cret" not in result.stdout and "tunnelwatch:***@" in result.stdout
