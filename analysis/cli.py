@@ -15,14 +15,17 @@ import click
 import pandas as pd
 from rich.table import Table
 
+from pydantic import SecretStr
+
 from probe.config import Config, load_config
 from probe.console import config_option, err, out
 from probe.errors import ConfigError
 
 from .eventcheck import Check, check_events, external_series, outage_series
 from .events import CATEGORIES, Event, load_events, select
-from .outages import Hysteresis
-from .pipeline import analyse
+from .fleet import FLEET_COLUMNS, fleet_outages
+from .frames import vantages
+from .pipeline import analyse_config, source, store_of
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(d|h|min|m|s)$")
 UNITS = {"d": "days", "h": "hours", "min": "minutes", "m": "minutes", "s": "seconds"}
@@ -107,16 +110,21 @@ def _overlapping(start: pd.Timestamp, end: pd.Timestamp, events: Sequence[Event]
     return tuple(e.id for e in events if e.window[0] < end and start < e.window[1])
 
 
-def _analyse(cfg: Config, since: datetime | None, until: datetime | None, **filters: tuple[str, ...]) -> Any:
-    return analyse(
-        cfg.store.path,
-        since,
-        until,
-        hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after),
-        slot_s=cfg.probe.interval_s,
-        degraded_factor=cfg.analysis.degraded_factor, degraded_min_ms=cfg.analysis.degraded_min_ms,
-        **filters,
-    )
+def store_options(command: Any) -> Any:
+    """--store and --vantage: what to analyse, instead of the config's own store."""
+    command = click.option("--vantage", help="The vantage point to analyse, of a store that holds several.")(command)
+    return click.option("--store", "store", help="A store to analyse instead of store.path: a SQLite file or the "
+                        "fleet's postgresql:// URL.")(command)  # fmt: skip
+
+
+def _configured(config: Path | None, store: str | None = None, vantage: str | None = None) -> Config:
+    cfg = load_config(config)
+    changes: dict[str, Any] = {}
+    if store:
+        changes["store"] = SecretStr(store)
+    if vantage:
+        changes["vantage"] = vantage
+    return cfg.model_copy(update={"analysis": cfg.analysis.model_copy(update=changes)}) if changes else cfg
 
 
 @click.command()
@@ -130,15 +138,24 @@ def _analyse(cfg: Config, since: datetime | None, until: datetime | None, **filt
               help="One row per path outage, or per (target, path) outage.")  # fmt: skip
 @click.option("--events", "event_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               help="More events (TOML or .ics) to match outages against.")  # fmt: skip
+@click.option("--fleet", is_flag=True, help="Every vantage point of the store side by side: outages that at least "
+              "--quorum of them agree on.")  # fmt: skip
+@click.option("--quorum", type=click.IntRange(min=1), help="Vantage points that must agree (with --fleet; default: "
+              "analysis.fleet_quorum).")  # fmt: skip
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@store_options
 @config_option
 def outages(since: datetime | None, until: datetime | None, paths: tuple[str, ...], targets: tuple[str, ...],
-            kinds: tuple[str, ...], by: str, event_files: tuple[Path, ...], fmt: str, config: Path | None) -> None:  # fmt: skip
+            kinds: tuple[str, ...], by: str, event_files: tuple[Path, ...], fleet: bool, quorum: int | None, fmt: str,
+            store: str | None, vantage: str | None, config: Path | None) -> None:  # fmt: skip
     """Outage intervals with their verdict, duration and the events they overlap."""
     _range(since, until)
-    cfg = load_config(config)
+    cfg = _configured(config, store, vantage)
     events = _events(cfg, event_files)
-    result = _analyse(cfg, since, until, targets=targets, paths=paths)
+    if fleet:
+        _fleet(cfg, since, until, targets, paths, kinds, quorum or cfg.analysis.fleet_quorum, events, fmt)
+        return
+    result = analyse_config(cfg, since, until, targets=targets, paths=paths)
     frame = result.paths if by == "path" else result.pairs
     if kinds:
         frame = frame[frame["verdict"].isin(kinds)]
@@ -153,6 +170,27 @@ def outages(since: datetime | None, until: datetime | None, paths: tuple[str, ..
     emit(rows, columns, fmt, f"outages by {by} (times UTC)")
     if fmt == "table" and not rows:
         err.print("no outages in that range" if result.span else "no measurements in that range")
+
+
+def _fleet(cfg: Config, since: datetime | None, until: datetime | None, targets: tuple[str, ...],
+           paths: tuple[str, ...], kinds: tuple[str, ...], quorum: int, events: Sequence[Event], fmt: str) -> None:  # fmt: skip
+    """Each vantage point analysed alone, then the outages enough of them agree on."""
+    if cfg.analysis.vantage:
+        raise click.BadParameter("--fleet reads every vantage point; leave out --vantage")
+    held = vantages(store_of(cfg))
+    each = []
+    for name in held:
+        one = cfg.model_copy(update={"analysis": cfg.analysis.model_copy(update={"vantage": name})})
+        each.append(analyse_config(one, since, until, targets=targets, paths=paths).pairs.assign(vantage=name))
+    frame = fleet_outages(pd.concat(each, ignore_index=True) if each else pd.DataFrame(
+        columns=["vantage", "target", "verdict", "start", "end"]), len(held), quorum)  # fmt: skip
+    if kinds:
+        frame = frame[frame["verdict"].isin(kinds)]
+    rows = [{**row, "events": _overlapping(row["start"], row["end"], events)}
+            for row in frame.sort_values(["start", "target"]).to_dict("records")]  # fmt: skip
+    emit(rows, [*FLEET_COLUMNS, "events"], fmt, f"outages {quorum} of {len(held)} vantage points agree on (times UTC)")
+    if fmt == "table" and not rows:
+        err.print(f"no outage that {quorum} of the {len(held)} vantage points ({', '.join(held)}) agree on")
 
 
 @click.group(name="events")
@@ -237,11 +275,12 @@ def _check_rows(checks: list[Check], series_mode: bool) -> list[dict[str, Any]]:
 @click.option("--events", "event_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               help="More events (TOML or .ics).")  # fmt: skip
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@store_options
 @config_option
 def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple[str, ...], targets: tuple[str, ...],
                  before: pd.Timedelta, after: pd.Timedelta, unit: pd.Timedelta, since: datetime | None,
                  until: datetime | None, series: Path | None, column: str | None, event_files: tuple[Path, ...],
-                 fmt: str, config: Path | None) -> None:  # fmt: skip
+                 fmt: str, store: str | None, vantage: str | None, config: Path | None) -> None:  # fmt: skip
     """For each event window: outage rate inside against a baseline, the ratio with a 95 %
     interval, a circular-shift p-value, and the lead or lag of the first outage."""
     _range(since, until)
@@ -249,7 +288,7 @@ def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple
         raise click.BadParameter("--series and --column go together")
     if unit <= pd.Timedelta(0):
         raise click.BadParameter(f"--unit {unit} must be longer than 0")
-    cfg = load_config(config)
+    cfg = _configured(config, store, vantage)
     every = _events(cfg, event_files)
     chosen = select(every, ids=ids, categories=categories)
     if series is not None and column is not None:
@@ -262,9 +301,9 @@ def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple
         span = (frame.index.min(), frame.index.max())
         firsts = None
     else:
-        result = _analyse(cfg, since, until, targets=targets, paths=paths)
+        result = analyse_config(cfg, since, until, targets=targets, paths=paths)
         if result.span is None:
-            raise ConfigError(f"{cfg.store.path}: no measurements in that range to check events against")
+            raise ConfigError(f"{source(cfg)}: no measurements in that range to check events against")
         span = result.span
         outages = result.paths[result.paths["verdict"] != "degraded"]
         data = outage_series(outages, result.summary.coverage, span[0], span[1], unit)
@@ -311,13 +350,14 @@ def chart_group() -> None:
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("charts"), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["png", "svg"]), default="png", show_default=True)
 @click.option("--tz", help="Time zone of the axes (default: report.timezone).")
+@store_options
 @config_option
 def chart_weekly(label: str | None, since: datetime | None, until: datetime | None, out: Path, fmt: str,
-                 tz: str | None, config: Path | None) -> None:  # fmt: skip
+                 tz: str | None, store: str | None, vantage: str | None, config: Path | None) -> None:  # fmt: skip
     """Availability heatmap, latency smoke and outage timeline of one week."""
     from .report import save_figures, weekly_figures
 
-    cfg = load_config(config)
+    cfg = _configured(config, store, vantage)
     w = _week(cfg, label, since, until, tz)
     for path in save_figures(weekly_figures(cfg, w, _events(cfg, ())), out, w.label, fmt):
         err.print(f"wrote {path}")
@@ -334,12 +374,14 @@ def report_group() -> None:
 @click.option("--tz", help="Time zone (default: report.timezone).")
 @click.option("--scheduled", is_flag=True, help="What the daemon runs on Mondays: last week's report and charts "
               "into report.directory, keeping the newest report.keep.")  # fmt: skip
+@store_options
 @config_option
-def report_weekly(label: str | None, out: Path | None, tz: str | None, scheduled: bool, config: Path | None) -> None:
+def report_weekly(label: str | None, out: Path | None, tz: str | None, scheduled: bool, store: str | None,
+                  vantage: str | None, config: Path | None) -> None:  # fmt: skip
     """A self-contained HTML report of one week, and a Markdown summary beside it."""
     from .report import write_report, write_weekly
 
-    cfg = load_config(config)
+    cfg = _configured(config, store, vantage)
     if scheduled:
         page, summary = write_weekly(cfg)
         err.print(f"wrote {page} and {summary}")

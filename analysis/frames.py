@@ -1,6 +1,11 @@
 """The only analysis module that touches the store: raw rows and summaries as DataFrames,
 and the writing of summaries by compaction.
 
+A store is a vantage point's SQLite file (a Path) or the fleet's central PostgreSQL
+(probe/central.py, a `Source` with its URL): the tables and columns are the same, so is the
+SQL. The central store holds many vantage points; analysis reads one at a time (`vantage`),
+as verdicts compare the paths of one vantage point's rounds.
+
 Dtypes are defined once here. Filtering by time, target and path happens in the SQL query,
 and only the columns analysis needs are read. `load_summary` is what commands use: the
 stored summaries before the cursor joined to the raw rows after it, summarised alike.
@@ -10,12 +15,15 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from pandas.api.types import union_categoricals
 
+from probe.config import redact
 from probe.errors import StoreError
 from probe.store import SQLiteStore
 
@@ -65,21 +73,79 @@ CATEGORIES = {"round_id", "target", "grp", "path", "kind", "failure", "failed_op
               "title"}  # fmt: skip
 
 
-def _connect(db: Path) -> sqlite3.Connection:
-    if not db.exists():
-        raise StoreError(f"{db}: no store there; run `tunnelwatch run` or `tunnelwatch probe` first")
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where analysis reads: a SQLite store's path or a PostgreSQL URL, and the vantage
+    point whose rows to read (None: every row, as in a vantage point's own store)."""
+
+    location: Path | str
+    vantage: str | None = None
+
+    @property
+    def central(self) -> bool:
+        return isinstance(self.location, str)
+
+    def __str__(self) -> str:
+        return redact(self.location) if isinstance(self.location, str) else str(self.location)
+
+
+Store = Path | Source
+
+
+def _source(db: Store) -> Source:
+    return db if isinstance(db, Source) else Source(db)
+
+
+class _Central:
+    """A read-only PostgreSQL connection that takes the SQLite store's SQL (`?` parameters)."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg  # only for the central store
+
+        self.errors = psycopg.Error
+        self._conn = psycopg.connect(url, connect_timeout=10, autocommit=True)
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return self._conn.execute(sql.replace("?", "%s"), list(args))
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _connect(db: Store) -> Any:
+    source = _source(db)
+    if isinstance(source.location, str):
+        try:
+            return _Central(source.location)
+        except Exception as exc:  # psycopg.Error, imported lazily
+            raise StoreError(f"{source}: cannot open the central store: {exc}") from None
+    if not source.location.exists():
+        raise StoreError(f"{source}: no store there; run `tunnelwatch run` or `tunnelwatch probe` first")
     try:
-        return sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        return sqlite3.connect(f"file:{source.location}?mode=ro", uri=True)
     except sqlite3.Error as exc:
-        raise StoreError(f"{db}: cannot open the store: {exc}") from None
+        raise StoreError(f"{source}: cannot open the store: {exc}") from None
+
+
+def _db_errors(conn: Any) -> tuple[type[Exception], ...]:
+    return (sqlite3.Error,) if isinstance(conn, sqlite3.Connection) else (conn.errors,)
+
+
+def vantages(db: Store) -> list[str]:
+    """The vantage points a store holds rows of."""
+    return [row[0] for row in _query(db, "SELECT DISTINCT vantage FROM heartbeats ORDER BY vantage")]
 
 
 def _ms(moment: datetime | None) -> int | None:
     return None if moment is None else round(moment.timestamp() * 1000)
 
 
-def _where(since: datetime | None, until: datetime | None, filters: dict[str, Sequence[str]]) -> tuple[str, list]:
+def _where(db: Store, since: datetime | None, until: datetime | None,
+           filters: dict[str, Sequence[str]]) -> tuple[str, list]:  # fmt: skip
     clauses, args = [], []
+    if (vantage := _source(db).vantage) is not None:
+        clauses.append("vantage = ?")
+        args.append(vantage)
     if since is not None:
         clauses.append("started_at_ms >= ?")
         args.append(_ms(since))
@@ -93,7 +159,7 @@ def _where(since: datetime | None, until: datetime | None, filters: dict[str, Se
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
-def _frame(db: Path, table: str, columns: dict[str, str], where: str, args: list) -> pd.DataFrame:
+def _frame(db: Store, table: str, columns: dict[str, str], where: str, args: list) -> pd.DataFrame:
     """Rows in chunks, each made compact (categories for repeated text) before the next is
     read, so the peak stays near the compact size rather than that of Python tuples."""
     conn = _connect(db)
@@ -105,8 +171,8 @@ def _frame(db: Path, table: str, columns: dict[str, str], where: str, args: list
             for column in CATEGORIES.intersection(chunk.columns):  # few distinct values: store each once
                 chunk[column] = chunk[column].astype("category")
             chunks.append(chunk)
-    except sqlite3.Error as exc:
-        raise StoreError(f"{db}: cannot read {table}: {exc}") from None
+    except _db_errors(conn) as exc:
+        raise StoreError(f"{_source(db)}: cannot read {table}: {exc}") from None
     finally:
         conn.close()
     if not chunks:
@@ -122,31 +188,33 @@ def _frame(db: Path, table: str, columns: dict[str, str], where: str, args: list
 
 
 def load_measurements(
-    db: Path,
+    db: Store,
     since: datetime | None = None,
     until: datetime | None = None,
     *,
     targets: Sequence[str] = (),
     paths: Sequence[str] = (),
 ) -> pd.DataFrame:
-    where, args = _where(since, until, {"target": targets, "path": paths})
+    where, args = _where(db, since, until, {"target": targets, "path": paths})
     frame = _frame(db, "measurements", MEASUREMENT_COLUMNS, where, args)
     return frame.rename(columns={"grp": "group"})
 
 
-def load_heartbeats(db: Path, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
-    where, args = _where(since, until, {})
+def load_heartbeats(db: Store, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
+    where, args = _where(db, since, until, {})
     frame = _frame(db, "heartbeats", HEARTBEAT_COLUMNS, where, args)
     frame["finished_at"] = pd.to_datetime(frame.pop("finished_at_ms"), unit="ms", utc=True)
     frame["scheduled_at"] = pd.to_datetime(frame.pop("scheduled_at_ms"), unit="ms", utc=True)
     return frame
 
 
-def load_paths(db: Path) -> pd.DataFrame:
+def load_paths(db: Store) -> pd.DataFrame:
+    source = _source(db)
+    where, args = (" WHERE vantage = ?", [source.vantage]) if source.central and source.vantage else ("", [])
     conn = _connect(db)
     try:
-        rows = conn.execute(f"SELECT {', '.join(PATH_COLUMNS)} FROM paths").fetchall()
-    except sqlite3.Error:
+        rows = conn.execute(f"SELECT {', '.join(PATH_COLUMNS)} FROM paths{where}", args).fetchall()
+    except _db_errors(conn):
         rows = []  # a store from before paths were recorded: analysis falls back on names
     finally:
         conn.close()
@@ -162,19 +230,19 @@ def _ts(ms: pd.Series) -> pd.Series:
     return pd.to_datetime(ms.astype("int64"), unit="ms", utc=True)
 
 
-def _query(db: Path, sql: str, args: Sequence[object] = ()) -> list[tuple]:
+def _query(db: Store, sql: str, args: Sequence[object] = ()) -> list[tuple]:
     conn = _connect(db)
     try:
         return conn.execute(sql, list(args)).fetchall()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return []  # a store from before summaries: everything is raw
-        raise StoreError(f"{db}: cannot read: {exc}") from None
+    except _db_errors(conn) as exc:
+        if "no such table" in str(exc) or "does not exist" in str(exc):
+            return []  # a store without summaries (from before them, or the central one): all is raw
+        raise StoreError(f"{_source(db)}: cannot read: {exc}") from None
     finally:
         conn.close()
 
 
-def read_cursor(db: Path) -> pd.Timestamp | None:
+def read_cursor(db: Store) -> pd.Timestamp | None:
     rows = _query(db, "SELECT until_ms FROM rollup_cursor")
     return pd.Timestamp(rows[0][0], unit="ms", tz="UTC") if rows else None
 
@@ -188,7 +256,7 @@ def first_raw_hour(db: Path, after: pd.Timestamp | None) -> pd.Timestamp | None:
     return pd.Timestamp(rows[0][0], unit="ms", tz="UTC").floor("1h")
 
 
-def summarise_raw(db: Path, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float) -> Summary:
+def summarise_raw(db: Store, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float) -> Summary:
     """The summary of the rounds that started in [start, end), from raw rows."""
     since = None if start is None else (start - ROUND_SPAN).to_pydatetime()
     until = None if end is None else (end + ROUND_SPAN).to_pydatetime()
@@ -205,7 +273,7 @@ def summarise_raw(db: Path, start: pd.Timestamp | None, end: pd.Timestamp | None
     return summarise(m, beats, load_paths(db), slot_s)
 
 
-def load_summary(db: Path, since: datetime | None, until: datetime | None, slot_s: float) -> Summary:
+def load_summary(db: Store, since: datetime | None, until: datetime | None, slot_s: float) -> Summary:
     """Everything analysis needs of [since, until): stored summaries before the cursor, raw
     rows after it."""
     start = None if since is None else pd.Timestamp(since)
@@ -221,7 +289,7 @@ def load_summary(db: Path, since: datetime | None, until: datetime | None, slot_
     return summary.clip(start or pd.Timestamp.min.tz_localize("UTC"), end or pd.Timestamp.max.tz_localize("UTC"))
 
 
-def _stored(db: Path, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
+def _stored(db: Store, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
     lo, hi = (_ms(start.to_pydatetime()) if start is not None else -(2**62)), _ms(end.to_pydatetime())
     runs = pd.DataFrame.from_records(
         _query(db, f"SELECT target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds FROM verdict_runs "

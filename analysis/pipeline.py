@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .frames import load_summary
+from probe.config import Config
+from probe.errors import ConfigError
+
+from .frames import Source, Store, load_summary, vantages
 from .outages import Hysteresis, degraded, pair_outages, path_outages
 from .rollup import Summary
 
@@ -26,8 +29,38 @@ class Analysis:
         return self.summary.span
 
 
+def store_of(cfg: Config) -> Source:
+    """The store the analysis commands read: analysis.store (a path or a PostgreSQL URL) or
+    store.path, narrowed to analysis.vantage."""
+    where = cfg.analysis.store.get_secret_value() if cfg.analysis.store else None
+    location: Path | str = cfg.store.path
+    if where:
+        location = where if where.startswith(("postgresql://", "postgres://")) else Path(where)
+    return Source(location, cfg.analysis.vantage)
+
+
+def source(cfg: Config) -> Store:
+    """`store_of`, checked: the central store of several vantage points needs one chosen."""
+    chosen = store_of(cfg)
+    if chosen.vantage is None and chosen.central:
+        held = vantages(chosen)
+        if len(held) > 1:
+            raise ConfigError(f"{chosen}: holds {len(held)} vantage points ({', '.join(held)}); choose one with "
+                              "--vantage, or see them all with `tunnelwatch outages --fleet`")  # fmt: skip
+    return chosen
+
+
+def analyse_config(cfg: Config, since: datetime | None, until: datetime | None, **filters: tuple[str, ...]) -> Analysis:
+    """`analyse` with the config's store and settings."""
+    return analyse(
+        source(cfg), since, until, slot_s=cfg.probe.interval_s,
+        hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after),
+        degraded_factor=cfg.analysis.degraded_factor, degraded_min_ms=cfg.analysis.degraded_min_ms, **filters,
+    )  # fmt: skip
+
+
 def analyse(
-    db: Path,
+    db: Store,
     since: datetime | None = None,
     until: datetime | None = None,
     *,

@@ -25,8 +25,7 @@ from probe.errors import ConfigError
 from .charts import availability_heatmap, latency_smoke, outage_timeline
 from .eventcheck import Check, check_events, outage_series
 from .events import Event, load_events
-from .outages import Hysteresis
-from .pipeline import Analysis, analyse
+from .pipeline import Analysis, analyse_config
 
 ISO_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
 
@@ -79,11 +78,7 @@ def _zone(tz: str) -> ZoneInfo:
 
 
 def _analyse(cfg: Config, w: Week) -> Analysis:
-    return analyse(
-        cfg.store.path, w.start.to_pydatetime(), w.end.to_pydatetime(),
-        hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after), slot_s=cfg.probe.interval_s,
-        degraded_factor=cfg.analysis.degraded_factor, degraded_min_ms=cfg.analysis.degraded_min_ms,
-    )  # fmt: skip
+    return analyse_config(cfg, w.start.to_pydatetime(), w.end.to_pydatetime())
 
 
 def _clip(outages: pd.DataFrame, w: Week) -> pd.DataFrame:

@@ -83,6 +83,11 @@ class AnalysisSettings(_Frozen):
     degraded_factor: float = Field(3.0, gt=1)  # median latency over its 7-day median that is "degraded"
     degraded_min_ms: float = Field(50, ge=0)  # ... and by at least this much
     events: list[Path] = []  # more event files (TOML or .ics) besides the shipped calendar
+    # What to analyse: a SQLite store's path or the fleet's PostgreSQL URL (default: store.path),
+    # and which vantage point of a store holding several (the commands' --store, --vantage).
+    store: SecretStr | None = None
+    vantage: str | None = None
+    fleet_quorum: int = Field(2, ge=1)  # vantage points that must agree before the fleet calls an outage
 
 
 class ReportSettings(_Frozen):

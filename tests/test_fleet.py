@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import time
@@ -9,9 +10,11 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pandas as pd
 import psycopg
 import pytest
 
+from analysis.fleet import fleet_outages
 from analysis.rollup import compact
 from probe.central import MIGRATIONS, CentralStore, month_bounds
 from probe.config import redact
@@ -19,6 +22,7 @@ from probe.errors import StoreError
 from probe.forwarder import Forwarder
 from probe.model import Heartbeat, Measurement
 from probe.store import SQLiteStore
+from tests.analysis_data import analysis_config, realistic_week
 from tests.postgres import Postgres, cluster
 from tests.test_daemon import TUNNELWATCH, Daemon, daemons, fast, scrape  # noqa: F401 (daemons: a fixture)
 
@@ -228,3 +232,70 @@ def test_status_shows_the_backlog(postgres: Postgres, tmp_path: Path) -> None:
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("central store")]
     assert "30 measurements not uploaded yet, the oldest from" in line and "(2.6 h ago)" in line  # round r5
     assert "s3cret" not in result.stdout and "tunnelwatch:***@" in result.stdout
+
+
+def test_the_fleet_verdict_needs_the_quorum() -> None:
+    t = pd.Timestamp("2018-03-05 00:00", tz="UTC")
+    hour = pd.Timedelta(hours=1)
+    outages = pd.DataFrame([
+        {"vantage": "beijing", "target": "news", "verdict": "blocked", "start": t, "end": t + 5 * hour},
+        {"vantage": "shanghai", "target": "news", "verdict": "blocked", "start": t + 2 * hour, "end": t + 8 * hour},
+        {"vantage": "guangzhou", "target": "news", "verdict": "blocked", "start": t + 4 * hour, "end": t + 6 * hour},
+        {"vantage": "guangzhou", "target": "news", "verdict": "tunnel_down", "start": t, "end": t + 9 * hour},
+        {"vantage": "beijing", "target": "search", "verdict": "blocked", "start": t, "end": t + hour},
+        {"vantage": "shanghai", "target": "search", "verdict": "blocked", "start": t + hour, "end": t + 2 * hour},
+    ])  # fmt: skip
+    two = fleet_outages(outages, members=3, quorum=2)
+    (row,) = two.to_dict("records")  # touching outages (search) are not at once; one vantage's tunnel_down is not the fleet's
+    assert (row["target"], row["verdict"], row["start"], row["end"]) == ("news", "blocked", t + 2 * hour, t + 6 * hour)
+    assert row["agree"] == "3/3" and row["vantages"] == ("beijing", "guangzhou", "shanghai") and row["minutes"] == 240
+    (all_three,) = fleet_outages(outages, members=3, quorum=3).to_dict("records")
+    assert (all_three["start"], all_three["end"]) == (t + 4 * hour, t + 5 * hour)
+    assert fleet_outages(outages.iloc[:0], members=3, quorum=2).empty
+
+
+@pytest.fixture(scope="module")
+def fleet(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """Two vantage points' weeks (the same story, different noise) in their spools and,
+    forwarded, in PostgreSQL; and a config to analyse them."""
+    tmp = tmp_path_factory.mktemp("fleet")
+    url = postgres.database("analysis")
+    for name, seed in (("beijing", 7), ("shanghai", 8)):
+        realistic_week(tmp / f"{name}.db", seed=seed)
+        with sqlite3.connect(tmp / f"{name}.db") as db:
+            for table in ("measurements", "heartbeats"):
+                db.execute(f"UPDATE {table} SET vantage = ?", [name])
+        forwarder = Forwarder(tmp / f"{name}.db", url, name, batch=50_000, max_backlog=10_000_000)
+        forwarder.forward()
+        forwarder.close()
+    return analysis_config(tmp, tmp / "beijing.db"), tmp / "beijing.db", url
+
+
+def test_analysis_answers_alike_from_postgresql_and_from_the_spool(fleet: tuple[Path, Path, str]) -> None:
+    config, spool, url = fleet
+    for command in (["outages", "--format", "csv"], ["outages", "--by", "target", "--format", "csv"],
+                    ["events", "check", "--category", "npc", "--format", "csv"]):  # fmt: skip
+        local = cli(*command, "--config", str(config), "--store", str(spool))
+        central = cli(*command, "--config", str(config), "--store", url, "--vantage", "beijing")
+        assert local.returncode == 0 and central.returncode == 0, local.stderr + central.stderr
+        assert central.stdout == local.stdout and len(local.stdout.splitlines()) >= 2  # a header and rows
+    unchosen = cli("outages", "--config", str(config), "--store", url)
+    assert unchosen.returncode == 2
+    assert "2 vantage points (beijing, shanghai)" in unchosen.stderr and "--vantage" in unchosen.stderr
+
+
+def test_the_fleet_agrees_on_the_crackdown(fleet: tuple[Path, Path, str]) -> None:
+    config, _, url = fleet
+    result = cli("outages", "--fleet", "--config", str(config), "--store", url, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    crackdown = [r for r in rows if r["verdict"] == "tunnel_down"]
+    assert crackdown and {r["agree"] for r in crackdown} == {"2/2"}
+    assert all(r["vantages"] == ["beijing", "shanghai"] for r in rows)
+    assert any(r["start"].startswith("2018-03-06T0") for r in crackdown)  # Tuesday 10:00 Beijing is 02:00 UTC
+    alone = cli("outages", "--fleet", "--quorum", "3", "--config", str(config), "--store", url, "--format", "json")
+    assert alone.returncode == 0 and alone.stdout == ""  # 3 of 2 can never agree
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TUNNELWATCH, *args], capture_output=True, text=True, timeout=300)
