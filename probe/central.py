@@ -78,11 +78,12 @@ def month_bounds(ms: int) -> tuple[int, int, str]:
 class CentralStore:
     """One connection to the central PostgreSQL; every method is one transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, conninfo: str | None = None) -> None:
+        """`conninfo`, when given, is how to reach `url` (through the uplink's relay)."""
         self.url = url
         try:
             # A censor may blackhole the uplink: bound every wait on it, not only the connect.
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+            self._db = psycopg.connect(conninfo or url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                        tcp_user_timeout=TCP_USER_TIMEOUT_MS, keepalives=1, keepalives_idle=10,
                                        keepalives_interval=5, keepalives_count=3)  # fmt: skip
             self._migrate()

@@ -49,6 +49,7 @@ class StoreSettings(_Frozen):
     forward_every_s: float = Field(10, gt=0, le=3600)
     forward_batch: int = Field(5000, ge=1, le=1_000_000)
     spool_max_rows: int = Field(5_000_000, ge=100)  # the backlog's bound; beyond it the oldest are not uploaded
+    uplink: str | None = None  # a path's name: uploads leave through it (probe/uplink.py)
 
     @field_validator("url")
     @classmethod
@@ -261,6 +262,11 @@ class Config(_Frozen):
                 if item.name in seen:
                     raise ValueError(f"{key}: name {item.name!r} is used twice; names must be unique")
                 seen.add(item.name)
+        names = [p.name for p in self.paths]
+        if self.store.uplink is not None and self.store.uplink not in names:
+            raise ValueError(f"store.uplink: {self.store.uplink!r} is not a path; use one of {', '.join(names)}")
+        if self.store.uplink is not None and self.store.url is None:
+            raise ValueError("store.uplink: set store.url too; the uplink carries uploads to the central store")
         return self
 
     def interval_s(self, group: str) -> float:

@@ -97,6 +97,7 @@ class Daemon:
         lock.acquire()
         store = open_store(config.store.path)
         server = None
+        uplink: Any = None
         try:
             store.record_paths(path_rows(config))
             if config.metrics.enabled:
@@ -109,8 +110,14 @@ class Daemon:
                     ) from None
             self._writer = StoreWriter(store, self._metrics, config.daemon.store_buffer, config.daemon.store_retry_s)
             if config.store.url is not None:
-                self._forwarder = Forwarder(config.store.path, config.store.url.get_secret_value(), config.vantage.name,
-                                            config.store.forward_batch, config.store.spool_max_rows)  # fmt: skip
+                url, conninfo = config.store.url.get_secret_value(), None
+                if config.store.uplink is not None:
+                    from .uplink import Uplink
+
+                    uplink = Uplink(url, config.path(config.store.uplink))
+                    conninfo = await uplink.start()
+                self._forwarder = Forwarder(config.store.path, url, config.vantage.name, config.store.forward_batch,
+                                            config.store.spool_max_rows, conninfo)  # fmt: skip
             await self._serve()
         finally:
             if server is not None:
@@ -118,6 +125,8 @@ class Daemon:
                 server.server_close()
             if self._forwarder is not None:
                 self._forwarder.close()
+            if uplink is not None:
+                await uplink.close()
             store.close()
             lock.release()
         return 0

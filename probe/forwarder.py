@@ -49,8 +49,10 @@ def backlog(spool: sqlite3.Connection) -> Backlog:
 class Forwarder:
     """Uploads the spool's backlog. Blocking calls: the daemon runs them in a thread."""
 
-    def __init__(self, spool: Path, url: str, vantage: str, batch: int, max_backlog: int) -> None:
+    def __init__(self, spool: Path, url: str, vantage: str, batch: int, max_backlog: int,
+                 conninfo: str | None = None) -> None:  # fmt: skip
         self.url = url
+        self.conninfo = conninfo  # through the uplink (probe/uplink.py), when there is one
         self.vantage = vantage
         self.batch = batch
         self.max_backlog = max_backlog
@@ -120,7 +122,7 @@ class Forwarder:
         if self._central is None:
             from .central import CentralStore  # psycopg: only a daemon in fleet mode needs it
 
-            self._central = CentralStore(self.url)
+            self._central = CentralStore(self.url, self.conninfo)
         return self._central
 
     def disconnect(self) -> None:

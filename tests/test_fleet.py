@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import sqlite3
 import subprocess
 import time
@@ -18,12 +20,16 @@ from analysis.fleet import fleet_outages
 from analysis.rollup import compact
 from probe.central import MIGRATIONS, CentralStore, month_bounds
 from probe.config import redact
-from probe.errors import StoreError
-from probe.forwarder import Forwarder
+from probe.config import PathSpec, parse_config
+from probe.errors import ConfigError, StoreError
+from probe.forwarder import Forwarder, backlog
 from probe.model import Heartbeat, Measurement
 from probe.store import SQLiteStore
+from probe.uplink import Uplink
 from tests.analysis_data import analysis_config, realistic_week
+from tests.conftest import Proxies
 from tests.postgres import Postgres, cluster
+from tests.servers import LOOPBACK
 from tests.test_daemon import TUNNELWATCH, Daemon, daemons, fast, scrape  # noqa: F401 (daemons: a fixture)
 
 START = datetime(2018, 3, 31, 23, 0, tzinfo=UTC)  # the MIIT deadline: rows on both sides of a month's end
@@ -198,10 +204,7 @@ def test_two_vantage_points_through_a_central_outage(config_file: Path, daemons:
         server.stop()
         outage_from = len(a.heartbeats())
         a.wait_until(lambda: len(a.heartbeats()) >= outage_from + 6, what="rounds during the outage")
-        with sqlite3.connect(a.db) as db:
-            from probe.forwarder import backlog
-
-            assert backlog(db).measurements > 0
+        assert backlog_of(a.db) > 0
         server.start()
         time.sleep(2)
         for daemon in (a, b):
@@ -299,3 +302,56 @@ def test_the_fleet_agrees_on_the_crackdown(fleet: tuple[Path, Path, str]) -> Non
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*TUNNELWATCH, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_uploads_leave_through_the_uplink_path(postgres: Postgres, tmp_path: Path, proxies: Proxies,
+                                                closed_port: int) -> None:  # fmt: skip
+    """A bind path (WireGuard's address) shows as the client's address at the server; a
+    SOCKS path carries the upload; a path that fails loses nothing."""
+    url = postgres.database("uplink")
+    spool_with(tmp_path / "spool.db", rounds=20).close()
+
+    async def forward_through(path: PathSpec) -> tuple[int | str, str | None]:
+        uplink = Uplink(url, path)
+        forwarder = Forwarder(tmp_path / "spool.db", url, "v1", batch=10, max_backlog=10_000,
+                              conninfo=await uplink.start())  # fmt: skip
+        try:
+            sent: int | str = await asyncio.to_thread(forwarder.forward)
+            with psycopg.connect(url) as conn:
+                row = conn.execute("SELECT host(client_addr) FROM pg_stat_activity WHERE datname = 'uplink' "
+                                   "AND pid <> pg_backend_pid()").fetchone()  # fmt: skip
+            return sent, row[0] if row else None
+        except StoreError as exc:
+            return str(exc), None
+        finally:
+            await asyncio.to_thread(forwarder.close)
+            await uplink.close()
+
+    failed, _ = asyncio.run(forward_through(PathSpec(name="down", kind="socks5", host=LOOPBACK, port=closed_port)))
+    assert isinstance(failed, str) and "cannot open the central store" in failed
+    assert backlog_of(tmp_path / "spool.db") == 40
+    sent, client = asyncio.run(forward_through(PathSpec(name="wg", kind="bind", address="127.0.0.2")))
+    assert (sent, client) == (40, "127.0.0.2")
+    store = SQLiteStore(tmp_path / "spool.db")
+    store.write(*_one_more_round(START + timedelta(hours=5)))
+    store.close()
+    sent, _ = asyncio.run(forward_through(PathSpec(name="socks", kind="socks5", host=LOOPBACK, port=proxies.socks)))
+    assert sent == 2 and backlog_of(tmp_path / "spool.db") == 0
+    with CentralStore(url) as central:
+        assert central.count() == 42
+
+
+def backlog_of(spool: Path) -> int:
+    with sqlite3.connect(spool) as db:
+        return backlog(db).measurements
+
+
+@pytest.mark.parametrize(("store", "message"), [
+    ('url = "postgresql://tw@db/tw"\nuplink = "nope"', "store.uplink: 'nope' is not a path; use one of direct"),
+    ('uplink = "direct"', "store.uplink: set store.url too"),
+])  # fmt: skip
+def test_an_uplink_is_a_path_of_the_config(store: str, message: str) -> None:
+    text = (f'[vantage]\nname = "v"\n[store]\n{store}\n[[targets]]\nname = "t"\ngroup = "control"\nkind = "tcp"\n'
+            'host = "127.0.0.1"\nport = 1\n[[paths]]\nname = "direct"\nkind = "direct"\n')  # fmt: skip
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(text, "fleet.toml")

@@ -1,0 +1,80 @@
+"""The forwarder's uplink through a tunnel: when the censor blocks the way to the central
+store, uploads can leave through one of the config's paths (a SOCKS or HTTP proxy, a
+WireGuard or OpenVPN address) like any probe does.
+
+libpq cannot speak SOCKS or bind to an address, so a relay on loopback accepts its
+connection and carries it through the path (probe/paths.py); libpq is told to connect to the
+relay (`hostaddr`) while still naming the real host, so TLS verification is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from urllib.parse import urlsplit
+
+from psycopg.conninfo import make_conninfo
+
+from .config import PathSpec
+from .conn import Conn
+from .model import Trace
+from .paths import open_stream
+
+log = logging.getLogger(__name__)
+RELAY_HOST = "127.0.0.1"
+
+
+class Uplink:
+    """A loopback relay to the central store through `path`, on the daemon's event loop."""
+
+    def __init__(self, url: str, path: PathSpec) -> None:
+        parts = urlsplit(url)
+        self.url = url
+        self.path = path
+        self.host = parts.hostname or "localhost"
+        self.port = parts.port or 5432
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        """Listen; the conninfo that reaches the central store through the relay."""
+        self._server = await asyncio.start_server(self._relay, RELAY_HOST, 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return make_conninfo(self.url, hostaddr=RELAY_HOST, port=port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            conn = await open_stream(self.path, self.host, self.port, Trace())
+        except Exception as exc:  # the path failed: libpq sees the connection close
+            log.warning("uplink through %s to %s:%s failed: %s", self.path.name, self.host, self.port, exc)
+            writer.close()
+            return
+        pumps = [asyncio.ensure_future(_outbound(reader, conn)), asyncio.ensure_future(_inbound(conn, writer))]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)  # either side failing ends both
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            conn.close()
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+async def _outbound(reader: asyncio.StreamReader, conn: Conn) -> None:
+    while data := await reader.read(65536):
+        await conn.send(data)
+    conn.sock.shutdown(1)  # SHUT_WR: libpq is done
+
+
+async def _inbound(conn: Conn, writer: asyncio.StreamWriter) -> None:
+    while data := await conn.recv():
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
