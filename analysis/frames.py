@@ -242,8 +242,15 @@ def _query(db: Store, sql: str, args: Sequence[object] = ()) -> list[tuple]:
         conn.close()
 
 
+def _mine(db: Store) -> tuple[str, list]:
+    """The central store's summaries are per vantage point: the clause that picks ours."""
+    source = _source(db)
+    return (" AND vantage = ?", [source.vantage]) if source.central and source.vantage else ("", [])
+
+
 def read_cursor(db: Store) -> pd.Timestamp | None:
-    rows = _query(db, "SELECT until_ms FROM rollup_cursor")
+    clause, args = _mine(db)
+    rows = _query(db, f"SELECT until_ms FROM rollup_cursor WHERE 1 = 1{clause}", args)
     return pd.Timestamp(rows[0][0], unit="ms", tz="UTC") if rows else None
 
 
@@ -291,21 +298,23 @@ def load_summary(db: Store, since: datetime | None, until: datetime | None, slot
 
 def _stored(db: Store, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
     lo, hi = (_ms(start.to_pydatetime()) if start is not None else -(2**62)), _ms(end.to_pydatetime())
+    mine, vantage = _mine(db)
     runs = pd.DataFrame.from_records(
         _query(db, f"SELECT target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds FROM verdict_runs "
-                   "WHERE last_ms >= ? AND first_ms < ? ORDER BY first_ms", [lo, hi]),
+                   f"WHERE last_ms >= ? AND first_ms < ?{mine} ORDER BY first_ms", [lo, hi, *vantage]),
         columns=[c if c not in ("first", "last") else f"{c}_ms" for c in RUN_COLUMNS],
     )  # fmt: skip
     hour_lo = lo - lo % 3_600_000
     hourly = pd.DataFrame.from_records(
-        _query(db, "SELECT hour_ms, grp, path, probes, failing FROM hourly WHERE hour_ms >= ? AND hour_ms < ?",
-               [hour_lo, hi]), columns=["hour_ms", *HOURLY_COLUMNS[1:]])  # fmt: skip
+        _query(db, f"SELECT hour_ms, grp, path, probes, failing FROM hourly WHERE hour_ms >= ? AND hour_ms < ?{mine}",
+               [hour_lo, hi, *vantage]), columns=["hour_ms", *HOURLY_COLUMNS[1:]])  # fmt: skip
     latency = pd.DataFrame.from_records(
         _query(db, f"SELECT hour_ms, {', '.join(LATENCY_COLUMNS[1:])} FROM hourly_latency "
-                   "WHERE hour_ms >= ? AND hour_ms < ?", [hour_lo, hi]), columns=["hour_ms", *LATENCY_COLUMNS[1:]])
+                   f"WHERE hour_ms >= ? AND hour_ms < ?{mine}", [hour_lo, hi, *vantage]),
+        columns=["hour_ms", *LATENCY_COLUMNS[1:]])  # fmt: skip
     coverage = pd.DataFrame.from_records(
-        _query(db, "SELECT start_ms, end_ms FROM coverage WHERE end_ms > ? AND start_ms < ? ORDER BY start_ms",
-               [lo, hi]), columns=["start_ms", "end_ms"])  # fmt: skip
+        _query(db, f"SELECT start_ms, end_ms FROM coverage WHERE end_ms > ? AND start_ms < ?{mine} ORDER BY start_ms",
+               [lo, hi, *vantage]), columns=["start_ms", "end_ms"])  # fmt: skip
     empty = Summary.empty()
     runs = runs.assign(first=_ts(runs.pop("first_ms")), last=_ts(runs.pop("last_ms")))[RUN_COLUMNS] if len(runs) \
         else empty.runs

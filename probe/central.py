@@ -17,7 +17,7 @@ import psycopg
 
 from .errors import StoreError
 from .config import redact
-from .store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS
+from .store import HEARTBEAT_COLUMNS, LATENCY_VALUES, MEASUREMENT_COLUMNS, SUMMARY_TABLES
 
 CONNECT_TIMEOUT_S = 5
 TCP_USER_TIMEOUT_MS = 30_000
@@ -62,6 +62,37 @@ MIGRATIONS = (
         label text NOT NULL DEFAULT '',
         endpoint_target text,
         PRIMARY KEY (vantage, name)
+    );
+    -- Each vantage point's summaries, as its compaction wrote them (analysis/rollup.py).
+    CREATE TABLE rollup_cursor (
+        vantage text PRIMARY KEY,
+        until_ms bigint NOT NULL,
+        slot_s double precision NOT NULL
+    );
+    CREATE TABLE verdict_runs (
+        vantage text NOT NULL,
+        id bigint NOT NULL,                  -- the run's id in the vantage point's store
+        target text NOT NULL, path text NOT NULL, state text NOT NULL, verdict text NOT NULL,
+        rule text NOT NULL, blocking text NOT NULL, detail text NOT NULL,
+        first_ms bigint NOT NULL, last_ms bigint NOT NULL, rounds bigint NOT NULL,
+        PRIMARY KEY (vantage, id)
+    );
+    CREATE INDEX verdict_runs_last ON verdict_runs (vantage, last_ms);
+    CREATE TABLE hourly (
+        vantage text NOT NULL, hour_ms bigint NOT NULL, grp text NOT NULL, path text NOT NULL,
+        probes bigint NOT NULL, failing bigint NOT NULL,
+        PRIMARY KEY (vantage, hour_ms, grp, path)
+    );
+    CREATE TABLE hourly_latency (
+        vantage text NOT NULL, hour_ms bigint NOT NULL, path text NOT NULL, samples bigint NOT NULL,
+    """
+    + ", ".join(f"{c} double precision" for c in LATENCY_VALUES)
+    + """,
+        PRIMARY KEY (vantage, hour_ms, path)
+    );
+    CREATE TABLE coverage (
+        vantage text NOT NULL, start_ms bigint NOT NULL, end_ms bigint NOT NULL,
+        PRIMARY KEY (vantage, start_ms)
     );
     """,
 )
@@ -130,6 +161,22 @@ class CentralStore:
         self._months |= months
         return added
 
+    def replace_summaries(self, vantage: str, since_ms: int, tables: dict[str, Sequence[tuple[Any, ...]]],
+                          cursor: tuple[int, float]) -> None:  # fmt: skip
+        """A vantage point's summary rows recent as of `since_ms`, replacing those stored, and
+        its cursor (until_ms, slot_s), in one transaction: sent twice, stored once."""
+        try:
+            with self._db.transaction(), self._db.cursor() as cursor_:
+                for table, columns, key, recent in SUMMARY_TABLES:
+                    cursor_.execute(f"DELETE FROM {table} WHERE vantage = %s AND {recent} >= %s", [vantage, since_ms])
+                    self._copy(table, ("vantage", *columns), [(vantage, *row) for row in tables[table]],
+                               update=("vantage", *key))  # fmt: skip
+                cursor_.execute("INSERT INTO rollup_cursor (vantage, until_ms, slot_s) VALUES (%s, %s, %s) "
+                                "ON CONFLICT (vantage) DO UPDATE SET until_ms = excluded.until_ms, "
+                                "slot_s = excluded.slot_s", [vantage, *cursor])  # fmt: skip
+        except psycopg.Error as exc:
+            raise StoreError(f"{redact(self.url)}: cannot store the summaries of {vantage}: {_first_line(exc)}") from None
+
     def _partitions(self, times: Sequence[int]) -> set[str]:
         """The monthly partitions these rows need, created if missing; their names."""
         months = {month_bounds(ms) for ms in times}
@@ -142,8 +189,10 @@ class CentralStore:
                                  f"FOR VALUES FROM ({start}) TO ({end})")  # fmt: skip
         return {suffix for _, _, suffix in months}
 
-    def _copy(self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> int:
-        """COPY into a scratch table, then insert what is new: fast and idempotent."""
+    def _copy(self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]],
+              update: Sequence[str] = ()) -> int:  # fmt: skip
+        """COPY into a scratch table, then insert what is new (or, with `update`, the key,
+        overwrite what is there): fast and idempotent."""
         if not rows:
             return 0
         names = ", ".join(columns)
@@ -151,8 +200,12 @@ class CentralStore:
         with self._db.cursor().copy(f"COPY incoming_{table} ({names}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
+        conflict = "DO NOTHING"
+        if update:
+            conflict = (f"({', '.join(update)}) DO UPDATE SET "
+                        + ", ".join(f"{c} = excluded.{c}" for c in columns if c not in update))  # fmt: skip
         cursor = self._db.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming_{table} "
-                                  "ON CONFLICT DO NOTHING")  # fmt: skip
+                                  f"ON CONFLICT {conflict}")  # fmt: skip
         return cursor.rowcount
 
     def count(self, table: str = "measurements", vantage: str | None = None) -> int:

@@ -20,9 +20,10 @@ from typing import Any
 
 from .config import redact
 from .errors import StoreError
-from .store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS
+from .store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, SUMMARY_TABLES
 
 log = logging.getLogger(__name__)
+SUMMARY_MARGIN_MS = 86_400_000  # compaction extends runs, hours and spans at most this far back
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +70,35 @@ class Forwarder:
         return backlog(self._spool)
 
     def forward(self) -> int:
-        """Upload batches until the backlog is empty; the measurements sent. A failure of the
-        central store raises StoreError with nothing lost: the next call starts over there."""
+        """Upload batches until the backlog is empty, then the summaries compaction added;
+        the measurements sent. A failure of the central store raises StoreError with nothing
+        lost: the next call starts over there."""
         sent = 0
         self._bound()
         while True:
             moved = self._forward_batch()
             sent += moved
             if moved < self.batch:
-                return sent
+                break
+        self._forward_summaries()
+        return sent
+
+    def _forward_summaries(self) -> None:
+        """The spool's summaries (analysis/rollup.py) recent as of the last upload, if its
+        compaction has moved on since: the central store answers a year from them."""
+        cursor = self._spool.execute("SELECT until_ms, slot_s FROM rollup_cursor").fetchone()
+        (sent_until,) = self._spool.execute("SELECT summaries_ms FROM forward_cursor").fetchone()
+        if cursor is None or cursor[0] == sent_until:
+            return
+        since = (sent_until or 0) - SUMMARY_MARGIN_MS
+        tables = {
+            table: self._spool.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE {recent} >= ?", [since]).fetchall()
+            for table, columns, _, recent in SUMMARY_TABLES
+        }  # fmt: skip
+        self._connect().replace_summaries(self.vantage, since, tables, cursor)
+        with self._spool:
+            self._spool.execute("BEGIN IMMEDIATE")
+            self._spool.execute("UPDATE forward_cursor SET summaries_ms = ?", [cursor[0]])
 
     def _forward_batch(self) -> int:
         measurement_id, heartbeat_rowid = self._spool.execute(

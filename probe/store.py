@@ -32,6 +32,17 @@ HEARTBEAT_COLUMNS = (
     "target", "scheduled_at_ms",
 )  # fmt: skip
 
+LATENCY_VALUES = tuple(f"{m}_p{q}" for m in ("connect", "first_byte", "total") for q in (10, 25, 50, 75, 90))
+# The summary tables (analysis/rollup.py) as the fleet's forwarder uploads them: (table,
+# columns, key, the column that says how recent a row is).
+SUMMARY_TABLES = (
+    ("verdict_runs", ("id", "target", "path", "state", "verdict", "rule", "blocking", "detail", "first_ms", "last_ms",
+                      "rounds"), ("id",), "last_ms"),
+    ("hourly", ("hour_ms", "grp", "path", "probes", "failing"), ("hour_ms", "grp", "path"), "hour_ms"),
+    ("hourly_latency", ("hour_ms", "path", "samples", *LATENCY_VALUES), ("hour_ms", "path"), "hour_ms"),
+    ("coverage", ("start_ms", "end_ms"), ("start_ms",), "end_ms"),
+)  # fmt: skip
+
 # Each entry moves the schema from version i to i + 1. Never edit a shipped entry: append.
 MIGRATIONS = (
     """
@@ -135,7 +146,8 @@ MIGRATIONS = (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         measurement_id INTEGER NOT NULL,     -- measurements.id uploaded up to
         heartbeat_rowid INTEGER NOT NULL,    -- heartbeats.rowid uploaded up to
-        dropped INTEGER NOT NULL DEFAULT 0   -- never uploaded: the backlog outgrew its bound
+        dropped INTEGER NOT NULL DEFAULT 0,  -- never uploaded: the backlog outgrew its bound
+        summaries_ms INTEGER                 -- rollup_cursor.until_ms when summaries were last uploaded
     );
     """,
 )
