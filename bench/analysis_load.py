@@ -87,22 +87,42 @@ def _sizes(db: Path) -> dict[str, int]:
     return sizes
 
 
+def _timed(command: list[str], cfg: Path, cwd: Path, runs: int) -> str:
+    samples = [run(command, cfg, cwd) for _ in range(runs)]
+    failed = [code for _, _, code in samples if code != 0]
+    wall = statistics.median(s for s, _, _ in samples)
+    rss = max(r for _, r, _ in samples)
+    return f"| `tunnelwatch {' '.join(command)}` | {wall:.1f} s | {rss:,.0f} MB | {'exit ' + str(failed[0]) if failed else 'ok'} |"
+
+
+def _central(db: Path, cfg: Path, tmp: Path, days: int, runs: int) -> tuple[list[str], float]:
+    """The store forwarded to PostgreSQL as a vantage point's forwarder would (its raw rows
+    and summaries), and the same commands against it; and the upload's duration."""
+    from probe.forwarder import Forwarder
+    from tests.postgres import cluster
+
+    with cluster(fsync=True) as server:
+        url = server.database("year")
+        started = time.perf_counter()
+        forwarder = Forwarder(db, url, "bench", StoreSettings().forward_batch, 100_000_000)
+        forwarder.forward()
+        forwarder.close()
+        uploaded = time.perf_counter() - started
+        lines = [_timed([*command, "--store", url, "--vantage", "bench"], cfg, tmp, runs) for command in commands(days)]
+    return [line.replace(url, "postgresql://...") for line in lines], uploaded
+
+
 def measure_year(days: int, runs: int) -> str:
-    """Build the store as the daemon would have written it, then time the commands on it."""
+    """Build the store as the daemon would have written it, then time the commands on it,
+    then on the fleet's PostgreSQL holding the same."""
     tmp = Path(tempfile.mkdtemp(prefix="tw-analysis-bench-"))
     db = tmp / f"store-{days}d.db"
     started = time.perf_counter()
     rows = build(db, days, 100, START, keep_raw_days=KEEP_RAW_DAYS)
     built = time.perf_counter() - started
     cfg = config(tmp, db)
-    lines = []
-    for command in commands(days):
-        samples = [run(command, cfg, tmp) for _ in range(runs)]
-        failed = [code for _, _, code in samples if code != 0]
-        wall = statistics.median(s for s, _, _ in samples)
-        rss = max(r for _, r, _ in samples)
-        lines.append(f"| `tunnelwatch {' '.join(command)}` | {wall:.1f} s | {rss:,.0f} MB | "
-                     f"{'exit ' + str(failed[0]) if failed else 'ok'} |")  # fmt: skip
+    lines = [_timed(command, cfg, tmp, runs) for command in commands(days)]
+    central, uploaded = _central(db, cfg, tmp, days, runs)
     sizes = _sizes(db)
     total = db.stat().st_size
     raw = sizes.get("measurements", 0) + sizes.get("heartbeats", 0)
@@ -129,6 +149,14 @@ Commands: median of {runs} runs; peak RSS is the largest.
 | command | wall time | peak RSS | |
 |---|---|---|---|
 {chr(10).join(lines)}
+
+The same store forwarded to PostgreSQL (a throwaway cluster on loopback, fsync on) as a
+vantage point's forwarder uploads it (its {KEEP_RAW_DAYS:g} days of raw rows and the year's summaries; {uploaded:.0f} s),
+and the same commands against it (`--store postgresql://... --vantage bench`):
+
+| command | wall time | peak RSS | |
+|---|---|---|---|
+{chr(10).join(central)}
 
 Targets (issues 4 and 5), over a year: `outages` and `events check` under 10 s and 2 GB;
 weekly chart and report under 3 s. How: analysis reads summaries (analysis/rollup.py) kept by

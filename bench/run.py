@@ -2,7 +2,7 @@
 the command that produced it, the machine and the date. `make bench` runs this (about 30
 minutes). Nothing here is a test: targets are written beside the figures, never asserted.
 
-Usage: .venv/bin/python bench/run.py [--quick] [--only probe-rate timing daemon year]
+Usage: .venv/bin/python bench/run.py [--quick] [--only probe-rate timing daemon year fleet]
   --quick: shorter runs (a month instead of a year, 1 run each) to try the harness.
   --only: run these sections and keep the others' figures from the existing file; every
           section carries the date it was measured.
@@ -23,10 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.analysis_load import measure_year  # noqa: E402
 from bench.daemon_load import measure_daemon  # noqa: E402
+from bench.fleet_load import measure_fleet  # noqa: E402
 from bench.probe_rate import measure_all  # noqa: E402
 from bench.timing_truth import measure_truth  # noqa: E402
 
-SECTIONS = ("probe-rate", "timing", "daemon", "year")
+SECTIONS = ("probe-rate", "timing", "daemon", "year", "fleet")
 
 
 def _machine() -> str:
@@ -53,9 +54,11 @@ def main() -> None:
         "daemon": ("The daemon at 10,000 probes a minute (issue 3)",
                    f"bench/daemon_load.py --minutes {1 if q else 5} --targets 2500",
                    lambda: measure_daemon(1 if q else 5, 2500)),
-        "year": ("A year of measurements: store size and analysis (issues 4, 5, 7)",
+        "year": ("A year of measurements: store size and analysis, SQLite and PostgreSQL (issues 4, 5, 7, 8)",
                  f"bench/analysis_load.py --days {30 if q else 365} --runs {1 if q else 3}",
                  lambda: measure_year(30 if q else 365, 1 if q else 3)),
+        "fleet": ("Ten vantage points into PostgreSQL (issue 8)", f"bench/fleet_load.py --days {1 if q else 2} --vantages 10",
+                  lambda: measure_fleet(1 if q else 2, 10)),
     }  # fmt: skip
     kept = _sections(args.out.read_text()) if args.out.exists() else {}
     parts = []

@@ -36,6 +36,7 @@ class Postgres:
     port: int
     log: Path
     owner: str | None  # the account the server runs as, when the tests run as root
+    fsync: bool = False  # tests do without; benchmarks measure with it
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command: Sequence[str] = [_binary(args[0]), *args[1:]]
@@ -45,7 +46,8 @@ class Postgres:
 
     def start(self) -> None:
         self.run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-o",
-                  f"-p {self.port} -k {self.data} -c listen_addresses={LOOPBACK} -c fsync=off", "start")  # fmt: skip
+                  f"-p {self.port} -k {self.data} -c listen_addresses={LOOPBACK} -c fsync={'on' if self.fsync else 'off'}",
+                  "start")  # fmt: skip
 
     def stop(self) -> None:
         self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", check=False)
@@ -62,7 +64,7 @@ class Postgres:
 
 
 @contextmanager
-def cluster() -> Iterator[Postgres]:
+def cluster(fsync: bool = False) -> Iterator[Postgres]:
     owner = None
     if IS_ROOT:
         try:
@@ -70,7 +72,7 @@ def cluster() -> Iterator[Postgres]:
         except KeyError:
             pytest.skip("no postgres account (run the README's test command as root to install postgresql)")
     root = Path(tempfile.mkdtemp(prefix="tw-pg-"))
-    server = Postgres(root / "data", free_port(), root / "server.log", owner)
+    server = Postgres(root / "data", free_port(), root / "server.log", owner, fsync)
     if owner:
         entry = pwd.getpwnam(owner)
         os.chown(root, entry.pw_uid, entry.pw_gid)
