@@ -29,7 +29,6 @@ test: venv test-deps
 # Every benchmark, about 30 minutes; rewrites bench/RESULTS.md. Not part of `make test`.
 bench: venv
 	@scripts/install-debian-packages $(DEBIAN_BENCH_PACKAGES)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:

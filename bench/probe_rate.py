@@ -2,7 +2,8 @@
 
 Clients, each in its own process so its CPU time is its own, driven at IN_FLIGHT probes in
 flight for SECONDS (after a second of warm-up):
-- tunnelwatch: its real HTTP probe (`probe.rounds.measure`, the Measurement included);
+- tunnelwatch: its real HTTP probe (`probe.rounds.measure`, the Measurement included) on the
+  loop the daemon runs (uvloop, `probe.rounds.run`), and on asyncio's own loop;
 - raw asyncio: streams writing a fixed HTTP/1.1 request and reading the status line, on the
   default loop and on uvloop: the floor for Python;
 - blackbox_exporter (Debian's prometheus-blackbox-exporter) with an http module against the
@@ -34,7 +35,7 @@ from bench.daemon_load import cpu_seconds, nginx_conf  # noqa: E402
 from tests.servers import LOOPBACK, free_port, running  # noqa: E402
 
 WARM_UP_S = 1.0
-CLIENTS = ("tunnelwatch", "tunnelwatch + uvloop", "raw asyncio", "raw asyncio + uvloop", "blackbox_exporter")
+CLIENTS = ("tunnelwatch", "tunnelwatch on asyncio's loop", "raw asyncio", "raw asyncio + uvloop", "blackbox_exporter")
 
 
 def _cpu() -> float:
@@ -100,12 +101,13 @@ def _raw(url: str) -> object:
 
 def client(name: str, url: str, in_flight: int, seconds: float) -> None:
     """The child process: drive one client, print its figures as JSON."""
-    if name.endswith("uvloop"):
-        import uvloop
+    import uvloop
 
-        uvloop.install()
+    from probe.rounds import run_loop
+
     probe = _tunnelwatch(url) if name.startswith("tunnelwatch") else _raw(url)
-    print(json.dumps(asyncio.run(_drive(probe, in_flight, seconds))))
+    run = {"tunnelwatch": run_loop, "raw asyncio + uvloop": uvloop.run}.get(name, asyncio.run)
+    print(json.dumps(run(_drive(probe, in_flight, seconds))))
 
 
 def _child(name: str, url: str, in_flight: int, seconds: float) -> dict[str, float]:
@@ -186,8 +188,7 @@ def _table(figures: dict[tuple[str, int], list[dict[str, float]]], in_flights: l
             f"1 s of warm-up, {runs} interleaved runs, medians (ratios: median of the per-run ratios). Targets: "
             "tunnelwatch at least 2x blackbox_exporter's rate and 0.3x the raw floor, at most 0.5 ms CPU per "
             "probe. Cores busy = rate x CPU per probe: the Python clients run on one core, blackbox_exporter (Go) "
-            "on every core it can get, beside nginx and wrk on this 2-core machine. The daemon runs asyncio's "
-            "default loop; the uvloop rows show what uvloop would add.\n\n" + "\n".join(lines) + "\n")
+            "on every core it can get, beside nginx and wrk on this 2-core machine.\n\n" + "\n".join(lines) + "\n")
 
 
 def main() -> None:

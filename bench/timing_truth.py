@@ -98,7 +98,7 @@ def _serve(port: int, ready: Any, log: Path) -> None:
 
 def _client(port: int, in_flight: int, seconds: float) -> dict[str, list[Sample]]:
     from probe.config import load_config
-    from probe.rounds import ProbeContext, measure
+    from probe.rounds import ProbeContext, measure, run_loop
 
     config = Path(tempfile.mkdtemp(prefix="tw-truth-")) / "bench.toml"
     config.write_text('[vantage]\nname = "bench"\n[probe]\ntimeout_s = 30\n[metrics]\nenabled = false\n'
@@ -121,7 +121,7 @@ def _client(port: int, in_flight: int, seconds: float) -> dict[str, list[Sample]
     async def main() -> None:
         await asyncio.gather(*(worker(t) for t in cfg.targets))
 
-    asyncio.run(main())
+    run_loop(main())  # the daemon's loop
     return results
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import json
@@ -23,7 +22,7 @@ from .errors import ConfigError, StoreError, TunnelwatchError
 from .forwarder import backlog
 from .logs import setup_logging
 from .model import PHASES, Measurement
-from .rounds import ProbeContext, path_rows, plan, run_round
+from .rounds import ProbeContext, path_rows, plan, run_loop, run_round
 from .store import open_store
 
 
@@ -102,7 +101,7 @@ def probe(target: tuple[str, ...], path: tuple[str, ...], config: Path | None, n
     _check_names("target", target or [], [t.name for t in cfg.targets], cfg.source)
     _check_names("path", path or [], [p.name for p in cfg.paths], cfg.source)
     store = None if no_store else open_store(cfg.store.path)
-    measurements, heartbeat = asyncio.run(run_round(ProbeContext.build(cfg), plan(cfg, target or [], path or [])))
+    measurements, heartbeat = run_loop(run_round(ProbeContext.build(cfg), plan(cfg, target or [], path or [])))
     if store is not None:
         store.record_paths(path_rows(cfg))
         store.write(measurements, [heartbeat])

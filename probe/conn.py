@@ -69,6 +69,7 @@ class Conn:
         self.peer = peer  # the address connected to
         self.sent_ns = 0
         self.received_ns = 0
+        self._awaiting = False  # a send went out: its answer cannot be there yet, wait first
         self._buffer = bytearray()  # bytes read ahead by readexactly/readuntil
         self._tls: ssl.SSLObject | None = None
         self._incoming = ssl.MemoryBIO()
@@ -100,6 +101,7 @@ class Conn:
 
     async def send(self, data: bytes) -> None:
         self.sent_ns = time.time_ns()
+        self._awaiting = True
         if self._tls is not None:
             self._tls.write(data)
             data = self._outgoing.read()
@@ -144,6 +146,7 @@ class Conn:
                 network_ns += answered_ns - flight_sent_ns
                 flight_sent_ns = answered_ns = time.time_ns()
                 await self._send_raw(flight)
+                self._awaiting = True
             raw = await self._recv_raw()
             if not raw:
                 raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "the server closed the connection during the handshake")
@@ -184,6 +187,9 @@ class Conn:
             await _ready(self.sock.fileno(), writable=True)
 
     async def _recv_raw(self) -> bytes:
+        if self._awaiting:
+            self._awaiting = False
+            await _ready(self.sock.fileno(), writable=False)
         while True:
             try:
                 data, ancillary, _, _ = self.sock.recvmsg(READ_BYTES, ANCILLARY_BYTES)

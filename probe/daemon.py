@@ -33,7 +33,7 @@ from .config import Config, PathSpec, Target, load_config
 from .errors import ConfigError, StoreError, TunnelwatchError
 from .forwarder import Forwarder
 from .metrics import Metrics
-from .rounds import ProbeContext, path_rows, plan, run_round
+from .rounds import ProbeContext, path_rows, plan, run_loop, run_round
 from .store import StoreLock, open_store
 from .systemd import notify, watchdog_interval_s
 from .writer import StoreWriter
@@ -364,4 +364,4 @@ class Daemon:
 
 def run_daemon(config_path: Path | None) -> int:
     config = load_config(config_path)
-    return asyncio.run(Daemon(config, config_path).run())
+    return run_loop(Daemon(config, config_path).run())
