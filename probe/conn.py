@@ -72,8 +72,6 @@ class Conn:
         self._awaiting = False  # a send went out: its answer cannot be there yet, wait first
         self._buffer = bytearray()  # bytes read ahead by readexactly/readuntil
         self._tls: ssl.SSLObject | None = None
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
 
     @classmethod
     async def connect(cls, sock: socket.socket, address: tuple[str, int]) -> tuple[Conn, float]:
@@ -134,6 +132,7 @@ class Conn:
         """Handshake over this connection; the handshake's time in ms on the network: for
         each flight the client sent, until the kernel received the server's answer to it
         (TLS 1.2 takes two; the client's own work in between is not the network's)."""
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname or None)
         network_ns = flight_sent_ns = answered_ns = 0
         while True:
