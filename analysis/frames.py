@@ -132,8 +132,9 @@ def _db_errors(conn: Any) -> tuple[type[Exception], ...]:
 
 
 def vantages(db: Store) -> list[str]:
-    """The vantage points a store holds rows of."""
-    return [row[0] for row in _query(db, "SELECT DISTINCT vantage FROM heartbeats ORDER BY vantage")]
+    """The vantage points a store holds rows of (the central store keeps each one's paths)."""
+    table = "paths" if _source(db).central else "heartbeats"
+    return [row[0] for row in _query(db, f"SELECT DISTINCT vantage FROM {table} ORDER BY vantage")]
 
 
 def _ms(moment: datetime | None) -> int | None:

@@ -42,11 +42,14 @@ def store_of(cfg: Config) -> Source:
 def source(cfg: Config) -> Store:
     """`store_of`, checked: the central store of several vantage points needs one chosen."""
     chosen = store_of(cfg)
-    if chosen.vantage is None and chosen.central:
-        held = vantages(chosen)
-        if len(held) > 1:
-            raise ConfigError(f"{chosen}: holds {len(held)} vantage points ({', '.join(held)}); choose one with "
-                              "--vantage, or see them all with `tunnelwatch outages --fleet`")  # fmt: skip
+    if chosen.vantage is None and not chosen.central:
+        return chosen  # a vantage point's own store
+    held = vantages(chosen)
+    if chosen.vantage is None and len(held) > 1:
+        raise ConfigError(f"{chosen}: holds {len(held)} vantage points ({', '.join(held)}); choose one with "
+                          "--vantage, or see them all with `tunnelwatch outages --fleet`")  # fmt: skip
+    if chosen.vantage is not None and chosen.vantage not in held:
+        raise ConfigError(f"{chosen}: no vantage point {chosen.vantage!r} there; it holds {', '.join(held) or 'none'}")
     return chosen
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 
-from .errors import StoreError
 from .config import redact
+from .errors import StoreError
 from .store import HEARTBEAT_COLUMNS, LATENCY_VALUES, MEASUREMENT_COLUMNS, SUMMARY_TABLES
 
 CONNECT_TIMEOUT_S = 5
@@ -166,12 +166,12 @@ class CentralStore:
         """A vantage point's summary rows recent as of `since_ms`, replacing those stored, and
         its cursor (until_ms, slot_s), in one transaction: sent twice, stored once."""
         try:
-            with self._db.transaction(), self._db.cursor() as cursor_:
+            with self._db.transaction():
                 for table, columns, key, recent in SUMMARY_TABLES:
-                    cursor_.execute(f"DELETE FROM {table} WHERE vantage = %s AND {recent} >= %s", [vantage, since_ms])
+                    self._db.execute(f"DELETE FROM {table} WHERE vantage = %s AND {recent} >= %s", [vantage, since_ms])
                     self._copy(table, ("vantage", *columns), [(vantage, *row) for row in tables[table]],
                                update=("vantage", *key))  # fmt: skip
-                cursor_.execute("INSERT INTO rollup_cursor (vantage, until_ms, slot_s) VALUES (%s, %s, %s) "
+                self._db.execute("INSERT INTO rollup_cursor (vantage, until_ms, slot_s) VALUES (%s, %s, %s) "
                                 "ON CONFLICT (vantage) DO UPDATE SET until_ms = excluded.until_ms, "
                                 "slot_s = excluded.slot_s", [vantage, *cursor])  # fmt: skip
         except psycopg.Error as exc:

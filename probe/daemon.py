@@ -328,8 +328,9 @@ class Daemon:
         except StoreError as exc:
             await asyncio.to_thread(forwarder.disconnect)
             self._metrics.forward_errors.inc()
-            if failing is None or final:
+            if failing is None:
                 self._forward_failing_since = time.monotonic()
+            if failing is None or final:
                 log.error("%s; measurements stay in the spool and go up when it is back", exc)
             ok = False
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,8 @@ def backlog(spool: sqlite3.Connection) -> Backlog:
 
 
 class Forwarder:
-    """Uploads the spool's backlog. Blocking calls: the daemon runs them in a thread."""
+    """Uploads the spool's backlog. Blocking calls: the daemon runs them in threads, one at
+    a time (a lock keeps a cancelled upload's thread and the final one apart)."""
 
     def __init__(self, spool: Path, url: str, vantage: str, batch: int, max_backlog: int,
                  conninfo: str | None = None) -> None:  # fmt: skip
@@ -63,22 +65,28 @@ class Forwarder:
                                 "VALUES (1, 0, 0)")  # fmt: skip
         except sqlite3.Error as exc:
             raise StoreError(f"{spool}: cannot open the spool: {exc}") from None
+        self._lock = threading.Lock()
         self._central: Any = None  # a CentralStore once connected
-        self._paths_sent = False
+        self._paths_sent: list[tuple[Any, ...]] | None = None  # the paths as last uploaded
 
     def backlog(self) -> Backlog:
-        return backlog(self._spool)
+        with self._lock:
+            return backlog(self._spool)
 
     def forward(self) -> int:
         """Upload batches until the backlog is empty, then the summaries compaction added;
         the measurements sent. A failure of the central store raises StoreError with nothing
         lost: the next call starts over there."""
+        with self._lock:
+            return self._forward()
+
+    def _forward(self) -> int:
         sent = 0
         self._bound()
         while True:
-            moved = self._forward_batch()
-            sent += moved
-            if moved < self.batch:
+            measurements, full = self._forward_batch()
+            sent += measurements
+            if not full:
                 break
         self._forward_summaries()
         return sent
@@ -100,7 +108,8 @@ class Forwarder:
             self._spool.execute("BEGIN IMMEDIATE")
             self._spool.execute("UPDATE forward_cursor SET summaries_ms = ?", [cursor[0]])
 
-    def _forward_batch(self) -> int:
+    def _forward_batch(self) -> tuple[int, bool]:
+        """One batch: the measurements sent, and whether the batch was full (more may wait)."""
         measurement_id, heartbeat_rowid = self._spool.execute(
             "SELECT measurement_id, heartbeat_rowid FROM forward_cursor").fetchone()  # fmt: skip
         rows = self._spool.execute(
@@ -113,21 +122,21 @@ class Forwarder:
             [heartbeat_rowid, self.batch],
         ).fetchall()
         last_rowid = beats[-1][0] if beats else heartbeat_rowid
-        if not rows and not beats and self._paths_sent:
-            return 0
-        paths = [] if self._paths_sent else self._spool.execute(
-            "SELECT name, kind, label, endpoint_target FROM paths").fetchall()  # fmt: skip
-        self._connect().ingest(self.vantage, [r[1:] for r in rows], [b[1:] for b in beats], paths)
-        self._paths_sent = True
+        paths = self._spool.execute("SELECT name, kind, label, endpoint_target FROM paths ORDER BY name").fetchall()
+        if not rows and not beats and paths == self._paths_sent:
+            return 0, False
+        self._connect().ingest(self.vantage, [r[1:] for r in rows], [b[1:] for b in beats],
+                               paths if paths != self._paths_sent else [])  # fmt: skip
+        self._paths_sent = paths  # a reload's new paths go up with the next batch
         with self._spool:
             self._spool.execute("BEGIN IMMEDIATE")
             self._spool.execute("UPDATE forward_cursor SET measurement_id = ?, heartbeat_rowid = ?",
                                 [last_id, last_rowid])  # fmt: skip
-        return max(len(rows), len(beats))
+        return len(rows), max(len(rows), len(beats)) >= self.batch
 
     def _bound(self) -> None:
         """Give up the oldest of a backlog over its bound, so the spool cannot fill the disk."""
-        over = self.backlog().measurements - self.max_backlog
+        over = backlog(self._spool).measurements - self.max_backlog
         if over <= 0:
             return
         with self._spool:
@@ -148,6 +157,10 @@ class Forwarder:
 
     def disconnect(self) -> None:
         """After a failure: the next batch opens a new connection."""
+        with self._lock:
+            self._disconnect()
+
+    def _disconnect(self) -> None:
         if self._central is not None:
             try:
                 self._central.close()
@@ -159,5 +172,6 @@ class Forwarder:
         return redact(self.url)
 
     def close(self) -> None:
-        self.disconnect()
-        self._spool.close()
+        with self._lock:
+            self._disconnect()
+            self._spool.close()

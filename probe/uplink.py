@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from urllib.parse import urlsplit
 
 from psycopg.conninfo import make_conninfo
@@ -70,7 +71,7 @@ class Uplink:
 async def _outbound(reader: asyncio.StreamReader, conn: Conn) -> None:
     while data := await reader.read(65536):
         await conn.send(data)
-    conn.sock.shutdown(1)  # SHUT_WR: libpq is done
+    conn.sock.shutdown(socket.SHUT_WR)  # libpq is done
 
 
 async def _inbound(conn: Conn, writer: asyncio.StreamWriter) -> None:

@@ -365,3 +365,10 @@ def test_an_uplink_is_a_path_of_the_config(store: str, message: str) -> None:
             'host = "127.0.0.1"\nport = 1\n[[paths]]\nname = "direct"\nkind = "direct"\n')  # fmt: skip
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(text, "fleet.toml")
+
+
+def test_an_unknown_vantage_point_is_named(fleet: tuple[Path, Path, str]) -> None:
+    config, tmp, url = fleet
+    for store in (url, str(tmp / "beijing.db")):
+        result = cli("outages", "--config", str(config), "--store", store, "--vantage", "hangzhou")
+        assert result.returncode == 2 and "no vantage point 'hangzhou' there" in result.stderr, result.stderr
