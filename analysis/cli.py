@@ -408,3 +408,28 @@ def store_compact(config: Path | None) -> None:
                              keep_unforwarded=cfg.store.url is not None)  # fmt: skip
     err.print(f"summarised {hours} hours; deleted {deleted} raw measurements older than "
               f"{cfg.store.keep_raw_days:g} days")  # fmt: skip
+
+
+@store_group.command("retire")
+@click.option("--keep-months", type=click.IntRange(min=0), required=True,
+              help="Months of raw rows to keep in the central store, besides the current one.")  # fmt: skip
+@click.option("--store", "store", help="The central store's postgresql:// URL (default: store.url).")
+@config_option
+def store_retire(keep_months: int, store: str | None, config: Path | None) -> None:
+    """Drop the central store's monthly partitions of raw rows older than --keep-months that
+    every vantage point's summaries cover; analysis answers from the summaries there."""
+    from probe.central import CentralStore
+
+    cfg = load_config(config)
+    url = store or (cfg.store.url.get_secret_value() if cfg.store.url else None)
+    if not url or not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{cfg.source}: store.url: no central store to retire months of; set it or give "
+                          "--store postgresql://...")  # fmt: skip
+    now = pd.Timestamp.now(tz="UTC")
+    before = pd.Timestamp(now.year, now.month, 1, tz="UTC") - pd.DateOffset(months=keep_months)
+    with CentralStore(url) as central:
+        dropped, covered = central.drop_months(round(before.timestamp() * 1000))
+    reach = "a vantage point has no summaries yet: its raw rows are all it has" if covered is None else \
+        f"every vantage point's summaries reach {pd.Timestamp(covered, unit='ms', tz='UTC'):%Y-%m-%d %H:%M} UTC"
+    err.print(f"dropped {len(dropped)} monthly partitions ({', '.join(dropped) or 'none'}) before "
+              f"{before:%Y-%m}; {reach}")  # fmt: skip

@@ -208,6 +208,31 @@ class CentralStore:
                                   f"ON CONFLICT {conflict}")  # fmt: skip
         return cursor.rowcount
 
+    def drop_months(self, before_ms: int) -> tuple[list[str], int | None]:
+        """Drop the monthly partitions of raw rows that end before `before_ms` and that every
+        vantage point's summaries cover (its rollup cursor is past them): analysis answers
+        from the summaries there. The partitions dropped, and how far summaries cover."""
+        try:
+            with self._db.transaction():
+                (covered,) = self._db.execute(
+                    "SELECT min(coalesce(c.until_ms, -1)) FROM (SELECT DISTINCT vantage FROM paths) v "
+                    "LEFT JOIN rollup_cursor c USING (vantage)").fetchone()  # type: ignore[misc]  # fmt: skip
+                limit = min(before_ms, covered if covered is not None else -1)
+                dropped = []
+                for table in PARTITIONED:
+                    for (name,) in self._db.execute(
+                            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                            "WHERE i.inhparent = %s::regclass ORDER BY 1", [table]).fetchall():  # fmt: skip
+                        year, month = int(name[-7:-3]), int(name[-2:])
+                        _, end, _ = month_bounds(round(datetime(year, month, 1, tzinfo=UTC).timestamp() * 1000))
+                        if end <= limit:
+                            self._db.execute(f"DROP TABLE {name}")
+                            dropped.append(name)
+        except psycopg.Error as exc:
+            raise StoreError(f"{redact(self.url)}: cannot drop old months: {_first_line(exc)}") from None
+        self._months.clear()
+        return sorted(dropped), covered if covered is not None and covered >= 0 else None
+
     def count(self, table: str = "measurements", vantage: str | None = None) -> int:
         where, args = ("WHERE vantage = %s", [vantage]) if vantage else ("", [])
         row = self._db.execute(f"SELECT count(*) FROM {table} {where}", args).fetchone()

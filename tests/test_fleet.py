@@ -372,3 +372,31 @@ def test_an_unknown_vantage_point_is_named(fleet: tuple[Path, Path, str]) -> Non
     for store in (url, str(tmp / "beijing.db")):
         result = cli("outages", "--config", str(config), "--store", store, "--vantage", "hangzhou")
         assert result.returncode == 2 and "no vantage point 'hangzhou' there" in result.stderr, result.stderr
+
+
+def test_old_months_retire_where_summaries_cover_them(postgres: Postgres, tmp_path: Path) -> None:
+    url = postgres.database("retire")
+    spool_with(tmp_path / "spool.db", rounds=30).close()  # 2018-03-31 23:00 to 2018-04-01 01:25
+    compact(tmp_path / "spool.db", 300, keep_raw_days=1, now=datetime(2018, 4, 2, 6, tzinfo=UTC), keep_unforwarded=True)
+    spool_with(tmp_path / "other.db", rounds=30, vantage="v2").close()  # never compacted: no summaries
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'[vantage]\nname = "v1"\n[store]\npath = "{tmp_path / "spool.db"}"\nurl = "{url}"\n'
+                      '[[targets]]\nname = "news"\ngroup = "blocked"\nkind = "http"\nurl = "https://news.example/"\n'
+                      '[[paths]]\nname = "direct"\nkind = "direct"\n[[paths]]\nname = "socks"\nkind = "socks5"\n'
+                      'host = "127.0.0.1"\nport = 1080\n')  # fmt: skip
+    for name, spool in (("v1", "spool.db"), ("v2", "other.db")):
+        forwarder = Forwarder(tmp_path / spool, url, name, batch=1000, max_backlog=10_000)
+        forwarder.forward()
+        forwarder.close()
+    before = cli("outages", "--config", str(config), "--store", url, "--vantage", "v1", "--format", "csv")
+    blocked = cli("store", "retire", "--keep-months", "0", "--config", str(config))
+    assert blocked.returncode == 0 and "dropped 0 monthly partitions" in blocked.stderr, blocked.stderr
+    with psycopg.connect(url) as conn:
+        conn.execute("DELETE FROM paths WHERE vantage = 'v2'")  # v2 retired from the fleet
+    retired = cli("store", "retire", "--keep-months", "0", "--config", str(config))
+    assert retired.returncode == 0, retired.stderr
+    assert "dropped 2 monthly partitions (heartbeats_y2018m03, measurements_y2018m03)" in retired.stderr
+    after = cli("outages", "--config", str(config), "--store", url, "--vantage", "v1", "--format", "csv")
+    assert after.stdout == before.stdout and "blocked" in before.stdout  # March answers from summaries
+    with CentralStore(url) as central:
+        assert central.count(vantage="v1") == 2 * 18  # April's 18 rounds stay raw
