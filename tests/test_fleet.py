@@ -216,6 +216,16 @@ def test_two_vantage_points_through_a_central_outage(config_file: Path, daemons:
         for name, daemon in (("vantage-a", a), ("vantage-b", b)):
             spooled = _spooled(daemon.db)
             assert len(stored[name]) == len(spooled) and set(stored[name]) == spooled  # once each, none lost
+            command = ["outages", "--by", "target", "--format", "csv", "--config", str(daemon.config)]
+            local = cli(*command, "--store", str(daemon.db))
+            central = cli(*command, "--store", url, "--vantage", name)
+            assert local.returncode == 0 and central.returncode == 0, local.stderr + central.stderr
+            assert central.stdout == local.stdout and "down" in local.stdout
+        fleet = cli("outages", "--fleet", "--format", "json", "--config", str(a.config), "--store", url)
+        assert fleet.returncode == 0, fleet.stderr
+        agreed = [json.loads(line) for line in fleet.stdout.splitlines()]  # both see the closed port alike
+        assert agreed and {(r["target"], r["agree"], tuple(r["vantages"])) for r in agreed} == {
+            ("down", "2/2", ("vantage-a", "vantage-b"))}  # fmt: skip
         assert "measurements stay in the spool" in a.output() and "reachable again" in a.output()
 
 
