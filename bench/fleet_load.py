@@ -96,7 +96,7 @@ COPY into a scratch table, then an insert of the rows whose key is new.
 |---|---|
 | measurements stored | {stored:,} of {sent:,} sent ({vantages} x {rows:,}) |
 | ingest, all vantage points together | {sent / seconds:,.0f} measurements/s ({seconds:.1f} s) |
-| central `measurements`, indexes included | {size / 1e6:,.0f} MB: {size / max(stored, 1):.0f} bytes per measurement (raw rows; the year below keeps summaries) |
+| central `measurements`, indexes included | {size / 1e6:,.0f} MB: {size / max(stored, 1):.0f} bytes per measurement (raw rows, kept until retired; the year above shows the summaries in use) |
 
 A vantage point at 100 targets x 4 paths every 5 minutes makes 1.3 measurements a second.
 """
