@@ -48,6 +48,8 @@ def source(cfg: Config) -> Store:
     if chosen.vantage is None and len(held) > 1:
         raise ConfigError(f"{chosen}: holds {len(held)} vantage points ({', '.join(held)}); choose one with "
                           "--vantage, or see them all with `tunnelwatch outages --fleet`")  # fmt: skip
+    if chosen.vantage is None and held:
+        return Source(chosen.location, held[0])  # the only one: its rows by the (vantage, time) index
     if chosen.vantage is not None and chosen.vantage not in held:
         raise ConfigError(f"{chosen}: no vantage point {chosen.vantage!r} there; it holds {', '.join(held) or 'none'}")
     return chosen

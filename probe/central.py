@@ -52,9 +52,9 @@ MIGRATIONS = (
     _table("measurements", MEASUREMENT_COLUMNS)
     + _table("heartbeats", HEARTBEAT_COLUMNS)
     + """
-    CREATE INDEX measurements_started_at ON measurements (started_at_ms);
-    CREATE INDEX measurements_pair ON measurements (target, path, started_at_ms);
-    CREATE INDEX heartbeats_started_at ON heartbeats (started_at_ms);
+    -- What analysis asks: one vantage point's rows of a time range.
+    CREATE INDEX measurements_vantage_time ON measurements (vantage, started_at_ms);
+    CREATE INDEX heartbeats_vantage_time ON heartbeats (vantage, started_at_ms);
     CREATE TABLE paths (
         vantage text NOT NULL,
         name text NOT NULL,
