@@ -192,14 +192,13 @@ class Conn:
         while True:
             try:
                 data, ancillary, _, _ = self.sock.recvmsg(READ_BYTES, ANCILLARY_BYTES)
+                break
             except BlockingIOError:
-                data = None
-            if data is None:
-                await _ready(self.sock.fileno(), writable=False)
-                continue
-            self.received_ns = time.time_ns()  # unless the kernel says when, below
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    seconds, nanoseconds = TIMESPEC.unpack(payload)
-                    self.received_ns = seconds * 1_000_000_000 + nanoseconds
-            return data
+                pass  # waiting outside the handler keeps this out of a timeout's exception chain
+            await _ready(self.sock.fileno(), writable=False)
+        self.received_ns = time.time_ns()  # unless the kernel says when, below
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = TIMESPEC.unpack(payload)
+                self.received_ns = seconds * 1_000_000_000 + nanoseconds
+        return data
