@@ -122,8 +122,8 @@ class Conn:
 
     async def readuntil(self, separator: bytes, limit: int) -> bytes:
         """Up to and including `separator`; ValueError beyond `limit` bytes."""
-        while (end := self._buffer.find(separator)) < 0:
-            if len(self._buffer) > limit:
+        while (end := self._buffer.find(separator, 0, limit)) < 0:
+            if len(self._buffer) >= limit:
                 raise ValueError(f"no {separator!r} in the first {limit} bytes")
             self._buffer += await self._more()
         return await self.readexactly(end + len(separator))
@@ -189,6 +189,8 @@ class Conn:
         if self._awaiting:
             self._awaiting = False
             await _ready(self.sock.fileno(), writable=False)
+        else:  # a peer that always has more waiting must not keep the loop (and timeouts) from running
+            await asyncio.sleep(0)
         while True:
             try:
                 data, ancillary, _, _ = self.sock.recvmsg(READ_BYTES, ANCILLARY_BYTES)

@@ -31,6 +31,7 @@ ARES_RCODES = {
     ares.ARES_ENOTIMP: "NOTIMP",
 }
 CHANNEL_TIMEOUT_S = 4.0
+MAX_ANSWERS = 32  # addresses recorded of one answer (a 64 KiB answer holds thousands)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,7 @@ async def lookup(resolver: Resolver, host: str, trace: Trace) -> list[str]:
     finally:
         trace.phase("resolve", (time.perf_counter() - started) * 1000)
         await channel.close()
-    ordered = sorted(dict.fromkeys(addresses), key=lambda a: ":" in a)
+    ordered = sorted(dict.fromkeys(addresses), key=lambda a: ":" in a)[:MAX_ANSWERS]
     trace.fact("addresses", tuple(ordered))
     return ordered
 
@@ -154,7 +155,7 @@ async def probe_dns(target: Target, path: PathSpec, trace: Trace, **_: object) -
             addr = getattr(record.data, "addr", None)
             if addr:
                 answers.append(addr)
-    trace.fact("addresses", tuple(answers))
+    trace.fact("addresses", tuple(answers[:MAX_ANSWERS]))
     if answers:
         trace.fact("dns_rcode", "NOERROR")
         return {}

@@ -34,6 +34,14 @@ HOSTNAME = re.compile(r"^(?=.{1,253}\.?$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\
 TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
 # Content-Encoding -> zlib window bits (31: gzip; 47: zlib or gzip, told apart by the header).
 DECODERS = {b"gzip": 31, b"x-gzip": 31, b"deflate": 47}
+# Bounds on what a server can make the probe read. The status line and headers: 256 KiB, as
+# Chromium allows. Everything that is not body (the head, chunk-size lines, extensions,
+# trailers): the head's bound, 64 KiB more, and eight bytes per body byte (a stream of
+# one-byte chunks needs five). The body: `body_cap_bytes` decoded, and reading stops at
+# twice that many bytes on the wire (a compressed stream that decodes to nothing).
+MAX_HEAD_BYTES = 256 * 1024
+MAX_FRAMING_BYTES = 64 * 1024
+FRAMING_PER_BODY_BYTE = 8
 
 
 class _Response:
@@ -46,10 +54,12 @@ class _Response:
         self.status = 0
         self.headers_done = False
         self.complete = False
+        self.wire_body = 0  # body bytes as they came on the wire (before decoding)
         self._decoder: Any = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
+        if not self.headers_done:  # trailers are bounded as framing, not kept
+            self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
@@ -58,6 +68,7 @@ class _Response:
             self._decoder = zlib.decompressobj(DECODERS[encoding])
 
     def on_body(self, data: bytes) -> None:
+        self.wire_body += len(data)
         room = self.cap - len(self.body)
         if room <= 0:
             return
@@ -83,10 +94,26 @@ def _request(url: httpx.URL, user_agent: str) -> bytes:
     )  # fmt: skip
 
 
+def _check_bounds(response: _Response, line_seen: bool, wire: int) -> None:
+    """Fail an answer whose head or chunked framing outgrew its bound; `wire` is every byte
+    read so far, `line_seen` whether a line had ended among them."""
+    if not response.headers_done:
+        if wire <= MAX_HEAD_BYTES:
+            return
+        if not line_seen:
+            raise ProbeFailure("http_status_line_too_long", HTTP_ROUND_TRIP, f"no status line in {wire} bytes")
+        raise ProbeFailure("http_headers_too_large", HTTP_ROUND_TRIP, f"no end of the headers in {wire} bytes")
+    overhead = wire - response.wire_body  # the head and the chunked framing
+    if overhead > MAX_HEAD_BYTES + MAX_FRAMING_BYTES + FRAMING_PER_BODY_BYTE * response.wire_body:
+        raise ProbeFailure("http_chunk_framing_too_large", HTTP_ROUND_TRIP,
+                           f"{overhead} bytes of head and chunk framing for {response.wire_body} of body")  # fmt: skip
+
+
 async def _read_response(conn: Conn, trace: Trace, cap: int) -> _Response:
     response = _Response(cap)
     parser = httptools.HttpResponseParser(response)
-    while not response.complete and len(response.body) < cap:
+    line_seen, wire = False, 0
+    while not response.complete and len(response.body) < cap and response.wire_body < 2 * cap:
         data = await conn.recv()
         if not data:
             if not response.headers_done:
@@ -101,6 +128,9 @@ async def _read_response(conn: Conn, trace: Trace, cap: int) -> _Response:
             raise exc.__context__ or exc from None  # our own failure, raised in a callback
         except httptools.HttpParserError as exc:
             raise ProbeFailure("http_protocol_error", HTTP_ROUND_TRIP, f"malformed response: {exc}") from exc
+        wire += len(data)
+        line_seen = line_seen or b"\n" in data
+        _check_bounds(response, line_seen, wire)
     response.status = parser.get_status_code()
     return response
 

@@ -9,6 +9,7 @@ never mistaken for a failure of the target behind it.
 from __future__ import annotations
 
 import base64
+import re
 import socket
 import ssl
 import struct
@@ -37,11 +38,13 @@ SOCKS_REPLIES = {
 }
 # HTTP CONNECT proxy status -> (failure, operation).
 CONNECT_STATUS = {
+    401: ("proxy_auth_failed", PROXY_AUTH),  # some proxies answer as a server would
     407: ("proxy_auth_failed", PROXY_AUTH),
     403: ("proxy_connection_not_allowed", CONNECT),
     504: ("generic_timeout_error", CONNECT),
 }
 MAX_PROXY_HEADER = 16 * 1024
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?\r\n")
 
 
 async def _connect(addresses: list[str], port: int, path: PathSpec) -> tuple[Conn, float]:
@@ -150,18 +153,20 @@ async def _http_connect(path: PathSpec, host: str, port: int, trace: Trace) -> C
             token = f"{path.username.get_secret_value()}:{path.password.get_secret_value()}"
             lines.append("Proxy-Authorization: Basic " + base64.b64encode(token.encode()).decode())
         await conn.send(("\r\n".join(lines) + "\r\n\r\n").encode())
-        head = await conn.readuntil(b"\r\n\r\n", MAX_PROXY_HEADER)
-        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = status_line.split(" ", 2)
-        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        try:
+            head = await conn.readuntil(b"\r\n\r\n", MAX_PROXY_HEADER)
+        except ValueError as exc:
+            raise ProbeFailure("proxy_response_too_large", PROXY_CONNECT,
+                               f"no end of the proxy's answer in {MAX_PROXY_HEADER} bytes") from exc  # fmt: skip
+        status_line = head.split(b"\r\n", 1)[0]
+        if not (match := STATUS_LINE.match(head)):
+            raise ProbeFailure("proxy_protocol_error", PROXY_CONNECT, f"not an HTTP proxy's answer: {status_line[:80]!r}")
+        status = int(match.group(1))
         if status // 100 != 2:
             failure, operation = CONNECT_STATUS.get(status, ("proxy_connect_failed", CONNECT))
-            raise ProbeFailure(failure, operation, f"proxy answered {status_line!r} to CONNECT {authority}")
+            raise ProbeFailure(failure, operation, f"proxy answered {status_line[:200]!r} to CONNECT {authority}")
         trace.phase("connect", conn.answer_ms())
         return conn
-    except ValueError as exc:
-        conn.close()
-        raise ProbeFailure("proxy_protocol_error", CONNECT, "proxy sent an oversized header") from exc
     except BaseException:
         conn.close()
         raise
