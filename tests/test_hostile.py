@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,8 +19,9 @@ from probe.conn import Conn
 from probe.http import MAX_HEAD_BYTES
 from probe.model import Measurement
 from probe.rounds import ProbeContext, measure
-from tests.conftest import write_config
-from tests.servers import LOOPBACK, stop
+from tests.conftest import rows, write_config
+from tests.servers import LOOPBACK, Web, stop
+from tests.test_daemon import Daemon, daemons  # noqa: F401 (a fixture)
 
 TIMEOUT_S = 3
 BODY_CAP = 64 * 1024
@@ -130,3 +131,64 @@ def test_reading_a_stream_that_always_has_more_gives_the_loop_a_turn() -> None:
     turns, reads = asyncio.run(scenario())
     assert reads >= 2
     assert turns >= reads
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+HOSTILE_TARGETS = ["/header-forever", "/many-headers", "/status-forever", "/chunk-size-forever", "/trailers-forever",
+                   "/slowloris", "/body-forever", "/gzip-nothing-forever"]  # fmt: skip
+
+
+def test_the_daemon_runs_a_minute_among_hostile_servers(
+    tmp_path: Path, hostile: dict[str, int], web: Web, daemons: Callable[..., Daemon]
+) -> None:
+    """Every hostile answer above, and a proxy that never ends its answer, probed by the
+    daemon every 3 s for a minute: the good page keeps its schedule, memory stays flat,
+    each hostile target is stored with its failure, and SIGTERM ends it in time."""
+    interval_s = 3
+    targets = "".join(
+        f'[[targets]]\nname = "hostile{where.replace("/", "-")}"\ngroup = "blocked"\nkind = "http"\n'
+        f'url = "http://{LOOPBACK}:{hostile["http"]}{where}"\n\n'
+        for where in HOSTILE_TARGETS
+    )
+    body = (f'{targets}[[targets]]\nname = "page"\ngroup = "control"\nkind = "http"\nurl = "http://{LOOPBACK}:{web.http}/"\n\n'
+            f'[[paths]]\nname = "direct"\nkind = "direct"\n\n'
+            f'[[paths]]\nname = "endless-proxy"\nkind = "http"\nhost = "{LOOPBACK}"\nport = {hostile["connect-header-forever"]}\n')  # fmt: skip
+    config = write_config(tmp_path, body, timeout_s=2)
+    config.write_text(config.read_text().replace("[probe]", f"[probe]\ninterval_s = {interval_s}\nbody_cap_bytes = {BODY_CAP}"))
+    daemon = daemons(config)
+    started = time.monotonic()
+    rss: list[tuple[float, float]] = []
+    while (elapsed := time.monotonic() - started) < 60:
+        assert daemon.proc.poll() is None, daemon.output()
+        rss.append((elapsed, _rss_mb(daemon.proc.pid)))
+        time.sleep(1)
+    stopping = time.monotonic()
+    assert daemon.stop(timeout_s=30) == 0, daemon.output()
+    assert time.monotonic() - stopping < 15  # the drain waits for probes bounded by their 2 s timeout
+
+    beats = [h for h in daemon.heartbeats() if h["target"] == "page"]
+    starts = sorted(h["scheduled_at_ms"] for h in beats)
+    assert len(starts) >= 60 // interval_s - 3, starts
+    assert all(b - a == interval_s * 1000 for a, b in zip(starts, starts[1:], strict=False)), starts  # no round missed
+    late_ms = [h["started_at_ms"] - h["scheduled_at_ms"] for h in beats]
+    assert max(late_ms) < 1000, late_ms
+
+    settled = max(mb for t, mb in rss if 15 <= t < 30)
+    assert max(mb for t, mb in rss if t >= 30) < settled + 20, rss  # flat: no growth with every round
+
+    stored = rows(daemon.db)
+    failures = {(r["target"], r["path"]): r["failure"] for r in stored}
+    expected = {"header-forever": "http_headers_too_large", "many-headers": "http_headers_too_large",
+                "status-forever": "http_status_line_too_long", "chunk-size-forever": "http_chunk_framing_too_large",
+                "trailers-forever": "http_chunk_framing_too_large", "slowloris": "generic_timeout_error",
+                "body-forever": None, "gzip-nothing-forever": None}  # fmt: skip
+    for name, failure in expected.items():
+        assert failures[(f"hostile-{name}", "direct")] == failure
+        assert failures[(f"hostile-{name}", "endless-proxy")] == "proxy_response_too_large"
+    assert failures[("page", "direct")] is None
