@@ -2,8 +2,9 @@
 
 Each target is one APScheduler job that probes all of the target's paths together (a
 round), on its group's interval. Within a group the jobs' first runs are spread evenly over
-one interval, so targets do not all fire at once. Signal handlers only set flags; the work
-happens on the event loop.
+one interval, the first at once, so targets do not all fire at once. A reload leaves the job
+of an unchanged target alone: reloads in a row must never push its rounds back. Signal
+handlers only set flags; the work happens on the event loop.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -57,8 +59,17 @@ class Unit:
         steps = max(0, int((now - self.first_run).total_seconds() // self.interval_s))
         return self.first_run + timedelta(seconds=steps * self.interval_s)
 
+    def offset_s(self, now: datetime) -> float:
+        """How long after `now` its next run comes, in [0, interval)."""
+        return (self.first_run - now).total_seconds() % self.interval_s
 
-def build_units(config: Config, now: datetime) -> list[Unit]:
+
+def build_units(config: Config, now: datetime, previous: Mapping[str, Unit] | None = None) -> list[Unit]:
+    """One unit per target, in config order. A target whose definition and interval are those
+    of its unit in `previous` keeps that unit's grid, so its next run time; its paths are
+    the new ones. The others of a group are spread over one interval from `now`, the first at
+    once; when the group keeps some units, each new one takes the middle of the group's
+    longest wait between two runs."""
     by_target: dict[str, list[PathSpec]] = defaultdict(list)
     targets: dict[str, Target] = {}
     for target, path in plan(config):
@@ -67,13 +78,34 @@ def build_units(config: Config, now: datetime) -> list[Unit]:
     by_group: dict[str, list[str]] = defaultdict(list)
     for name, target in targets.items():
         by_group[target.group].append(name)
-    units = []
+    previous = previous or {}
+    units: dict[str, Unit] = {}
     for group, names in by_group.items():
         interval = config.interval_s(group)
-        for index, name in enumerate(names):
-            offset = timedelta(seconds=interval * index / len(names))
-            units.append(Unit(targets[name], tuple(by_target[name]), interval, now + offset))
-    return units
+        fresh = []
+        for name in names:
+            old = previous.get(name)
+            if old is not None and old.target == targets[name] and old.interval_s == interval:
+                units[name] = replace(old, target=targets[name], paths=tuple(by_target[name]))
+            else:
+                fresh.append(name)
+        kept = [units[name].offset_s(now) for name in names if name in units]
+        for index, name in enumerate(fresh):
+            if kept:
+                offset = _middle_of_longest_wait(kept, interval)
+                kept.append(offset)
+            else:
+                offset = interval * index / len(fresh)
+            units[name] = Unit(targets[name], tuple(by_target[name]), interval, now + timedelta(seconds=offset))
+    return [units[name] for name in targets]
+
+
+def _middle_of_longest_wait(offsets: list[float], interval: float) -> float:
+    """The middle of the longest wait between runs at these offsets, every `interval` seconds."""
+    points = sorted(offsets)
+    waits = [(b - a, a) for a, b in zip(points, [*points[1:], points[0] + interval], strict=True)]
+    length, start = max(waits, key=lambda wait: wait[0])
+    return (start + length / 2) % interval
 
 
 class Daemon:
@@ -85,6 +117,7 @@ class Daemon:
         self._units: dict[str, Unit] = {}
         self._rounds: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
+        self._reload_wanted = asyncio.Event()
         self._signals = 0
         self._scheduler: AsyncIOScheduler | None = None
         self._writer: StoreWriter | None = None
@@ -136,7 +169,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_wanted.set)
         scheduler = self._scheduler = AsyncIOScheduler(
             event_loop=loop,
             timezone=UTC,
@@ -149,7 +182,8 @@ class Daemon:
         scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._schedule()
         scheduler.start()
-        helpers = [loop.create_task(self._writer.run()), loop.create_task(self._watch_loop_lag())]
+        helpers = [loop.create_task(self._writer.run()), loop.create_task(self._watch_loop_lag()),
+                   loop.create_task(self._reload_loop())]  # fmt: skip
         if self._forwarder is not None:
             helpers.append(loop.create_task(self._forward_loop()))
         notify("READY=1")
@@ -182,32 +216,51 @@ class Daemon:
         log.info("stopped")
 
     def _schedule(self) -> None:
-        assert self._scheduler is not None
-        self._scheduler.remove_all_jobs()
-        if self._config.report.weekly:
-            self._scheduler.add_job(
+        """Make the jobs match self._config. A job whose settings did not change is left as it
+        is, with its next run time: rebuilding it from now would push it back at each reload."""
+        scheduler = self._scheduler
+        assert scheduler is not None
+        config = self._config
+        report = scheduler.get_job("weekly-report")
+        if not config.report.weekly:
+            if report is not None:
+                scheduler.remove_job("weekly-report")
+        elif report is None or str(report.trigger.timezone) != config.report.timezone:
+            scheduler.add_job(
                 self._weekly_report,
-                CronTrigger(day_of_week="mon", hour=0, minute=0, timezone=self._config.report.timezone),
+                CronTrigger(day_of_week="mon", hour=0, minute=0, timezone=config.report.timezone),
                 id="weekly-report",
                 name="weekly report",
                 misfire_grace_time=6 * 3600,
+                replace_existing=True,
             )
-        self._scheduler.add_job(
-            self._compact,
-            IntervalTrigger(seconds=self._config.daemon.compact_every_s, timezone=UTC),
-            id="compact",
-            name="compaction",
-            misfire_grace_time=1800,
-            coalesce=True,
-        )
-        self._units = {u.target.name: u for u in build_units(self._config, datetime.now(UTC))}
+        compact = scheduler.get_job("compact")
+        if compact is None or compact.trigger.interval_length != config.daemon.compact_every_s:
+            scheduler.add_job(
+                self._compact,
+                IntervalTrigger(seconds=config.daemon.compact_every_s, timezone=UTC),
+                id="compact",
+                name="compaction",
+                misfire_grace_time=1800,
+                coalesce=True,
+                replace_existing=True,
+            )
+        previous = self._units
+        self._units = {u.target.name: u for u in build_units(config, datetime.now(UTC), previous)}
+        for name in previous.keys() - self._units.keys():
+            scheduler.remove_job(name)
         for name, unit in self._units.items():
-            self._scheduler.add_job(
+            old = previous.get(name)
+            if old is not None and (old.first_run, old.interval_s) == (unit.first_run, unit.interval_s):
+                continue  # its job runs the new unit (new paths) at its next run
+            scheduler.add_job(
                 self._round,
                 IntervalTrigger(seconds=unit.interval_s, start_date=unit.first_run, timezone=UTC),
                 args=[name],
                 id=name,
                 name=f"round {name}",
+                next_run_time=unit.first_run,  # the trigger alone would skip a start_date of now
+                replace_existing=True,
             )
 
     async def _round(self, name: str) -> None:
@@ -292,9 +345,18 @@ class Daemon:
         log.info("%s: stopping (send it again to exit at once)", sig.name)
         self._stop.set()
 
+    async def _reload_loop(self) -> None:
+        """Reload on SIGHUP, one reload at a time: the signals that come during one make one
+        more after it. Reading the files and the CA bundle runs in a thread, so a burst of
+        signals never holds up the rounds."""
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            await self._reload()
+
     async def _reload(self) -> None:
         try:
-            config = load_config(self._config_path)
+            config = await asyncio.to_thread(load_config, self._config_path)
         except TunnelwatchError as exc:
             log.error("SIGHUP: keeping the running config, the new one is invalid: %s", exc)
             return
@@ -302,8 +364,12 @@ class Daemon:
             if getattr(config, key) != getattr(self._config, key):
                 log.warning("SIGHUP: [%s] changed; that takes effect at the next restart", key)
         config = config.model_copy(update={"store": self._config.store, "metrics": self._config.metrics})
-        self._config = config
-        self._ctx = ProbeContext.build(config, lag=self._ctx.lag)  # one loop, one lag sampler
+        try:
+            ctx = await asyncio.to_thread(ProbeContext.build, config, self._ctx.lag)  # one loop, one lag sampler
+        except OSError as exc:  # the CA file went away or changed since it was read
+            log.error("SIGHUP: keeping the running config: %s", exc)
+            return
+        self._config, self._ctx = config, ctx
         self._metrics.forget_probes()
         assert self._writer is not None
         self._writer.submit_paths(path_rows(config))

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from probe.config import load_config
 from tests.analysis_data import realistic_week
-from tests.conftest import rows
+from tests.conftest import rows, write_config
 from tests.servers import LOOPBACK
 
 TUNNELWATCH = [sys.executable, "-m", "probe"]
@@ -177,6 +177,133 @@ def test_sighup_reloads_a_good_config_and_keeps_running_on_a_bad_one(
     daemon.wait_until(lambda: any(h["target"] == "added" for h in daemon.heartbeats()), what="the new target")
     assert daemon.stop() == 0
     assert "reloaded" in daemon.output()
+
+
+def tcp_targets(names: list[str], group: str, port: int) -> str:
+    return "".join(
+        f'[[targets]]\nname = "{name}"\ngroup = "{group}"\nkind = "tcp"\nhost = "{LOOPBACK}"\nport = {port}\n\n'
+        for name in names
+    )
+
+
+def refused_targets(tmp_path: Path, port: int, interval_s: float, count: int = 5) -> Path:
+    """`count` targets of one group, each a round of one refused connection: a few ms."""
+    body = tcp_targets([f"t{i}" for i in range(count)], "g", port) + '[[paths]]\nname = "direct"\nkind = "direct"\n'
+    config = write_config(tmp_path, body)
+    config.write_text(config.read_text().replace("[probe]", f"[probe]\ninterval_s = {interval_s}"))
+    return config
+
+
+def longest_gaps(daemon: Daemon, since: float, until: float) -> dict[str, float]:
+    """The longest time (s) each target went without starting a round between since and until."""
+    starts: dict[str, list[float]] = {}
+    for beat in daemon.heartbeats():
+        starts.setdefault(beat["target"], []).append(beat["started_at_ms"] / 1000)
+    gaps = {}
+    for target, times in starts.items():
+        points = [since, *sorted(t for t in times if since < t < until), until]
+        gaps[target] = max(b - a for a, b in zip(points, points[1:], strict=False))
+    return gaps
+
+
+def hup_for(daemon: Daemon, seconds: float, every_s: float) -> tuple[float, float]:
+    since = time.time()
+    while time.time() - since < seconds:
+        daemon.proc.send_signal(signal.SIGHUP)
+        time.sleep(every_s)
+    return since, time.time()
+
+
+def test_reloads_every_third_of_an_interval_starve_no_target(
+    tmp_path: Path, daemons: Callable[..., Daemon], closed_port: int
+) -> None:
+    interval = 2.0
+    daemon = daemons(refused_targets(tmp_path, closed_port, interval))
+    daemon.wait_until(lambda: "probing 5 targets" in daemon.output(), what="the daemon to start")
+    since, until = hup_for(daemon, 9, interval / 3)
+    assert daemon.stop() == 0, daemon.output()
+    assert daemon.output().count("SIGHUP: reloaded") >= 5
+    gaps = longest_gaps(daemon, since, until)
+    assert set(gaps) == {f"t{i}" for i in range(5)}, gaps  # every target ran
+    assert all(gap < interval + 3 for gap in gaps.values()), gaps
+
+
+def test_reloads_do_not_push_compaction_back(tmp_path: Path, daemons: Callable[..., Daemon], closed_port: int) -> None:
+    config = refused_targets(tmp_path, closed_port, 2, count=1)
+    config.write_text(config.read_text() + "\n[daemon]\ncompact_every_s = 3\n")
+    daemon = daemons(config)
+    daemon.wait_until(lambda: "probing 1 targets" in daemon.output(), what="the daemon to start")
+    deadline = time.monotonic() + 20  # the compaction's child process takes seconds on a busy machine
+    while "compaction: " not in daemon.output():
+        assert time.monotonic() < deadline, daemon.output()
+        daemon.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.7)
+    assert daemon.stop() == 0, daemon.output()
+
+
+def test_a_burst_of_reloads_delays_no_target(tmp_path: Path, daemons: Callable[..., Daemon], closed_port: int) -> None:
+    interval = 2.0
+    daemon = daemons(refused_targets(tmp_path, closed_port, interval))
+    daemon.wait_until(lambda: "probing 5 targets" in daemon.output(), what="the daemon to start")
+    since, until = hup_for(daemon, 8, 0.1)
+    assert daemon.stop() == 0, daemon.output()
+    assert daemon.output().count("SIGHUP: reloaded") >= 5  # signals during a reload make one more
+    gaps = longest_gaps(daemon, since, until)
+    assert set(gaps) == {f"t{i}" for i in range(5)}, gaps
+    assert all(gap < interval + 3 for gap in gaps.values()), gaps
+
+
+def test_the_first_target_is_probed_at_start(tmp_path: Path, daemons: Callable[..., Daemon], closed_port: int) -> None:
+    """At a 30 s interval the first of three targets runs at once, the others 10 s and 20 s later."""
+    started = time.time()
+    daemon = daemons(refused_targets(tmp_path, closed_port, 30, count=3))
+    daemon.wait_until(lambda: len(daemon.heartbeats()) >= 1, timeout_s=15, what="a first round")
+    beats = daemon.heartbeats()
+    assert [h["target"] for h in beats] == ["t0"]
+    assert beats[0]["started_at_ms"] / 1000 - started < 8
+    assert daemon.stop() == 0, daemon.output()
+
+
+def test_a_reload_reschedules_changed_targets_and_keeps_the_others(
+    tmp_path: Path, daemons: Callable[..., Daemon], closed_port: int, silent_port: int
+) -> None:
+    """A reload changes group "slow"'s interval and one of its targets, and adds a target to
+    group "steady": the changed ones run on their new interval, the added one runs, and the
+    unchanged one stays on its grid."""
+    config = write_config(tmp_path, '[[paths]]\nname = "direct"\nkind = "direct"\n')
+    template = config.read_text()
+
+    def write(slow_s: float, targets: str) -> None:
+        probe = f"[probe]\ninterval_s = 2\ngroup_intervals_s = {{ slow = {slow_s} }}"
+        config.write_text(template.replace("[probe]", probe) + targets)
+
+    write(60, tcp_targets(["steady"], "steady", closed_port) + tcp_targets(["s0", "s1"], "slow", closed_port))
+    daemon = daemons(config)
+    daemon.wait_until(lambda: sum(h["target"] == "steady" for h in daemon.heartbeats()) >= 2, what="2 steady rounds")
+    write(1, tcp_targets(["steady", "added"], "steady", closed_port) + tcp_targets(["s0"], "slow", silent_port)
+          + tcp_targets(["s1"], "slow", closed_port))  # fmt: skip
+    daemon.proc.send_signal(signal.SIGHUP)
+    reloaded = time.time()
+    daemon.wait_until(lambda: "SIGHUP: reloaded" in daemon.output(), what="the reload")
+
+    def count(target: str) -> int:
+        return sum(h["target"] == target for h in daemon.heartbeats())
+
+    daemon.wait_until(lambda: count("s1") >= 4 and count("added") >= 2 and count("steady") >= 5, what="rounds")
+    assert daemon.stop() == 0, daemon.output()
+    beats = daemon.heartbeats()
+
+    def grid(target: str) -> list[int]:
+        starts = sorted(h["scheduled_at_ms"] for h in beats if h["target"] == target)
+        return [b - a for a, b in zip(starts, starts[1:], strict=False)]
+
+    assert set(grid("steady")) == {2000}, grid("steady")  # the reload did not move it
+    assert set(grid("added")) == {2000}, grid("added")
+    assert grid("s1")[-2:] == [1000, 1000], grid("s1")  # the new interval
+    first_added = min(h["started_at_ms"] for h in beats if h["target"] == "added") / 1000
+    assert first_added - reloaded < 2 + 3
+    s0 = [r for r in rows(daemon.db) if r["target"] == "s0" and r["started_at_ms"] / 1000 > reloaded]
+    assert s0 and all(r["ok"] for r in s0), s0  # the changed definition: an open port now
 
 
 def test_sigterm_mid_round_lets_the_round_finish_and_stores_it(
