@@ -21,11 +21,12 @@ from probe.config import Config, load_config
 from probe.console import config_option, err, out
 from probe.errors import ConfigError
 
-from .eventcheck import Check, check_events, external_series, outage_series
+from .eventcheck import Check, binned_series, check_events, outage_series
 from .events import CATEGORIES, Event, load_events, select
 from .fleet import FLEET_COLUMNS, fleet_outages
 from .frames import vantages
 from .pipeline import analyse_config, source, store_of
+from .series import read_series
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(d|h|min|m|s)$")
 UNITS = {"d": "days", "h": "hours", "min": "minutes", "m": "minutes", "s": "seconds"}
@@ -215,31 +216,6 @@ def events_list(year: int | None, categories: tuple[str, ...], event_files: tupl
          "events (dates are Beijing dates)")  # fmt: skip
 
 
-def _read_series(path: Path, column: str) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ConfigError(f"{path}: not a CSV file: {exc}") from None
-    names = {c.lower(): c for c in frame.columns}
-    time_column = next((names[n] for n in ("date", "day", "datetime", "time", "timestamp") if n in names), None)
-    if time_column is None:
-        raise ConfigError(f"{path}: no date column; name one of date, day, datetime, time, timestamp")
-    if column not in frame.columns:
-        raise ConfigError(f"{path}: no column {column!r}; columns: {', '.join(map(str, frame.columns))}")
-    times = pd.to_datetime(frame[time_column], errors="coerce", utc=True)
-    values = pd.to_numeric(frame[column], errors="coerce")
-    bad = times.isna() | (values.isna() & frame[column].notna())
-    if bad.any():
-        line = int(bad.to_numpy().nonzero()[0][0]) + 2  # the header is line 1
-        raise ConfigError(
-            f"{path}: line {line}: cannot read {time_column}={frame[time_column].iloc[line - 2]!r}, "
-            f"{column}={frame[column].iloc[line - 2]!r} as a date and a number"
-        )
-    return pd.DataFrame({column: values.to_numpy()}, index=pd.DatetimeIndex(times)).sort_index()
-
-
 def _check_rows(checks: list[Check], series_mode: bool) -> list[dict[str, Any]]:
     rows = []
     for c in checks:
@@ -292,13 +268,10 @@ def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple
     every = _events(cfg, event_files)
     chosen = select(every, ids=ids, categories=categories)
     if series is not None and column is not None:
-        frame = _read_series(series, column)
-        if since or until:
-            frame = frame[(frame.index >= (since or frame.index.min())) & (frame.index < (until or frame.index.max() + pd.Timedelta(1)))]
-        if frame.empty:
-            raise ConfigError(f"{series}: no rows in that range")
-        data = external_series(frame, column)
-        span = (frame.index.min(), frame.index.max())
+        hours = read_series(series, column, pd.Timestamp(since) if since else None,
+                            pd.Timestamp(until) if until else None)  # fmt: skip
+        data = binned_series(hours.sums)
+        span = (hours.first, hours.last)
         firsts = None
     else:
         result = analyse_config(cfg, since, until, targets=targets, paths=paths)

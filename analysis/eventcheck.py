@@ -121,17 +121,35 @@ def _union(outages: pd.DataFrame) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
     return [(a, b) for a, b in merged]
 
 
-def external_series(frame: pd.DataFrame, column: str) -> Series:
-    """A daily or hourly series from a CSV export (a date column and a value column)."""
-    times = frame.index
-    step = pd.Series(times).diff().dropna().median()
-    step = pd.Timedelta(hours=1) if step < pd.Timedelta(hours=12) else pd.Timedelta(days=1)
-    regular = frame[column].resample(step).mean()
-    present = regular.notna().to_numpy()
+def hour_sums(times: pd.DatetimeIndex, values: pd.Series) -> pd.DataFrame:
+    """`sum` and `count` of the values of each hour (UTC) that has one."""
+    present = values.notna().to_numpy()
+    frame = pd.DataFrame({"sum": values.to_numpy(dtype=float)[present], "count": 1},
+                         index=times[present].floor("h"))  # fmt: skip
+    return frame.groupby(level=0).sum()
+
+
+def binned_series(hours: pd.DataFrame) -> Series:
+    """A regular series from hourly sums and counts: hourly when the hours that have a value
+    are mostly less than 12 hours apart, daily (UTC days) otherwise; each bin holds the mean
+    of its values, a bin without one has no exposure."""
+    hours = hours.sort_index()
+    step = pd.Series(hours.index).diff().median()
+    step = pd.Timedelta(hours=1) if step < pd.Timedelta(hours=12) else DAY
+    bins = hours if step < DAY else hours.groupby(hours.index.floor("D")).sum()
+    regular = bins.reindex(pd.date_range(bins.index[0], bins.index[-1], freq=step), fill_value=0)
+    count = regular["count"].to_numpy()
+    present = count > 0
     return Series(
-        start=regular.index[0], step=step, value=np.where(present, regular.to_numpy(), 0.0),
+        start=regular.index[0], step=step, value=np.where(present, regular["sum"].to_numpy() / np.maximum(count, 1), 0.0),
         exposure=present.astype(float),
     )  # fmt: skip
+
+
+def external_series(frame: pd.DataFrame, column: str) -> Series:
+    """A daily or hourly series from a frame of values indexed by time (analysis/series.py
+    reads a CSV export into the same hourly sums, a chunk at a time)."""
+    return binned_series(hour_sums(pd.DatetimeIndex(frame.index), frame[column]))
 
 
 def _rate(series: Series, mask: np.ndarray) -> tuple[float, float]:
@@ -173,25 +191,37 @@ def _interval(
     return float(ratio * np.exp(-half)), float(ratio * np.exp(half))
 
 
-def _permutation_p(series: Series, window: np.ndarray, observed: float, two_sided: bool) -> float | None:
-    """Shift the series circularly by whole days; how often is the window's rate as extreme?"""
+SHIFT_BLOCK = 1 << 20  # (shift, window bin) pairs gathered at once
+
+
+def _permutation_p(series: Series, window: np.ndarray, two_sided: bool) -> float | None:
+    """Shift the series circularly by whole days; how often is the window's rate as extreme?
+
+    Only the window's bins are gathered for each shift (never the whole series rolled), so a
+    long hourly series costs days x window bins per event; the unshifted window is gathered
+    the same way, so a shift that repeats it exactly ties exactly."""
     per_day = series.bins_per_unit
     days = len(series.value) // per_day
     if days < 2:
         return None
     base_rate = series.value.sum() / max(series.exposure.sum(), 1e-12)
-    extreme, total = 0, 0
-    for k in range(1, days):
-        v = np.roll(series.value, k * per_day)[window].sum()
-        e = np.roll(series.exposure, k * per_day)[window].sum()
-        if e <= 0:
-            continue
+    bins = np.flatnonzero(window)
+    shifts = np.arange(days) * per_day  # 0, the window itself, first
+    v, e = np.empty(days), np.empty(days)
+    block = max(1, SHIFT_BLOCK // max(len(bins), 1))
+    for at in range(0, days, block):
+        where = (bins[None, :] - shifts[at : at + block, None]) % len(series.value)
+        v[at : at + block] = series.value[where].sum(axis=1)
+        e[at : at + block] = series.exposure[where].sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
         rate = v / e
-        total += 1
-        if two_sided:
-            extreme += abs(np.log((rate + 1e-9) / (base_rate + 1e-9))) >= abs(np.log((observed + 1e-9) / (base_rate + 1e-9)))
-        else:
-            extreme += rate >= observed
+    if two_sided:
+        stat = np.abs(np.log((rate + 1e-9) / (base_rate + 1e-9)))
+    else:
+        stat = rate
+    counted = e[1:] > 0
+    total = int(counted.sum())
+    extreme = int((stat[1:][counted] >= stat[0]).sum())
     return None if total == 0 else (1 + extreme) / (1 + total)
 
 
@@ -213,6 +243,7 @@ def check_events(
     measured = series.exposure > 0
     baseline = measured & ~excluded
     data_days = int(series.exposure.astype(bool).sum() // series.bins_per_unit)
+    base_days = len(np.unique(np.flatnonzero(baseline) // series.bins_per_unit))
     checks = []
     for event in events:
         start, end = event.window
@@ -220,7 +251,6 @@ def check_events(
         window = series.mask(w_start, w_end) & measured
         length = (w_end - w_start) / series.step
         coverage = float(window.sum() / length) if length > 0 else 0.0
-        base_days = len(np.unique(np.flatnonzero(baseline) // series.bins_per_unit))
         lead = _lead_lag(first_outages, w_start, w_end, start)
         common = dict(event=event.id, title=event.title, category=event.category, window_start=w_start,
                       window_end=w_end, coverage=round(coverage, 3), lead_lag_hours=lead)  # fmt: skip
@@ -238,7 +268,7 @@ def check_events(
             continue
         inside, base = _rate(series, window), _rate(series, baseline)
         rate_in, rate_base = inside[0] / inside[1], base[0] / base[1]
-        p = _permutation_p(series, window, rate_in, two_sided)
+        p = _permutation_p(series, window, two_sided)
         ratio: float | None = None
         low = high = None
         if rate_in > 0 and rate_base > 0:
