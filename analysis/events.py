@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime, time, timedelta
 from importlib import resources
 from pathlib import Path
@@ -25,6 +25,13 @@ BEIJING = ZoneInfo("Asia/Shanghai")
 CATEGORIES = ("npc", "cppcc", "party-congress", "policy", "blocking-wave", "anniversary", "holiday", "other")
 Category = Literal["npc", "cppcc", "party-congress", "policy", "blocking-wave", "anniversary", "holiday", "other"]
 Confidence = Literal["confirmed", "reported", "approximate"]
+TOML_EVENTS_TABLE = re.compile(r"^\s*\[\[\s*events\s*\]\]")
+ICS_NAME = re.compile(r"[A-Za-z0-9-]*")
+ICS_DATES = {  # the properties an event's time is read from: what they hold, and an example
+    "DTSTART": ((date,), "a date (DTSTART;VALUE=DATE:20240715) or a date-time (DTSTART:20240715T100000Z)"),
+    "DTEND": ((date,), "a date (DTEND;VALUE=DATE:20240716) or a date-time (DTEND:20240715T120000Z)"),
+    "DURATION": ((timedelta,), "a duration such as P1D, P2W or PT3H"),
+}
 
 
 class Event(BaseModel):
@@ -46,7 +53,7 @@ class Event(BaseModel):
             if isinstance(value, datetime) and value.tzinfo is None:
                 raise ValueError(f"{name} {value.isoformat()} has a time but no offset; write e.g. +08:00")
         if self.window[1] <= self.window[0]:
-            raise ValueError(f"end {self.end} is before start {self.start}")
+            raise ValueError(f"end {self.end} is not after start {self.start}")
         return self
 
     @property
@@ -72,7 +79,8 @@ def _key(loc: tuple[Any, ...]) -> str:
 
 def _from_toml(path: Path) -> list[Event]:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such events file") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -80,12 +88,16 @@ def _from_toml(path: Path) -> list[Event]:
     items = raw.get("events")
     if not isinstance(items, list):
         raise ConfigError(f"{path}: expected [[events]] tables, found keys {sorted(raw)}")
+    tables = [n + 1 for n, line in enumerate(text.splitlines()) if TOML_EVENTS_TABLE.match(line)]
     events = []
     for index, item in enumerate(items):
+        where = f"events[{index}]" + (f" (line {tables[index]})" if len(tables) == len(items) else "")
+        if not isinstance(item, dict):
+            raise ConfigError(f"{path}: {where}: expected a table of id, title, category, start, end, got {item!r}")
         try:
             events.append(Event.model_validate({**item, "origin": str(path)}))
         except ValidationError as exc:
-            where = f"events[{index}]" + (f" (id {item.get('id')!r})" if isinstance(item, dict) else "")
+            where += f" (id {item.get('id')!r})" if "id" in item else ""
             problems = "; ".join(
                 f"{_key(e['loc']) or 'event'}: {e['msg'].removeprefix('Value error, ')}"
                 + ("" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})")
@@ -99,35 +111,111 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._@-]+", "-", text).strip("-") or "event"
 
 
+def _vevent_lines(text: str) -> list[dict[str, tuple[int, str]]]:
+    """For each VEVENT in the order of the file: its properties' first line number and raw
+    value, and BEGIN's line. icalendar keeps no line numbers; its messages need them."""
+    events: list[dict[str, tuple[int, str]]] = []
+    stack: list[str] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line or line[0] in " \t":  # empty, or a folded continuation
+            continue
+        name, value = _content_line(line)
+        if name == "BEGIN":
+            stack.append(value.strip().upper())
+            if stack[-1] == "VEVENT":
+                events.append({"BEGIN": (number, value)})
+        elif name == "END":
+            stack = stack[:-1]
+        elif stack and stack[-1] == "VEVENT":
+            events[-1].setdefault(name, (number, value))
+    return events
+
+
+def _content_line(line: str) -> tuple[str, str]:
+    """NAME;PARAM="a:b":value -> (NAME, value): the value starts after the first colon
+    outside quotes."""
+    name = ICS_NAME.match(line).group(0).upper()  # type: ignore[union-attr]
+    quoted = False
+    for at, char in enumerate(line):
+        if char == '"':
+            quoted = not quoted
+        elif char == ":" and not quoted:
+            return name, line[at + 1 :]
+    return name, ""
+
+
+def _ics_time(item: icalendar.cal.Component, name: str, where: Callable[[int], str],
+              lines: dict[str, tuple[int, str]]) -> Any:  # fmt: skip
+    """DTSTART, DTEND or DURATION's value, None when absent, or a ConfigError with its line
+    when icalendar could not read it (its lenient parser keeps such errors in `errors`)."""
+    line, raw = lines.get(name, lines["BEGIN"])
+    kinds, valid = ICS_DATES[name]
+    problem = next((message for prop, message in getattr(item, "errors", []) if prop.upper() == name), None)
+    value = item.get(name)
+    if problem is None and isinstance(value, list):
+        raise ConfigError(f"{where(line)}: {name} appears {len(value)} times; give it once")
+    if problem is None and value is not None:
+        value = getattr(value, "dt", None)
+        problem = None if isinstance(value, kinds) else "not readable"
+    if problem is not None:
+        raise ConfigError(f"{where(line)}: {name} {raw!r}: {problem}; valid: {valid}")
+    return value
+
+
+def _texts(value: Any) -> list[str]:
+    """A text or CATEGORIES property, given once or more, as its texts."""
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    return [str(text).strip() for v in values for text in getattr(v, "cats", [v])]
+
+
 def _from_ics(path: Path) -> list[Event]:
     try:
-        calendar = icalendar.Calendar.from_ical(path.read_bytes())
+        data = path.read_bytes()
+        calendar = icalendar.Calendar.from_ical(data)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such iCalendar file") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: not a valid iCalendar file: {exc}") from None
+    lines = _vevent_lines(data.decode("utf-8", errors="replace"))
     events = []
     for index, item in enumerate(calendar.walk("VEVENT")):
-        summary = str(item.get("SUMMARY", "")).strip()
-        where = f"{path}: VEVENT {index + 1}" + (f" ({summary!r})" if summary else "")
-        if item.get("DTSTART") is None:
-            raise ConfigError(f"{where}: has no DTSTART; every event needs a start date")
-        start = item.get("DTSTART").dt
-        end = item.get("DTEND").dt if item.get("DTEND") is not None else start
-        if not isinstance(end, datetime) and item.get("DTEND") is not None:
+        at = lines[index] if index < len(lines) else {"BEGIN": (0, "VEVENT")}
+        summary = next(iter(_texts(item.get("SUMMARY"))), "")
+        label = f"VEVENT {index + 1}" + (f" ({summary!r})" if summary else "")
+
+        def where(line: int, label: str = label) -> str:
+            return f"{path}: line {line}: {label}"
+
+        start = _ics_time(item, "DTSTART", where, at)
+        if start is None:
+            raise ConfigError(f"{where(at['BEGIN'][0])}: has no DTSTART; every event needs a start, e.g. "
+                              "DTSTART;VALUE=DATE:20240715")  # fmt: skip
+        end = _ics_time(item, "DTEND", where, at)
+        duration = _ics_time(item, "DURATION", where, at)
+        if end is not None and duration is not None:
+            raise ConfigError(f"{where(at['DURATION'][0])}: has both DTEND and DURATION; give one")
+        if duration is not None:
+            end = start + duration
+        if end is None:
+            end = start
+        elif not isinstance(end, datetime):
             end = end - timedelta(days=1)  # an all-day DTEND is exclusive
-        categories = [str(c).strip().lower() for c in getattr(item.get("CATEGORIES"), "cats", [])]
+        categories = [c.lower() for c in _texts(item.get("CATEGORIES"))]
         category = next((c for c in categories if c in CATEGORIES), "other")
-        uid = str(item.get("UID", "")) or f"{summary}-{start}"
+        uid = next(iter(_texts(item.get("UID"))), "") or f"{summary}-{start}"
+        url = next(iter(_texts(item.get("URL"))), "")
         try:
             events.append(Event(
                 id=_slug(uid), title=summary or uid, category=category, start=start, end=end,
-                confidence="reported", source=f"{path.name}: {item.get('URL', '') or 'imported calendar'}",
-                origin=str(path),
+                confidence="reported", source=f"{path.name}: {url or 'imported calendar'}", origin=str(path),
             ))  # fmt: skip
         except ValidationError as exc:
-            problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False))
-            raise ConfigError(f"{where}: {problems}") from None
+            for e in exc.errors(include_url=False):
+                message = e["msg"].removeprefix("Value error, ")
+                prop = "DTSTART" if message.startswith("start") else "DURATION" if duration is not None else "DTEND"
+                line = at.get(prop, at["BEGIN"])[0] if message.startswith(("start", "end")) else at["BEGIN"][0]
+                raise ConfigError(f"{where(line)}: {message}") from None
     return events
 
 

@@ -119,26 +119,66 @@ def test_shipped_calendar_has_the_known_dates(store: Path) -> None:
     assert '"npc-2016"' in march_2016 and '"2016-03-05"' in march_2016
 
 
+ICS = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\nUID:x@example\r\n"
+       "SUMMARY:Plenum\r\n{}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")  # fmt: skip
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "bad.toml").write_text('[[events]]\nid = "x"\ntitle = "t"\ncategory = "gossip"\nstart = 2019-01-01\n'
+                                  "end = 2019-01-02\n")  # fmt: skip
+    (tmp / "tables.toml").write_text("events = [1, 2]\n")
+    (tmp / "bad.ics").write_text("this is not a calendar")
+    (tmp / "notadate.ics").write_text(ICS.format("DTSTART:notadate"))
+    (tmp / "duration.ics").write_text(ICS.format("DTSTART;VALUE=DATE:20240715\r\nDURATION:P1X"))
+    (tmp / "nostart.ics").write_text(ICS.format("CATEGORIES:npc"))
+    (tmp / "bad.csv").write_text("date,visitors\n2019-07-01,5\n")
+    (tmp / "worse.csv").write_text("date,users\n2019-07-01,5\n2019-07-02,many\n")
+    (tmp / "names.csv").write_text("name,city\nalice,paris\nbob,lyon\n")
+    (tmp / "dates.csv").write_text("date,users\n2019-07-01,5\n2019-07-02 13:00,6\n\nyesterday,7\n")
+    (tmp / "inf.csv").write_text("date,users\n2019-07-01,5\n2019-07-02,inf\n")
+    # bounds, not timings: each of these took the reader seconds to minutes and gigabytes as it grew
+    (tmp / "wide.csv").write_text("date,users," + ",".join(f"c{i}" for i in range(19_998)) + "\n2019-07-01,5\n")
+    (tmp / "long.csv").write_text("date,users," + "x" * (2 * MIB) + "\n2019-07-01,5,6\n")
+    (tmp / "endless.csv").write_text("date,users\n2019-07-01,5\n2019-07-02," + "9" * (2 * MIB) + "\n")
+    return tmp
+
+
 BAD = [
     (["events", "check", "--event", "nope"], "no event with id 'nope'"),
     (["outages", "--since", "last tuesday"], "'last tuesday' is not a date"),
     (["outages", "--since", "2019-07-10", "--until", "2019-07-01"], "is not before --until"),
     (["events", "check", "--before", "3 weeks"], "is not a duration"),
-    (["events", "list", "--events", "{tmp}/bad.toml"], "bad.toml: events[0] (id 'x'): category"),
+    (["events", "list", "--events", "{tmp}/bad.toml"], "bad.toml: events[0] (line 1) (id 'x'): category"),
+    (["events", "list", "--events", "{tmp}/tables.toml"], "tables.toml: events[0]: expected a table of id, title"),
     (["events", "list", "--events", "{tmp}/bad.ics"], "bad.ics: not a valid iCalendar file"),
+    (["events", "list", "--events", "{tmp}/notadate.ics"],
+     "notadate.ics: line 7: VEVENT 1 ('Plenum'): DTSTART 'notadate': Wrong date format notadate; valid: a date"),
+    (["events", "list", "--events", "{tmp}/duration.ics"],
+     "duration.ics: line 8: VEVENT 1 ('Plenum'): DURATION 'P1X': Invalid iCalendar duration: P1X; valid: a duration"),
+    (["events", "check", "--events", "{tmp}/nostart.ics"], "nostart.ics: line 4: VEVENT 1 ('Plenum'): has no DTSTART"),
     (["events", "check", "--series", "{tmp}/bad.csv", "--column", "users"], "bad.csv: no column 'users'"),
-    (["events", "check", "--series", "{tmp}/worse.csv", "--column", "users"], "worse.csv: line 3"),
-]
+    (["events", "check", "--series", "{tmp}/worse.csv", "--column", "users"],
+     "worse.csv: line 3: users 'many' is not a finite number; valid: a number"),
+    (["events", "check", "--series", "{tmp}/names.csv", "--column", "city"],
+     "names.csv: no date column among 'name', 'city'; name one of date, day"),
+    (["events", "check", "--series", "{tmp}/dates.csv", "--column", "users"],
+     "dates.csv: line 5: date 'yesterday' is not a date; valid: an ISO 8601 date or time"),
+    (["events", "check", "--series", "{tmp}/inf.csv", "--column", "users"], "inf.csv: line 3: users 'inf' is not a finite"),
+    (["events", "check", "--series", "{tmp}/wide.csv", "--column", "users"],
+     "wide.csv: line 1: 20,000 columns; a series may have at most 10,000"),
+    (["events", "check", "--series", "{tmp}/long.csv", "--column", "users"],
+     "long.csv: line 1: the header is longer than 1,048,576 bytes"),
+    (["events", "check", "--series", "{tmp}/endless.csv", "--column", "users"],
+     "endless.csv: line 3: longer than 1,048,576 bytes"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("args", "message"), BAD, ids=[b[1][:30] for b in BAD])
-def test_bad_input_exits_2_with_a_clear_message(tmp_path: Path, store: Path, args: list[str], message: str) -> None:
-    (tmp_path / "bad.toml").write_text('[[events]]\nid = "x"\ntitle = "t"\ncategory = "gossip"\nstart = 2019-01-01\n'
-                                       "end = 2019-01-02\n")  # fmt: skip
-    (tmp_path / "bad.ics").write_text("this is not a calendar")
-    (tmp_path / "bad.csv").write_text("date,visitors\n2019-07-01,5\n")
-    (tmp_path / "worse.csv").write_text("date,users\n2019-07-01,5\n2019-07-02,many\n")
-    result = cli(*[a.format(tmp=tmp_path) for a in args], "--config", str(store))
+def test_bad_input_exits_2_with_a_clear_message(bad_inputs: Path, store: Path, args: list[str], message: str) -> None:
+    result = cli(*[a.format(tmp=bad_inputs) for a in args], "--config", str(store))
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
 
