@@ -240,16 +240,25 @@ def _html(title: str, w: Week, figures: dict[str, Figure], changes: pd.DataFrame
 """
 
 
+MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]|~])")
+
+
+def _md(text: str) -> str:
+    """Text as a Markdown renderer shows it, never as markup: HTML's characters as entities,
+    the inline syntax (emphasis, code, links, table pipes) backslash-escaped, one line."""
+    return MARKDOWN_INLINE.sub(r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
+
+
 def _markdown(title: str, w: Week, changes: pd.DataFrame, outages: pd.DataFrame, events: list[Event],
               checks: list[Check]) -> str:  # fmt: skip
     def table(head: list[str], rows: list[list[str]], empty: str) -> str:
         if not rows:
             return f"_{empty}_\n"
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+        return "\n".join(lines + ["| " + " | ".join(map(_md, row)) + " |" for row in rows]) + "\n"
 
     return (
-        f"# {title}\n\n{_period(w)}\n\n"
+        f"# {_md(title)}\n\n{_period(w)}\n\n"
         f"## Against the previous week\n\n{table(CHANGE_HEAD, _change_rows(changes), 'no measurements')}\n"
         f"## Outages\n\n{table(OUTAGE_HEAD, _outage_rows(outages, events, w.tz), 'no outages this week')}\n"
         f"## Events in or near the week\n\n{table(CHECK_HEAD, _check_rows(checks), 'none')}"

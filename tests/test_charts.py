@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from markdown_it import MarkdownIt
 from matplotlib.collections import LineCollection, PolyCollection, QuadMesh
 from matplotlib.colors import to_hex
 from matplotlib.image import imread
@@ -155,6 +156,33 @@ def test_weekly_report_is_self_contained_and_renders_in_chromium(tmp_path: Path,
     image = imread(shot)
     assert image.shape[:2] == (2400, 1400)
     assert image[..., :3].std() > 0.05  # not a blank page: text, tables and charts drew
+
+
+HOSTILE = "<script>alert(1)</script> *loud* [click](javascript:alert(1)) a|b"
+
+
+def test_report_writes_imported_titles_as_text(tmp_path: Path, config: Path) -> None:
+    """An imported calendar's titles are user text: the Markdown summary shows them as text in
+    a Markdown renderer (no HTML, no link, no emphasis, the table intact), as the HTML does."""
+    (tmp_path / "hostile.ics").write_text(
+        "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\nUID:hostile@example\r\n"
+        f"SUMMARY:{HOSTILE}\r\nDTSTART;VALUE=DATE:20180307\r\nDTEND;VALUE=DATE:20180308\r\n"
+        "END:VEVENT\r\nEND:VCALENDAR\r\n"
+    )
+    hostile = tmp_path / "hostile.toml"
+    hostile.write_text(config.read_text().replace("[store]", f'[analysis]\nevents = ["{tmp_path / "hostile.ics"}"]'
+                                                  "\n[store]"))  # fmt: skip
+    out = tmp_path / "report.html"
+    result = subprocess.run([*TUNNELWATCH, "report", "weekly", "--config", str(hostile), "--week", "2018-W10",
+                             "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = out.with_suffix(".md").read_text()
+    rendered = MarkdownIt("commonmark").enable("table").render(summary)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; *loud* [click](javascript:alert(1)) a|b" in rendered
+    assert "<script" not in rendered and "<a " not in rendered and "<em>" not in rendered
+    assert rendered.count("<td>") == rendered.count("</td>") and "<td>a</td>" not in rendered
+    page = out.read_text()
+    assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
 def test_the_weekly_job_writes_last_week_and_keeps_the_newest(config: Path) -> None:
