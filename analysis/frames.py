@@ -13,6 +13,7 @@ stored summaries before the cursor joined to the raw rows after it, summarised a
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pandas.api.types import union_categoricals
 
 from probe.config import redact
 from probe.errors import StoreError
-from probe.store import SQLiteStore
+from probe.store import SQLiteStore, StoreDamaged, look_over, store_error
 
 from .rollup import (
     COVERAGE_COLUMNS,
@@ -121,14 +122,31 @@ def _connect(db: Store) -> Any:
             raise StoreError(f"{source}: cannot open the central store: {exc}") from None
     if not source.location.exists():
         raise StoreError(f"{source}: no store there; run `tunnelwatch run` or `tunnelwatch probe` first")
+    conn = None
     try:
-        return sqlite3.connect(f"file:{source.location}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{source.location}?mode=ro", uri=True)
+        conn.execute("PRAGMA cell_size_check = ON")  # a damaged page is an error when read, not odd rows
+        problem = look_over(conn)  # milliseconds: damage elsewhere is found by the read that meets it
     except sqlite3.Error as exc:
-        raise StoreError(f"{source}: cannot open the store: {exc}") from None
+        if conn is not None:
+            conn.close()
+        raise store_error(source.location, exc, "open the store") from None
+    if problem is not None:
+        conn.close()
+        raise StoreDamaged(source.location, problem)
+    return conn
 
 
 def _db_errors(conn: Any) -> tuple[type[Exception], ...]:
     return (sqlite3.Error,) if isinstance(conn, sqlite3.Connection) else (conn.errors,)
+
+
+def _read_error(db: Store, exc: Exception, doing: str) -> StoreError:
+    """What a failed read says: a damaged SQLite store says so (probe/store.py)."""
+    source = _source(db)
+    if isinstance(exc, sqlite3.Error) and isinstance(source.location, Path):
+        return store_error(source.location, exc, doing)
+    return StoreError(f"{source}: cannot {doing}: {exc}")
 
 
 def vantages(db: Store) -> list[str]:
@@ -173,7 +191,7 @@ def _frame(db: Store, table: str, columns: dict[str, str], where: str, args: lis
                 chunk[column] = chunk[column].astype("category")
             chunks.append(chunk)
     except _db_errors(conn) as exc:
-        raise StoreError(f"{_source(db)}: cannot read {table}: {exc}") from None
+        raise _read_error(db, exc, f"read {table}") from None
     finally:
         conn.close()
     if not chunks:
@@ -215,7 +233,9 @@ def load_paths(db: Store) -> pd.DataFrame:
     conn = _connect(db)
     try:
         rows = conn.execute(f"SELECT {', '.join(PATH_COLUMNS)} FROM paths{where}", args).fetchall()
-    except _db_errors(conn):
+    except _db_errors(conn) as exc:
+        if "no such table" not in str(exc) and "does not exist" not in str(exc):
+            raise _read_error(db, exc, "read paths") from None
         rows = []  # a store from before paths were recorded: analysis falls back on names
     finally:
         conn.close()
@@ -238,7 +258,7 @@ def _query(db: Store, sql: str, args: Sequence[object] = ()) -> list[tuple]:
     except _db_errors(conn) as exc:
         if "no such table" in str(exc) or "does not exist" in str(exc):
             return []  # a store without summaries (from before them, or the central one): all is raw
-        raise StoreError(f"{_source(db)}: cannot read: {exc}") from None
+        raise _read_error(db, exc, "read") from None
     finally:
         conn.close()
 
@@ -327,11 +347,13 @@ def _stored(db: Store, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary
 
 
 def _writable(db: Path) -> sqlite3.Connection:
-    SQLiteStore(db).close()  # creates or migrates the schema
+    SQLiteStore(db).close()  # creates or migrates the schema, and refuses a damaged store
     try:
-        return sqlite3.connect(db, timeout=30, isolation_level=None)
+        conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA cell_size_check = ON")
     except sqlite3.Error as exc:
-        raise StoreError(f"{db}: cannot open the store: {exc}") from None
+        raise store_error(db, exc, "open the store") from None
+    return conn
 
 
 def write_summary(db: Path, summary: Summary, expected: pd.Timestamp | None, end: pd.Timestamp,
@@ -368,8 +390,9 @@ def write_summary(db: Path, summary: Summary, expected: pd.Timestamp | None, end
         return True
     except sqlite3.Error as exc:
         if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise StoreError(f"{db}: cannot write summaries: {exc}") from None
+            with contextlib.suppress(sqlite3.Error):  # a damaged store may refuse that too
+                conn.execute("ROLLBACK")
+        raise store_error(db, exc, "write summaries") from None
     finally:
         conn.close()
 
@@ -436,7 +459,7 @@ def delete_raw(db: Path, before: pd.Timestamp, keep_unforwarded: bool = False) -
                                         [cut]).rowcount  # fmt: skip
                 conn.execute(f"DELETE FROM heartbeats WHERE started_at_ms < ?{heartbeats}", [cut])
     except sqlite3.Error as exc:
-        raise StoreError(f"{db}: cannot delete old raw rows: {exc}") from None
+        raise store_error(db, exc, "delete old raw rows") from None
     finally:
         conn.close()
     return deleted

@@ -8,6 +8,7 @@ import json
 import sqlite3
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from .forwarder import backlog
 from .logs import setup_logging
 from .model import PHASES, Measurement
 from .rounds import ProbeContext, path_rows, plan, run_loop, run_round
-from .store import open_store
+from .store import open_store, store_error
+from .storefile import is_damage
 
 
 class LazyGroup(click.Group):
@@ -101,16 +103,22 @@ def probe(target: tuple[str, ...], path: tuple[str, ...], config: Path | None, n
     _check_names("target", target or [], [t.name for t in cfg.targets], cfg.source)
     _check_names("path", path or [], [p.name for p in cfg.paths], cfg.source)
     store = None if no_store else open_store(cfg.store.path)
-    measurements, heartbeat = run_loop(run_round(ProbeContext.build(cfg), plan(cfg, target or [], path or [])))
-    if store is not None:
-        store.record_paths(path_rows(cfg))
-        store.write(measurements, [heartbeat])
-        store.close()
-    if as_json:
-        for m in measurements:
-            out.print_json(json.dumps(m.to_dict()), indent=None)
-    else:
-        out.print(_table(measurements))
+    try:
+        with ThreadPoolExecutor(1) as pool:  # the store's full check runs while the round probes
+            checked = pool.submit(store.verify) if store is not None else None
+            measurements, heartbeat = run_loop(run_round(ProbeContext.build(cfg), plan(cfg, target or [], path or [])))
+        if as_json:
+            for m in measurements:
+                out.print_json(json.dumps(m.to_dict()), indent=None)
+        else:
+            out.print(_table(measurements))
+        if store is not None and checked is not None:
+            checked.result()  # a damaged store is refused: the round is shown, not added to it
+            store.record_paths(path_rows(cfg))
+            store.write(measurements, [heartbeat])
+    finally:
+        if store is not None:
+            store.close()
     sys.exit(0 if all(m.ok for m in measurements) else 1)
 
 
@@ -173,8 +181,11 @@ def status(config: Path | None) -> None:
         return
     out.print(f"last heartbeat: {_when(beat['finished_at_ms'], now)}, round {beat['round_id']}")
     if cfg.store.url is not None:
-        with contextlib.closing(sqlite3.connect(cfg.store.path)) as spool:
-            queued = backlog(spool)
+        try:
+            with contextlib.closing(sqlite3.connect(cfg.store.path)) as spool:
+                queued = backlog(spool)
+        except sqlite3.Error as exc:
+            raise store_error(cfg.store.path, exc, "read the spool's backlog") from None
         out.print(f"central store {redact(cfg.store.url.get_secret_value())}: {queued.measurements} measurements "
                   f"not uploaded yet{f', the oldest from {_when(queued.oldest_ms, now)}' if queued.oldest_ms else ''}"
                   f"{f'; {queued.dropped} given up over store.spool_max_rows' if queued.dropped else ''}")  # fmt: skip
@@ -214,6 +225,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except TunnelwatchError as exc:
         err.print(f"[red]error[/]: {exc}", highlight=False)
         sys.exit(exc.exit_code)
+    except sqlite3.DatabaseError as exc:  # every store read maps its errors: this is the net under them
+        if not is_damage(exc):
+            raise
+        err.print(f"[red]error[/]: a store is damaged ({exc})", highlight=False)
+        sys.exit(2)
     except click.ClickException as exc:  # usage errors: exit 2
         exc.show()
         sys.exit(exc.exit_code)

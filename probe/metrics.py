@@ -50,6 +50,15 @@ class Metrics:
         self.store_dropped = Counter(
             "tunnelwatch_store_dropped_measurements", "Measurements dropped because the buffer was full", registry=r
         )
+        self.store_reopened = Counter(
+            "tunnelwatch_store_reopened",
+            "Times the store file was found deleted, replaced or damaged, and the daemon went on in a store at "
+            "store.path (a fresh one; a damaged file moved aside)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("deleted", "replaced", "damaged"):
+            self.store_reopened.labels(reason)  # at 0 from the start, for rate() and alerts
         # Fleet mode (probe/forwarder.py)
         self.forwarded = Counter("tunnelwatch_forwarded_measurements", "Measurements uploaded to the central store",
                                  registry=r)  # fmt: skip

@@ -4,13 +4,22 @@ One row per measurement plus one heartbeat row per round, written by a single wr
 batches, one transaction each: a kill -9 loses at most the batch in flight. The schema is
 versioned with ``PRAGMA user_version`` and migrated forward on open. The small `Store`
 protocol is what the rest of tunnelwatch uses, so another backend can follow.
+
+A store is looked over when opened (`look_over`: the header, the schema's b-tree and the
+newest entry of every table and index; milliseconds, whatever the file's size), and any
+SQLite error that says the file is damaged becomes `StoreDamaged`, naming the file: commands
+refuse such a store. Before each write the store checks that the file at its path is still
+the one it has open: a store deleted or replaced under a running daemon would otherwise
+take every later write with it, silently. The daemon's store (opened with its lock) then
+raises `StoreLost` and `reopen()` makes it whole: a fresh store where the file was
+deleted, the new file where it was replaced, and a damaged one moved aside first.
 """
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
+import itertools
 import json
-import os
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -19,6 +28,7 @@ from typing import Any, Protocol
 
 from .errors import StoreError
 from .model import Heartbeat, Measurement
+from .storefile import StoreDamaged, StoreLock, StoreLost, identity, look_over, quick_check, store_error
 
 MEASUREMENT_COLUMNS = (
     "vantage", "round_id", "target", "grp", "path", "kind", "input", "started_at_ms", "ok",
@@ -158,6 +168,10 @@ class Store(Protocol):
 
     def record_paths(self, paths: Sequence[tuple[str, str, str, str | None]]) -> None: ...
 
+    def verify(self) -> None: ...
+
+    def reopen(self) -> str: ...
+
     def measurements(self, round_id: str | None = None) -> list[dict[str, Any]]: ...
 
     def close(self) -> None: ...
@@ -189,69 +203,211 @@ def _insert(table: str, columns: Sequence[str]) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
+PathRow = tuple[str, str, str, str | None]
+COMPANIONS = ("-wal", "-shm")  # SQLite's files beside the store in WAL mode
+
+
 class SQLiteStore:
-    """SQLite in WAL mode. Use from one thread at a time: it is the single writer."""
+    """SQLite in WAL mode. Use from one thread at a time: it is the single writer.
 
-    def __init__(self, path: Path, busy_timeout_s: float = 5.0) -> None:
+    With `lock` (the daemon's StoreLock) the store is the daemon's: a damaged file is not
+    refused at open but raises StoreLost at the first write, nothing is written to a file
+    before `verify()` checked it, and `reopen()` takes the lock again if it went with the
+    store."""
+
+    def __init__(self, path: Path, busy_timeout_s: float = 5.0, lock: StoreLock | None = None) -> None:
         self.path = path
+        self._busy_timeout_s = busy_timeout_s
+        self._lock = lock
+        self._paths: list[PathRow] = []
+        self._paths_due = False  # recorded, not written yet
+        self._checked = lock is None
+        self._lost: StoreLost | None = None
+        self._identity: dict[str, tuple[int, int] | None] = {}  # of the store's file and its companions
+        self._db: sqlite3.Connection | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"{path}: cannot open the store: {exc}") from None
+            self._db = self._open()
+        except StoreDamaged as exc:
+            if lock is None:
+                raise
+            self._lost = exc  # the daemon moves it aside: reopen()
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"{self.path}: schema version {version} is newer than this tunnelwatch knows "
-                f"({len(MIGRATIONS)}); upgrade tunnelwatch"
-            )
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self._db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, check_same_thread=False,
+                                 isolation_level=None)  # fmt: skip
+            self._identity = {"": identity(self.path)}
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
+        try:
+            db.execute("PRAGMA cell_size_check = ON")  # damage is found when its page is read, not spread
+            if (problem := look_over(db)) is not None:
+                raise StoreDamaged(self.path, problem)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            _migrate(db, self.path)
+            self._identity.update({suffix: identity(f"{self.path}{suffix}") for suffix in COMPANIONS})
+        except sqlite3.Error as exc:
+            db.close()
+            raise store_error(self.path, exc, "open the store") from None
+        except StoreError:
+            db.close()
+            raise
+        return db
 
     @property
     def schema_version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        return int(self._read("PRAGMA user_version")[0][0])
+
+    def _writable(self) -> sqlite3.Connection:
+        """The connection, once the file at the path is known to be still the one it has open
+        (a stat: microseconds)."""
+        if self._lost is None:
+            try:
+                now = identity(self.path)
+            except OSError as exc:
+                raise StoreError(f"{self.path}: cannot look at the store file: {exc}") from None
+            if now is None:
+                self._lost = StoreLost(self.path, "deleted", "the store file was deleted while tunnelwatch had it open")
+            elif now != self._identity[""]:
+                self._lost = StoreLost(self.path, "replaced",
+                                       "the store file was replaced by another while tunnelwatch had it open")  # fmt: skip
+        if self._lost is not None or self._db is None:
+            raise self._lost or StoreError(f"{self.path}: the store is closed")
+        return self._db
+
+    def _failed(self, exc: sqlite3.Error, doing: str) -> StoreError:
+        if self._db is not None and self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+        error = store_error(self.path, exc, doing)
+        if isinstance(error, StoreLost):
+            self._lost = error
+        return error
 
     def write(self, measurements: Sequence[Measurement], heartbeats: Sequence[Heartbeat] = ()) -> None:
-        """One transaction: the whole batch lands, or none of it does."""
+        """One transaction: the whole batch lands, or none of it does. StoreLost when the file
+        is not the store any more, seen before the batch or after it: a batch committed into a
+        file deleted meanwhile went with it, and is to be written again after `reopen()`."""
+        db = self._writable()
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(_insert("measurements", MEASUREMENT_COLUMNS), map(_measurement_row, measurements))
-            self._db.executemany(_insert("heartbeats", HEARTBEAT_COLUMNS), map(_heartbeat_row, heartbeats))
-            self._db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            if self._paths_due:
+                self._upsert_paths(db)
+            db.executemany(_insert("measurements", MEASUREMENT_COLUMNS), map(_measurement_row, measurements))
+            db.executemany(_insert("heartbeats", HEARTBEAT_COLUMNS), map(_heartbeat_row, heartbeats))
+            db.execute("COMMIT")
         except sqlite3.Error as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: cannot write {len(measurements)} measurements: {exc}") from exc
+            raise self._failed(exc, f"write {len(measurements)} measurements") from exc
+        self._paths_due = False
+        self._writable()
 
-    def record_paths(self, paths: Sequence[tuple[str, str, str, str | None]]) -> None:
+    def record_paths(self, paths: Sequence[PathRow]) -> None:
         """What each path is (name, kind, label, endpoint target), so analysis knows which
-        path is direct and which are tunnels without the config that measured them."""
+        path is direct and which are tunnels without the config that measured them. Kept:
+        a store not written yet (the daemon's, before `verify()`) or lost writes them with
+        its next batch, or when reopened; StoreLost is left to that next write."""
+        self._paths, self._paths_due = list(paths), True
+        if not self._checked or self._lost is not None:
+            return
         try:
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(
-                    "INSERT INTO paths (name, kind, label, endpoint_target) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, label = excluded.label, "
-                    "endpoint_target = excluded.endpoint_target",
-                    paths,
-                )
+            db = self._writable()
+        except StoreLost:
+            return
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            self._upsert_paths(db)
+            db.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot record the paths: {exc}") from exc
+            error = self._failed(exc, "record the paths")
+            if isinstance(error, StoreLost):
+                return
+            raise error from exc
+        self._paths_due = False
+
+    def _upsert_paths(self, db: sqlite3.Connection) -> None:
+        db.executemany(
+            "INSERT INTO paths (name, kind, label, endpoint_target) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, label = excluded.label, "
+            "endpoint_target = excluded.endpoint_target",
+            self._paths,
+        )
+
+    def verify(self) -> None:
+        """The full check, PRAGMA quick_check of every page: some 10 s for a GB, so the
+        daemon's writer runs it in a thread before its first write, rounds waiting in its
+        buffer. StoreDamaged (and the store lost) when it finds damage."""
+        db = self._writable()
+        try:
+            found = quick_check(db, "3")
+        except sqlite3.Error as exc:
+            raise self._failed(exc, "check the store") from None
+        if found != "ok":
+            self._lost = StoreDamaged(self.path, found)
+            raise self._lost
+        self._checked = True
+        if self._paths_due:
+            self.record_paths(self._paths)
+
+    def reopen(self) -> str:
+        """After StoreLost: a store at the path again, to be verified before it is written;
+        returns what was done, for the log. The lock is taken again first if it went with
+        the store, so no second daemon starts on the path; a damaged file is moved aside with
+        its WAL; SQLite's files left of a deleted one are removed, never read into the new."""
+        lost = self._lost
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()  # SQLite checkpoints into the file it has open, deleted or not
+            self._db = None
+        if self._lock is not None:
+            self._lock.follow()
+        now = identity(self.path)
+        if lost is not None and lost.reason == "damaged" and now is not None and now == self._identity[""]:
+            done = f"moved it aside to {self._move_aside()} and started a fresh store"
+        else:
+            for suffix in COMPANIONS:
+                if (ours := self._identity.get(suffix)) is not None and identity(f"{self.path}{suffix}") == ours:
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            done = "started a fresh store" if now is None else "opened the file now there"
+        try:
+            self._db = self._open()
+        except StoreDamaged as exc:
+            self._lost = exc  # the file now there is damaged too: the next reopen moves it aside
+            raise
+        self._lost, self._checked, self._paths_due = None, False, bool(self._paths)
+        return done
+
+    def _move_aside(self) -> Path:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        for n in itertools.count(2):
+            if not aside.exists():
+                break
+            aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
+        try:
+            for suffix in ("", *COMPANIONS):
+                if Path(f"{self.path}{suffix}").exists():
+                    Path(f"{self.path}{suffix}").rename(f"{aside}{suffix}")
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot move the damaged store aside: {exc}") from None
+        return aside
+
+    def _read(self, query: str, args: Sequence[Any] = ()) -> list[Any]:
+        if self._db is None:
+            raise self._lost or StoreError(f"{self.path}: the store is closed")
+        try:
+            return self._db.execute(query, args).fetchall()
+        except sqlite3.Error as exc:
+            raise store_error(self.path, exc, "read the store") from None
 
     def measurements(self, round_id: str | None = None) -> list[dict[str, Any]]:
         query = f"SELECT {', '.join(MEASUREMENT_COLUMNS)} FROM measurements"
         args: tuple[Any, ...] = ()
         if round_id:
             query, args = query + " WHERE round_id = ?", (round_id,)
-        rows = self._db.execute(query + " ORDER BY id", args).fetchall()
         out = []
-        for row in rows:
+        for row in self._read(query + " ORDER BY id", args):
             record = dict(zip(MEASUREMENT_COLUMNS, row, strict=True))
             record["addresses"] = json.loads(record["addresses"])
             record["started_at"] = datetime.fromtimestamp(record.pop("started_at_ms") / 1000, UTC)
@@ -259,20 +415,18 @@ class SQLiteStore:
         return out
 
     def heartbeats(self) -> list[dict[str, Any]]:
-        rows = self._db.execute(f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats ORDER BY started_at_ms")
+        rows = self._read(f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats ORDER BY started_at_ms")
         return [dict(zip(HEARTBEAT_COLUMNS, row, strict=True)) for row in rows]
 
     def last_heartbeat(self) -> dict[str, Any] | None:
-        row = self._db.execute(
-            f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats ORDER BY finished_at_ms DESC LIMIT 1"
-        ).fetchone()
-        return None if row is None else dict(zip(HEARTBEAT_COLUMNS, row, strict=True))
+        rows = self._read(f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats ORDER BY finished_at_ms DESC LIMIT 1")
+        return dict(zip(HEARTBEAT_COLUMNS, rows[0], strict=True)) if rows else None
 
     def latest_per_pair(self, failures_only: bool = False) -> list[dict[str, Any]]:
         """The newest measurement (or the newest failure) of every (target, path)."""
         where = "WHERE ok = 0" if failures_only else ""
         columns = ("target", "path", "grp", "ok", "failure", "failed_operation", "started_at_ms")
-        rows = self._db.execute(
+        rows = self._read(
             f"SELECT {', '.join('m.' + c for c in columns)} FROM measurements m JOIN "
             f"(SELECT MAX(id) AS id FROM measurements {where} GROUP BY target, path) newest ON m.id = newest.id "
             "ORDER BY m.grp, m.target, m.path"
@@ -280,48 +434,24 @@ class SQLiteStore:
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
     def integrity_check(self) -> str:
-        return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+        return str(self._read("PRAGMA integrity_check")[0][0])
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
-class StoreLock:
-    """One daemon per store: an exclusive flock on `<store>.lock`, held while the daemon runs.
-    The kernel releases it when the process dies, however it dies."""
-
-    def __init__(self, store_path: Path) -> None:
-        self.store_path = store_path
-        self.path = store_path.with_name(store_path.name + ".lock")
-        self._file: Any = None
-
-    def acquire(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = self.path.open("a+")
-        except OSError as exc:
-            raise StoreError(f"{self.path}: cannot create the store's lock file: {exc}") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise StoreError(
-                f"{self.store_path}: another tunnelwatch daemon (pid {holder}) is using this store; "
-                "stop it first, or give this one another store.path"
-            ) from None
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._file = handle
-
-    def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"{path}: schema version {version} is newer than this tunnelwatch knows ({len(MIGRATIONS)}); "
+            "upgrade tunnelwatch"
+        )
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
 
 
-def open_store(path: Path) -> SQLiteStore:
-    return SQLiteStore(path)
+def open_store(path: Path, lock: StoreLock | None = None) -> SQLiteStore:
+    return SQLiteStore(path, lock=lock)

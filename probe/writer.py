@@ -3,6 +3,12 @@
 Rounds hand their measurements over and go on probing; the writer writes them in batches
 off the event loop. While the store cannot be written (disk full, file locked by another
 program) it keeps them in a bounded buffer, logs once per outage, and retries with backoff.
+
+Before its first write, and after each reopen, it has the store checked in full (a thread;
+rounds wait in the buffer meanwhile). When the store is lost (its file deleted, replaced by
+another, or damaged) it logs an error, counts it in `tunnelwatch_store_reopened_total` and
+goes on in a store at the same path, where what was not written yet is written: measuring
+never stops for a store, and nothing is written into a file that is gone or damaged.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections import deque
 from .errors import StoreError
 from .metrics import Metrics
 from .model import Heartbeat, Measurement
-from .store import Store
+from .store import Store, StoreLost
 
 log = logging.getLogger(__name__)
 MAX_RETRY_S = 300.0
@@ -34,6 +40,9 @@ class StoreWriter:
         self._wake = asyncio.Event()
         self._failing_since: float | None = None
         self._paths: list[tuple[str, str, str, str | None]] = []
+        self._checking: asyncio.Future[None] | None = None
+        self._checked = False
+        self._lost: StoreLost | None = None  # counted and logged once, until a store is back
 
     @property
     def buffered(self) -> int:
@@ -57,6 +66,17 @@ class StoreWriter:
 
     async def flush(self) -> bool:
         """Write everything pending in one transaction. False when the store refused it."""
+        for _ in range(2):  # a lost store is reopened once, then written
+            try:
+                return await self._flush()
+            except StoreLost as lost:
+                if not await self._reopen(lost):
+                    return False
+        return False
+
+    async def _flush(self) -> bool:
+        if not self._checked:
+            await self._check()
         if self._paths:
             try:
                 await asyncio.to_thread(self._store.record_paths, self._paths)
@@ -72,6 +92,8 @@ class StoreWriter:
         started = time.perf_counter()
         try:
             await asyncio.to_thread(self._store.write, measurements, heartbeats)
+        except StoreLost:
+            raise
         except StoreError as exc:
             self._metrics.store_errors.inc()
             if self._failing_since is None:
@@ -92,9 +114,42 @@ class StoreWriter:
             self._failing_since = None
         return True
 
+    async def _check(self) -> None:
+        """The store's full check, in a thread. One at a time: a flush cancelled while it
+        runs (the daemon stopping) leaves it to the final flush."""
+        if self._checking is None:
+            self._checking = asyncio.ensure_future(asyncio.to_thread(self._store.verify))
+        try:
+            await asyncio.shield(self._checking)
+        except StoreLost:
+            raise  # _reopen checks anew
+        except StoreError as exc:
+            log.warning("%s; writing without the full check", exc)
+        self._checked = True
+
+    async def _reopen(self, lost: StoreLost) -> bool:
+        """Go on in a store at the same path, checked anew; the loss is counted and logged once."""
+        self._checked, self._checking = False, None
+        first = self._lost is None
+        if first:
+            self._lost = lost
+            self._metrics.store_reopened.labels(lost.reason).inc()
+        try:
+            done = await asyncio.to_thread(self._store.reopen)
+        except StoreError as exc:
+            if first:
+                log.error("%s: %s; cannot go on in a store there: %s; keeping up to %d measurements in memory and "
+                          "retrying", lost.path, lost.detail, exc, self._max_buffer)  # fmt: skip
+            return False
+        log.error("%s: %s; %s; the %d measurements not yet written go into it", lost.path, lost.detail, done,
+                  self._buffered)  # fmt: skip
+        self._lost = None
+        return True
+
     async def run(self) -> None:
         """Write whenever rounds submit; back off while the store is failing. Cancel to stop."""
         delay = self._retry_s
+        self._wake.set()  # check the store now, not at the first round
         while True:
             await self._wake.wait()
             self._wake.clear()

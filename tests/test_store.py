@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from probe.errors import StoreError
 from probe.model import Heartbeat, Measurement
-from probe.store import MIGRATIONS, open_store
+from probe.store import MIGRATIONS, StoreDamaged, StoreLock, StoreLost, open_store
 
 
 def measurement(round_id: str = "r1", target: str = "google", ok: bool = False) -> Measurement:
@@ -134,4 +135,71 @@ def test_a_version_1_store_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
     assert (old["round_id"], old["probes"], old["target"], old["scheduled_at_ms"]) == ("old", 3, None, None)
     store.write([measurement("new")], [heartbeat("new")])
     assert [h["round_id"] for h in store.heartbeats()] == ["old", "new"]
+    store.close()
+
+
+def test_a_store_with_a_damaged_header_is_refused_naming_the_file(tmp_path: Path) -> None:
+    db = tmp_path / "tw.db"
+    open_store(db).close()
+    with db.open("r+b") as f:
+        f.write(b"not a SQLite file at all")
+    with pytest.raises(StoreDamaged, match=re.escape(f"{db}: the store is damaged (file is not a database)")):
+        open_store(db)
+
+
+def test_damage_the_quick_look_at_open_misses_is_found_by_a_read_and_by_the_full_check(tmp_path: Path) -> None:
+    db = tmp_path / "tw.db"
+    store = open_store(db)
+    store.write([measurement(f"r{i}") for i in range(20_000)])
+    store.close()
+    with db.open("r+b") as f:
+        f.seek(db.stat().st_size // 2)
+        f.write(bytes(8192))  # two pages of measurements zeroed
+    store = open_store(db)  # the header, the schema and the newest pages are sound
+    with pytest.raises(StoreDamaged, match=re.escape(f"{db}: the store is damaged (database disk image is malformed)")):
+        store.measurements()
+    with pytest.raises(StoreDamaged, match="the store is damaged"):
+        store.verify()
+    store.close()
+
+
+def test_a_deleted_store_is_noticed_before_a_write_and_reopened_with_its_lock(tmp_path: Path) -> None:
+    db = tmp_path / "tw.db"
+    lock = StoreLock(db)
+    lock.acquire()
+    store = open_store(db, lock)
+    store.record_paths([("direct", "direct", "", None)])
+    store.verify()
+    store.write([measurement("r1")], [heartbeat("r1")])
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    with pytest.raises(StoreLost, match=re.escape(f"{db}: the store file was deleted")) as lost:
+        store.write([measurement("r2")], [heartbeat("r2")])
+    assert lost.value.reason == "deleted" and not db.exists()  # nothing written into nothing
+    assert store.reopen() == "started a fresh store"
+    store.verify()
+    store.write([measurement("r2")], [heartbeat("r2")])
+    assert [m["round_id"] for m in store.measurements()] == ["r2"]
+    assert sqlite3.connect(db).execute("SELECT name FROM paths").fetchall() == [("direct",)]
+    with pytest.raises(StoreError, match=f"pid {os.getpid()}"):  # the lock followed the store
+        StoreLock(db).acquire()
+    store.close()
+    lock.release()
+
+
+def test_a_replaced_store_is_noticed_and_the_new_file_written(tmp_path: Path) -> None:
+    db = tmp_path / "tw.db"
+    store = open_store(db)
+    store.write([measurement("old")], [heartbeat("old")])
+    other = open_store(tmp_path / "restored.db")
+    other.write([measurement("restored")], [heartbeat("restored")])
+    other.close()
+    (tmp_path / "restored.db").rename(db)
+    with pytest.raises(StoreLost, match="replaced by another") as lost:
+        store.write([measurement("new")], [heartbeat("new")])
+    assert lost.value.reason == "replaced"
+    assert store.reopen() == "opened the file now there"
+    store.verify()
+    store.write([measurement("new")], [heartbeat("new")])
+    assert [m["round_id"] for m in store.measurements()] == ["restored", "new"]
     store.close()
