@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .config import Config, load_config, redact
 from .console import config_option, err, out
@@ -136,7 +138,7 @@ def _masked(cfg: Config) -> dict[str, Any]:
 def config_check(config: Path | None) -> None:
     """Validate the config and print it resolved, secrets masked."""
     cfg = load_config(config)
-    err.print(f"[green]ok[/]: {cfg.source}: {len(cfg.targets)} targets, {len(cfg.paths)} paths")
+    err.print(Text.assemble(("ok", "green"), f": {cfg.source}: {len(cfg.targets)} targets, {len(cfg.paths)} paths"))
     out.print_json(json.dumps(_masked(cfg)))
 
 
@@ -186,7 +188,7 @@ def status(config: Path | None) -> None:
                 queued = backlog(spool)
         except sqlite3.Error as exc:
             raise store_error(cfg.store.path, exc, "read the spool's backlog") from None
-        out.print(f"central store {redact(cfg.store.url.get_secret_value())}: {queued.measurements} measurements "
+        out.print(f"central store {escape(redact(cfg.store.url.get_secret_value()))}: {queued.measurements} measurements "
                   f"not uploaded yet{f', the oldest from {_when(queued.oldest_ms, now)}' if queued.oldest_ms else ''}"
                   f"{f'; {queued.dropped} given up over store.spool_max_rows' if queued.dropped else ''}")  # fmt: skip
     paths = Table(title="paths now (newest measurement of each target)")
@@ -223,12 +225,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = app.main(args=argv, prog_name="tunnelwatch", standalone_mode=False)
     except TunnelwatchError as exc:
-        err.print(f"[red]error[/]: {exc}", highlight=False)
+        err.print(Text.assemble(("error", "red"), f": {exc}"))
         sys.exit(exc.exit_code)
     except sqlite3.DatabaseError as exc:  # every store read maps its errors: this is the net under them
         if not is_damage(exc):
             raise
-        err.print(f"[red]error[/]: a store is damaged ({exc})", highlight=False)
+        err.print(Text.assemble(("error", "red"), f": a store is damaged ({exc})"))
         sys.exit(2)
     except click.ClickException as exc:  # usage errors: exit 2
         exc.show()

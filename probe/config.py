@@ -6,6 +6,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -19,16 +20,53 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
 
 from .errors import ConfigError
+from .pgurl import POSTGRES_SCHEMES, postgres_url_problem, redact
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN, max_length=64)]
-Port = Annotated[int, Field(ge=1, le=65535)]
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
+
+
+def _between(low: float, high: float, unit: str = "", above: bool = False, whole: bool = False) -> WrapValidator:
+    """A finite number from `low` (or over it, when `above`) to `high`; anything else,
+    inf, nan, a string or a bool included, is refused with the whole valid range."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            number = None if isinstance(value, bool) else handler(value)
+        except ValidationError:
+            number = None
+        if number is None or not ((low < number) if above else (low <= number)) or not number <= high:  # nan: False
+            bottom = f"over {_number(low)} up" if above else f"from {_number(low)}"
+            what = "a whole number" if whole else "a number"
+            raise ValueError(f"must be {what} {bottom} to {_number(high)}{f' ({unit})' if unit else ''}")
+        return number
+
+    return WrapValidator(check)
+
+
+Seconds = Annotated[float, _between(0.1, 86400, "seconds")]  # an interval: a tenth of a second to a day
+Timeout = Annotated[float, _between(0.1, 600, "seconds")]
+Port = Annotated[int, _between(1, 65535, whole=True)]
+def _plain(value: str, spaces: bool = False) -> str:
+    """Refuse control characters (a CR LF would end a request line) and, unless `spaces`, whitespace."""
+    for at, char in enumerate(value):
+        if not char.isprintable() or (char.isspace() and not (spaces and char == " ")):
+            kind = "a control character" if spaces else "whitespace or a control character"
+            raise ValueError(f"holds {kind} ({char!r}) at position {at}: remove it"
+                             f"{'' if spaces else ' (in a URL, percent-encode it: a space is %20)'}")  # fmt: skip
+    return value
 
 
 class _Frozen(BaseModel):
@@ -42,59 +80,100 @@ class Vantage(_Frozen):
 
 class StoreSettings(_Frozen):
     path: Path = Path("data/tunnelwatch.db")
-    keep_raw_days: float = Field(14, ge=1)  # raw rows older than this go once summarised (analysis/rollup.py)
+    # Raw rows older than this go once summarised (analysis/rollup.py).
+    keep_raw_days: Annotated[float, _between(1, 3650, "days")] = 14
     # Fleet mode: the central PostgreSQL (postgresql://user:${PASSWORD}@host/db); `path` is
     # then the local spool the forwarder uploads from (probe/forwarder.py).
     url: SecretStr | None = None
-    forward_every_s: float = Field(10, gt=0, le=3600)
-    forward_batch: int = Field(5000, ge=1, le=1_000_000)
-    spool_max_rows: int = Field(5_000_000, ge=100)  # the backlog's bound; beyond it the oldest are not uploaded
+    forward_every_s: Annotated[float, _between(0.1, 3600, "seconds")] = 10
+    forward_batch: Annotated[int, _between(1, 1_000_000, "measurements", whole=True)] = 5000
+    # The backlog's bound; beyond it the oldest are not uploaded.
+    spool_max_rows: Annotated[int, _between(100, 1_000_000_000, "measurements", whole=True)] = 5_000_000
     uplink: str | None = None  # a path's name: uploads leave through it (probe/uplink.py)
+
+    @field_validator("path")
+    @classmethod
+    def _a_file(cls, path: Path) -> Path:
+        if path.name in ("", "..") or path.is_dir():
+            raise ValueError("must name the store's file, such as data/tunnelwatch.db, not a directory")
+        return path
 
     @field_validator("url")
     @classmethod
     def _postgresql(cls, url: SecretStr | None) -> SecretStr | None:
-        if url is not None and not url.get_secret_value().startswith(("postgresql://", "postgres://")):
-            raise ValueError("must be a PostgreSQL URL: postgresql://user:password@host:port/database")
+        if url is not None and (problem := postgres_url_problem(url.get_secret_value())):
+            raise ValueError(problem)
         return url
 
 
 class ProbeSettings(_Frozen):
-    interval_s: float = Field(300, gt=0)
-    group_intervals_s: dict[str, Annotated[float, Field(gt=0)]] = {}
-    timeout_s: float = Field(20, gt=0, le=600)
-    concurrency: int = Field(32, ge=1, le=1000)
-    per_path_concurrency: int = Field(8, ge=1, le=1000)
+    interval_s: Seconds = 300
+    group_intervals_s: dict[str, Seconds] = {}
+    timeout_s: Timeout = 20
+    concurrency: Annotated[int, _between(1, 1000, "probes", whole=True)] = 32
+    per_path_concurrency: Annotated[int, _between(1, 1000, "probes", whole=True)] = 8
     ca_file: Path | None = None
     user_agent: str = "tunnelwatch/0.1 (+https://github.com/tunnelwatch/tunnelwatch)"
-    body_cap_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    body_cap_bytes: Annotated[int, _between(1024, 16 * 1024 * 1024, "bytes", whole=True)] = 256 * 1024
+
+    @field_validator("ca_file")
+    @classmethod
+    def _certificates(cls, path: Path | None) -> Path | None:
+        """Read now, as the probes will: a file that is missing or holds no PEM certificate
+        is a config error, not a daemon that dies at start or at a reload."""
+        if path is None:
+            return None
+        try:
+            ssl.create_default_context(cafile=path)
+        except ssl.SSLError as exc:
+            raise ValueError(f"holds no PEM certificate (-----BEGIN CERTIFICATE-----): {exc.reason or exc}") from None
+        except OSError as exc:
+            raise ValueError(f"cannot read the CA file: {exc.strerror or exc}") from None
+        return path
+
+    @field_validator("user_agent")
+    @classmethod
+    def _header_value(cls, value: str) -> str:
+        return _plain(value, spaces=True)
 
 
 class DaemonSettings(_Frozen):
-    drain_timeout_s: float = Field(10, ge=0, le=600)
-    misfire_grace_s: float = Field(30, gt=0)
-    store_buffer: int = Field(100_000, ge=100)
-    store_retry_s: float = Field(5, gt=0, le=3600)
-    compact_every_s: float = Field(3600, ge=1)  # summarise finished hours, delete raw rows past keep_raw_days
+    drain_timeout_s: Annotated[float, _between(0, 600, "seconds")] = 10
+    misfire_grace_s: Annotated[float, _between(1, 86400, "seconds")] = 30
+    store_buffer: Annotated[int, _between(100, 10_000_000, "measurements", whole=True)] = 100_000
+    store_retry_s: Annotated[float, _between(0.1, 3600, "seconds")] = 5
+    # Summarise finished hours, delete raw rows past keep_raw_days.
+    compact_every_s: Annotated[float, _between(1, 86400, "seconds")] = 3600
 
 
 class AnalysisSettings(_Frozen):
-    open_after: int = Field(2, ge=1, le=100)  # failing rounds in a row that open an outage
-    close_after: int = Field(2, ge=1, le=100)  # good rounds in a row that close it
-    degraded_factor: float = Field(3.0, gt=1)  # median latency over its 7-day median that is "degraded"
-    degraded_min_ms: float = Field(50, ge=0)  # ... and by at least this much
+    # Failing rounds in a row that open an outage, good rounds in a row that close it.
+    open_after: Annotated[int, _between(1, 100, "rounds", whole=True)] = 2
+    close_after: Annotated[int, _between(1, 100, "rounds", whole=True)] = 2
+    # Median latency over its 7-day median that is "degraded", and by at least this much.
+    degraded_factor: Annotated[float, _between(1, 100, "times", above=True)] = 3.0
+    degraded_min_ms: Annotated[float, _between(0, 600_000, "milliseconds")] = 50
     events: list[Path] = []  # more event files (TOML or .ics) besides the shipped calendar
     # What to analyse: a SQLite store's path or the fleet's PostgreSQL URL (default: store.path),
     # and which vantage point of a store holding several (the commands' --store, --vantage).
     store: SecretStr | None = None
     vantage: str | None = None
-    fleet_quorum: int = Field(2, ge=1)  # vantage points that must agree before the fleet calls an outage
+    # Vantage points that must agree before the fleet calls an outage.
+    fleet_quorum: Annotated[int, _between(1, 1000, "vantage points", whole=True)] = 2
+
+    @field_validator("store")
+    @classmethod
+    def _postgresql(cls, store: SecretStr | None) -> SecretStr | None:
+        url = store.get_secret_value() if store is not None else ""
+        if url.startswith(POSTGRES_SCHEMES) and (problem := postgres_url_problem(url)):
+            raise ValueError(problem)
+        return store
 
 
 class ReportSettings(_Frozen):
     timezone: str = "Asia/Shanghai"  # charts and weeks are in this time zone
     directory: Path = Path("reports")  # where the daemon writes each week's report
-    keep: int = Field(12, ge=1, le=1000)  # reports kept; older ones are deleted
+    keep: Annotated[int, _between(1, 1000, "reports", whole=True)] = 12  # older ones are deleted
     weekly: bool = True  # the daemon writes last week's report every Monday 00:00
 
     @field_validator("timezone")
@@ -146,6 +225,11 @@ class Endpoint(_Frozen):
     port: Port
     transport: Literal["tcp", "udp"] = "tcp"
 
+    @field_validator("host")
+    @classmethod
+    def _no_whitespace(cls, value: str) -> str:
+        return _plain(value)
+
 
 class PathSpec(_Frozen):
     name: Slug
@@ -160,6 +244,11 @@ class PathSpec(_Frozen):
     interface: str | None = None
     resolver: Literal["system"] | list[str] = "system"
     endpoint: Endpoint | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _no_whitespace(cls, value: str | None) -> str | None:
+        return None if value is None else _plain(value)
 
     @field_validator("resolver")
     @classmethod
@@ -208,7 +297,12 @@ class Target(_Frozen):
     qtypes: list[Literal["A", "AAAA"]] = ["A", "AAAA"]
     expect_title: str | None = None
     expect_body: str | None = None
-    timeout_s: float | None = Field(None, gt=0, le=600)
+    timeout_s: Timeout | None = None
+
+    @field_validator("url", "host", "sni")
+    @classmethod
+    def _no_whitespace(cls, value: str | None) -> str | None:
+        return None if value is None else _plain(value)
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> Target:
@@ -218,6 +312,12 @@ class Target(_Frozen):
             parts = urlsplit(self.url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"url {self.url!r} must be an http:// or https:// URL with a host")
+            try:
+                port = parts.port
+            except ValueError:  # not a number, or over 65535
+                port = 0
+            if port is not None and not 1 <= port <= 65535:
+                raise ValueError(f"url {self.url!r}: its port must be a number from 1 to 65535")
             if self.host or self.port:
                 raise ValueError("an http target takes url, not host and port")
         else:
@@ -320,14 +420,8 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{_key_path(error['loc'])}: {msg}{shown}"
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    if "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}" if ":" in credentials else url
+def _secret(loc: tuple[Any, ...]) -> bool:
+    return bool(loc) and (loc[-1] in ("username", "password") or loc[:2] in (("store", "url"), ("analysis", "store")))
 
 
 def parse_config(text: str, source: str) -> Config:
@@ -340,10 +434,11 @@ def parse_config(text: str, source: str) -> Config:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        # Never echo a secret back: drop inputs of credential keys.
+        # Never echo a secret back: drop inputs of credential keys, show URLs without their password.
         for error in errors:
-            if error["loc"] and (error["loc"][-1] in ("username", "password") or error["loc"][:2] == ("store", "url")):
-                error["input"] = {}
+            if _secret(error["loc"]):
+                value = error["input"]
+                error["input"] = redact(value) if isinstance(value, str) and "://" in value else {}
         lines = "\n".join(f"  {_describe(e)}" for e in errors)
         raise ConfigError(f"{source}: invalid configuration:\n{lines}") from None
     digest = hashlib.sha256(text.encode()).hexdigest()

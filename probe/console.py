@@ -10,7 +10,9 @@ from rich.console import Console
 out = Console(soft_wrap=True)
 if not out.is_terminal:
     out.width = 200
-err = Console(stderr=True, soft_wrap=True)
+# Messages quote what the user wrote (a pattern like [a-z0-9], a URL, a file name): printed as
+# they are, never read as markup or emoji codes. Style them with rich.text.Text.
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 config_option = click.option(
     "--config",

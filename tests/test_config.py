@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Annotated, get_args, get_origin
 
 import pytest
 
-from probe.config import default_config_path, load_config
+from probe.cli import main
+from probe.config import default_config_path, load_config, parse_config
 from probe.errors import ConfigError
 
 TUNNELWATCH = [sys.executable, "-m", "probe"]
@@ -135,3 +141,145 @@ def test_bad_secret_value_is_not_echoed(tmp_path: Path) -> None:
     result = cli("config", "check", "--config", str(path), env=env)
     assert result.returncode == 2 and "paths[1].password" in result.stderr
     assert "12345" not in result.stderr
+
+
+# Configs that passed `config check` and then crashed the daemon (a traceback, exit 1), left it
+# running with every round failing inside APScheduler, or stored a failure every round.
+# (replace in MINIMAL or add, key, the bad value as shown, the valid range or what is valid)
+REFUSED = [
+    ("[probe]\ninterval_s = 1e308", "probe.interval_s", "1e+308", "from 0.1 to 86400 (seconds)"),
+    ("[probe]\ninterval_s = inf", "probe.interval_s", "inf", "from 0.1 to 86400 (seconds)"),
+    ("[probe]\ninterval_s = nan", "probe.interval_s", "nan", "from 0.1 to 86400 (seconds)"),
+    ("[probe]\ngroup_intervals_s = { blocked = 1e308 }", "probe.group_intervals_s.blocked", "1e+308", "0.1 to 86400"),
+    ("[daemon]\ncompact_every_s = 1e308", "daemon.compact_every_s", "1e+308", "from 1 to 86400 (seconds)"),
+    ("[daemon]\nmisfire_grace_s = 1e308", "daemon.misfire_grace_s", "1e+308", "from 1 to 86400 (seconds)"),
+    ('[store]\npath = ""', "store.path", "''", "must name the store's file"),
+    ('[store]\npath = "/"', "store.path", "'/'", "must name the store's file"),
+    ('[probe]\nca_file = "{tmp}/missing.pem"', "probe.ca_file", "missing.pem", "No such file"),
+    ('[probe]\nca_file = "{tmp}/not-pem.txt"', "probe.ca_file", "not-pem.txt", "holds no PEM certificate"),
+    ('url = "https://www.example.test:99999/"', "targets[0]", ":99999/", "port must be a number from 1 to 65535"),
+    ('[store]\nurl = "postgresql://tw@db.example:99999/tw"', "store.url", ":99999/tw", "from 1 to 65535"),
+    ('url = "https://www.example.test/\\r\\nX-Injected: 1"', "targets[0].url", "\\r\\nX-Injected", "control character"),
+    ('url = "https://www.example.test/a b"', "targets[0].url", "a b", "whitespace"),
+]
+
+
+def _with(change: str, tmp: Path) -> str:
+    change = change.replace("{tmp}", str(tmp))
+    if change.startswith("url = "):
+        return MINIMAL.replace('url = "https://www.example.test/"', change)
+    return MINIMAL + change + "\n"
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str] | None]:
+    """`tunnelwatch run` on every config of REFUSED, a few at once (each is a Python start);
+    None where the daemon took the config and ran on."""
+    tmp = tmp_path_factory.mktemp("refused")
+    (tmp / "not-pem.txt").write_text("not a certificate\n")
+
+    def run(change: str) -> subprocess.CompletedProcess[str] | None:
+        config = tmp / f"{abs(hash(change))}.toml"
+        config.write_text(_with(change, tmp))
+        try:
+            return subprocess.run([*TUNNELWATCH, "run", "--config", str(config)], cwd=tmp, capture_output=True,
+                                  text=True, timeout=90)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip([r[0] for r in REFUSED], pool.map(run, [r[0] for r in REFUSED]), strict=True))
+
+
+@pytest.fixture
+def in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., tuple[int, str]]]:
+    """`tunnelwatch ARGS...` run by its own main() in this process: the exit code and stderr.
+    main() sets up logging; the root logger is put back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    def call(*args: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exited:
+            main(list(args))
+        return int(exited.value.code or 0), capsys.readouterr().err
+
+    yield call
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize(("change", "key", "value", "valid"), REFUSED, ids=[r[1] + "=" + r[2] for r in REFUSED])
+def test_a_config_the_daemon_cannot_run_is_refused_at_load(
+    refused: dict[str, subprocess.CompletedProcess[str] | None], in_process: Callable[..., tuple[int, str]],
+    tmp_path: Path, change: str, key: str, value: str, valid: str,
+) -> None:  # fmt: skip
+    (tmp_path / "not-pem.txt").write_text("not a certificate\n")
+    config = tmp_path / "bad.toml"
+    config.write_text(_with(change, tmp_path))
+    checked = in_process("config", "check", "--config", str(config))
+    ran = refused[change]
+    assert ran is not None, "tunnelwatch run took the config and ran on"
+    for code, stderr in (checked, (ran.returncode, ran.stderr)):
+        assert code == 2, stderr
+        message = " ".join(stderr.split())
+        assert key in message and value in message and valid in message, message
+        assert "Traceback" not in stderr
+
+
+def _numeric_keys() -> list[tuple[str, str]]:
+    """Every number a config section holds: (section, key)."""
+    from probe.config import AnalysisSettings, DaemonSettings, ProbeSettings, ReportSettings, StoreSettings
+
+    sections = {"store": StoreSettings, "probe": ProbeSettings, "daemon": DaemonSettings, "analysis": AnalysisSettings,
+                "report": ReportSettings}  # fmt: skip
+    keys = []
+    for section, model in sections.items():
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if get_origin(kind) is dict:  # group_intervals_s: a number per group
+                kind = get_args(kind)[1]
+            if get_origin(kind) is Annotated:
+                kind = get_args(kind)[0]
+            if kind in (int, float):
+                keys.append((section, name))
+    return keys
+
+
+NUMERIC_KEYS = _numeric_keys()
+
+
+@pytest.mark.parametrize(("section", "key"), NUMERIC_KEYS, ids=[f"{s}.{k}" for s, k in NUMERIC_KEYS])
+@pytest.mark.parametrize("bad", ["1e308", "inf", "nan", "-1", "true"])
+def test_every_number_in_the_config_is_bounded(section: str, key: str, bad: str) -> None:
+    value = f"{{ blocked = {bad} }}" if key == "group_intervals_s" else bad
+    shown = f"{section}.{key}.blocked" if key == "group_intervals_s" else f"{section}.{key}"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f"{MINIMAL}[{section}]\n{key} = {value}\n", "x.toml")
+    valid = r": must be a (whole )?number (from|over) [\d.]+ (up )?to \d+"
+    assert re.search(re.escape(shown) + valid, str(caught.value)), caught.value
+
+
+@pytest.mark.parametrize(("old", "new", "key"), [
+    ('url = "https://www.example.test/"', 'url = "https://www.example.test/"\ntimeout_s = inf', "targets[0].timeout_s"),
+    ('kind = "direct"', 'kind = "socks5"\nhost = "127.0.0.1"\nport = 1e308', "paths[0].port"),
+    ('kind = "direct"', 'kind = "direct"\nendpoint = { host = "h", port = 70000 }', "paths[0].endpoint.port"),
+    ('kind = "direct"', 'kind = "socks5"\nhost = "proxy\\r\\n"\nport = 1080', "paths[0].host"),
+])  # fmt: skip
+def test_the_numbers_and_hosts_of_targets_and_paths_are_checked(old: str, new: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        parse_config(MINIMAL.replace(old, new, 1), "x.toml")
+
+
+def test_the_valid_edges_of_a_range_are_taken() -> None:
+    edges = "[probe]\ninterval_s = 0.1\ntimeout_s = 600\n[daemon]\ndrain_timeout_s = 0\n"
+    cfg = parse_config(MINIMAL + edges, "x.toml")
+    assert (cfg.probe.interval_s, cfg.probe.timeout_s, cfg.daemon.drain_timeout_s) == (0.1, 600, 0)
+
+
+def test_a_pattern_in_a_message_is_printed_whole(tmp_path: Path) -> None:
+    """Rich read `[a-z0-9]` in the slug pattern as markup and printed `'^*$'`."""
+    path = tmp_path / "bad.toml"
+    path.write_text(MINIMAL.replace('name = "t"', 'name = "Bad Name"', 1))
+    result = cli("config", "check", "--config", str(path))
+    assert result.returncode == 2
+    assert "should match pattern '^[a-z0-9][a-z0-9._-]*$'" in result.stderr, result.stderr
