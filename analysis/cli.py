@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from probe.config import Config, load_config
 from probe.console import config_option, err, out
 from probe.errors import ConfigError
+from probe.pgurl import POSTGRES_SCHEMES, postgres_url_problem, redact
 
 from .eventcheck import Check, binned_series, check_events, outage_series
 from .events import CATEGORIES, Event, load_events, select
@@ -118,11 +119,19 @@ def store_options(command: Any) -> Any:
                         "fleet's postgresql:// URL.")(command)  # fmt: skip
 
 
+def _checked_store(store: str) -> str:
+    """--store, refused (quoting it without its password) when libpq would misread the URL:
+    its parse errors quote the password."""
+    if store.startswith(POSTGRES_SCHEMES) and (problem := postgres_url_problem(store)):
+        raise ConfigError(f"--store: {problem} (got {redact(store)!r})")
+    return store
+
+
 def _configured(config: Path | None, store: str | None = None, vantage: str | None = None) -> Config:
     cfg = load_config(config)
     changes: dict[str, Any] = {}
     if store:
-        changes["store"] = SecretStr(store)
+        changes["store"] = SecretStr(_checked_store(store))
     if vantage:
         changes["vantage"] = vantage
     return cfg.model_copy(update={"analysis": cfg.analysis.model_copy(update=changes)}) if changes else cfg
@@ -394,8 +403,8 @@ def store_retire(keep_months: int, store: str | None, config: Path | None) -> No
     from probe.central import CentralStore
 
     cfg = load_config(config)
-    url = store or (cfg.store.url.get_secret_value() if cfg.store.url else None)
-    if not url or not url.startswith(("postgresql://", "postgres://")):
+    url = _checked_store(store) if store else (cfg.store.url.get_secret_value() if cfg.store.url else None)
+    if not url or not url.startswith(POSTGRES_SCHEMES):
         raise ConfigError(f"{cfg.source}: store.url: no central store to retire months of; set it or give "
                           "--store postgresql://...")  # fmt: skip
     now = pd.Timestamp.now(tz="UTC")

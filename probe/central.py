@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 
-from .config import redact
 from .errors import StoreError
+from .pgurl import mask, postgres_url_problem, redact
 from .store import HEARTBEAT_COLUMNS, LATENCY_VALUES, MEASUREMENT_COLUMNS, SUMMARY_TABLES
 
 CONNECT_TIMEOUT_S = 5
@@ -112,6 +112,8 @@ class CentralStore:
     def __init__(self, url: str, conninfo: str | None = None) -> None:
         """`conninfo`, when given, is how to reach `url` (through the uplink's relay)."""
         self.url = url
+        if problem := postgres_url_problem(url):  # libpq would quote pieces of its password
+            raise StoreError(f"{redact(url)}: cannot open the central store: its URL {problem}")
         try:
             # A censor may blackhole the uplink: bound every wait on it, not only the connect.
             self._db = psycopg.connect(conninfo or url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
@@ -120,7 +122,7 @@ class CentralStore:
             self._migrate()
             self._months: set[str] = set()  # partitions known to exist
         except psycopg.Error as exc:
-            raise StoreError(f"{redact(url)}: cannot open the central store: {_first_line(exc)}") from None
+            raise StoreError(f"{redact(url)}: cannot open the central store: {_first_line(exc, url)}") from None
 
     def _migrate(self) -> None:
         with self._db.transaction():
@@ -157,7 +159,7 @@ class CentralStore:
                         )
         except psycopg.Error as exc:
             raise StoreError(f"{redact(self.url)}: cannot store {len(measurements)} measurements: "
-                             f"{_first_line(exc)}") from None  # fmt: skip
+                             f"{_first_line(exc, self.url)}") from None  # fmt: skip
         self._months |= months
         return added
 
@@ -175,7 +177,8 @@ class CentralStore:
                                 "ON CONFLICT (vantage) DO UPDATE SET until_ms = excluded.until_ms, "
                                 "slot_s = excluded.slot_s", [vantage, *cursor])  # fmt: skip
         except psycopg.Error as exc:
-            raise StoreError(f"{redact(self.url)}: cannot store the summaries of {vantage}: {_first_line(exc)}") from None
+            raise StoreError(f"{redact(self.url)}: cannot store the summaries of {vantage}: "
+                             f"{_first_line(exc, self.url)}") from None  # fmt: skip
 
     def _partitions(self, times: Sequence[int]) -> set[str]:
         """The monthly partitions these rows need, created if missing; their names."""
@@ -229,7 +232,7 @@ class CentralStore:
                             self._db.execute(f"DROP TABLE {name}")
                             dropped.append(name)
         except psycopg.Error as exc:
-            raise StoreError(f"{redact(self.url)}: cannot drop old months: {_first_line(exc)}") from None
+            raise StoreError(f"{redact(self.url)}: cannot drop old months: {_first_line(exc, self.url)}") from None
         self._months.clear()
         return sorted(dropped), covered if covered is not None and covered >= 0 else None
 
@@ -248,5 +251,6 @@ class CentralStore:
         self.close()
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+def _first_line(exc: Exception, url: str) -> str:
+    """The driver's message, without the URL's password."""
+    return mask((str(exc).strip().splitlines() or [type(exc).__name__])[0], url)

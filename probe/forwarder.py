@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import redact
 from .errors import StoreError
+from .pgurl import redact
 from .store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, SUMMARY_TABLES
 
 log = logging.getLogger(__name__)

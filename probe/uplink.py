@@ -19,8 +19,10 @@ from psycopg.conninfo import make_conninfo
 
 from .config import PathSpec
 from .conn import Conn
+from .errors import StoreError
 from .model import Trace
 from .paths import open_stream
+from .pgurl import postgres_url_problem, redact
 
 log = logging.getLogger(__name__)
 RELAY_HOST = "127.0.0.1"
@@ -30,6 +32,8 @@ class Uplink:
     """A loopback relay to the central store through `path`, on the daemon's event loop."""
 
     def __init__(self, url: str, path: PathSpec) -> None:
+        if problem := postgres_url_problem(url):  # Python and libpq would read different hosts
+            raise StoreError(f"{redact(url)}: cannot reach the central store through {path.name}: its URL {problem}")
         parts = urlsplit(url)
         self.url = url
         self.path = path
