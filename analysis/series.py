@@ -55,7 +55,7 @@ def read_series(path: Path, column: str, since: pd.Timestamp | None = None,
         raise ConfigError(f"{path}: no column {column!r}; columns: {_listed(names)}")
     value_at = names.index(column)
     if value_at == time_at:
-        raise ConfigError(f"{path}: --column {column!r} is the date column; give a column of numbers")
+        raise ConfigError(f"{path}: column {column!r} is the date column; the values must be in another")
     parts, first, last, line = [], None, None, 2  # the header is line 1
     try:
         with path.open("rb") as raw:

@@ -95,7 +95,7 @@ def test_a_long_line_is_refused_where_it_is(tmp_path: Path, monkeypatch: pytest.
         ("date,users\n,5\n", "line 2: date is empty"),
         ("date,users\n1561939200,5\n", "line 2: date '1561939200' is not a date"),
         ("date,users\n2019-07-01,5\n\xff\n", "not a CSV series: 'utf-8' codec can't decode"),
-        ("day,users\n2019-07-01,5\n", "--column 'day' is the date column"),
+        ("day,users\n2019-07-01,5\n", "column 'day' is the date column"),
     ],
 )
 def test_what_cannot_be_a_series_is_refused(tmp_path: Path, text: str, message: str) -> None:
