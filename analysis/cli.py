@@ -14,6 +14,7 @@ from typing import Any
 import click
 import pandas as pd
 from rich.table import Table
+from rich.text import Text
 
 from pydantic import SecretStr
 
@@ -100,11 +101,11 @@ def emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str) -
         frame = pd.DataFrame([{c: _jsonable(row.get(c)) for c in columns} for row in rows], columns=columns)
         frame.to_csv(sys.stdout, index=False)
     else:
-        table = Table(title=title)
+        table = Table(title=Text(title))  # Text: what users wrote (titles, file names) is never markup
         for column in columns:
             table.add_column(column.replace("_", " "))
         for row in rows:
-            table.add_row(*(_cell(row.get(c)) for c in columns))
+            table.add_row(*(Text(_cell(row.get(c))) for c in columns))
         out.print(table)
 
 

@@ -109,6 +109,15 @@ def test_events_list_imports_icalendar(tmp_path: Path, store: Path) -> None:
     assert (event["id"], event["start"], event["end"]) == ("plenum-2024@example", "2024-07-15", "2024-07-18")
 
 
+def test_events_list_shows_titles_as_written(tmp_path: Path, store: Path) -> None:
+    """A title is the calendar author's text, not console markup: brackets print as they are."""
+    (tmp_path / "mine.toml").write_text('[[events]]\nid = "x"\ntitle = "[/] closes and [bold]bolds"\n'
+                                        'category = "npc"\nstart = 2019-07-02\nend = 2019-07-03\n')  # fmt: skip
+    result = cli("events", "list", "--config", str(store), "--events", str(tmp_path / "mine.toml"), "--year", "2019")
+    assert result.returncode == 0, result.stderr
+    assert "[/] closes and [bold]bolds" in result.stdout
+
+
 def test_shipped_calendar_has_the_known_dates(store: Path) -> None:
     result = cli("events", "list", "--config", str(store), "--format", "json", "--year", "2018")
     events = {e["id"]: e for e in map(json.loads, result.stdout.splitlines())}
