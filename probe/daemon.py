@@ -128,7 +128,7 @@ class Daemon:
         config = self._config
         lock = StoreLock(config.store.path)
         lock.acquire()
-        store = open_store(config.store.path)
+        store = open_store(config.store.path, lock)
         server = None
         uplink: Any = None
         try:
