@@ -416,3 +416,6 @@ def store_retire(keep_months: int, store: str | None, config: Path | None) -> No
         f"every vantage point's summaries reach {pd.Timestamp(covered, unit='ms', tz='UTC'):%Y-%m-%d %H:%M} UTC"
     err.print(f"dropped {len(dropped)} monthly partitions ({', '.join(dropped) or 'none'}) before "
               f"{before:%Y-%m}; {reach}")  # fmt: skip
+
+
+from . import detect_cli  # noqa: E402, F401  registers `events detect`, which uses this module's helpers
