@@ -183,8 +183,9 @@ def outage_timeline(
     colours = path_colours(paths)
     for lane, (event, a, b) in enumerate(shown):
         ax.broken_barh([(a, b - a)], (lane - 0.35, 0.7), color="#56B4E9", alpha=0.5, zorder=2)
+        # a title is text, never mathtext: a "$" in an imported title must not fail the chart
         ax.text(a + (hi - lo) * 0.003, lane, event.title[:90], fontsize=8, va="center", ha="left", zorder=3,
-                clip_on=True)  # fmt: skip
+                clip_on=True, parse_math=False)  # fmt: skip
         ax.axvspan(a, b, ymin=0, ymax=1, color="#56B4E9", alpha=0.08, linewidth=0, zorder=0)
     first = len(lanes)
     for row, path in enumerate(paths, start=first):

@@ -3,9 +3,11 @@ a stopped daemon, inside the 2018 NPC. Asserted on axes, labels, series and colo
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from analysis.charts import (
     VERDICT_COLOURS,
     availability_heatmap,
     latency_smoke,
+    outage_timeline,
     path_colours,
 )
 from analysis.report import week, weekly_figures
@@ -183,6 +186,20 @@ def test_report_writes_imported_titles_as_text(tmp_path: Path, config: Path) -> 
     assert rendered.count("<td>") == rendered.count("</td>") and "<td>a</td>" not in rendered
     page = out.read_text()
     assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_a_title_with_dollar_signs_draws_as_text() -> None:
+    """Matplotlib reads text between two $ as mathtext; a title is not, and a malformed one
+    must not fail the chart (and so the weekly report)."""
+    from analysis.events import Event
+
+    start = pd.Timestamp("2018-03-04 16:00", tz="UTC")
+    event = Event(id="price", title="VPN prices $x^$ up", category="other", start=date(2018, 3, 6), end=date(2018, 3, 6))
+    nothing = pd.DataFrame(columns=["path", "start", "end", "verdict"])
+    fig = outage_timeline(nothing, nothing, [event], ["direct"], start,
+                          start + pd.Timedelta(days=7), TZ)  # fmt: skip
+    fig.savefig(io.BytesIO(), format="png")
+    assert "VPN prices $x^$ up" in [t.get_text() for t in fig.axes[0].texts]
 
 
 def test_the_weekly_job_writes_last_week_and_keeps_the_newest(config: Path) -> None:
