@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from probe.errors import ConfigError
 from probe.pgurl import POSTGRES_SCHEMES, postgres_url_problem, redact
 
 from .eventcheck import Check, binned_series, check_events, outage_series
+from .eventstats import Method
 from .events import CATEGORIES, Event, load_events, select
 from .fleet import FLEET_COLUMNS, fleet_outages
 from .frames import vantages
@@ -230,17 +232,28 @@ def _check_rows(checks: list[Check], series_mode: bool) -> list[dict[str, Any]]:
     rows = []
     for c in checks:
         row = c.as_dict()
-        row["window"] = f"{c.window_start:%Y-%m-%d %H:%M} - {c.window_end:%Y-%m-%d %H:%M}"
-        if not series_mode and c.inside_rate is not None and c.baseline_rate is not None:
-            row["inside"] = f"{100 * c.inside_rate:.2f} %"
-            row["baseline"] = f"{100 * c.baseline_rate:.2f} %"
-        elif c.inside_rate is not None and c.baseline_rate is not None:
-            row["inside"], row["baseline"] = f"{c.inside_rate:.4g}", f"{c.baseline_rate:.4g}"
+        if c.window_start is not None and c.window_end is not None:
+            row["window"] = f"{c.window_start:%Y-%m-%d %H:%M} - {c.window_end:%Y-%m-%d %H:%M}"
+        if c.inside_rate is not None and c.baseline_rate is not None:
+            if series_mode:
+                row["inside"], row["baseline"] = f"{c.inside_rate:.4g}", f"{c.baseline_rate:.4g}"
+            else:
+                row["inside"], row["baseline"] = f"{100 * c.inside_rate:.2f} %", f"{100 * c.baseline_rate:.2f} %"
         if c.ratio is not None:
             interval = f" [{c.ci_low:.2f}, {c.ci_high:.2f}]" if c.ci_low is not None and c.ci_high is not None else ""
             row["ratio_95ci"] = f"{c.ratio:.2f}{interval}"
+        for key in ("p_value", "q_value"):
+            if c.__getattribute__(key) is not None and row.get(key) is not None:
+                row[key] = round(float(row[key]), 4)
         rows.append(row)
     return rows
+
+
+def _in_units(what: str, value: pd.Timedelta, unit: pd.Timedelta, least: int) -> int:
+    units = int(round(value / unit))
+    if units < least:
+        raise click.BadParameter(f"{what} {value} is {units} units of {unit}; it must be at least {least}")
+    return units
 
 
 @events_group.command("check")
@@ -251,8 +264,26 @@ def _check_rows(checks: list[Check], series_mode: bool) -> list[dict[str, Any]]:
 @click.option("--before", type=Duration(), default="0", help="Widen each window this much before (e.g. 3d).")
 @click.option("--after", type=Duration(), default="0", help="Widen each window this much after (e.g. 2d).")
 @click.option("--unit", type=Duration(), default="1d", show_default=True,
-              help="The independent unit of the statistics (intervals, circular shifts); outages are binned at "
-              "a 24th of it. Shorter units suit short runs, e.g. 1h, or 10s for a lab run of minutes.")  # fmt: skip
+              help="The unit of the statistics: the series is averaged per unit (outages binned at a 24th of "
+              "it). Shorter units suit short runs, e.g. 1h, or 1s for a lab run of minutes.")  # fmt: skip
+@click.option("--baseline", type=Duration(), default="28d", show_default=True,
+              help="How much usable data before each window is its baseline.")  # fmt: skip
+@click.option("--gap", type=Duration(), default="7d", show_default=True,
+              help="Between the baseline's end and the window.")  # fmt: skip
+@click.option("--onset-before", type=Duration(), default="3d", show_default=True,
+              help="Try onsets up to this much before the calendar's start ...")  # fmt: skip
+@click.option("--onset-after", type=Duration(), default="14d", show_default=True,
+              help="... and up to this much after it (the search is paid for in the p-value).")  # fmt: skip
+@click.option("--placebo-gap", type=Duration(), default="30d", show_default=True,
+              help="Placebo dates keep this far from every event and holiday.")  # fmt: skip
+@click.option("--seasonal", type=Duration(), multiple=True,
+              help="Remove a cycle of this period first (statsmodels MSTL), e.g. 7d for a weekly one "
+              "(repeatable).")  # fmt: skip
+@click.option("--scale", type=click.Choice(["auto", "log", "linear"]), default="auto", show_default=True,
+              help="auto: log when every value is positive (a series), linear otherwise (outage shares).")  # fmt: skip
+@click.option("--missing", type=float, multiple=True,
+              help="This value of --series means missing, e.g. 0 for Google Trends (repeatable).")  # fmt: skip
+@click.option("--pool", is_flag=True, help="Add a row per category: its events as a whole.")
 @click.option("--since", type=When(), help="Only data from this date.")
 @click.option("--until", type=When(), help="Only data up to this date.")
 @click.option("--series", type=click.Path(path_type=Path, dir_okay=False),
@@ -264,23 +295,40 @@ def _check_rows(checks: list[Check], series_mode: bool) -> list[dict[str, Any]]:
 @store_options
 @config_option
 def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple[str, ...], targets: tuple[str, ...],
-                 before: pd.Timedelta, after: pd.Timedelta, unit: pd.Timedelta, since: datetime | None,
-                 until: datetime | None, series: Path | None, column: str | None, event_files: tuple[Path, ...],
-                 fmt: str, store: str | None, vantage: str | None, config: Path | None) -> None:  # fmt: skip
-    """For each event window: outage rate inside against a baseline, the ratio with a 95 %
-    interval, a circular-shift p-value, and the lead or lag of the first outage."""
+                 before: pd.Timedelta, after: pd.Timedelta, unit: pd.Timedelta, baseline: pd.Timedelta,
+                 gap: pd.Timedelta, onset_before: pd.Timedelta, onset_after: pd.Timedelta,
+                 placebo_gap: pd.Timedelta, seasonal: tuple[pd.Timedelta, ...], scale: str,
+                 missing: tuple[float, ...], pool: bool, since: datetime | None, until: datetime | None,
+                 series: Path | None, column: str | None, event_files: tuple[Path, ...], fmt: str, store: str | None,
+                 vantage: str | None, config: Path | None) -> None:  # fmt: skip
+    """For each event window: its departure from the local baseline, the ratio with a 95 %
+    interval, a p-value from the series' own ordinary dates, q-values across the events,
+    and the lead or lag of the first outage."""
     _range(since, until)
     if (series is None) != (column is None):
         raise click.BadParameter("--series and --column go together")
+    if missing and series is None:
+        raise click.BadParameter("--missing is for --series: the store's outage series has no stand-in values")
     if unit <= pd.Timedelta(0):
         raise click.BadParameter(f"--unit {unit} must be longer than 0")
+    method = Method(
+        baseline=_in_units("--baseline", baseline, unit, 2), gap=_in_units("--gap", gap, unit, 0),
+        shifts=(-_in_units("--onset-before", onset_before, unit, 0), _in_units("--onset-after", onset_after, unit, 0)),
+        placebo_gap=_in_units("--placebo-gap", placebo_gap, unit, 0),
+        seasonal=tuple(_in_units("--seasonal", period, unit, 2) for period in seasonal),
+        scale=scale,  # type: ignore[arg-type]
+        two_sided=series is not None,
+    )  # fmt: skip
     cfg = _configured(config, store, vantage)
     every = _events(cfg, event_files)
     chosen = select(every, ids=ids, categories=categories)
     if series is not None and column is not None:
         hours = read_series(series, column, pd.Timestamp(since) if since else None,
-                            pd.Timestamp(until) if until else None)  # fmt: skip
+                            pd.Timestamp(until) if until else None, missing)  # fmt: skip
         data = binned_series(hours.sums)
+        if unit < data.step or unit % data.step:
+            raise click.BadParameter(f"--unit {unit} must be a whole number of the series' steps ({data.step})")
+        data = replace(data, unit=unit)
         span = (hours.first, hours.last)
         firsts = None
     else:
@@ -297,16 +345,18 @@ def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple
     if not chosen:
         err.print(f"no event falls within the data ({span[0]:%Y-%m-%d} to {span[1]:%Y-%m-%d})")
         return
-    checks = check_events(data, chosen, every, before=before, after=after, first_outages=firsts,
-                          two_sided=series is not None)  # fmt: skip
-    columns = ["event", "category", "window", "coverage", "inside", "baseline", "ratio_95ci", "p_value",
-               "lead_lag_hours", "verdict"]  # fmt: skip
+    try:
+        checks = check_events(data, chosen, every, before=before, after=after, first_outages=firsts, method=method,
+                              pooled=pool)  # fmt: skip
+    except ValueError as exc:  # a log scale asked of values at or below 0; too little data for --seasonal
+        raise ConfigError(f"{series or source(cfg)}: {exc}") from None
+    columns = ["event", "category", "window", "coverage", "inside", "baseline", "ratio_95ci", "p_value", "q_value",
+               "onset_shift_units", "lead_lag_hours", "verdict"]  # fmt: skip
     if fmt != "table":
-        columns += ["ratio", "ci_low", "ci_high", "inside_rate", "baseline_rate"]
+        columns += ["ratio", "ci_low", "ci_high", "inside_rate", "baseline_rate", "placebos", "pooled", "agree",
+                    "left_out", "window_start", "window_end", "title"]  # fmt: skip
     what = f"{series.name}: mean of {column}" if series else "outage minutes per measured minute"
     emit(_check_rows(checks, series is not None), columns, fmt, f"events against {what} (windows UTC)")
-
-
 
 
 def _week(cfg: Config, label: str | None, since: datetime | None, until: datetime | None, tz: str | None) -> Any:

@@ -1,29 +1,26 @@
 """Did outages (or an external series) line up with events beyond chance?
 
-For each event window: the rate inside (outage minutes per measured minute, or the series'
-mean), the same rate over a baseline (measured time outside every event window and every
-holiday), their ratio with a 95 % interval (log-normal, days as the independent units, a t quantile
-for the window's few days), and a p-value from
-circular shifts of the series by whole days, which keeps its autocorrelation and its daily
-cycle. A verdict in words: effect, no effect, or not enough data.
-
-The unit is a day unless told otherwise: a lab run of minutes uses seconds as its "days".
+One pipeline for both inputs: the store's outage minutes per measured minute, or an
+external series' mean, per unit (a day unless told otherwise; a lab run of minutes uses
+seconds), a unit with less than half its time measured being missing. analysis/eventstats.py
+then compares each event's window with its local baseline and with the series' own
+ordinary dates (placebo-calibrated p-values), Benjamini-Hochberg q-values across the
+events of one run, and, with `pool`, each category as a whole. A verdict in words that
+starts with "effect", "no effect" or "not evaluable".
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
 
 from .events import Event
+from .eventstats import Calculator, Effect, Method, pool, q_values
 
 ALPHA = 0.05
-MIN_WINDOW_COVERAGE = 0.5  # of the window's time must be measured
-MIN_BASELINE_DAYS = 7  # units, days by default
-MIN_DAYS = 20  # fewer units of data and no circular shift can be significant at 5 %
 DAY = pd.Timedelta(days=1)
 BINS_PER_UNIT = 24  # outage series: hourly bins for daily units
 
@@ -38,6 +35,7 @@ class Series:
     value: np.ndarray
     exposure: np.ndarray
     unit: pd.Timedelta = DAY  # the independent unit of the statistics, a whole number of steps
+    full: float = 1.0  # a bin's exposure when all of it was measured
 
     @property
     def bins_per_unit(self) -> int:
@@ -47,6 +45,18 @@ class Series:
     def units(self) -> str:
         return "days" if self.unit == DAY else f"units of {_duration(self.unit)}"
 
+    def per_unit(self) -> tuple[np.ndarray, np.ndarray]:
+        """The mean (value per exposure) of every unit, NaN where less than half of it was
+        measured, and the share of each unit measured."""
+        per = self.bins_per_unit
+        units = int(np.ceil(len(self.value) / per))
+        pad = units * per - len(self.value)
+        value = np.concatenate([self.value, np.zeros(pad)]).reshape(units, per).sum(axis=1)
+        exposure = np.concatenate([self.exposure, np.zeros(pad)]).reshape(units, per).sum(axis=1)
+        share = exposure / (per * self.full)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(share >= 0.5, value / exposure, np.nan), share
+
     def mask(self, start: pd.Timestamp, end: pd.Timestamp) -> np.ndarray:
         first = int(np.ceil((start - self.start) / self.step)) if start > self.start else 0
         last = int(np.ceil((end - self.start) / self.step))
@@ -55,27 +65,35 @@ class Series:
         return mask
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Check:
+    """One event's result, or a category's (`event` = "category:<name>", `pooled` events)."""
+
     event: str
     title: str
     category: str
-    window_start: pd.Timestamp
-    window_end: pd.Timestamp
-    inside_rate: float | None
-    baseline_rate: float | None
-    ratio: float | None
-    ci_low: float | None
-    ci_high: float | None
-    p_value: float | None
-    coverage: float
-    lead_lag_hours: float | None
+    window_start: pd.Timestamp | None
+    window_end: pd.Timestamp | None
     verdict: str
+    coverage: float | None = None  # of the window's units measured
+    inside_rate: float | None = None  # the window's mean at the calendar's onset
+    baseline_rate: float | None = None  # the baseline's centre there
+    ratio: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    p_value: float | None = None
+    q_value: float | None = None
+    onset_shift_units: int | None = None  # the onset that showed the largest departure
+    placebos: int | None = None
+    lead_lag_hours: float | None = None
+    pooled: int | None = None
+    agree: int | None = None
+    left_out: dict[str, list[float | None]] | None = None  # pooled: event -> [ratio, p] without it
 
     def as_dict(self) -> dict[str, object]:
         out = asdict(self)
-        out["window_start"] = self.window_start.isoformat()
-        out["window_end"] = self.window_end.isoformat()
+        for key in ("window_start", "window_end"):
+            out[key] = out[key].isoformat() if out[key] is not None else None
         return out
 
 
@@ -95,7 +113,7 @@ def outage_series(
     edges = start + size * np.arange(bins + 1)
     exposure = _minutes_per_bin(list(zip(coverage.get("start", []), coverage.get("end", []), strict=True)), edges)
     value = np.minimum(_minutes_per_bin(_union(outages), edges), exposure)  # unmeasured time is unknown, never outage
-    return Series(start=start, step=size, value=value, exposure=exposure, unit=unit)
+    return Series(start=start, step=size, value=value, exposure=exposure, unit=unit, full=size / pd.Timedelta(minutes=1))
 
 
 def _minutes_per_bin(intervals: list[tuple[pd.Timestamp, pd.Timestamp]], edges: pd.DatetimeIndex) -> np.ndarray:
@@ -152,79 +170,6 @@ def external_series(frame: pd.DataFrame, column: str) -> Series:
     return binned_series(hour_sums(pd.DatetimeIndex(frame.index), frame[column]))
 
 
-def _rate(series: Series, mask: np.ndarray) -> tuple[float, float]:
-    return float(series.value[mask].sum()), float(series.exposure[mask].sum())
-
-
-def _t_quantile(df: int, z: float = 1.959964) -> float:
-    """Student's t quantile for a two-sided 95 % interval (Cornish-Fisher expansion)."""
-    df = max(df, 1)
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def _log_rate_variance(series: Series, mask: np.ndarray) -> tuple[float, int]:
-    """Variance of log(sum value / sum exposure) over the mask, with days as the independent
-    units (the ratio estimator's delta-method variance), and the number of days."""
-    day = np.arange(len(series.value)) // series.bins_per_unit
-    days = np.unique(day[mask])
-    v = np.bincount(day[mask], weights=series.value[mask], minlength=day.max() + 1)[days]
-    e = np.bincount(day[mask], weights=series.exposure[mask], minlength=day.max() + 1)[days]
-    n = len(days)
-    rate = v.sum() / e.sum()
-    if n < 2:
-        return float("inf"), n
-    residual = v - rate * e
-    variance = n * residual.var(ddof=1) / e.sum() ** 2  # of the rate
-    return float(variance / rate**2), n
-
-
-def _interval(
-    series: Series, window: np.ndarray, baseline: np.ndarray, ratio: float
-) -> tuple[float, float] | tuple[None, None]:
-    """95 % interval of the ratio: log-normal, t quantile on the window's days (the fewer).
-    None when the window spans a single day: one day has no spread to go on."""
-    var_in, days_in = _log_rate_variance(series, window)
-    var_base, _ = _log_rate_variance(series, baseline)
-    if not np.isfinite(var_in + var_base):
-        return None, None
-    half = _t_quantile(days_in - 1) * float(np.sqrt(var_in + var_base))
-    return float(ratio * np.exp(-half)), float(ratio * np.exp(half))
-
-
-SHIFT_BLOCK = 1 << 20  # (shift, window bin) pairs gathered at once
-
-
-def _permutation_p(series: Series, window: np.ndarray, two_sided: bool) -> float | None:
-    """Shift the series circularly by whole days; how often is the window's rate as extreme?
-
-    Only the window's bins are gathered for each shift (never the whole series rolled), so a
-    long hourly series costs days x window bins per event; the unshifted window is gathered
-    the same way, so a shift that repeats it exactly ties exactly."""
-    per_day = series.bins_per_unit
-    days = len(series.value) // per_day
-    if days < 2:
-        return None
-    base_rate = series.value.sum() / max(series.exposure.sum(), 1e-12)
-    bins = np.flatnonzero(window)
-    shifts = np.arange(days) * per_day  # 0, the window itself, first
-    v, e = np.empty(days), np.empty(days)
-    block = max(1, SHIFT_BLOCK // max(len(bins), 1))
-    for at in range(0, days, block):
-        where = (bins[None, :] - shifts[at : at + block, None]) % len(series.value)
-        v[at : at + block] = series.value[where].sum(axis=1)
-        e[at : at + block] = series.exposure[where].sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rate = v / e
-    if two_sided:
-        stat = np.abs(np.log((rate + 1e-9) / (base_rate + 1e-9)))
-    else:
-        stat = rate
-    counted = e[1:] > 0
-    total = int(counted.sum())
-    extreme = int((stat[1:][counted] >= stat[0]).sum())
-    return None if total == 0 else (1 + extreme) / (1 + total)
-
-
 def check_events(
     series: Series,
     events: Sequence[Event],
@@ -233,54 +178,103 @@ def check_events(
     before: pd.Timedelta = pd.Timedelta(0),
     after: pd.Timedelta = pd.Timedelta(0),
     first_outages: pd.Series | None = None,
-    two_sided: bool = False,
+    method: Method | None = None,
+    pooled: bool = False,
 ) -> list[Check]:
-    """One Check per event. `all_events` are kept out of the baseline (holidays included)."""
-    excluded = np.zeros(len(series.value), dtype=bool)
+    """One Check per event (and per category with `pooled`). `all_events` are kept out of
+    every baseline and placebo date (holidays included)."""
+    method = method or Method(two_sided=False)
+    values, share = series.per_unit()
+    unit_start = series.start
+
+    def units(start: pd.Timestamp, end: pd.Timestamp) -> tuple[int, int]:
+        first = int(np.ceil((start - unit_start) / series.unit))
+        return first, max(1, int(np.ceil((end - unit_start) / series.unit)) - first)
+
+    excluded = np.zeros(len(values), dtype=bool)
     for event in all_events:
-        start, end = event.window
-        excluded |= series.mask(start - before, end + after)
-    measured = series.exposure > 0
-    baseline = measured & ~excluded
-    data_days = int(series.exposure.astype(bool).sum() // series.bins_per_unit)
-    base_days = len(np.unique(np.flatnonzero(baseline) // series.bins_per_unit))
-    checks = []
+        first, length = units(event.window[0] - before, event.window[1] + after)
+        excluded[max(0, first) : max(0, min(len(values), first + length))] = True
+    calculator = Calculator(values, excluded, method)
+    checks, effects = [], []
     for event in events:
         start, end = event.window
         w_start, w_end = start - before, end + after
-        window = series.mask(w_start, w_end) & measured
-        length = (w_end - w_start) / series.step
-        coverage = float(window.sum() / length) if length > 0 else 0.0
-        lead = _lead_lag(first_outages, w_start, w_end, start)
-        common = dict(event=event.id, title=event.title, category=event.category, window_start=w_start,
-                      window_end=w_end, coverage=round(coverage, 3), lead_lag_hours=lead)  # fmt: skip
-        reason = None
-        if coverage < MIN_WINDOW_COVERAGE:
-            reason = f"not enough data: {coverage:.0%} of the window measured"
-        elif base_days < MIN_BASELINE_DAYS:
-            reason = f"not enough data: {base_days} baseline {series.units} (need {MIN_BASELINE_DAYS})"
-        elif data_days < MIN_DAYS:
-            reason = (f"not enough data: {data_days} {series.units} measured (need {MIN_DAYS} for a p-value "
-                      "under 5 %)")  # fmt: skip
-        if reason:
-            checks.append(Check(**common, inside_rate=None, baseline_rate=None, ratio=None, ci_low=None,
-                                ci_high=None, p_value=None, verdict=reason))  # fmt: skip
-            continue
-        inside, base = _rate(series, window), _rate(series, baseline)
-        rate_in, rate_base = inside[0] / inside[1], base[0] / base[1]
-        p = _permutation_p(series, window, two_sided)
-        ratio: float | None = None
-        low = high = None
-        if rate_in > 0 and rate_base > 0:
-            ratio = rate_in / rate_base
-            low, high = _interval(series, window, baseline, ratio)
-        elif rate_in == 0 and rate_base > 0:
-            ratio = 0.0
-        checks.append(Check(
-            **common, inside_rate=rate_in, baseline_rate=rate_base, ratio=ratio, ci_low=low, ci_high=high,
-            p_value=p, verdict=_words(rate_in, rate_base, ratio, low, high, p, two_sided),
-        ))  # fmt: skip
+        first, length = units(w_start, w_end)
+        effect = calculator.effect(first, length)
+        inside = share[max(0, first) : max(0, first + length)]
+        raw = values[max(0, first) : max(0, first + length)]
+        check = Check(
+            event=event.id, title=event.title, category=event.category, window_start=w_start, window_end=w_end,
+            verdict="", coverage=round(float(inside.sum() / length), 3) if len(inside) else 0.0,
+            inside_rate=float(np.nanmean(raw)) if effect.reason is None else None,
+            baseline_rate=_baseline_rate(calculator, first) if effect.reason is None else None,
+            ratio=effect.ratio, ci_low=effect.ci_low, ci_high=effect.ci_high, p_value=effect.p_value,
+            onset_shift_units=effect.shift, placebos=effect.placebos or None,
+            lead_lag_hours=_lead_lag(first_outages, w_start, w_end, start),
+        )  # fmt: skip
+        checks.append(check)
+        effects.append(effect)
+    qs = iter(q_values([e.p_value for e in effects if e.p_value is not None]))
+    checks = [replace(c, q_value=(q := next(qs)) if e.p_value is not None else None,
+                      verdict=_words(e, q if e.p_value is not None else None, method, series))
+              for c, e in zip(checks, effects, strict=True)]  # fmt: skip
+    if pooled:
+        checks += _categories(checks, effects, calculator, method)
     return checks
+
+
+def _baseline_rate(calculator: Calculator, first: int) -> float | None:
+    prep = calculator.prepared
+    centre = float(prep.base[first]) if 0 <= first < len(prep.base) else float("nan")
+    if np.isnan(centre):
+        return None
+    return float(np.exp(centre)) if prep.log else centre
+
+
+def _words(effect: Effect, q: float | None, method: Method, series: Series) -> str:
+    if effect.reason is not None or effect.p_value is None or q is None:
+        reason = (effect.reason or "no p-value").replace("units", series.units)
+        return f"not evaluable: {reason}"
+    rise = (effect.effect or 0) > 0
+    ratio = f"{effect.ratio:.2f}x" if effect.ratio is not None else f"{effect.effect:+.3g}, none in the baseline"
+    kind = (" (spike)" if rise else " (drop)") if method.two_sided else (" (more outages)" if rise else "")
+    onset = f", onset {effect.shift:+d} {series.units}" if effect.shift else ""
+    if q < ALPHA:
+        return f"effect: {ratio}{kind}, q = {q:.2g}{onset}"
+    return f"no effect: {ratio}, q = {q:.2g}"
+
+
+def _categories(checks: list[Check], effects: list[Effect], calculator: Calculator, method: Method) -> list[Check]:
+    """One row per category of two or more evaluable events: its events as a whole."""
+    log = calculator.prepared.log
+    rows = []
+    for category in dict.fromkeys(c.category for c in checks):
+        departures = {c.event: e.nominal for c, e in zip(checks, effects, strict=True)
+                      if c.category == category and e.nominal is not None}  # fmt: skip
+        result = pool(departures, two_sided=method.two_sided)
+        if result is None:
+            continue
+        scale = np.exp if log else (lambda v: v)
+        what = "ratio" if log else "departure"
+        driven = [name for name, (_, p) in result.left_out.items() if p >= ALPHA]
+        significant = result.p_value < ALPHA
+        shown = f"{scale(result.mean):.2f}x" if log else f"{result.mean:+.3g}"
+        if significant and driven and len(driven) <= max(1, result.events // 5):
+            verdict = (f"effect: {shown} across {result.events} events ({result.agree} agree), p = "
+                       f"{result.p_value:.2g}, but driven by {', '.join(driven)}: without it, none")  # fmt: skip
+        elif significant:
+            verdict = f"effect: {shown} across {result.events} events ({result.agree} agree), p = {result.p_value:.2g}"
+        else:
+            verdict = f"no effect: {shown} across {result.events} events ({result.agree} agree), p = {result.p_value:.2g}"
+        rows.append(Check(
+            event=f"category:{category}", title=f"{category}: {result.events} events as a whole ({what})",
+            category=category, window_start=None, window_end=None, verdict=verdict,
+            ratio=float(scale(result.mean)), ci_low=float(scale(result.ci_low)), ci_high=float(scale(result.ci_high)),
+            p_value=result.p_value, pooled=result.events, agree=result.agree,
+            left_out={name: [float(scale(mean)), p] for name, (mean, p) in result.left_out.items()},
+        ))  # fmt: skip
+    return rows
 
 
 def _lead_lag(first_outages: pd.Series | None, w_start: pd.Timestamp, w_end: pd.Timestamp,
@@ -291,21 +285,3 @@ def _lead_lag(first_outages: pd.Series | None, w_start: pd.Timestamp, w_end: pd.
     if not len(inside):
         return None
     return round((inside.min() - event_start) / pd.Timedelta(hours=1), 2)
-
-
-def _words(rate_in: float, rate_base: float, ratio: float | None, low: float | None, high: float | None,
-           p: float | None, two_sided: bool, units: str = "days") -> str:  # fmt: skip
-    significant = p is not None and p < ALPHA
-    if rate_in == 0 and rate_base == 0:
-        return "no effect: nothing inside the window or in the baseline"
-    if ratio is None:  # something inside, nothing in the baseline
-        return "effect: only inside the window, none in the baseline" if significant else (
-            "no effect: none in the baseline, but as much at other times of the data")
-    if significant and low is None:  # too few days in the window for an interval
-        direction = (" (a spike)" if ratio > 1 else " (a drop)") if two_sided else ""
-        return f"effect: {ratio:.2f}x the baseline{direction}, too few {units} for an interval"
-    if significant and low is not None and low > 1:
-        return f"effect: {ratio:.1f}x the baseline" + (" (a spike)" if two_sided else "")
-    if significant and high is not None and high < 1:
-        return f"effect: {ratio:.2f}x the baseline" + (" (a drop)" if two_sided else " (fewer outages)")
-    return "no effect: within the baseline's range"

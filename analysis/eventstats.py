@@ -9,7 +9,8 @@ positive. It is read from a cleaned copy of the series in which a value far from
 running median of the units before it (beyond `clip_k` robust standard deviations) is put
 back to that median, for at most `clip_units` in a row, as IODA's detector inpaints its
 history: one earlier spike cannot hide the next, a new level is accepted after a week, and
-the baseline's mean is a winsorised one. A departure (window mean minus baseline) is
+the baseline's mean is a winsorised one. (Only on the log scale: in a series of outage
+shares, mostly zero, every outage is part of the base rate.) A departure (window mean minus baseline) is
 measured in units of the series' robust spread of departures over the year around it.
 
 The onset may differ from the calendar's: the window is tried moved by every unit in
@@ -61,7 +62,7 @@ class Effect:
 
     reason: str | None = None
     effect: float | None = None
-    nominal: float | None = None  # the departure at the calendar's onset, centred on the placebos' median
+    nominal: float | None = None  # the departure at the calendar's onset less the placebo dates' median one
     ratio: float | None = None
     ci_low: float | None = None
     ci_high: float | None = None
@@ -90,7 +91,7 @@ def prepare(values: np.ndarray, excluded: np.ndarray, method: Method) -> Prepare
     y = np.log(values) if log else values.astype(float)
     if method.seasonal and len(present):
         y = y - _seasonal(y, method.seasonal)
-    clean = _inpainted(y, method)
+    clean = _inpainted(y, method) if log else y.copy()  # shares of outage time: every outage is the base rate
     clean[excluded] = np.nan
     base, count = _baselines(clean, method)
     spread = _spread(y - base, method.spread_window)
@@ -176,9 +177,9 @@ class _Windows:
 
     statistic: np.ndarray
     departure: np.ndarray
-    standard: np.ndarray  # the departure in units of its baseline's spread
+    standard: np.ndarray  # the departure in units of the spread
     shift: np.ndarray
-    nominal: np.ndarray
+    nominal: np.ndarray  # the departure at the calendar's onset
 
 
 def _shifted(values: np.ndarray, by: int) -> np.ndarray:
@@ -218,7 +219,7 @@ class Calculator:
             the baseline before it."""
             return _shifted(mean, onset) - _shifted(base, min(onset, 0))
 
-        nominal = departure_at(0) / prep.spread
+        nominal = departure_at(0)
         statistic, departure = np.full(self.n, -np.inf), np.full(self.n, np.nan)
         standard, shift = np.full(self.n, np.nan), np.zeros(self.n, dtype=int)
         for onset in range(m.shifts[0], m.shifts[1] + 1):
@@ -301,7 +302,7 @@ class Calculator:
         predicted = float(np.nanmean(prep.y[first + shift : first + shift + length])) - departure
         ratio, ci_low, ci_high = (self._ratio(predicted, v) for v in (departure, departure - high_q,
                                                                       departure - low_q))  # fmt: skip
-        nominal = float(w.nominal[first] - np.median(w.nominal[placebos]))
+        nominal = float(w.nominal[first] - np.median(w.nominal[placebos]))  # centred: the series' own drift out
         return Effect(effect=departure, nominal=nominal, ratio=ratio, ci_low=ci_low, ci_high=ci_high,
                       p_value=p, shift=shift, placebos=len(placebos), **counts)  # fmt: skip
 
@@ -323,9 +324,9 @@ def q_values(p_values: Sequence[float]) -> list[float]:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Pooled:
-    """A category's events as a whole: the mean of their nominal departures (each centred on
-    its placebos' median), a t interval from the spread between events, a sign-flip p-value,
-    how many events lean the same way, and the same with each event left out."""
+    """A category's events as a whole: the mean of their nominal departures (each less its
+    placebo dates' median one), a t interval and p-value from the spread between events, how
+    many events lean the same way, and the mean and p-value with each event left out."""
 
     events: int
     mean: float
@@ -343,13 +344,12 @@ def pool(departures: dict[str, float], two_sided: bool = True) -> Pooled | None:
     values = np.array([departures[n] for n in names], dtype=float)
     if len(values) < 2:
         return None
+    alternative = "two-sided" if two_sided else "greater"
 
     def test(sample: np.ndarray) -> tuple[float, float]:
-        if len(sample) < 2:
+        if len(sample) < 2 or not sample.std():
             return float(sample.mean()), 1.0
-        result = stats.permutation_test((sample,), np.mean, permutation_type="samples", n_resamples=9999,
-                                        alternative="two-sided" if two_sided else "greater", rng=0)  # fmt: skip
-        return float(sample.mean()), float(result.pvalue)
+        return float(sample.mean()), float(stats.ttest_1samp(sample, 0.0, alternative=alternative).pvalue)
 
     mean, p = test(values)
     sem = float(values.std(ddof=1) / np.sqrt(len(values)))

@@ -13,6 +13,7 @@ naming the file, the line, the column, the bad value and what would be valid.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -44,8 +45,9 @@ class Hours:
 
 
 def read_series(path: Path, column: str, since: pd.Timestamp | None = None,
-                until: pd.Timestamp | None = None) -> Hours:  # fmt: skip
-    """The rows of `path` dated in [since, until), `column`'s values summed into hours."""
+                until: pd.Timestamp | None = None, missing: Sequence[float] = ()) -> Hours:  # fmt: skip
+    """The rows of `path` dated in [since, until), `column`'s values summed into hours;
+    values in `missing` (Google Trends' zeros) are missing, as empty cells are."""
     names = _header(path)
     lowered = [n.lower() for n in names]
     time_at = next((lowered.index(n) for n in TIME_COLUMNS if n in lowered), None)
@@ -63,6 +65,7 @@ def read_series(path: Path, column: str, since: pd.Timestamp | None = None,
                                  dtype={time_at: str}, chunksize=CHUNK_ROWS, skip_blank_lines=False)  # fmt: skip
             for chunk in chunks:
                 times, values = _parse(path, line, names[time_at], column, chunk[time_at], chunk[value_at])
+                values = values.mask(values.isin(missing))
                 line += len(chunk)
                 keep = times.notna()
                 if since is not None:
