@@ -43,6 +43,7 @@ class StoreWriter:
         self._checking: asyncio.Future[None] | None = None
         self._checked = False
         self._lost: StoreLost | None = None  # counted and logged once, until a store is back
+        self._writing: asyncio.Future[bool] | None = None
 
     @property
     def buffered(self) -> int:
@@ -75,6 +76,14 @@ class StoreWriter:
         return False
 
     async def _flush(self) -> bool:
+        if self._writing is not None:  # a write a cancelled flush left running (one connection): its end first
+            try:
+                await asyncio.shield(self._writing)
+            except StoreError:
+                pass  # counted and logged by the write itself; what it held is still pending
+            finally:
+                if self._writing.done():
+                    self._writing = None
         if not self._checked:
             await self._check()
         if self._paths:
@@ -86,7 +95,16 @@ class StoreWriter:
                 return False
         if not self._pending:
             return True
-        batches = list(self._pending)
+        # The write runs as a task of its own: a flush cancelled meanwhile (the daemon stopping)
+        # leaves it to finish and to account for what it stored, never to be written twice.
+        self._writing = asyncio.ensure_future(self._write(list(self._pending)))
+        try:
+            return await asyncio.shield(self._writing)
+        finally:
+            if self._writing.done():
+                self._writing = None
+
+    async def _write(self, batches: list[Batch]) -> bool:
         measurements = [m for batch, _ in batches for m in batch]
         heartbeats = [heartbeat for _, heartbeat in batches]
         started = time.perf_counter()
@@ -101,9 +119,9 @@ class StoreWriter:
                 log.error("%s; keeping up to %d measurements in memory and retrying", exc, self._max_buffer)
             return False
         self._metrics.store_write.observe(time.perf_counter() - started)
-        for _ in batches:
-            self._pending.popleft()
-        self._buffered -= len(measurements)
+        written = {id(heartbeat) for heartbeat in heartbeats}
+        while self._pending and id(self._pending[0][1]) in written:  # a full buffer may have dropped some
+            self._buffered -= len(self._pending.popleft()[0])
         self._metrics.store_buffered.set(self._buffered)
         if self._failing_since is not None:
             log.warning(

@@ -203,3 +203,51 @@ def test_a_replaced_store_is_noticed_and_the_new_file_written(tmp_path: Path) ->
     store.write([measurement("new")], [heartbeat("new")])
     assert [m["round_id"] for m in store.measurements()] == ["restored", "new"]
     store.close()
+
+
+def test_a_write_the_stopping_daemon_cancels_is_finished_and_not_written_again(tmp_path: Path) -> None:
+    """SIGTERM cancels the writer while its thread is inside a write: the write still ends
+    and counts what it stored, so the final flush neither writes the round again (a UNIQUE
+    error, once 'could not write ... before exiting') nor loses it."""
+    import asyncio
+    import threading
+
+    from probe.metrics import Metrics
+    from probe.writer import StoreWriter
+
+    store = open_store(tmp_path / "tw.db")
+    inside, release = threading.Event(), threading.Event()
+    real_write = store.write
+
+    def slow_write(measurements: list[Measurement], heartbeats: list[Heartbeat]) -> None:
+        inside.set()
+        release.wait(10)  # the daemon stops while this thread writes
+        real_write(measurements, heartbeats)
+
+    store.write = slow_write  # type: ignore[method-assign]
+
+    async def scenario() -> bool:
+        writer = StoreWriter(store, Metrics(), max_buffer=1000, retry_s=0.1)
+        writer.submit([measurement("r1")], heartbeat("r1"))
+        running = asyncio.ensure_future(writer.run())
+        await asyncio.to_thread(inside.wait, 10)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        release.set()
+        writer.submit([measurement("r2")], heartbeat("r2"))  # a round that finished during the drain
+        done = await writer.flush()
+        assert writer.buffered == 0
+        return done
+
+    assert asyncio.run(scenario())
+    assert sorted(r["round_id"] for r in rows_of(tmp_path / "tw.db", "heartbeats")) == ["r1", "r2"]
+    assert len(rows_of(tmp_path / "tw.db", "measurements")) == 2
+
+
+def rows_of(db: Path, table: str) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(f"SELECT * FROM {table}").fetchall()
+    finally:
+        conn.close()
