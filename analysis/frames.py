@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 from pandas.api.types import union_categoricals
 
-from probe.config import redact
+from probe.pgurl import mask, redact
 from probe.errors import StoreError
 from probe.store import SQLiteStore, StoreDamaged, look_over, store_error
 
@@ -118,8 +118,8 @@ def _connect(db: Store) -> Any:
     if isinstance(source.location, str):
         try:
             return _Central(source.location)
-        except Exception as exc:  # psycopg.Error, imported lazily
-            raise StoreError(f"{source}: cannot open the central store: {exc}") from None
+        except Exception as exc:  # psycopg.Error, imported lazily; the driver may quote the URL
+            raise StoreError(f"{source}: cannot open the central store: {mask(str(exc), source.location)}") from None
     if not source.location.exists():
         raise StoreError(f"{source}: no store there; run `tunnelwatch run` or `tunnelwatch probe` first")
     conn = None
@@ -146,7 +146,8 @@ def _read_error(db: Store, exc: Exception, doing: str) -> StoreError:
     source = _source(db)
     if isinstance(exc, sqlite3.Error) and isinstance(source.location, Path):
         return store_error(source.location, exc, doing)
-    return StoreError(f"{source}: cannot {doing}: {exc}")
+    detail = mask(str(exc), source.location) if isinstance(source.location, str) else str(exc)
+    return StoreError(f"{source}: cannot {doing}: {detail}")
 
 
 def vantages(db: Store) -> list[str]:

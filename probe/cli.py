@@ -82,12 +82,12 @@ def _table(measurements: Sequence[Measurement]) -> Table:
     for name in PHASE_COLUMNS:
         table.add_column(name.removesuffix("_ms").replace("_", " ") + " ms", justify="right")
     for m in measurements:
-        table.add_row(
-            m.target,
-            m.path,
-            "[green]yes[/]" if m.ok else "[red]no[/]",
-            m.failure or "",
-            m.failed_operation or "",
+        table.add_row(  # names and failures as text: a [bracket] in them is never markup
+            Text(m.target),
+            Text(m.path),
+            Text("yes", "green") if m.ok else Text("no", "red"),
+            Text(m.failure or ""),
+            Text(m.failed_operation or ""),
             *(_ms(getattr(m, column)) for column in PHASE_COLUMNS),
         )
     return table
@@ -199,8 +199,8 @@ def status(config: Path | None) -> None:
         by_path.setdefault(row["path"], []).append(row)
     for name, rows in by_path.items():
         ok = sum(r["ok"] for r in rows)
-        state = "[green]up[/]" if ok == len(rows) else "[red]down[/]" if ok == 0 else "[yellow]partial[/]"
-        paths.add_row(name, state, f"{ok}/{len(rows)}")
+        state = Text("up", "green") if ok == len(rows) else Text("down", "red") if ok == 0 else Text("partial", "yellow")
+        paths.add_row(Text(name), state, f"{ok}/{len(rows)}")
     out.print(paths)
     last_failure = {(r["target"], r["path"]): r for r in failures}
     pairs = Table(title="targets and paths")
@@ -209,13 +209,13 @@ def status(config: Path | None) -> None:
     for row in latest:
         failed = last_failure.get((row["target"], row["path"]), {})
         pairs.add_row(
-            row["target"],
-            row["grp"],
-            row["path"],
-            "[green]ok[/]" if row["ok"] else f"[red]{row['failure']}[/]",
+            Text(row["target"]),
+            Text(row["grp"]),
+            Text(row["path"]),
+            Text("ok", "green") if row["ok"] else Text(str(row["failure"]), "red"),
             _when(failed.get("started_at_ms"), now),
-            failed.get("failure") or "",
-            failed.get("failed_operation") or "",
+            Text(failed.get("failure") or ""),
+            Text(failed.get("failed_operation") or ""),
         )
     out.print(pairs)
 
