@@ -158,6 +158,7 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "names.csv").write_text("name,city\nalice,paris\nbob,lyon\n")
     (tmp / "dates.csv").write_text("date,users\n2019-07-01,5\n2019-07-02 13:00,6\n\nyesterday,7\n")
     (tmp / "inf.csv").write_text("date,users\n2019-07-01,5\n2019-07-02,inf\n")
+    (tmp / "short.csv").write_text("date,users\n" + "".join(f"2019-07-{d:02d},{d}\n" for d in range(1, 21)))
     # bounds, not timings: each of these took the reader seconds to minutes and gigabytes as it grew
     (tmp / "wide.csv").write_text("date,users," + ",".join(f"c{i}" for i in range(19_998)) + "\n2019-07-01,5\n")
     (tmp / "long.csv").write_text("date,users," + "x" * (2 * MIB) + "\n2019-07-01,5,6\n")
@@ -186,6 +187,11 @@ BAD = [
     (["events", "check", "--series", "{tmp}/dates.csv", "--column", "users"],
      "dates.csv: line 5: date 'yesterday' is not a date; valid: an ISO 8601 date or time"),
     (["events", "check", "--series", "{tmp}/inf.csv", "--column", "users"], "inf.csv: line 3: users 'inf' is not a finite"),
+    (["events", "check", "--series", "{tmp}/short.csv", "--column", "users"],
+     "short.csv: the data spans 20 days; the baseline alone needs 35 before a window"),
+    (["events", "check", "--series", "{tmp}/short.csv", "--column", "users", "--missing", "x"],
+     "'x' is not a valid float"),
+    (["events", "check", "--missing", "0"], "--missing is for --series"),
     (["events", "check", "--series", "{tmp}/wide.csv", "--column", "users"],
      "wide.csv: line 1: 20,000 columns; a series may have at most 10,000"),
     (["events", "check", "--series", "{tmp}/long.csv", "--column", "users"],

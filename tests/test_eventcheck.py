@@ -162,3 +162,26 @@ def test_an_external_daily_series_with_a_drop() -> None:
         assert check.ratio == pytest.approx(0.5, abs=0.05)
         assert check.ci_low is not None and check.ci_high is not None and check.ci_low < check.ratio < check.ci_high
     assert sum(c.ci_low is not None and c.ci_high is not None and c.ci_low <= 0.5 <= c.ci_high for c in checks) >= 3
+
+
+@pytest.mark.parametrize(("effect", "verdict"), [(1.0, "no effect: "), (1.3, "effect: ")])
+def test_a_category_of_ten_events_as_a_whole(effect: float, verdict: str) -> None:
+    """Ten yearly events of one category on a noisy daily series: without an effect the
+    category is no effect; with a 1.3x one at each, which at 20 % noise only some events show
+    alone, the category shows it, and most of its events lean the same way."""
+    windows = yearly(10, days=7)
+    days = pd.date_range("2018-01-01", periods=10 * 365 + 2, freq="D", tz="UTC")
+    rng = np.random.default_rng(11)
+    users = pd.Series(1000 * np.exp(0.05 * np.arange(len(days)) / 365 + rng.normal(0, 0.2, len(days))), index=days)
+    for event in windows:
+        start, end = event.window
+        midday = users.index + pd.Timedelta(hours=12)
+        users[(midday >= start) & (midday < end)] *= effect
+    series = external_series(users.to_frame("users"), "users")
+    checks = check_events(series, windows, windows, method=Method(two_sided=True), pooled=True)
+    (category,) = [c for c in checks if c.event == "category:policy"]
+    assert category.pooled == 10 and category.verdict.startswith(verdict), category
+    assert category.left_out is not None and set(category.left_out) == {e.id for e in windows}
+    if effect > 1:
+        assert category.ratio is not None and category.ci_low is not None and category.ci_low > 1
+        assert category.agree is not None and category.agree >= 8
