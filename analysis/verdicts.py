@@ -24,6 +24,7 @@ OK, FAILING = "ok", "failing"
 BLOCKED, TUNNEL_DOWN, LOCAL_OUTAGE, SITE_DOWN = "blocked", "tunnel_down", "local_outage", "site_down"
 INCONCLUSIVE, UNKNOWN, DEGRADED = "inconclusive", "unknown", "degraded"
 DIFF_FAILURES = frozenset({"http_status_error", "http_content_mismatch"})
+DNS_ANSWERS_CONFLICT = "dns_answers_conflict"  # probe/failures.py: two answers to one query disagreed
 LENGTH_RATIO = 0.7  # OONI's body length threshold for "the page differs"
 TYPE_BY_OPERATION = {"resolve": "dns", "connect": "tcp_ip", "tls_handshake": "tls", "http_round_trip": "http-failure"}
 
@@ -72,6 +73,9 @@ RULES: tuple[Rule, ...] = (
          lambda e: e.tunnel and e.failed_operation in PATH_OPERATIONS),
     Rule("tunnel-fails-controls", TUNNEL_DOWN, "the tunnel failed every control target while direct controls worked",
          lambda e: e.tunnel and e.own_controls_fail and e.direct_controls_ok),
+    Rule("dns-answers-conflict", BLOCKED, "a query got two answers that disagree: an injector answered before the "
+         "real server (no other path needed: the forgery is seen on this one)",
+         lambda e: e.failure == DNS_ANSWERS_CONFLICT, lambda e: "dns"),
     Rule("bad-certificate-everywhere", SITE_DOWN, "every path saw the same certificate failure: the site's problem",
          lambda e: (_same_failure_everywhere(e) or "").startswith("ssl_")),
     Rule("same-failure-everywhere", SITE_DOWN, "every path failed the same way: the site is down, not blocked",

@@ -32,6 +32,7 @@ from .pgurl import POSTGRES_SCHEMES, postgres_url_problem, redact
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN, max_length=64)]
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+DNS_LINGER_S = 0.2  # probe.dns_linger_s
 
 
 def _number(value: float) -> str:
@@ -115,6 +116,9 @@ class ProbeSettings(_Frozen):
     ca_file: Path | None = None
     user_agent: str = "tunnelwatch/0.1 (+https://github.com/tunnelwatch/tunnelwatch)"
     body_cap_bytes: Annotated[int, _between(1024, 16 * 1024 * 1024, "bytes", whole=True)] = 256 * 1024
+    # How long a dns target keeps reading after a query's first answer: a second answer that
+    # differs is a forgery's trace (an injector answers first). 0: take the first and stop.
+    dns_linger_s: Annotated[float, _between(0, 5, "seconds")] = DNS_LINGER_S
 
     @field_validator("ca_file")
     @classmethod

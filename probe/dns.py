@@ -1,63 +1,76 @@
-"""DNS through a path's resolver: aiodns (c-ares) on a fresh channel for every lookup.
+"""Names resolved by the probe itself: the queries of probe/resolver.py, A and AAAA in parallel.
 
-c-ares caches answers for up to an hour and pycares has no switch to turn that off, so a
-channel kept across probes would measure its cache instead of the network.
+The system resolver is what an application on this machine would get: the hosts file first,
+then /etc/resolv.conf's servers, search domains and options, applied as glibc applies them. A
+path's own servers (`resolver = ["ip", "ip:port"]`) are asked for the name as written.
+
+Connection probes take the first answers and go on, as applications do. `dns` targets ask
+for the name as written, never read the hosts file, and wait `probe.dns_linger_s` after each
+first answer: a second answer that says something else is `dns_answers_conflict`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import ipaddress
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiodns
-import aiodns.error as ares
+import dns.exception
+import dns.name
+import dns.rcode
+import dns.rdatatype
 
-from .config import PathSpec, Target
-from .model import RESOLVE, Trace
+from .config import DNS_LINGER_S, PathSpec, Target
+from .errors import ProbeFailure
+from .failures import DNS_ANSWERS_CONFLICT, dns_failure
+from .model import BIND, RESOLVE, Trace
+from .resolver import RESOLV_CONF, Exchange, Options, ResolvConf, Server, exchange, read_resolv_conf
 from .sockets import check_bind
 
-# c-ares error code -> the DNS rcode the server sent (None: no answer came back at all).
-ARES_RCODES = {
-    ares.ARES_ENOTFOUND: "NXDOMAIN",
-    ares.ARES_ENODATA: "NOERROR",
-    ares.ARES_ESERVFAIL: "SERVFAIL",
-    ares.ARES_EREFUSED: "REFUSED",
-    ares.ARES_EFORMERR: "FORMERR",
-    ares.ARES_ENOTIMP: "NOTIMP",
-}
-CHANNEL_TIMEOUT_S = 4.0
+HOSTS = "/etc/hosts"
+ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 MAX_ANSWERS = 32  # addresses recorded of one answer (a 64 KiB answer holds thousands)
 
 
 @dataclass(frozen=True, slots=True)
 class Resolver:
-    """Where a path's names are resolved: explicit servers, or the system's resolv.conf."""
+    """Where a path's names are resolved: its own servers, or the system's (resolv.conf)."""
 
     servers: tuple[str, ...] = ()
-    local_ip: str | None = None
-    local_dev: str | None = None
+    path: PathSpec | None = None  # queries leave from its bound address or interface
+    resolv_conf: str = RESOLV_CONF
+    hosts: str = HOSTS
 
     @property
     def label(self) -> str:
         return ",".join(self.servers) if self.servers else "system"
 
-    def channel(self) -> aiodns.DNSResolver:
-        options: dict[str, Any] = {"timeout": CHANNEL_TIMEOUT_S, "tries": 1}
-        if self.local_ip:
-            options["local_ip"] = self.local_ip
-        if self.local_dev:
-            options["local_dev"] = self.local_dev
-        return aiodns.DNSResolver(nameservers=list(self.servers) or None, **options)
+    def settings(self) -> ResolvConf:
+        """Servers (those the bound address can reach), search domains and options. A path's
+        own servers are asked with glibc's default options and no search domains."""
+        if self.servers:
+            conf = ResolvConf(servers=tuple(map(Server.parse, self.servers)), search=(), options=Options())
+        else:
+            conf = read_resolv_conf(self.resolv_conf)
+        if self.path is None or not self.path.address:
+            return conf
+        address = self.path.address
+        reachable = tuple(s for s in conf.servers if (":" in s.host) == (":" in address))
+        if not reachable:
+            servers = ", ".join(map(str, conf.servers))
+            raise ProbeFailure("address_not_available", BIND, f"no resolver of {address}'s family in {servers}")
+        return dataclasses.replace(conf, servers=reachable)
 
 
 def resolver_for(path: PathSpec) -> Resolver:
     servers = () if path.resolver == "system" else tuple(path.resolver)
-    return Resolver(servers=servers, local_ip=path.address, local_dev=path.interface)
+    return Resolver(servers=servers, path=path)
 
 
 @functools.lru_cache(maxsize=4096)  # asked on every connection, of a few names
@@ -69,28 +82,8 @@ def is_ip(host: str) -> bool:
     return True
 
 
-async def lookup(resolver: Resolver, host: str, trace: Trace) -> list[str]:
-    """Addresses for a connection, IPv4 first; records the resolve phase and the answers."""
-    if is_ip(host):
-        return [host.strip("[]")]
-    trace.operation = RESOLVE
-    trace.fact("resolver", resolver.label)
-    started = time.perf_counter()
-    channel = resolver.channel()
-    try:
-        addresses = (None if resolver.servers else hosts_file(host)) or await _query_addresses(channel, host)
-    finally:
-        trace.phase("resolve", (time.perf_counter() - started) * 1000)
-        await channel.close()
-    ordered = sorted(dict.fromkeys(addresses), key=lambda a: ":" in a)[:MAX_ANSWERS]
-    trace.fact("addresses", tuple(ordered))
-    return ordered
-
-
-def hosts_file(host: str, path: str = "/etc/hosts") -> list[str]:
-    """What the system's hosts file says of a name, as the system resolver would look first.
-    (c-ares' getaddrinfo would do this too, but it failed now and then with "Could not
-    contact DNS servers" while queries ran side by side; plain queries do not.)"""
+def hosts_file(host: str, path: str = HOSTS) -> list[str]:
+    """What the system's hosts file says of a name, as the system resolver would look first."""
     try:
         lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
@@ -104,65 +97,158 @@ def hosts_file(host: str, path: str = "/etc/hosts") -> list[str]:
     return found
 
 
-async def _query_addresses(channel: aiodns.DNSResolver, host: str) -> list[str]:
-    """A and AAAA from explicit servers; the first error if neither gave an address."""
-    results = await asyncio.gather(channel.query_dns(host, "A"), channel.query_dns(host, "AAAA"),
-                                   return_exceptions=True)  # fmt: skip
-    addresses = [
-        addr
-        for result in results
-        if not isinstance(result, BaseException)
-        for record in result.answer
-        if (addr := getattr(record.data, "addr", None))
-    ]
-    if not addresses:
-        errors = sorted((r for r in results if isinstance(r, BaseException)), key=lambda e: _rcode(e) == "NOERROR")
-        if errors:
-            raise errors[0]
-        raise ares.DNSError(ares.ARES_ENODATA, f"no A or AAAA records for {host}")
-    return addresses
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The queries for one name, asked together."""
+
+    exchanges: tuple[Exchange, ...]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [address for e in self.exchanges for address in e.addresses]
+
+    @property
+    def later_addresses(self) -> list[str]:
+        return [address for e in self.exchanges for r in e.later for address in r.addresses(e.rdtype)]
+
+    @property
+    def failing(self) -> Exchange | None:
+        """The query that tells why there is no address (in query order): an error rcode or no
+        answer at all; None when every answer was NOERROR."""
+        return next((e for e in self.exchanges if e.reply is None or e.reply.rcode != dns.rcode.NOERROR), None)
+
+    @property
+    def rcode(self) -> str | None:
+        failing = None if self.addresses else self.failing
+        if failing is None:
+            return "NOERROR"
+        return dns.rcode.to_text(failing.reply.rcode) if failing.reply else None
+
+    @property
+    def network_ms(self) -> float:
+        """From the first send to the last answer of the queries asked side by side."""
+        asked = [e for e in self.exchanges if e.started_ns]
+        if not asked:
+            return 0.0
+        start = min(e.started_ns for e in asked)
+        return max((e.started_ns - start) / 1e6 + e.network_ms for e in asked)
+
+    def failure(self) -> Exception:
+        """The exception for an outcome without addresses, as the classifier reads it."""
+        failing = self.failing
+        if failing is None:
+            first = self.exchanges[0]
+            kinds = "/".join(dns.rdatatype.to_text(e.rdtype) for e in self.exchanges)
+            detail = f"no {kinds} records for {first.name} from {first.server}"
+            return ProbeFailure(dns_failure(dns.rcode.NOERROR), RESOLVE, detail)
+        asked = f"{failing.name} {dns.rdatatype.to_text(failing.rdtype)}"
+        if failing.reply is not None:
+            rcode = failing.reply.rcode
+            detail = f"{dns.rcode.to_text(rcode)} for {asked} from {failing.server}"
+            return ProbeFailure(dns_failure(rcode), RESOLVE, detail)
+        if failing.error is None or isinstance(failing.error, TimeoutError):
+            return TimeoutError(f"no answer for {asked}")
+        return failing.error
 
 
-def _rcode(exc: BaseException) -> str | None:
-    if isinstance(exc, ares.DNSError) and exc.args:
-        return ARES_RCODES.get(exc.args[0])
-    return None
+def _name(text: str) -> dns.name.Name:
+    try:
+        return dns.name.from_text(text)
+    except dns.exception.DNSException as exc:
+        raise ProbeFailure("dns_bad_name", RESOLVE, f"{text!r} is not a domain name: {exc}") from exc
 
 
-async def probe_dns(target: Target, path: PathSpec, trace: Trace, **_: object) -> dict[str, Any]:
-    """A and AAAA queries for the target's name; answers and rcode are facts either way."""
+async def _ask(conf: ResolvConf, path: PathSpec | None, name: dns.name.Name,
+               rdtypes: Sequence[dns.rdatatype.RdataType], linger_s: float = 0) -> Outcome:  # fmt: skip
+    queries = (exchange(name, rdtype, conf.servers, conf.options, path, linger_s) for rdtype in rdtypes)
+    return Outcome(tuple(await asyncio.gather(*queries)))
+
+
+async def _search(resolver: Resolver, host: str) -> tuple[Outcome, float]:
+    """A and AAAA for `host` through the search domains, in glibc's res_search order; the
+    outcome that decides and the network time of every name asked."""
+    conf = resolver.settings()
+    asked: list[Outcome] = []
+
+    async def ask(text: str) -> Outcome:
+        asked.append(await _ask(conf, resolver.path, _name(text), ADDRESS_TYPES))
+        return asked[-1]
+
+    def spent() -> float:
+        return sum(o.network_ms for o in asked)
+
+    trailing_dot = host.endswith(".")
+    first = None
+    if trailing_dot or host.count(".") >= conf.options.ndots:
+        first = await ask(host)
+        if first.addresses or trailing_dot:
+            return first, spent()
+    nodata = servfail = None
+    for domain in conf.search:
+        outcome = await ask(f"{host}.{domain}")
+        if outcome.addresses:
+            return outcome, spent()
+        failing = outcome.failing
+        if failing is None:
+            nodata = nodata or outcome
+        elif failing.reply is None and isinstance(failing.error, ConnectionRefusedError):
+            return outcome, spent()  # no server to ask: glibc gives up at once
+        elif failing.reply is not None and failing.reply.rcode == dns.rcode.SERVFAIL:
+            servfail = servfail or outcome
+        elif failing.reply is None or failing.reply.rcode != dns.rcode.NXDOMAIN:
+            break  # another error ends the search; the name as written is still asked
+    if first is None:
+        last = await ask(host)
+        if last.addresses:
+            return last, spent()
+    return first or nodata or servfail or asked[-1], spent()
+
+
+async def lookup(resolver: Resolver, host: str, trace: Trace) -> list[str]:
+    """Addresses for a connection, IPv4 first; records the resolve phase and the answers."""
+    if is_ip(host):
+        return [host.strip("[]")]
+    trace.operation = RESOLVE
+    trace.fact("resolver", resolver.label)
+    started = time.perf_counter()
+    if not resolver.servers and (found := hosts_file(host, resolver.hosts)):
+        trace.phase("resolve", (time.perf_counter() - started) * 1000)  # no network: the file's reading
+        addresses = found
+    else:
+        try:
+            outcome, network_ms = await _search(resolver, host)
+        except BaseException:
+            trace.phase("resolve", (time.perf_counter() - started) * 1000)  # no answer: the time seen from here
+            raise
+        trace.phase("resolve", network_ms)
+        if not outcome.addresses:
+            raise outcome.failure()
+        addresses = outcome.addresses
+    ordered = sorted(dict.fromkeys(addresses), key=lambda a: ":" in a)[:MAX_ANSWERS]
+    trace.fact("addresses", tuple(ordered))
+    return ordered
+
+
+async def probe_dns(target: Target, path: PathSpec, trace: Trace, *, dns_linger_s: float = DNS_LINGER_S,
+                    **_: object) -> dict[str, Any]:  # fmt: skip
+    """The target's queries for its name as written; answers and rcode are facts either way,
+    and every answer that came within `dns_linger_s` of the first."""
     check_bind(path)
     resolver = resolver_for(path)
     trace.operation = RESOLVE
     trace.fact("resolver", resolver.label)
     started = time.perf_counter()
-    channel = resolver.channel()
     try:
-        results = await asyncio.gather(
-            *(channel.query_dns(target.host or "", qtype) for qtype in target.qtypes),
-            return_exceptions=True,
-        )
-    finally:
+        rdtypes = [dns.rdatatype.from_text(qtype) for qtype in target.qtypes]
+        outcome = await _ask(resolver.settings(), resolver.path, _name(target.host or ""), rdtypes, dns_linger_s)
+    except BaseException:
         trace.phase("resolve", (time.perf_counter() - started) * 1000)
-        await channel.close()
-    answers: list[str] = []
-    errors: list[BaseException] = []
-    for result in results:
-        if isinstance(result, BaseException):
-            errors.append(result)
-            continue
-        for record in result.answer:
-            addr = getattr(record.data, "addr", None)
-            if addr:
-                answers.append(addr)
-    trace.fact("addresses", tuple(answers[:MAX_ANSWERS]))
-    if answers:
-        trace.fact("dns_rcode", "NOERROR")
-        return {}
-    if not errors:
-        trace.fact("dns_rcode", "NOERROR")
-        raise ares.DNSError(ares.ARES_ENODATA, "no A or AAAA records in the answer")
-    # No usable answer: the most telling error decides (NXDOMAIN over "no data").
-    errors.sort(key=lambda e: _rcode(e) == "NOERROR")
-    trace.fact("dns_rcode", _rcode(errors[0]))
-    raise errors[0]
+        raise
+    trace.phase("resolve", outcome.network_ms)
+    trace.fact("addresses", tuple(dict.fromkeys(outcome.addresses + outcome.later_addresses))[:MAX_ANSWERS])
+    trace.fact("dns_rcode", outcome.rcode)
+    if conflicts := [e.describe() for e in outcome.exchanges if e.conflicting]:
+        raise ProbeFailure(DNS_ANSWERS_CONFLICT, RESOLVE, "answers differ: " + " | ".join(conflicts))
+    if not outcome.addresses:
+        raise outcome.failure()
+    return {}

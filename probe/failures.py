@@ -2,7 +2,8 @@
 
 asyncio and our own code may wrap the real cause, so the classifier walks
 ``__cause__``/``__context__`` to the first exception it has a specific entry for:
-an ``OSError`` errno, an ``ssl`` error, a c-ares code, or our own ``ProbeFailure``.
+an ``OSError`` errno, an ``ssl`` error, or our own ``ProbeFailure`` (which DNS failures are,
+their string taken from the answer's rcode by ``dns_failure``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import errno
 import ssl
 from collections.abc import Iterator
 
-import aiodns.error as ares
+import dns.rcode
 import httpx
 
 from .errors import ProbeFailure
@@ -36,33 +37,16 @@ ERRNO_FAILURES: dict[int, str] = {
     errno.EPROTO: "protocol_error",
 }
 
-ARES_FAILURES: dict[int, str] = {
-    ares.ARES_ENOTFOUND: "dns_nxdomain_error",
-    ares.ARES_ENONAME: "dns_nxdomain_error",
-    ares.ARES_ENODATA: "dns_no_answer",
-    ares.ARES_ESERVFAIL: "dns_servfail_error",
-    ares.ARES_EREFUSED: "dns_refused_error",
-    ares.ARES_ETIMEOUT: TIMEOUT,
-    ares.ARES_ECONNREFUSED: "connection_refused",
-    ares.ARES_EFORMERR: "dns_server_misbehaving",
-    ares.ARES_EBADRESP: "dns_server_misbehaving",
-    ares.ARES_ENOTIMP: "dns_server_misbehaving",
-    ares.ARES_EBADNAME: "dns_bad_name",
-    ares.ARES_EBADQUERY: "dns_bad_name",
-    ares.ARES_EBADSTR: "dns_bad_name",
-    ares.ARES_EOF: "eof_error",
-    ares.ARES_ECANCELLED: "interrupted",
-    ares.ARES_EDESTRUCTION: "interrupted",
-    ares.ARES_ENOMEM: "dns_resolver_error",
-    ares.ARES_EFILE: "dns_resolver_error",
-    ares.ARES_ENOTINITIALIZED: "dns_resolver_error",
-    ares.ARES_ESERVICE: "dns_resolver_error",
-    ares.ARES_EBADFAMILY: "dns_resolver_error",
-    ares.ARES_EBADFLAGS: "dns_resolver_error",
-    ares.ARES_EBADHINTS: "dns_resolver_error",
-    ares.ARES_EADDRGETNETWORKPARAMS: "dns_resolver_error",
-    ares.ARES_ELOADIPHLPAPI: "dns_resolver_error",
+# The rcode of a DNS answer without the addresses asked for -> its failure; any other rcode
+# (FORMERR, NOTIMP, ...) is the server misbehaving.
+RCODE_FAILURES: dict[dns.rcode.Rcode, str] = {
+    dns.rcode.NOERROR: "dns_no_answer",
+    dns.rcode.NXDOMAIN: "dns_nxdomain_error",
+    dns.rcode.SERVFAIL: "dns_servfail_error",
+    dns.rcode.REFUSED: "dns_refused_error",
 }
+# Two answers to one query that disagree: one was forged on the way (probe/resolver.py).
+DNS_ANSWERS_CONFLICT = "dns_answers_conflict"
 
 # OpenSSL X509_V_ERR_* codes carried by ssl.SSLCertVerificationError.verify_code.
 UNKNOWN_AUTHORITY_CODES = frozenset({2, 18, 19, 20, 21})
@@ -78,6 +62,11 @@ CLASS_FAILURES: tuple[tuple[type[BaseException], str], ...] = (
     (TimeoutError, TIMEOUT),
     (httpx.InvalidURL, "http_invalid_redirect_location_host"),
 )
+
+
+def dns_failure(rcode: dns.rcode.Rcode) -> str:
+    """The failure of a DNS answer with this rcode and no address."""
+    return RCODE_FAILURES.get(rcode, "dns_server_misbehaving")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -107,8 +96,6 @@ def _specific(exc: BaseException) -> str | None:
         return exc.failure
     if isinstance(exc, ssl.SSLError):
         return _ssl_failure(exc)
-    if isinstance(exc, ares.DNSError) and exc.args and isinstance(exc.args[0], int):
-        return ARES_FAILURES.get(exc.args[0])
     if isinstance(exc, OSError) and exc.errno in ERRNO_FAILURES:
         return ERRNO_FAILURES[exc.errno]
     return None

@@ -15,14 +15,12 @@ import ssl
 import struct
 from datetime import UTC, datetime
 
-import aiodns.error as ares
-
 from .config import PathSpec
 from .conn import Conn
 from .dns import Resolver, is_ip, lookup, resolver_for
 from .errors import ProbeFailure
 from .failures import classify
-from .model import BIND, CONNECT, PROXY_AUTH, PROXY_CONNECT, TLS_HANDSHAKE, Trace
+from .model import BIND, CONNECT, PROXY_AUTH, PROXY_CONNECT, RESOLVE, TLS_HANDSHAKE, Trace
 from .sockets import bound_socket, check_bind
 
 SYSTEM_RESOLVER = Resolver()
@@ -85,9 +83,11 @@ async def _connect_proxy(path: PathSpec, trace: Trace) -> tuple[Conn, float]:
     try:
         addresses = await lookup(SYSTEM_RESOLVER, path.host or "", Trace())
         return await _connect(addresses, path.port or 0, path)
-    except ProbeFailure:
-        raise
-    except (OSError, ares.DNSError) as exc:
+    except ProbeFailure as exc:
+        if exc.operation != RESOLVE:
+            raise
+        raise ProbeFailure(exc.failure, PROXY_CONNECT, f"proxy {path.host}:{path.port}: {exc}") from exc
+    except OSError as exc:
         raise ProbeFailure(classify(exc), PROXY_CONNECT, f"proxy {path.host}:{path.port}: {exc}") from exc
 
 

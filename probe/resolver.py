@@ -1,0 +1,324 @@
+"""DNS queries the probe sends itself, timed by the kernel like every other phase.
+
+A stub resolver (glibc's, c-ares) hides what a measurement needs: c-ares keeps answers in a
+cache and a thread per channel, and every stub takes the first answer and drops the rest.
+Here each query goes out on a non-blocking UDP socket of its own, bound as the path's other
+sockets are, and its answers are read with their kernel arrival times by the same code that
+reads a TCP connection (probe/conn.py): the resolve phase runs from the send to the kernel's
+arrival of the answer, however late the event loop gets to it. An answer with the TC bit is
+asked again over TCP. Nothing is cached; dnspython writes and reads the messages.
+
+After the first answer, the socket is read a while longer (`linger_s`): an injector on the
+path answers before the real server, so a second, different answer to one query is the trace
+of a forgery.
+
+Retries follow glibc's res_send: `attempts` rounds over at most three servers, server i
+waited for `timeout << i` seconds, divided by the number of servers when i > 0 (at least 1);
+an answer of SERVFAIL, NOTIMP or REFUSED moves on to the next server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+
+from .config import PathSpec
+from .conn import SO_TIMESTAMPNS, Conn
+from .sockets import bound_socket
+
+RESOLV_CONF = "/etc/resolv.conf"
+DNS_PORT = 53
+EDNS_PAYLOAD = 1232  # the 2020 DNS flag day's size: no fragmented answers
+RETRY_RCODES = frozenset({dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED})
+# glibc's defaults and bounds (resolv.h): RES_TIMEOUT, RES_DFLRETRY, ndots 1; RES_MAXRETRANS,
+# RES_MAXRETRY, RES_MAXNDOTS; MAXNS servers.
+TIMEOUT_S, ATTEMPTS, NDOTS = 5, 2, 1
+MAX_TIMEOUT_S, MAX_ATTEMPTS, MAX_NDOTS, MAX_SERVERS = 30, 5, 15, 3
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    host: str
+    port: int = DNS_PORT
+
+    @classmethod
+    def parse(cls, text: str) -> Server:
+        """ "ip", "ip:port", "[ipv6]" or "[ipv6]:port" (checked by the config already)."""
+        if text.startswith("["):
+            host, _, port = text[1:].partition("]")
+            return cls(host, int(port[1:]) if port else DNS_PORT)
+        if text.count(":") == 1:
+            host, port = text.split(":")
+            return cls(host, int(port))
+        return cls(text)
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == DNS_PORT else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """How long and how often to ask: resolv.conf's `options timeout:N attempts:N ndots:N`."""
+
+    timeout_s: int = TIMEOUT_S
+    attempts: int = ATTEMPTS
+    ndots: int = NDOTS
+
+    def wait_s(self, index: int, servers: int) -> int:
+        """glibc's wait for server `index` of `servers`, the same in every attempt."""
+        seconds = self.timeout_s << index
+        if index:
+            seconds //= servers
+        return max(seconds, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvConf:
+    servers: tuple[Server, ...]
+    search: tuple[str, ...]
+    options: Options
+
+
+def parse_resolv_conf(text: str) -> ResolvConf:
+    """nameserver, domain, search and options timeout/attempts/ndots, read as glibc's res_init
+    reads them: the last domain or search line wins, at most three servers (127.0.0.1 when
+    none), numbers capped at glibc's bounds. attempts:0 asks once rather than never."""
+    servers: list[Server] = []
+    search: list[str] | None = None
+    options = {"timeout": TIMEOUT_S, "attempts": ATTEMPTS, "ndots": NDOTS}
+    bounds = {"timeout": MAX_TIMEOUT_S, "attempts": MAX_ATTEMPTS, "ndots": MAX_NDOTS}
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0][0] in "#;":
+            continue
+        keyword, values = words[0], words[1:]
+        if keyword == "nameserver" and values and len(servers) < MAX_SERVERS:
+            try:
+                ipaddress.ip_address(values[0].split("%")[0])
+            except ValueError:
+                continue
+            servers.append(Server(values[0]))
+        elif keyword == "domain" and values:
+            search = values[:1]
+        elif keyword == "search" and values:
+            search = values
+        elif keyword == "options":
+            for option in values:
+                name, _, number = option.partition(":")
+                if name in options:
+                    options[name] = min(int(number) if number.isdigit() else 0, bounds[name])
+    if search is None:  # no domain or search line: the domain of the host's own name
+        hostname = socket.gethostname()
+        search = [hostname.split(".", 1)[1]] if "." in hostname.strip(".") else []
+    return ResolvConf(
+        servers=tuple(servers) or (Server("127.0.0.1"),),
+        search=tuple(domain for domain in search if domain.strip(".")),
+        options=Options(timeout_s=options["timeout"], attempts=max(options["attempts"], 1), ndots=options["ndots"]),
+    )
+
+
+_read: dict[str, tuple[tuple[int, int, int], ResolvConf]] = {}
+
+
+def read_resolv_conf(path: str = RESOLV_CONF) -> ResolvConf:
+    """The file as it is now: read again whenever it changed, as glibc does (its parse is kept
+    only while the file's inode, size and mtime stay the same; answers are never kept)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return parse_resolv_conf("")
+    key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    known = _read.get(path)
+    if known and known[0] == key:
+        return known[1]
+    try:
+        conf = parse_resolv_conf(Path(path).read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return parse_resolv_conf("")
+    _read[path] = (key, conf)
+    return conf
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    message: dns.message.Message
+    received_ns: int  # the kernel's arrival time (CLOCK_REALTIME)
+
+    @property
+    def rcode(self) -> dns.rcode.Rcode:
+        return self.message.rcode()
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.message.flags & dns.flags.TC)
+
+    def addresses(self, rdtype: dns.rdatatype.RdataType) -> list[str]:
+        return [rdata.address for rrset in self.message.answer if rrset.rdtype == rdtype for rdata in rrset]
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One query: the answer it got, the answers that came after it, and its network time."""
+
+    name: dns.name.Name
+    rdtype: dns.rdatatype.RdataType
+    started_ns: int = 0  # the first send
+    network_ms: float = 0.0  # first send -> the answer's arrival; a TCP retry adds its handshake and round trip
+    server: Server | None = None
+    reply: Reply | None = None  # None: no server answered
+    later: list[Reply] = field(default_factory=list)
+    error: Exception | None = None  # why the last server tried gave no answer
+
+    @property
+    def addresses(self) -> list[str]:
+        return self.reply.addresses(self.rdtype) if self.reply else []
+
+    @property
+    def conflicting(self) -> bool:
+        """A later answer says something else: another rcode, or (whole) other addresses."""
+        if self.reply is None:
+            return False
+        first = set(self.addresses)
+        return any(r.rcode != self.reply.rcode or (not r.truncated and set(r.addresses(self.rdtype)) != first)
+                   for r in self.later)  # fmt: skip
+
+    def describe(self) -> str:
+        """Every answer with its time after the first send, for the measurement's detail."""
+        replies = [self.reply, *self.later] if self.reply else []
+        answers = "; ".join(f"{dns.rcode.to_text(r.rcode)} [{', '.join(r.addresses(self.rdtype))}] at "
+                            f"{(r.received_ns - self.started_ns) / 1e6:.1f} ms" for r in replies)  # fmt: skip
+        return f"{self.name} {dns.rdatatype.to_text(self.rdtype)} from {self.server}: {answers}"
+
+
+def _socket(family: int, kind: int, path: PathSpec | None) -> socket.socket:
+    if path is None:
+        sock = socket.socket(family, kind)
+        sock.setblocking(False)
+        return sock
+    return bound_socket(family, path, kind)
+
+
+def _udp(server: Server, path: PathSpec | None) -> Conn:
+    """A connected UDP socket: Conn sends and reads one datagram at a time, with kernel times."""
+    sock = _socket(server.family, socket.SOCK_DGRAM, path)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.connect((server.host, server.port))
+    except BaseException:
+        sock.close()
+        raise
+    return Conn(sock, server.host)
+
+
+def _parse(data: bytes) -> dns.message.Message | None:
+    try:
+        return dns.message.from_wire(data, raise_on_truncation=True)
+    except dns.message.Truncated as truncated:
+        return truncated.message()  # type: ignore[no-any-return]
+    except dns.exception.DNSException:
+        return None  # not a DNS message: ignored, as every stub does
+
+
+async def _next_reply(conn: Conn, query: dns.message.Message) -> Reply:
+    """The next datagram that answers `query` (same id and question)."""
+    while True:
+        message = _parse(await conn.recv())
+        if message is not None and query.is_response(message):
+            return Reply(message, conn.received_ns)
+
+
+async def _over_tcp(query: dns.message.Message, wire: bytes, server: Server,
+                    path: PathSpec | None) -> tuple[Reply, float]:  # fmt: skip
+    """The query again over TCP; the answer and the network time (handshake + round trip)."""
+    sock = _socket(server.family, socket.SOCK_STREAM, path)
+    try:
+        conn, handshake_ms = await Conn.connect(sock, (server.host, server.port))
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        await conn.send(struct.pack("!H", len(wire)) + wire)
+        (size,) = struct.unpack("!H", await conn.readexactly(2))
+        message = _parse(await conn.readexactly(size))
+        if message is None or not query.is_response(message):
+            raise EOFError(f"{server} answered the query over TCP with something else")
+        return Reply(message, conn.received_ns), handshake_ms + conn.answer_ms()
+    finally:
+        conn.close()
+
+
+async def _linger(conn: Conn, query: dns.message.Message, since_ns: int, linger_s: float) -> list[Reply]:
+    """Answers that arrive within `linger_s` of the first one's arrival."""
+    later: list[Reply] = []
+    try:
+        async with asyncio.timeout(max(linger_s - (time.time_ns() - since_ns) / 1e9, 0)):
+            while True:
+                later.append(await _next_reply(conn, query))
+    except (TimeoutError, OSError):
+        pass
+    return later
+
+
+async def exchange(
+    name: dns.name.Name,
+    rdtype: dns.rdatatype.RdataType,
+    servers: Sequence[Server],
+    options: Options,
+    path: PathSpec | None = None,
+    linger_s: float = 0,
+) -> Exchange:
+    """Ask `servers` for `name`/`rdtype` as glibc would; never raises for a server that does not
+    answer (the Exchange says why), only for a socket the path cannot bind."""
+    query = dns.message.make_query(name, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
+    wire = query.to_wire()
+    result = Exchange(name, rdtype)
+    conns: dict[Server, Conn] = {}
+    try:
+        for _attempt in range(options.attempts):
+            for index, server in enumerate(servers):
+                try:
+                    if server not in conns:  # one socket per server, kept over the attempts, as glibc does
+                        conns[server] = _udp(server, path)
+                    conn = conns[server]
+                    async with asyncio.timeout(options.wait_s(index, len(servers))):
+                        await conn.send(wire)
+                        result.started_ns = result.started_ns or conn.sent_ns
+                        reply = first = await _next_reply(conn, query)
+                        tcp_ms = 0.0
+                        if reply.truncated:
+                            reply, tcp_ms = await _over_tcp(query, wire, server, path)
+                except (OSError, EOFError) as exc:  # TimeoutError included; ECONNREFUSED: ICMP port unreachable
+                    result.error = exc
+                    continue
+                result.server, result.reply, result.error = server, reply, None
+                result.network_ms = (first.received_ns - result.started_ns) / 1e6 + tcp_ms
+                if reply.rcode in RETRY_RCODES:
+                    continue
+                if linger_s > 0:
+                    result.later = await _linger(conn, query, first.received_ns, linger_s)
+                return result
+        if result.reply is None:
+            result.network_ms = (time.time_ns() - result.started_ns) / 1e6 if result.started_ns else 0.0
+        return result
+    finally:
+        for conn in conns.values():
+            conn.close()
