@@ -342,8 +342,8 @@ def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple
     spanned = len(data.per_unit()[0])
     if spanned < method.baseline + method.gap + 1:
         raise ConfigError(f"{series or source(cfg)}: the data spans {spanned} {data.units}; the baseline alone "
-                          f"needs {method.baseline + method.gap} before a window (--baseline {baseline} and --gap "
-                          f"{gap}): give more data or a shorter --baseline")  # fmt: skip
+                          f"needs {method.baseline + method.gap} before a window (--baseline and --gap): give more "
+                          "data or a shorter --baseline")  # fmt: skip
     if not ids and not categories:
         chosen = [e for e in chosen if e.category != "holiday"]
     chosen = [e for e in chosen if e.window[0] - before < span[1] and span[0] < e.window[1] + after]

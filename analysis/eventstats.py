@@ -144,9 +144,10 @@ def _inpainted(y: np.ndarray, method: Method) -> np.ndarray:
     """Values far from the running median of the baseline's length before them become that
     median, for at most `clip_units` in a row."""
     series = pd.Series(y)
-    before = series.rolling(method.baseline, min_periods=max(3, method.baseline // 4))
+    before = series.rolling(method.baseline, min_periods=min(method.baseline, max(3, method.baseline // 4)))
     predicted = before.median().shift(1)
-    spread = (series - predicted).abs().rolling(method.baseline, min_periods=3).median().shift(1) * 1.4826
+    distance = (series - predicted).abs().rolling(method.baseline, min_periods=min(3, method.baseline))
+    spread = distance.median().shift(1) * 1.4826
     far = ((series - predicted).abs() > method.clip_k * spread.clip(lower=1e-9)).to_numpy()
     run = pd.Series(far).groupby((~pd.Series(far)).cumsum()).cumsum().to_numpy()  # length of the run so far
     replace = far & (run <= method.clip_units)

@@ -128,3 +128,10 @@ def test_a_category_with_an_effect_is_found_and_one_event_driving_it_shows() -> 
     driven = pool({"big": 5.0, **{f"e{i}": 0.05 * (-1) ** i for i in range(9)}})
     assert driven is not None
     assert driven.left_out["big"][1] > 0.5  # without it, nothing is left
+
+
+@pytest.mark.parametrize("baseline", [2, 3, 5])
+def test_a_short_baseline_for_a_short_run_works(baseline: int) -> None:
+    values, excluded, at = synthetic(3, 2.0, at=500)
+    result = Calculator(values, excluded, Method(baseline=baseline, gap=0, shifts=(0, 0), placebo_gap=2)).effect(at, 7)
+    assert result.p_value is not None and result.ratio is not None and result.ratio > 1.5
