@@ -11,7 +11,6 @@ first answer: a second answer that says something else is `dns_answers_conflict`
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import ipaddress
@@ -160,8 +159,7 @@ def _name(text: str) -> dns.name.Name:
 
 async def _ask(conf: ResolvConf, path: PathSpec | None, name: dns.name.Name,
                rdtypes: Sequence[dns.rdatatype.RdataType], linger_s: float = 0) -> Outcome:  # fmt: skip
-    queries = (exchange(name, rdtype, conf.servers, conf.options, path, linger_s) for rdtype in rdtypes)
-    return Outcome(tuple(await asyncio.gather(*queries)))
+    return Outcome(await exchange(name, rdtypes, conf.servers, conf.options, path, linger_s))
 
 
 async def _search(resolver: Resolver, host: str) -> tuple[Outcome, float]:

@@ -2,11 +2,12 @@
 
 A stub resolver (glibc's, c-ares) hides what a measurement needs: c-ares keeps answers in a
 cache and a thread per channel, and every stub takes the first answer and drops the rest.
-Here each query goes out on a non-blocking UDP socket of its own, bound as the path's other
-sockets are, and its answers are read with their kernel arrival times by the same code that
-reads a TCP connection (probe/conn.py): the resolve phase runs from the send to the kernel's
-arrival of the answer, however late the event loop gets to it. An answer with the TC bit is
-asked again over TCP. Nothing is cached; dnspython writes and reads the messages.
+Here the queries for a name (A and AAAA, as glibc sends them) go out together on a non-blocking
+UDP socket, bound as the path's other sockets are, and their answers are read with their kernel
+arrival times by the same code that reads a TCP connection (probe/conn.py): the resolve phase
+runs from the send to the kernel's arrival of the answer, however late the event loop gets to
+it. An answer with the TC bit is asked again over TCP. Nothing is cached; dnspython writes and
+reads the messages.
 
 After the first answer, the socket is read a while longer (`linger_s`): an injector on the
 path answers before the real server, so a second, different answer to one query is the trace
@@ -162,10 +163,11 @@ def read_resolv_conf(path: str = RESOLV_CONF) -> ResolvConf:
 class Reply:
     message: dns.message.Message
     received_ns: int  # the kernel's arrival time (CLOCK_REALTIME)
+    rcode: dns.rcode.Rcode
 
-    @property
-    def rcode(self) -> dns.rcode.Rcode:
-        return self.message.rcode()
+    @classmethod
+    def of(cls, message: dns.message.Message, received_ns: int) -> Reply:
+        return cls(message, received_ns, message.rcode())
 
     @property
     def truncated(self) -> bool:
@@ -238,16 +240,26 @@ def _parse(data: bytes) -> dns.message.Message | None:
         return None  # not a DNS message: ignored, as every stub does
 
 
-async def _next_reply(conn: Conn, query: dns.message.Message) -> Reply:
-    """The next datagram that answers `query` (same id and question)."""
+@dataclass(slots=True)
+class _Query:
+    message: dns.message.Message
+    wire: bytes
+    result: Exchange
+    first_ns: int = 0  # the kernel's arrival time of the first answer over UDP
+
+
+async def _next_reply(conn: Conn, queries: Sequence[_Query]) -> tuple[_Query, Reply]:
+    """The next datagram that answers one of `queries` (same id and question), and which."""
     while True:
         message = _parse(await conn.recv())
-        if message is not None and query.is_response(message):
-            return Reply(message, conn.received_ns)
+        if message is None:
+            continue
+        for query in queries:
+            if query.message.is_response(message):
+                return query, Reply.of(message, conn.received_ns)
 
 
-async def _over_tcp(query: dns.message.Message, wire: bytes, server: Server,
-                    path: PathSpec | None) -> tuple[Reply, float]:  # fmt: skip
+async def _over_tcp(query: _Query, server: Server, path: PathSpec | None) -> tuple[Reply, float]:
     """The query again over TCP; the answer and the network time (handshake + round trip)."""
     sock = _socket(server.family, socket.SOCK_STREAM, path)
     try:
@@ -256,69 +268,99 @@ async def _over_tcp(query: dns.message.Message, wire: bytes, server: Server,
         sock.close()
         raise
     try:
-        await conn.send(struct.pack("!H", len(wire)) + wire)
+        await conn.send(struct.pack("!H", len(query.wire)) + query.wire)
         (size,) = struct.unpack("!H", await conn.readexactly(2))
         message = _parse(await conn.readexactly(size))
-        if message is None or not query.is_response(message):
+        if message is None or not query.message.is_response(message):
             raise EOFError(f"{server} answered the query over TCP with something else")
-        return Reply(message, conn.received_ns), handshake_ms + conn.answer_ms()
+        return Reply.of(message, conn.received_ns), handshake_ms + conn.answer_ms()
     finally:
         conn.close()
 
 
-async def _linger(conn: Conn, query: dns.message.Message, since_ns: int, linger_s: float) -> list[Reply]:
-    """Answers that arrive within `linger_s` of the first one's arrival."""
-    later: list[Reply] = []
+def _settled(query: _Query) -> bool:
+    """Answered, by an rcode that does not send it on to the next server."""
+    return query.result.reply is not None and query.result.reply.rcode not in RETRY_RCODES
+
+
+async def _ask(conn: Conn, server: Server, queries: list[_Query], waiting: list[_Query], path: PathSpec | None) -> None:
+    """Send every waiting query to `server` and read until each has an answer (a second answer
+    to a query already answered is kept: see _linger)."""
+    for query in waiting:
+        await conn.send(query.wire)
+        query.result.started_ns = query.result.started_ns or conn.sent_ns
+    unanswered = list(waiting)
+    while unanswered:
+        query, reply = await _next_reply(conn, queries)
+        if query not in unanswered:
+            query.result.later.append(reply)
+            continue
+        unanswered.remove(query)
+        query.result.later.clear()
+        query.first_ns, tcp_ms = reply.received_ns, 0.0
+        if reply.truncated:
+            reply, tcp_ms = await _over_tcp(query, server, path)
+        result = query.result
+        result.server, result.reply, result.error = server, reply, None
+        result.network_ms = (query.first_ns - result.started_ns) / 1e6 + tcp_ms
+
+
+async def _linger(conn: Conn, queries: list[_Query], linger_ns: int) -> None:
+    """Read on until `linger_ns` after the last first answer; exchange() keeps what came within
+    `linger_ns` of each query's own first answer."""
+    deadline_ns = max(q.first_ns for q in queries) + linger_ns
     try:
-        async with asyncio.timeout(max(linger_s - (time.time_ns() - since_ns) / 1e9, 0)):
+        async with asyncio.timeout(max(deadline_ns - time.time_ns(), 0) / 1e9):
             while True:
-                later.append(await _next_reply(conn, query))
+                query, reply = await _next_reply(conn, queries)
+                query.result.later.append(reply)
     except (TimeoutError, OSError):
         pass
-    return later
 
 
 async def exchange(
     name: dns.name.Name,
-    rdtype: dns.rdatatype.RdataType,
+    rdtypes: Sequence[dns.rdatatype.RdataType],
     servers: Sequence[Server],
     options: Options,
     path: PathSpec | None = None,
     linger_s: float = 0,
-) -> Exchange:
-    """Ask `servers` for `name`/`rdtype` as glibc would; never raises for a server that does not
-    answer (the Exchange says why), only for a socket the path cannot bind."""
-    query = dns.message.make_query(name, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
-    wire = query.to_wire()
-    result = Exchange(name, rdtype)
+) -> tuple[Exchange, ...]:
+    """Ask `servers` for `name`, one query per type, all on one socket per server, as glibc
+    asks for A and AAAA. Never raises for a server that does not answer (each Exchange says
+    why), only for a socket the path cannot bind."""
+    queries = []
+    for rdtype in rdtypes:
+        message = dns.message.make_query(name, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
+        queries.append(_Query(message, message.to_wire(), Exchange(name, rdtype)))
+    waiting = queries
     conns: dict[Server, Conn] = {}
     try:
         for _attempt in range(options.attempts):
             for index, server in enumerate(servers):
+                if not waiting:
+                    break
                 try:
                     if server not in conns:  # one socket per server, kept over the attempts, as glibc does
                         conns[server] = _udp(server, path)
-                    conn = conns[server]
                     async with asyncio.timeout(options.wait_s(index, len(servers))):
-                        await conn.send(wire)
-                        result.started_ns = result.started_ns or conn.sent_ns
-                        reply = first = await _next_reply(conn, query)
-                        tcp_ms = 0.0
-                        if reply.truncated:
-                            reply, tcp_ms = await _over_tcp(query, wire, server, path)
+                        await _ask(conns[server], server, queries, waiting, path)
                 except (OSError, EOFError) as exc:  # TimeoutError included; ECONNREFUSED: ICMP port unreachable
-                    result.error = exc
-                    continue
-                result.server, result.reply, result.error = server, reply, None
-                result.network_ms = (first.received_ns - result.started_ns) / 1e6 + tcp_ms
-                if reply.rcode in RETRY_RCODES:
-                    continue
-                if linger_s > 0:
-                    result.later = await _linger(conn, query, first.received_ns, linger_s)
-                return result
-        if result.reply is None:
-            result.network_ms = (time.time_ns() - result.started_ns) / 1e6 if result.started_ns else 0.0
-        return result
+                    for query in waiting:
+                        query.result.error = exc  # an answer from an earlier server still counts first
+                waiting = [query for query in queries if not _settled(query)]
+        for query in queries:
+            if query.result.reply is None and query.result.started_ns:
+                query.result.network_ms = (time.time_ns() - query.result.started_ns) / 1e6
+        linger_ns = int(linger_s * 1e9)
+        answered = {q.result.server: [p for p in queries if p.result.server == q.result.server and p.first_ns]
+                    for q in queries if q.first_ns}  # fmt: skip
+        if linger_ns and answered:
+            await asyncio.gather(*(_linger(conns[server], asked, linger_ns) for server, asked in answered.items()
+                                   if server is not None))  # fmt: skip
     finally:
         for conn in conns.values():
             conn.close()
+    for query in queries:
+        query.result.later = [r for r in query.result.later if r.received_ns <= query.first_ns + linger_ns]
+    return tuple(q.result for q in queries)

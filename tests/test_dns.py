@@ -264,6 +264,13 @@ def test_a_bind_paths_queries_leave_from_its_address(zone: Zone, tmp_path: Path,
             assert line.endswith(f"query[{qtype}] {name} from 127.0.0.2")
 
 
+def test_a_proxy_name_that_does_not_resolve_is_the_paths_failure(tmp_path: Path, closed_port: int) -> None:
+    cfg = lab(tmp_path, {"site": f'kind = "tcp"\nhost = "{LOOPBACK}"\nport = {closed_port}'},
+              {"socks": 'kind = "socks5"\nhost = "bad..name"\nport = 1080'})  # fmt: skip
+    m = run(cfg, "site", "socks")
+    assert (m.failure, m.failed_operation, m.path_failed) == ("dns_bad_name", "proxy_connect", True), m.detail
+
+
 def test_every_probe_sends_its_queries(zone: Zone, tmp_path: Path) -> None:
     cfg = lab(tmp_path, {"name": 'kind = "dns"\nhost = "twice.count.test"'}, DIRECT)
     assert run(cfg, "name").ok and run(cfg, "name").ok
