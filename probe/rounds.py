@@ -123,6 +123,7 @@ async def measure(ctx: ProbeContext, target: Target, path: PathSpec, round_id: s
                 ssl_context=ctx.ssl_context,
                 user_agent=settings.user_agent,
                 body_cap_bytes=settings.body_cap_bytes,
+                dns_linger_s=settings.dns_linger_s,
             )
     except Exception as exc:  # the boundary where network failures become values
         failure = classify(exc)

@@ -6,12 +6,12 @@ import asyncio
 import errno
 import ssl
 
-import aiodns.error as ares
+import dns.rcode
 import httpx
 import pytest
 
 from probe.errors import ProbeFailure
-from probe.failures import ARES_FAILURES, ERRNO_FAILURES, classify
+from probe.failures import ERRNO_FAILURES, classify, dns_failure
 
 
 def _verify_error(code: int) -> ssl.SSLCertVerificationError:
@@ -52,16 +52,11 @@ EXPECTED: list[tuple[BaseException, str]] = [
     (_verify_error(18), "ssl_unknown_authority"),
     (_verify_error(10), "ssl_invalid_certificate"),
     (_verify_error(9), "ssl_invalid_certificate"),
-    (ares.DNSError(ares.ARES_ENOTFOUND, "not found"), "dns_nxdomain_error"),
-    (ares.DNSError(ares.ARES_ENODATA, "no data"), "dns_no_answer"),
-    (ares.DNSError(ares.ARES_ESERVFAIL, "servfail"), "dns_servfail_error"),
-    (ares.DNSError(ares.ARES_EREFUSED, "refused"), "dns_refused_error"),
-    (ares.DNSError(ares.ARES_ETIMEOUT, "timeout"), "generic_timeout_error"),
-    (ares.DNSError(ares.ARES_ECONNREFUSED, "could not contact"), "connection_refused"),
     (httpx.InvalidURL("bad"), "http_invalid_redirect_location_host"),
     (_wrapped(ConnectionResetError(errno.ECONNRESET, "reset"), RuntimeError), "connection_reset"),
     (_wrapped(_verify_error(62), RuntimeError), "ssl_invalid_hostname"),
-    (_wrapped(ares.DNSError(ares.ARES_ENOTFOUND, "nx"), RuntimeError), "dns_nxdomain_error"),
+    (_wrapped(ProbeFailure(dns_failure(dns.rcode.NXDOMAIN), "resolve"), RuntimeError), "dns_nxdomain_error"),
+    (EOFError("the DNS server closed the TCP connection"), "eof_error"),
     (ProbeFailure("proxy_auth_failed", "proxy_auth"), "proxy_auth_failed"),
 ]
 
@@ -76,14 +71,19 @@ def test_every_listed_errno_is_specific(code: int) -> None:
     assert not classify(OSError(code, "x")).startswith("unknown_failure")
 
 
-@pytest.mark.parametrize("code", sorted(ARES_FAILURES))
-def test_every_c_ares_code_is_specific(code: int) -> None:
-    assert not classify(ares.DNSError(code, "x")).startswith("unknown_failure")
+RCODES = [(dns.rcode.NOERROR, "dns_no_answer"), (dns.rcode.NXDOMAIN, "dns_nxdomain_error"),
+          (dns.rcode.SERVFAIL, "dns_servfail_error"), (dns.rcode.REFUSED, "dns_refused_error"),
+          (dns.rcode.FORMERR, "dns_server_misbehaving"), (dns.rcode.NOTIMP, "dns_server_misbehaving")]  # fmt: skip
 
 
-def test_every_c_ares_error_code_has_an_entry() -> None:
-    codes = {getattr(ares, name) for name in ares.__all__ if name.startswith("ARES_E")}
-    assert codes <= set(ARES_FAILURES)
+@pytest.mark.parametrize(("rcode", "failure"), RCODES, ids=[f"{r.name}-{f}" for r, f in RCODES])
+def test_a_dns_answer_without_addresses_maps_by_its_rcode(rcode: dns.rcode.Rcode, failure: str) -> None:
+    assert dns_failure(rcode) == failure
+
+
+@pytest.mark.parametrize("rcode", list(dns.rcode.Rcode))
+def test_every_rcode_is_specific(rcode: dns.rcode.Rcode) -> None:
+    assert not classify(ProbeFailure(dns_failure(rcode), "resolve")).startswith("unknown_failure")
 
 
 def test_unknown_exception_is_labelled_unknown_with_its_detail() -> None:
