@@ -45,14 +45,20 @@ class Series:
     def units(self) -> str:
         return "days" if self.unit == DAY else f"units of {_duration(self.unit)}"
 
+    @property
+    def unit_start(self) -> pd.Timestamp:
+        """Where the first unit starts: units are whole units of UTC time (days start at 00:00 UTC)."""
+        return self.start.floor(self.unit)
+
     def per_unit(self) -> tuple[np.ndarray, np.ndarray]:
-        """The mean (value per exposure) of every unit, NaN where less than half of it was
-        measured, and the share of each unit measured."""
+        """The mean (value per exposure) of every unit from `unit_start`, NaN where less than
+        half of it was measured, and the share of each unit measured."""
         per = self.bins_per_unit
-        units = int(np.ceil(len(self.value) / per))
-        pad = units * per - len(self.value)
-        value = np.concatenate([self.value, np.zeros(pad)]).reshape(units, per).sum(axis=1)
-        exposure = np.concatenate([self.exposure, np.zeros(pad)]).reshape(units, per).sum(axis=1)
+        lead = int(round((self.start - self.unit_start) / self.step))  # bins before the data's first
+        units = int(np.ceil((lead + len(self.value)) / per))
+        tail = units * per - lead - len(self.value)
+        value = np.concatenate([np.zeros(lead), self.value, np.zeros(tail)]).reshape(units, per).sum(axis=1)
+        exposure = np.concatenate([np.zeros(lead), self.exposure, np.zeros(tail)]).reshape(units, per).sum(axis=1)
         share = exposure / (per * self.full)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(share >= 0.5, value / exposure, np.nan), share
@@ -185,7 +191,7 @@ def check_events(
     every baseline and placebo date (holidays included)."""
     method = method or Method(two_sided=False)
     values, share = series.per_unit()
-    unit_start = series.start
+    unit_start = series.unit_start
 
     def units(start: pd.Timestamp, end: pd.Timestamp) -> tuple[int, int]:
         first = int(np.ceil((start - unit_start) / series.unit))

@@ -199,7 +199,9 @@ class Calculator:
         self.prepared = prepare(values, excluded, method)
         self.n = len(values)
         gap = method.placebo_gap
-        near = np.convolve(excluded.astype(int), np.ones(2 * gap + 1, dtype=int), mode="same") > 0
+        events = np.concatenate([[0], np.cumsum(excluded)])
+        at = np.arange(len(values))
+        near = events[np.minimum(at + gap + 1, len(values))] - events[np.maximum(at - gap, 0)] > 0
         self._near = np.concatenate([[0], np.cumsum(near)])  # units near an event, cumulated
         self._windows: dict[int, _Windows] = {}
         self._placebos: dict[int, np.ndarray] = {}
@@ -276,7 +278,8 @@ class Calculator:
                 inside = np.arange(width)[None, :] < (hi - lo)[part, None]
                 near_above[part] = ((band >= stats[part, None] - 1e-12) & inside).sum(axis=1)
             total = len(everyone) - (hi - lo)
-            self._null_p[length] = np.sort((1 + above - near_above) / (1 + total))
+            enough = total >= MIN_PLACEBOS  # a date with too few far from it has no p-value to give
+            self._null_p[length] = np.sort((1 + above - near_above)[enough] / (1 + total)[enough])
         return self._null_p[length]
 
     def effect(self, first: int, length: int) -> Effect:
@@ -294,6 +297,9 @@ class Calculator:
         if len(placebos) < MIN_PLACEBOS:
             return Effect(reason=f"{len(placebos)} placebo dates {m.placebo_gap} units from every event "
                           f"(need {MIN_PLACEBOS})", **counts)  # fmt: skip
+        if len(self.null_p(length)) < MIN_PLACEBOS:
+            return Effect(reason=f"{len(placebos)} placebo dates, too close together to calibrate a p-value: fewer "
+                          f"than {MIN_PLACEBOS} have {MIN_PLACEBOS} others {m.placebo_gap} units away", **counts)  # fmt: skip
         statistic, departure = float(w.statistic[first]), float(w.departure[first])
         null = self.null_p(length)
         p = (1 + int(np.searchsorted(null, self._raw_p(length, statistic) + 1e-12))) / (1 + len(null))

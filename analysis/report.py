@@ -24,10 +24,14 @@ from probe.errors import ConfigError
 
 from .charts import availability_heatmap, latency_smoke, outage_timeline
 from .eventcheck import Check, check_events, outage_series
+from .eventstats import Method
 from .events import Event, load_events
 from .pipeline import Analysis, analyse_config
 
 ISO_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
+# The report holds the week and the CONTEXT_WEEKS before it: a baseline, a search and placebo
+# dates that fit in them (`tunnelwatch events check` takes months by default).
+REPORT_METHOD = Method(baseline=14, gap=2, shifts=(-1, 3), placebo_gap=5, two_sided=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +175,8 @@ def _event_checks(wide: Analysis, w: Week, events: list[Event]) -> list[Check]:
         return []
     outages = wide.paths[wide.paths["verdict"] != "degraded"]
     series = outage_series(outages, wide.summary.coverage, *wide.span)
-    return check_events(series, near, events, first_outages=outages["start"] if len(outages) else None)
+    return check_events(series, near, events, first_outages=outages["start"] if len(outages) else None,
+                        method=REPORT_METHOD)  # fmt: skip
 
 
 def _period(w: Week) -> str:

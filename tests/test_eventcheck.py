@@ -185,3 +185,18 @@ def test_a_category_of_ten_events_as_a_whole(effect: float, verdict: str) -> Non
     if effect > 1:
         assert category.ratio is not None and category.ci_low is not None and category.ci_low > 1
         assert category.agree is not None and category.agree >= 8
+
+
+def test_units_are_whole_utc_days_wherever_the_data_starts() -> None:
+    """A store whose first hour is 13:00: its days still run from 00:00 UTC, so an event day's
+    outage lands in the event's own unit, not half in the unit before."""
+    start = YEAR + pd.Timedelta(hours=13)
+    hours = 60 * 24
+    value = np.zeros(hours)
+    day = 40  # 2018-02-10 (UTC), the outage the whole day
+    first = int((YEAR + pd.Timedelta(days=day) - start) / pd.Timedelta(hours=1))
+    value[first : first + 24] = 60.0
+    series = Series(start=start, step=pd.Timedelta(hours=1), value=value, exposure=np.full(hours, 60.0), full=60.0)
+    means, share = series.per_unit()
+    assert series.unit_start == YEAR and share[0] == pytest.approx(11 / 24) and np.isnan(means[0])
+    assert means[day] == 1.0 and means[day - 1] == 0.0 and means[day + 1] == 0.0

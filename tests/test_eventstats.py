@@ -135,3 +135,17 @@ def test_a_short_baseline_for_a_short_run_works(baseline: int) -> None:
     values, excluded, at = synthetic(3, 2.0, at=500)
     result = Calculator(values, excluded, Method(baseline=baseline, gap=0, shifts=(0, 0), placebo_gap=2)).effect(at, 7)
     assert result.p_value is not None and result.ratio is not None and result.ratio > 1.5
+
+
+def test_a_few_months_of_noise_is_never_an_effect() -> None:
+    """100 days hold a few placebo dates, all close together: too few to calibrate a p-value,
+    so the event is not evaluable, never an effect of noise. A placebo gap longer than the
+    series leaves no placebo date at all."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        values = np.exp(rng.normal(np.log(100), 0.2, 100))
+        excluded = np.zeros(100, dtype=bool)
+        excluded[70:76] = True
+        result = Calculator(values, excluded, Method()).effect(70, 6)
+        assert result.p_value is None and result.reason is not None and "placebo dates" in result.reason
+        assert len(Calculator(values, excluded, Method(placebo_gap=720)).placebos(6)) == 0
