@@ -123,6 +123,7 @@ class Daemon:
         self._writer: StoreWriter | None = None
         self._forwarder: Forwarder | None = None
         self._forward_failing_since: float | None = None
+        self._exit_code = 0  # 1 when a helper died and stopped the daemon
 
     async def run(self) -> int:
         config = self._config
@@ -162,7 +163,7 @@ class Daemon:
                 await uplink.close()
             store.close()
             lock.release()
-        return 0
+        return self._exit_code
 
     async def _serve(self) -> None:
         assert self._writer is not None
@@ -186,6 +187,8 @@ class Daemon:
                    loop.create_task(self._reload_loop())]  # fmt: skip
         if self._forwarder is not None:
             helpers.append(loop.create_task(self._forward_loop()))
+        for helper in helpers:
+            helper.add_done_callback(self._on_helper_done)
         notify("READY=1")
         self._status()
         log.info(
@@ -214,6 +217,15 @@ class Daemon:
         if self._forwarder is not None:
             await self._forward_once(final=True)
         log.info("stopped")
+
+    def _on_helper_done(self, task: asyncio.Task[Any]) -> None:
+        """A helper (the store writer, the forwarder, ...) ends only when cancelled at stop:
+        one that dies is an error that stops the daemon, never a silent monitor that stores nothing."""
+        if task.cancelled() or self._stop.is_set():
+            return
+        log.error("stopping: %s ended unexpectedly", task.get_coro().__qualname__, exc_info=task.exception())
+        self._exit_code = 1
+        self._stop.set()
 
     def _schedule(self) -> None:
         """Make the jobs match self._config. A job whose settings did not change is left as it

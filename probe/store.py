@@ -355,6 +355,12 @@ class SQLiteStore:
         returns what was done, for the log. The lock is taken again first if it went with
         the store, so no second daemon starts on the path; a damaged file is moved aside with
         its WAL; SQLite's files left of a deleted one are removed, never read into the new."""
+        try:
+            return self._reopen()
+        except OSError as exc:  # the directory gone or unwritable, the lock file not to be made
+            raise StoreError(f"{self.path}: cannot open a store there again: {exc.strerror or exc}") from None
+
+    def _reopen(self) -> str:
         lost = self._lost
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):

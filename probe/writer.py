@@ -14,9 +14,12 @@ never stops for a store, and nothing is written into a file that is gone or dama
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from .errors import StoreError
 from .metrics import Metrics
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 MAX_RETRY_S = 300.0
 
 Batch = tuple[list[Measurement], Heartbeat]
+T = TypeVar("T")
 
 
 class StoreWriter:
@@ -43,7 +47,7 @@ class StoreWriter:
         self._checking: asyncio.Future[None] | None = None
         self._checked = False
         self._lost: StoreLost | None = None  # counted and logged once, until a store is back
-        self._writing: asyncio.Future[bool] | None = None
+        self._in_flight: asyncio.Future[Any] | None = None  # the store call under way (probe/store.py: one thread)
 
     @property
     def buffered(self) -> int:
@@ -76,33 +80,42 @@ class StoreWriter:
         return False
 
     async def _flush(self) -> bool:
-        if self._writing is not None:  # a write a cancelled flush left running (one connection): its end first
-            try:
-                await asyncio.shield(self._writing)
-            except StoreError:
-                pass  # counted and logged by the write itself; what it held is still pending
-            finally:
-                if self._writing.done():
-                    self._writing = None
+        await self._settled()
         if not self._checked:
             await self._check()
         if self._paths:
             try:
-                await asyncio.to_thread(self._store.record_paths, self._paths)
-                self._paths = []
+                await self._call(self._record_paths(self._paths))
+            except StoreLost:
+                raise
             except StoreError as exc:
                 log.error("%s; will retry", exc)
                 return False
         if not self._pending:
             return True
-        # The write runs as a task of its own: a flush cancelled meanwhile (the daemon stopping)
-        # leaves it to finish and to account for what it stored, never to be written twice.
-        self._writing = asyncio.ensure_future(self._write(list(self._pending)))
-        try:
-            return await asyncio.shield(self._writing)
-        finally:
-            if self._writing.done():
-                self._writing = None
+        return await self._call(self._write(list(self._pending)))
+
+    async def _call(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run a store call as a task of its own: a flush cancelled meanwhile (the daemon
+        stopping) leaves it to finish on the one connection and to account for what it did,
+        and the next flush waits for it first, so nothing is written twice or beside it."""
+        self._in_flight = asyncio.ensure_future(work)
+        return await asyncio.shield(self._in_flight)
+
+    async def _settled(self) -> None:
+        """Wait for a store call a cancelled flush left running; what it failed to store is
+        still pending (a lost store is noticed again by the next call)."""
+        if self._in_flight is not None and not self._in_flight.done():
+            with contextlib.suppress(StoreError):
+                await asyncio.shield(self._in_flight)
+        if self._in_flight is not None and self._in_flight.done() and not self._in_flight.cancelled():
+            self._in_flight.exception()  # retrieved: a failure was handled where it was awaited, or is moot now
+        self._in_flight = None
+
+    async def _record_paths(self, paths: list[tuple[str, str, str, str | None]]) -> None:
+        await asyncio.to_thread(self._store.record_paths, paths)
+        if self._paths is paths:
+            self._paths = []
 
     async def _write(self, batches: list[Batch]) -> bool:
         measurements = [m for batch, _ in batches for m in batch]
@@ -152,8 +165,9 @@ class StoreWriter:
         if first:
             self._lost = lost
             self._metrics.store_reopened.labels(lost.reason).inc()
+        await self._settled()
         try:
-            done = await asyncio.to_thread(self._store.reopen)
+            done = await self._call(asyncio.to_thread(self._store.reopen))
         except StoreError as exc:
             if first:
                 log.error("%s: %s; cannot go on in a store there: %s; keeping up to %d measurements in memory and "
