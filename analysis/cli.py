@@ -243,14 +243,16 @@ def _check_rows(checks: list[Check], series_mode: bool) -> list[dict[str, Any]]:
             interval = f" [{c.ci_low:.2f}, {c.ci_high:.2f}]" if c.ci_low is not None and c.ci_high is not None else ""
             row["ratio_95ci"] = f"{c.ratio:.2f}{interval}"
         for key in ("p_value", "q_value"):
-            if c.__getattribute__(key) is not None and row.get(key) is not None:
-                row[key] = round(float(row[key]), 4)
+            if row.get(key) is not None:
+                row[key] = float(f"{row[key]:.3g}")  # significant digits: a p of 1e-5 stays 1e-5
         rows.append(row)
     return rows
 
 
 def _in_units(what: str, value: pd.Timedelta, unit: pd.Timedelta, least: int) -> int:
     units = int(round(value / unit))
+    if abs(value / unit - units) > 1e-9:
+        raise click.BadParameter(f"{what} {value} is not a whole number of units of {unit} (--unit)")
     if units < least:
         raise click.BadParameter(f"{what} {value} is {units} units of {unit}; it must be at least {least}")
     return units

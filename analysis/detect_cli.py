@@ -81,7 +81,7 @@ def events_detect(series: Path | None, column: str | None, method: str, block: i
     if not categories:
         events = [e for e in events if e.category != "holiday"]
     if series is not None and column is not None:
-        values, what = _series(series, column, since, until), f"{series}: {column}"
+        values, what = _series(series, column, since, until, missing), f"{series}: {column}"
     else:
         values, what = _outage_minutes(cfg, since, until, targets, paths), f"{source(cfg)}: outage minutes per day"
     values = values.mask(values.isin(missing)).dropna()
@@ -109,9 +109,11 @@ def _after(block: int | None) -> str:
     return f" after blocks of {block}" if block else ""
 
 
-def _series(path: Path, column: str, since: datetime | None, until: datetime | None) -> pd.Series:
+def _series(path: Path, column: str, since: datetime | None, until: datetime | None,
+            missing: tuple[float, ...] = ()) -> pd.Series:  # fmt: skip
     """The series' values, each hour's mean where it has several (a daily series: its days)."""
-    hours = read_series(path, column, pd.Timestamp(since) if since else None, pd.Timestamp(until) if until else None)
+    hours = read_series(path, column, pd.Timestamp(since) if since else None, pd.Timestamp(until) if until else None,
+                        missing)  # stand-ins are missing before they are averaged into an hour
     return hours.sums["sum"] / hours.sums["count"]
 
 

@@ -45,7 +45,7 @@ def _between(low: float, high: float, unit: str = "", above: bool = False, whole
 
     def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         try:
-            number = None if isinstance(value, bool) else handler(value)
+            number = None if isinstance(value, (bool, str)) else handler(value)  # TOML "5" is text
         except ValidationError:
             number = None
         if number is None or not ((low < number) if above else (low <= number)) or not number <= high:  # nan: False

@@ -249,7 +249,7 @@ NUMERIC_KEYS = _numeric_keys()
 
 
 @pytest.mark.parametrize(("section", "key"), NUMERIC_KEYS, ids=[f"{s}.{k}" for s, k in NUMERIC_KEYS])
-@pytest.mark.parametrize("bad", ["1e308", "inf", "nan", "-1", "true"])
+@pytest.mark.parametrize("bad", ["1e308", "inf", "nan", "-1", "true", "\"5\""])
 def test_every_number_in_the_config_is_bounded(section: str, key: str, bad: str) -> None:
     value = f"{{ blocked = {bad} }}" if key == "group_intervals_s" else bad
     shown = f"{section}.{key}.blocked" if key == "group_intervals_s" else f"{section}.{key}"
