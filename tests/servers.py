@@ -19,6 +19,15 @@ LOOPBACK = "127.0.0.1"
 IS_ROOT = os.geteuid() == 0
 
 
+def shared_data() -> Path:
+    """The project's shared real data (Google Trends, the ACSAC 2024 series): `../shared/data`
+    beside the repository, as the README uses it, or where this workplace keeps it."""
+    for place in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")):
+        if (place / "gtrends_vpn_cn.csv").exists():
+            return place
+    raise FileNotFoundError("no shared data: expected ../shared/data beside the repository (or /work/shared/data)")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.analysis_data import analysis_config, build_store, everything, fail
+from tests.servers import shared_data
 
 TUNNELWATCH = [sys.executable, "-m", "probe"]
 START = datetime(2019, 7, 1, tzinfo=UTC)
@@ -233,7 +234,7 @@ def test_store_compact_without_a_store_says_so(tmp_path: Path) -> None:
     assert f"{tmp_path / 'none.db'}: no store there" in result.stderr and "Traceback" not in result.stderr
 
 
-GTRENDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "gtrends_vpn_cn.csv"
+GTRENDS = shared_data() / "gtrends_vpn_cn.csv"
 
 
 def test_events_check_on_google_trends_finds_the_4_june_2019_spike(store: Path) -> None:

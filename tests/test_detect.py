@@ -17,8 +17,9 @@ from click.testing import CliRunner
 from analysis.detect import NOISE_UNITS_PER_SIGNAL, baseline_signals
 from probe.cli import app, main
 from tests.analysis_data import analysis_config, build_store, everything, fail
+from tests.servers import shared_data
 
-ACSAC = Path("/work/shared/data/acsac")
+ACSAC = shared_data() / "acsac"
 DATASETS = {  # the paper's inputs, its column and its smoothing
     "tor": ("data/tor/tor-data-cn.csv", "users", ["--block", "5"]),
     "ooni": ("data/ooni/ooni-data-cn.csv", "total", ["--block", "5"]),
