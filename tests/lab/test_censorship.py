@@ -399,7 +399,7 @@ def test_a_bad_certificate_on_the_site_itself_is_not_censorship(lab: Path) -> No
 
 
 INTERVAL_S = 2.0
-CLEAN_S = 30  # the clean periods around the two injected windows: enough 1-s units for `events check`
+CLEAN_S = 45  # the clean periods around the two injected windows: enough placebo windows for `events check`
 
 
 def test_a_timeline_of_injected_censorship_comes_back_as_outages(lab: Path) -> None:
@@ -451,7 +451,8 @@ def test_a_timeline_of_injected_censorship_comes_back_as_outages(lab: Path) -> N
         for name, (a, b) in {"lab-sni": truth["sni"], "lab-socks": truth["socks"], "lab-clean": (clean, clean + 12)
                              }.items()))  # fmt: skip
     # Seconds as units, a baseline of 4 s right before each window, placebo dates 1 s from the
-    # events: the clean periods hold some 25 placebo windows as long as an injected one.
+    # events: the clean periods hold some 50 placebo windows as long as an injected one, each with
+    # 19 or more others far enough from it to calibrate a p-value.
     short = ["--unit", "1s", "--baseline", "4s", "--gap", "0", "--onset-before", "0", "--onset-after", "0",
              "--placebo-gap", "1s", "--format", "json", "--config", str(config), "--events", str(events)]  # fmt: skip
     for event, only in (("lab-sni", ["--target", "news", "--path", "direct"]),
