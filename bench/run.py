@@ -1,9 +1,10 @@
 """Every benchmark, one after the other, and bench/RESULTS.md rewritten with every figure,
-the command that produced it, the machine and the date. `make bench` runs this (about 30
+the command that produced it, the machine and the date. `make bench` runs this (about 50
 minutes). Nothing here is a test: targets are written beside the figures, never asserted.
 
-Usage: .venv/bin/python bench/run.py [--quick] [--only probe-rate timing daemon year fleet]
-  --quick: shorter runs (a month instead of a year, 1 run each) to try the harness.
+Usage: .venv/bin/python bench/run.py [--quick] [--only probe-rate timing daemon year fleet events]
+  --quick: shorter runs (a month instead of a year, 1 run each, 10 ordinary dates a series)
+           to try the harness.
   --only: run these sections and keep the others' figures from the existing file; every
           section carries the date it was measured.
 """
@@ -23,11 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.analysis_load import measure_year  # noqa: E402
 from bench.daemon_load import measure_daemon  # noqa: E402
+from bench.events import measure_events  # noqa: E402
 from bench.fleet_load import measure_fleet  # noqa: E402
 from bench.probe_rate import measure_all  # noqa: E402
 from bench.timing_truth import measure_truth  # noqa: E402
 
-SECTIONS = ("probe-rate", "timing", "daemon", "year", "fleet")
+SECTIONS = ("probe-rate", "timing", "daemon", "year", "fleet", "events")
 
 
 def _machine() -> str:
@@ -59,6 +61,9 @@ def main() -> None:
                  lambda: measure_year(30 if q else 365, 1 if q else 3)),
         "fleet": ("Ten vantage points into PostgreSQL (issue 8)", f"bench/fleet_load.py --days {1 if q else 2} --vantages 10",
                   lambda: measure_fleet(1 if q else 2, 10)),
+        "events": ("Events check and detect: CPU beyond start-up, and false positives on real series (issue 13)",
+                   f"bench/events.py --days {30 if q else 365} --runs {1 if q else 3}{' --placebo-limit 10' if q else ''}",
+                   lambda: measure_events(30 if q else 365, 1 if q else 3, placebo_limit=10 if q else None)),
     }  # fmt: skip
     kept = _sections(args.out.read_text()) if args.out.exists() else {}
     parts = []
