@@ -287,12 +287,11 @@ the store) and the calendar, the statistics and the output. Work in-process: the
 measured directly, in a process that imported those modules and then ran the command's
 `main()`, its CPU counted from then on (no subtraction of two noisy figures: on a busy
 machine the floor varies by some 0.5 s from run to run, so a difference can even come out
-below zero). {runs}
-interleaved runs of each command, its floor and its work; medians (difference and ratio:
-medians of the per-run ones); wall time is the median, peak RSS the largest. The calendar is the shipped one ({len(calendar)}
-events, holidays included). Detect runs on the six China series of the ACSAC 2024 paper,
-with `--method mann-kendall` (`--block 5` for the counts, as the paper and
-tests/test_detect.py do) and with the default method.
+below zero). {runs} interleaved runs of each command, its floor and its work; medians
+(difference and ratio: medians of the per-run ones); wall time is the median, peak RSS the
+largest. The calendar is the shipped one ({len(calendar)} events, holidays included). Detect runs on
+the six China series of the ACSAC 2024 paper, with `--method mann-kendall` (`--block 5` for
+the counts, as the paper and tests/test_detect.py do) and with the default method.
 
 | command | CPU | start-up floor | beyond start-up | work in-process | vs floor | wall | peak RSS | |
 |---|---|---|---|---|---|---|---|---|
