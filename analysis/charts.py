@@ -42,8 +42,13 @@ VERDICT_COLOURS = {
 }
 NO_DATA = "#DDDDDD"
 # SmokePing colours its median by the loss in that interval; ours by the failure rate.
-FAILURE_STEPS = ((0.0, "#009E73", "0 %"), (0.05, "#0072B2", "< 5 %"), (0.2, "#E69F00", "< 20 %"),
-                 (0.5, "#D55E00", "< 50 %"), (1.01, "#000000", ">= 50 %"))  # fmt: skip
+FAILURE_STEPS = (
+    (0.0, "#009E73", "0 %"),
+    (0.05, "#0072B2", "< 5 %"),
+    (0.2, "#E69F00", "< 20 %"),
+    (0.5, "#D55E00", "< 50 %"),
+    (1.01, "#000000", ">= 50 %"),
+)
 
 
 def path_colours(paths: Iterable[str]) -> dict[str, str]:
@@ -88,7 +93,8 @@ def availability_heatmap(hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Time
     if len(hourly):
         position = {h: i for i, h in enumerate(hours)}
         for hour, group, path, probes, failing in hourly[["hour", "group", "path", "probes", "failing"]].itertuples(
-                index=False):  # fmt: skip
+            index=False
+        ):
             if hour in position and probes:
                 matrix[rows.index((group, path)), position[hour]] = 1 - failing / probes
     height = 1.6 + 0.32 * max(1, len(rows))
@@ -99,8 +105,17 @@ def availability_heatmap(hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Time
     image = ax.pcolormesh(x, np.arange(len(matrix) + 1), np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1)
     for row, values in enumerate(matrix):
         for first, last in _runs(np.isnan(values)):
-            ax.add_patch(Rectangle((x[first], row), x[last] - x[first], 1, facecolor=NO_DATA, hatch="///",
-                                   edgecolor="#999999", linewidth=0))  # fmt: skip
+            ax.add_patch(
+                Rectangle(
+                    (x[first], row),
+                    x[last] - x[first],
+                    1,
+                    facecolor=NO_DATA,
+                    hatch="///",
+                    edgecolor="#999999",
+                    linewidth=0,
+                )
+            )
     colours = path_colours(p for _, p in rows)
     ax.set_yticks(np.arange(len(rows)) + 0.5, [f"{group} · {path}" for group, path in rows])
     for label, (_, path) in zip(ax.get_yticklabels(), rows, strict=False):
@@ -112,8 +127,12 @@ def availability_heatmap(hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Time
     ax.set_title(f"Availability per hour, {_period(start, end, tz)}")
     bar = fig.colorbar(image, ax=ax, pad=0.01)
     bar.set_label("success rate (share of probes that worked)")
-    ax.legend(handles=[Patch(facecolor=NO_DATA, hatch="///", edgecolor="#888888", label="no data (not measuring)")],
-              loc="upper right", bbox_to_anchor=(1.0, -0.12), frameon=False)  # fmt: skip
+    ax.legend(
+        handles=[Patch(facecolor=NO_DATA, hatch="///", edgecolor="#888888", label="no data (not measuring)")],
+        loc="upper right",
+        bbox_to_anchor=(1.0, -0.12),
+        frameon=False,
+    )
     return fig
 
 
@@ -122,9 +141,13 @@ def _failure_colour(rate: float) -> str:
 
 
 def latency_smoke(
-    latency: pd.DataFrame, hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, tz: str,
+    latency: pd.DataFrame,
+    hourly: pd.DataFrame,
+    start: pd.Timestamp,
+    end: pd.Timestamp,
+    tz: str,
     metric: str = "connect",
-) -> Figure:  # fmt: skip
+) -> Figure:
     """Per path, SmokePing-style: the hourly median of `metric` as a line coloured by that
     hour's failure rate, with grey bands for the 10-90 and 25-75 percentiles. `latency` and
     `hourly` are the summary's percentiles and counts per hour."""
@@ -136,8 +159,9 @@ def latency_smoke(
     label = metric.replace("_", " ")
     for ax, path in zip(axes, paths, strict=True):
         mine = latency[latency["path"] == path].set_index("hour")
-        q = pd.DataFrame({p: mine[f"{metric}_p{round(p * 100)}"] for p in (0.1, 0.25, 0.5, 0.75, 0.9)},
-                         dtype=float).reindex(hours)  # fmt: skip
+        q = pd.DataFrame(
+            {p: mine[f"{metric}_p{round(p * 100)}"] for p in (0.1, 0.25, 0.5, 0.75, 0.9)}, dtype=float
+        ).reindex(hours)
         h = hourly[hourly["path"] == path]
         if (h["group"] == "control").any():  # the path's health, not the censorship of blocked sites
             h = h[h["group"] == "control"]
@@ -158,8 +182,10 @@ def latency_smoke(
         ax.set_title(path, loc="left", color=colours.get(path, "black"), fontweight="bold", fontsize=10)
         _time_axis(ax, start, end, tz)
     axes[-1].set_xlabel(f"time ({tz}); hours without a line had no successful probe")
-    fig.suptitle(f"Latency ({label}) per path, {_period(start, end, tz)}: hourly median coloured by the "
-                 "failure rate on control targets")  # fmt: skip
+    fig.suptitle(
+        f"Latency ({label}) per path, {_period(start, end, tz)}: hourly median coloured by the "
+        "failure rate on control targets"
+    )
     handles = [Patch(color="#cccccc", label="10-90 percentile"), Patch(color="#999999", label="25-75 percentile")]
     handles += [Patch(color=colour, label=f"median, control failures {text}") for _, colour, text in FAILURE_STEPS]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=8)
@@ -167,9 +193,14 @@ def latency_smoke(
 
 
 def outage_timeline(
-    outages: pd.DataFrame, gaps: pd.DataFrame, events: Sequence[Event], paths: Sequence[str],
-    start: pd.Timestamp, end: pd.Timestamp, tz: str,
-) -> Figure:  # fmt: skip
+    outages: pd.DataFrame,
+    gaps: pd.DataFrame,
+    events: Sequence[Event],
+    paths: Sequence[str],
+    start: pd.Timestamp,
+    end: pd.Timestamp,
+    tz: str,
+) -> Figure:
     """Bars per path coloured by verdict, daemon gaps hatched; event windows in lanes above,
     shaded lightly across the paths."""
     paths = sorted(set(paths) | set(outages["path"] if len(outages) else [])) or ["(none)"]
@@ -184,21 +215,32 @@ def outage_timeline(
     for lane, (event, a, b) in enumerate(shown):
         ax.broken_barh([(a, b - a)], (lane - 0.35, 0.7), color="#56B4E9", alpha=0.5, zorder=2)
         # a title is text, never mathtext: a "$" in an imported title must not fail the chart
-        ax.text(a + (hi - lo) * 0.003, lane, event.title[:90], fontsize=8, va="center", ha="left", zorder=3,
-                clip_on=True, parse_math=False)  # fmt: skip
+        ax.text(
+            a + (hi - lo) * 0.003,
+            lane,
+            event.title[:90],
+            fontsize=8,
+            va="center",
+            ha="left",
+            zorder=3,
+            clip_on=True,
+            parse_math=False,
+        )
         ax.axvspan(a, b, ymin=0, ymax=1, color="#56B4E9", alpha=0.08, linewidth=0, zorder=0)
     first = len(lanes)
     for row, path in enumerate(paths, start=first):
         for o in outages[outages["path"] == path].itertuples() if len(outages) else []:
             a, b = max(lo, to_num(o.start)), min(hi, to_num(o.end))
             if b > a:
-                ax.broken_barh([(a, b - a)], (row - 0.35, 0.7), color=VERDICT_COLOURS.get(o.verdict, "#999999"),
-                               zorder=2)  # fmt: skip
+                ax.broken_barh(
+                    [(a, b - a)], (row - 0.35, 0.7), color=VERDICT_COLOURS.get(o.verdict, "#999999"), zorder=2
+                )
         for g in gaps.itertuples() if len(gaps) else []:
             a, b = max(lo, to_num(g.start)), min(hi, to_num(g.end))
             if b > a:
-                ax.broken_barh([(a, b - a)], (row - 0.35, 0.7), facecolor=NO_DATA, hatch="///",
-                               edgecolor="#888888", zorder=3)  # fmt: skip
+                ax.broken_barh(
+                    [(a, b - a)], (row - 0.35, 0.7), facecolor=NO_DATA, hatch="///", edgecolor="#888888", zorder=3
+                )
     ax.set_yticks(range(first + len(paths)), lanes + paths)
     for label, name in zip(ax.get_yticklabels(), lanes + paths, strict=True):
         label.set_color(colours.get(name, "#444444"))
@@ -210,7 +252,9 @@ def outage_timeline(
     ax.set_ylabel("events · paths")
     ax.set_title(f"Outages by path and verdict, {_period(start, end, tz)}")
     handles = [Patch(color=c, label=v.replace("_", " ")) for v, c in VERDICT_COLOURS.items()]
-    handles += [Patch(facecolor=NO_DATA, hatch="///", edgecolor="#888888", label="no data"),
-                Patch(color="#56B4E9", alpha=0.5, label="event window")]  # fmt: skip
+    handles += [
+        Patch(facecolor=NO_DATA, hatch="///", edgecolor="#888888", label="no data"),
+        Patch(color="#56B4E9", alpha=0.5, label="event window"),
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
     return fig

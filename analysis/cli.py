@@ -14,10 +14,9 @@ from typing import Any
 
 import click
 import pandas as pd
+from pydantic import SecretStr
 from rich.table import Table
 from rich.text import Text
-
-from pydantic import SecretStr
 
 from probe.config import Config, load_config
 from probe.console import config_option, err, out
@@ -25,8 +24,8 @@ from probe.errors import ConfigError
 from probe.pgurl import POSTGRES_SCHEMES, postgres_url_problem, redact
 
 from .eventcheck import Check, binned_series, check_events, outage_series
-from .eventstats import Method
 from .events import CATEGORIES, Event, load_events, select
+from .eventstats import Method
 from .fleet import FLEET_COLUMNS, fleet_outages
 from .frames import vantages
 from .pipeline import analyse_config, source, store_of
@@ -118,8 +117,11 @@ def _overlapping(start: pd.Timestamp, end: pd.Timestamp, events: Sequence[Event]
 def store_options(command: Any) -> Any:
     """--store and --vantage: what to analyse, instead of the config's own store."""
     command = click.option("--vantage", help="The vantage point to analyse, of a store that holds several.")(command)
-    return click.option("--store", "store", help="A store to analyse instead of store.path: a SQLite file or the "
-                        "fleet's postgresql:// URL.")(command)  # fmt: skip
+    return click.option(
+        "--store",
+        "store",
+        help="A store to analyse instead of store.path: a SQLite file or the fleet's postgresql:// URL.",
+    )(command)
 
 
 def _checked_store(store: str) -> str:
@@ -145,22 +147,54 @@ def _configured(config: Path | None, store: str | None = None, vantage: str | No
 @click.option("--until", type=When(), help="Up to this date or time.")
 @click.option("--path", "-p", "paths", multiple=True, help="Only this path (repeatable).")
 @click.option("--target", "-t", "targets", multiple=True, help="Only this target (repeatable).")
-@click.option("--kind", "kinds", multiple=True, help="Only this verdict: blocked, tunnel_down, local_outage, "
-              "site_down, degraded, inconclusive (repeatable).")  # fmt: skip
-@click.option("--by", type=click.Choice(["path", "target"]), default="path", show_default=True,
-              help="One row per path outage, or per (target, path) outage.")  # fmt: skip
-@click.option("--events", "event_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="More events (TOML or .ics) to match outages against.")  # fmt: skip
-@click.option("--fleet", is_flag=True, help="Every vantage point of the store side by side: outages that at least "
-              "--quorum of them agree on.")  # fmt: skip
-@click.option("--quorum", type=click.IntRange(min=1), help="Vantage points that must agree (with --fleet; default: "
-              "analysis.fleet_quorum).")  # fmt: skip
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    help="Only this verdict: blocked, tunnel_down, local_outage, site_down, degraded, inconclusive (repeatable).",
+)
+@click.option(
+    "--by",
+    type=click.Choice(["path", "target"]),
+    default="path",
+    show_default=True,
+    help="One row per path outage, or per (target, path) outage.",
+)
+@click.option(
+    "--events",
+    "event_files",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="More events (TOML or .ics) to match outages against.",
+)
+@click.option(
+    "--fleet",
+    is_flag=True,
+    help="Every vantage point of the store side by side: outages that at least --quorum of them agree on.",
+)
+@click.option(
+    "--quorum",
+    type=click.IntRange(min=1),
+    help="Vantage points that must agree (with --fleet; default: analysis.fleet_quorum).",
+)
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @store_options
 @config_option
-def outages(since: datetime | None, until: datetime | None, paths: tuple[str, ...], targets: tuple[str, ...],
-            kinds: tuple[str, ...], by: str, event_files: tuple[Path, ...], fleet: bool, quorum: int | None, fmt: str,
-            store: str | None, vantage: str | None, config: Path | None) -> None:  # fmt: skip
+def outages(
+    since: datetime | None,
+    until: datetime | None,
+    paths: tuple[str, ...],
+    targets: tuple[str, ...],
+    kinds: tuple[str, ...],
+    by: str,
+    event_files: tuple[Path, ...],
+    fleet: bool,
+    quorum: int | None,
+    fmt: str,
+    store: str | None,
+    vantage: str | None,
+    config: Path | None,
+) -> None:
     """Outage intervals with their verdict, duration and the events they overlap."""
     _range(since, until)
     cfg = _configured(config, store, vantage)
@@ -178,15 +212,35 @@ def outages(since: datetime | None, until: datetime | None, paths: tuple[str, ..
         row["events"] = _overlapping(row["start"], row["end"], events)
         row["targets"] = row["targets"] if by == "path" else (row["target"],)
         rows.append(row)
-    columns = ["path", "targets", "start", "end", "duration", "minutes", "verdict", "rules", "factor", "events",
-               "ongoing"]  # fmt: skip
+    columns = [
+        "path",
+        "targets",
+        "start",
+        "end",
+        "duration",
+        "minutes",
+        "verdict",
+        "rules",
+        "factor",
+        "events",
+        "ongoing",
+    ]
     emit(rows, columns, fmt, f"outages by {by} (times UTC)")
     if fmt == "table" and not rows:
         err.print("no outages in that range" if result.span else "no measurements in that range")
 
 
-def _fleet(cfg: Config, since: datetime | None, until: datetime | None, targets: tuple[str, ...],
-           paths: tuple[str, ...], kinds: tuple[str, ...], quorum: int, events: Sequence[Event], fmt: str) -> None:  # fmt: skip
+def _fleet(
+    cfg: Config,
+    since: datetime | None,
+    until: datetime | None,
+    targets: tuple[str, ...],
+    paths: tuple[str, ...],
+    kinds: tuple[str, ...],
+    quorum: int,
+    events: Sequence[Event],
+    fmt: str,
+) -> None:
     """Each vantage point analysed alone, then the outages enough of them agree on."""
     if cfg.analysis.vantage:
         raise click.BadParameter("--fleet reads every vantage point; leave out --vantage")
@@ -195,12 +249,19 @@ def _fleet(cfg: Config, since: datetime | None, until: datetime | None, targets:
     for name in held:
         one = cfg.model_copy(update={"analysis": cfg.analysis.model_copy(update={"vantage": name})})
         each.append(analyse_config(one, since, until, targets=targets, paths=paths).pairs.assign(vantage=name))
-    frame = fleet_outages(pd.concat(each, ignore_index=True) if each else pd.DataFrame(
-        columns=["vantage", "target", "verdict", "start", "end"]), len(held), quorum)  # fmt: skip
+    frame = fleet_outages(
+        pd.concat(each, ignore_index=True)
+        if each
+        else pd.DataFrame(columns=["vantage", "target", "verdict", "start", "end"]),
+        len(held),
+        quorum,
+    )
     if kinds:
         frame = frame[frame["verdict"].isin(kinds)]
-    rows = [{**row, "events": _overlapping(row["start"], row["end"], events)}
-            for row in frame.sort_values(["start", "target"]).to_dict("records")]  # fmt: skip
+    rows = [
+        {**row, "events": _overlapping(row["start"], row["end"], events)}
+        for row in frame.sort_values(["start", "target"]).to_dict("records")
+    ]
     emit(rows, [*FLEET_COLUMNS, "events"], fmt, f"outages {quorum} of {len(held)} vantage points agree on (times UTC)")
     if fmt == "table" and not rows:
         err.print(f"no outage that {quorum} of the {len(held)} vantage points ({', '.join(held)}) agree on")
@@ -214,18 +275,28 @@ def events_group() -> None:
 @events_group.command("list")
 @click.option("--year", type=int, help="Only events in this year.")
 @click.option("--category", "categories", multiple=True, help=f"Only this category: {', '.join(CATEGORIES)}.")
-@click.option("--events", "event_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="More events (TOML or .ics).")  # fmt: skip
+@click.option(
+    "--events",
+    "event_files",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="More events (TOML or .ics).",
+)
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @config_option
-def events_list(year: int | None, categories: tuple[str, ...], event_files: tuple[Path, ...], fmt: str,
-                config: Path | None) -> None:  # fmt: skip
+def events_list(
+    year: int | None, categories: tuple[str, ...], event_files: tuple[Path, ...], fmt: str, config: Path | None
+) -> None:
     """List known events."""
     cfg = load_config(config)
     chosen = select(_events(cfg, event_files), categories=categories, year=year)
     rows = [{**e.model_dump(), "start": str(e.start), "end": str(e.end)} for e in chosen]
-    emit(rows, ["id", "category", "start", "end", "confidence", "title", "source"], fmt,
-         "events (dates are Beijing dates)")  # fmt: skip
+    emit(
+        rows,
+        ["id", "category", "start", "end", "confidence", "title", "source"],
+        fmt,
+        "events (dates are Beijing dates)",
+    )
 
 
 def _check_rows(checks: list[Check], series_mode: bool) -> list[dict[str, Any]]:
@@ -265,44 +336,110 @@ def _in_units(what: str, value: pd.Timedelta, unit: pd.Timedelta, least: int) ->
 @click.option("--target", "-t", "targets", multiple=True, help="Only outages affecting this target (repeatable).")
 @click.option("--before", type=Duration(), default="0", help="Widen each window this much before (e.g. 3d).")
 @click.option("--after", type=Duration(), default="0", help="Widen each window this much after (e.g. 2d).")
-@click.option("--unit", type=Duration(), default="1d", show_default=True,
-              help="The unit of the statistics: the series is averaged per unit (outages binned at a 24th of "
-              "it). Shorter units suit short runs, e.g. 1h, or 1s for a lab run of minutes.")  # fmt: skip
-@click.option("--baseline", type=Duration(), default="28d", show_default=True,
-              help="How much usable data before each window is its baseline.")  # fmt: skip
-@click.option("--gap", type=Duration(), default="7d", show_default=True,
-              help="Between the baseline's end and the window.")  # fmt: skip
-@click.option("--onset-before", type=Duration(), default="3d", show_default=True,
-              help="Try onsets up to this much before the calendar's start ...")  # fmt: skip
-@click.option("--onset-after", type=Duration(), default="14d", show_default=True,
-              help="... and up to this much after it (the search is paid for in the p-value).")  # fmt: skip
-@click.option("--placebo-gap", type=Duration(), default="30d", show_default=True,
-              help="Placebo dates keep this far from every event and holiday.")  # fmt: skip
-@click.option("--seasonal", type=Duration(), multiple=True,
-              help="Remove a cycle of this period first (statsmodels MSTL), e.g. 7d for a weekly one "
-              "(repeatable).")  # fmt: skip
-@click.option("--scale", type=click.Choice(["auto", "log", "linear"]), default="auto", show_default=True,
-              help="auto: log when every value is positive (a series), linear otherwise (outage shares).")  # fmt: skip
-@click.option("--missing", type=float, multiple=True,
-              help="This value of --series means missing, e.g. 0 for Google Trends (repeatable).")  # fmt: skip
+@click.option(
+    "--unit",
+    type=Duration(),
+    default="1d",
+    show_default=True,
+    help="The unit of the statistics: the series is averaged per unit (outages binned at a 24th of "
+    "it). Shorter units suit short runs, e.g. 1h, or 1s for a lab run of minutes.",
+)
+@click.option(
+    "--baseline",
+    type=Duration(),
+    default="28d",
+    show_default=True,
+    help="How much usable data before each window is its baseline.",
+)
+@click.option(
+    "--gap", type=Duration(), default="7d", show_default=True, help="Between the baseline's end and the window."
+)
+@click.option(
+    "--onset-before",
+    type=Duration(),
+    default="3d",
+    show_default=True,
+    help="Try onsets up to this much before the calendar's start ...",
+)
+@click.option(
+    "--onset-after",
+    type=Duration(),
+    default="14d",
+    show_default=True,
+    help="... and up to this much after it (the search is paid for in the p-value).",
+)
+@click.option(
+    "--placebo-gap",
+    type=Duration(),
+    default="30d",
+    show_default=True,
+    help="Placebo dates keep this far from every event and holiday.",
+)
+@click.option(
+    "--seasonal",
+    type=Duration(),
+    multiple=True,
+    help="Remove a cycle of this period first (statsmodels MSTL), e.g. 7d for a weekly one (repeatable).",
+)
+@click.option(
+    "--scale",
+    type=click.Choice(["auto", "log", "linear"]),
+    default="auto",
+    show_default=True,
+    help="auto: log when every value is positive (a series), linear otherwise (outage shares).",
+)
+@click.option(
+    "--missing",
+    type=float,
+    multiple=True,
+    help="This value of --series means missing, e.g. 0 for Google Trends (repeatable).",
+)
 @click.option("--pool", is_flag=True, help="Add a row per category: its events as a whole.")
 @click.option("--since", type=When(), help="Only data from this date.")
 @click.option("--until", type=When(), help="Only data up to this date.")
-@click.option("--series", type=click.Path(path_type=Path, dir_okay=False),
-              help="Test an external daily or hourly CSV series instead of the store's outages.")  # fmt: skip
+@click.option(
+    "--series",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Test an external daily or hourly CSV series instead of the store's outages.",
+)
 @click.option("--column", help="The series' value column (with --series).")
-@click.option("--events", "event_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="More events (TOML or .ics).")  # fmt: skip
+@click.option(
+    "--events",
+    "event_files",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="More events (TOML or .ics).",
+)
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @store_options
 @config_option
-def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple[str, ...], targets: tuple[str, ...],
-                 before: pd.Timedelta, after: pd.Timedelta, unit: pd.Timedelta, baseline: pd.Timedelta,
-                 gap: pd.Timedelta, onset_before: pd.Timedelta, onset_after: pd.Timedelta,
-                 placebo_gap: pd.Timedelta, seasonal: tuple[pd.Timedelta, ...], scale: str,
-                 missing: tuple[float, ...], pool: bool, since: datetime | None, until: datetime | None,
-                 series: Path | None, column: str | None, event_files: tuple[Path, ...], fmt: str, store: str | None,
-                 vantage: str | None, config: Path | None) -> None:  # fmt: skip
+def events_check(
+    ids: tuple[str, ...],
+    categories: tuple[str, ...],
+    paths: tuple[str, ...],
+    targets: tuple[str, ...],
+    before: pd.Timedelta,
+    after: pd.Timedelta,
+    unit: pd.Timedelta,
+    baseline: pd.Timedelta,
+    gap: pd.Timedelta,
+    onset_before: pd.Timedelta,
+    onset_after: pd.Timedelta,
+    placebo_gap: pd.Timedelta,
+    seasonal: tuple[pd.Timedelta, ...],
+    scale: str,
+    missing: tuple[float, ...],
+    pool: bool,
+    since: datetime | None,
+    until: datetime | None,
+    series: Path | None,
+    column: str | None,
+    event_files: tuple[Path, ...],
+    fmt: str,
+    store: str | None,
+    vantage: str | None,
+    config: Path | None,
+) -> None:
     """For each event window: its departure from the local baseline, the ratio with a 95 %
     interval, a p-value from the series' own ordinary dates, q-values across the events,
     and the lead or lag of the first outage."""
@@ -314,19 +451,21 @@ def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple
     if unit <= pd.Timedelta(0):
         raise click.BadParameter(f"--unit {unit} must be longer than 0")
     method = Method(
-        baseline=_in_units("--baseline", baseline, unit, 2), gap=_in_units("--gap", gap, unit, 0),
+        baseline=_in_units("--baseline", baseline, unit, 2),
+        gap=_in_units("--gap", gap, unit, 0),
         shifts=(-_in_units("--onset-before", onset_before, unit, 0), _in_units("--onset-after", onset_after, unit, 0)),
         placebo_gap=_in_units("--placebo-gap", placebo_gap, unit, 0),
         seasonal=tuple(_in_units("--seasonal", period, unit, 2) for period in seasonal),
         scale=scale,  # type: ignore[arg-type]
         two_sided=series is not None,
-    )  # fmt: skip
+    )
     cfg = _configured(config, store, vantage)
     every = _events(cfg, event_files)
     chosen = select(every, ids=ids, categories=categories)
     if series is not None and column is not None:
-        hours = read_series(series, column, pd.Timestamp(since) if since else None,
-                            pd.Timestamp(until) if until else None, missing)  # fmt: skip
+        hours = read_series(
+            series, column, pd.Timestamp(since) if since else None, pd.Timestamp(until) if until else None, missing
+        )
         data = binned_series(hours.sums)
         if unit < data.step or unit % data.step:
             raise click.BadParameter(f"--unit {unit} must be a whole number of the series' steps ({data.step})")
@@ -343,9 +482,11 @@ def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple
         firsts = outages["start"] if len(outages) else None
     spanned = len(data.per_unit()[0])
     if spanned < method.baseline + method.gap + 1:
-        raise ConfigError(f"{series or source(cfg)}: the data spans {spanned} {data.units}; the baseline alone "
-                          f"needs {method.baseline + method.gap} before a window (--baseline and --gap): give more "
-                          "data or a shorter --baseline")  # fmt: skip
+        raise ConfigError(
+            f"{series or source(cfg)}: the data spans {spanned} {data.units}; the baseline alone "
+            f"needs {method.baseline + method.gap} before a window (--baseline and --gap): give more "
+            "data or a shorter --baseline"
+        )
     if not ids and not categories:
         chosen = [e for e in chosen if e.category != "holiday"]
     chosen = [e for e in chosen if e.window[0] - before < span[1] and span[0] < e.window[1] + after]
@@ -353,15 +494,40 @@ def events_check(ids: tuple[str, ...], categories: tuple[str, ...], paths: tuple
         err.print(f"no event falls within the data ({span[0]:%Y-%m-%d} to {span[1]:%Y-%m-%d})")
         return
     try:
-        checks = check_events(data, chosen, every, before=before, after=after, first_outages=firsts, method=method,
-                              pooled=pool)  # fmt: skip
+        checks = check_events(
+            data, chosen, every, before=before, after=after, first_outages=firsts, method=method, pooled=pool
+        )
     except ValueError as exc:  # a log scale asked of values at or below 0; too little data for --seasonal
         raise ConfigError(f"{series or source(cfg)}: {exc}") from None
-    columns = ["event", "category", "window", "coverage", "inside", "baseline", "ratio_95ci", "p_value", "q_value",
-               "onset_shift_units", "lead_lag_hours", "verdict"]  # fmt: skip
+    columns = [
+        "event",
+        "category",
+        "window",
+        "coverage",
+        "inside",
+        "baseline",
+        "ratio_95ci",
+        "p_value",
+        "q_value",
+        "onset_shift_units",
+        "lead_lag_hours",
+        "verdict",
+    ]
     if fmt != "table":
-        columns += ["ratio", "ci_low", "ci_high", "inside_rate", "baseline_rate", "placebos", "pooled", "agree",
-                    "left_out", "window_start", "window_end", "title"]  # fmt: skip
+        columns += [
+            "ratio",
+            "ci_low",
+            "ci_high",
+            "inside_rate",
+            "baseline_rate",
+            "placebos",
+            "pooled",
+            "agree",
+            "left_out",
+            "window_start",
+            "window_end",
+            "title",
+        ]
     what = f"{series.name}: mean of {column}" if series else "outage minutes per measured minute"
     emit(_check_rows(checks, series is not None), columns, fmt, f"events against {what} (windows UTC)")
 
@@ -392,8 +558,17 @@ def chart_group() -> None:
 @click.option("--tz", help="Time zone of the axes (default: report.timezone).")
 @store_options
 @config_option
-def chart_weekly(label: str | None, since: datetime | None, until: datetime | None, out: Path, fmt: str,
-                 tz: str | None, store: str | None, vantage: str | None, config: Path | None) -> None:  # fmt: skip
+def chart_weekly(
+    label: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    out: Path,
+    fmt: str,
+    tz: str | None,
+    store: str | None,
+    vantage: str | None,
+    config: Path | None,
+) -> None:
     """Availability heatmap, latency smoke and outage timeline of one week."""
     from .report import save_figures, weekly_figures
 
@@ -412,12 +587,23 @@ def report_group() -> None:
 @click.option("--week", "label", help="ISO week, e.g. 2018-W10 (default: last complete week).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="HTML file (default: reports/WEEK.html).")
 @click.option("--tz", help="Time zone (default: report.timezone).")
-@click.option("--scheduled", is_flag=True, help="What the daemon runs on Mondays: last week's report and charts "
-              "into report.directory, keeping the newest report.keep.")  # fmt: skip
+@click.option(
+    "--scheduled",
+    is_flag=True,
+    help="What the daemon runs on Mondays: last week's report and charts "
+    "into report.directory, keeping the newest report.keep.",
+)
 @store_options
 @config_option
-def report_weekly(label: str | None, out: Path | None, tz: str | None, scheduled: bool, store: str | None,
-                  vantage: str | None, config: Path | None) -> None:  # fmt: skip
+def report_weekly(
+    label: str | None,
+    out: Path | None,
+    tz: str | None,
+    scheduled: bool,
+    store: str | None,
+    vantage: str | None,
+    config: Path | None,
+) -> None:
     """A self-contained HTML report of one week, and a Markdown summary beside it."""
     from .report import write_report, write_weekly
 
@@ -444,15 +630,21 @@ def store_compact(config: Path | None) -> None:
     from .rollup import compact
 
     cfg = load_config(config)
-    hours, deleted = compact(cfg.store.path, cfg.probe.interval_s, cfg.store.keep_raw_days,
-                             keep_unforwarded=cfg.store.url is not None)  # fmt: skip
-    err.print(f"summarised {hours} hours; deleted {deleted} raw measurements older than "
-              f"{cfg.store.keep_raw_days:g} days")  # fmt: skip
+    hours, deleted = compact(
+        cfg.store.path, cfg.probe.interval_s, cfg.store.keep_raw_days, keep_unforwarded=cfg.store.url is not None
+    )
+    err.print(
+        f"summarised {hours} hours; deleted {deleted} raw measurements older than {cfg.store.keep_raw_days:g} days"
+    )
 
 
 @store_group.command("retire")
-@click.option("--keep-months", type=click.IntRange(min=0), required=True,
-              help="Months of raw rows to keep in the central store, besides the current one.")  # fmt: skip
+@click.option(
+    "--keep-months",
+    type=click.IntRange(min=0),
+    required=True,
+    help="Months of raw rows to keep in the central store, besides the current one.",
+)
 @click.option("--store", "store", help="The central store's postgresql:// URL (default: store.url).")
 @config_option
 def store_retire(keep_months: int, store: str | None, config: Path | None) -> None:
@@ -463,16 +655,21 @@ def store_retire(keep_months: int, store: str | None, config: Path | None) -> No
     cfg = load_config(config)
     url = _checked_store(store) if store else (cfg.store.url.get_secret_value() if cfg.store.url else None)
     if not url or not url.startswith(POSTGRES_SCHEMES):
-        raise ConfigError(f"{cfg.source}: store.url: no central store to retire months of; set it or give "
-                          "--store postgresql://...")  # fmt: skip
+        raise ConfigError(
+            f"{cfg.source}: store.url: no central store to retire months of; set it or give --store postgresql://..."
+        )
     now = pd.Timestamp.now(tz="UTC")
     before = pd.Timestamp(now.year, now.month, 1, tz="UTC") - pd.DateOffset(months=keep_months)
     with CentralStore(url) as central:
         dropped, covered = central.drop_months(round(before.timestamp() * 1000))
-    reach = "a vantage point has no summaries yet: its raw rows are all it has" if covered is None else \
-        f"every vantage point's summaries reach {pd.Timestamp(covered, unit='ms', tz='UTC'):%Y-%m-%d %H:%M} UTC"
-    err.print(f"dropped {len(dropped)} monthly partitions ({', '.join(dropped) or 'none'}) before "
-              f"{before:%Y-%m}; {reach}")  # fmt: skip
+    reach = (
+        "a vantage point has no summaries yet: its raw rows are all it has"
+        if covered is None
+        else f"every vantage point's summaries reach {pd.Timestamp(covered, unit='ms', tz='UTC'):%Y-%m-%d %H:%M} UTC"
+    )
+    err.print(
+        f"dropped {len(dropped)} monthly partitions ({', '.join(dropped) or 'none'}) before {before:%Y-%m}; {reach}"
+    )
 
 
 from . import detect_cli  # noqa: E402, F401  registers `events detect`, which uses this module's helpers

@@ -92,8 +92,9 @@ def runs(labels: Sequence[str], kind: str, *, gap: int, min_length: int) -> list
 # --- the baseline detector
 
 
-def robust_z(series: pd.Series, *, threshold: float = THRESHOLD, window: int = BASELINE,
-             min_history: int = MIN_HISTORY) -> pd.DataFrame:  # fmt: skip
+def robust_z(
+    series: pd.Series, *, threshold: float = THRESHOLD, window: int = BASELINE, min_history: int = MIN_HISTORY
+) -> pd.DataFrame:
     """Per available value: its baseline (median of the `window` values before it), the
     robust scale (normal-consistent MAD) and z. z is NaN while the history is short, ±inf
     against a flat baseline."""
@@ -125,11 +126,18 @@ def baseline_signals(series: pd.Series, *, threshold: float = THRESHOLD, min_run
         for a, b in runs(labels, kind, gap=0, min_length=min_run):
             run = scored.iloc[a : b + 1]
             peak = run.iloc[int(np.argmax(np.abs(run["z"].to_numpy())))]
-            signals.append(Signal(
-                start=run.index[0], end=run.index[-1], kind=kind, length=b - a + 1, through=run.index[-1],
-                peak_value=float(peak["value"]), peak_baseline=float(peak["baseline"]),
-                peak_z=float(peak["z"]) if np.isfinite(peak["z"]) else None,
-            ))  # fmt: skip
+            signals.append(
+                Signal(
+                    start=run.index[0],
+                    end=run.index[-1],
+                    kind=kind,
+                    length=b - a + 1,
+                    through=run.index[-1],
+                    peak_value=float(peak["value"]),
+                    peak_baseline=float(peak["baseline"]),
+                    peak_z=float(peak["z"]) if np.isfinite(peak["z"]) else None,
+                )
+            )
     return sorted(signals, key=lambda s: (s.start, s.kind))
 
 
@@ -145,8 +153,9 @@ def mann_kendall_windows(series: pd.Series, alpha: float = MK_ALPHA) -> pd.DataF
     x = values.to_numpy(float)
     count = max(0, len(x) - MK_WINDOW + 1)
     trends = [pymannkendall.original_test(x[i : i + MK_WINDOW - 1], alpha=alpha).trend for i in range(count)]
-    return pd.DataFrame({"start": values.index[:count], "end": values.index[MK_WINDOW - 1 :], "value": x[:count],
-                         "trend": trends})  # fmt: skip
+    return pd.DataFrame(
+        {"start": values.index[:count], "end": values.index[MK_WINDOW - 1 :], "value": x[:count], "trend": trends}
+    )
 
 
 def control_limits(calm: pd.Series, chart: str) -> tuple[float, float]:
@@ -187,11 +196,22 @@ def mann_kendall_signals(series: pd.Series, chart: str) -> list[Signal]:
     windows = mann_kendall_windows(series)
     chart_labels = control_chart(windows, chart)
     signals = []
-    for kind, labels in (("increasing", windows["trend"].tolist()), ("decreasing", windows["trend"].tolist()),
-                         ("above", chart_labels), ("below", chart_labels)):  # fmt: skip
+    for kind, labels in (
+        ("increasing", windows["trend"].tolist()),
+        ("decreasing", windows["trend"].tolist()),
+        ("above", chart_labels),
+        ("below", chart_labels),
+    ):
         for a, b in runs(labels, kind, gap=1, min_length=2):
-            signals.append(Signal(start=windows["start"].iloc[a], end=windows["start"].iloc[b], kind=kind,
-                                  length=b - a + 1, through=windows["end"].iloc[b]))  # fmt: skip
+            signals.append(
+                Signal(
+                    start=windows["start"].iloc[a],
+                    end=windows["start"].iloc[b],
+                    kind=kind,
+                    length=b - a + 1,
+                    through=windows["end"].iloc[b],
+                )
+            )
     return sorted(signals, key=lambda s: (s.start, KINDS.index(s.kind)))
 
 

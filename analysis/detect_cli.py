@@ -33,33 +33,78 @@ from .events import CATEGORIES, select
 from .pipeline import analyse_config, source
 from .series import read_series
 
-COLUMNS = ["start", "end", "kind", "length", "through", "peak_value", "peak_baseline", "peak_z", "events",
-           "within_days", "base_rate"]  # fmt: skip
-TABLE_COLUMNS = {"baseline": ["start", "end", "kind", "length", "peak_value", "peak_baseline", "peak_z", "events"],
-                 "mann-kendall": ["start", "end", "kind", "length", "through", "events"]}
+COLUMNS = [
+    "start",
+    "end",
+    "kind",
+    "length",
+    "through",
+    "peak_value",
+    "peak_baseline",
+    "peak_z",
+    "events",
+    "within_days",
+    "base_rate",
+]
+TABLE_COLUMNS = {
+    "baseline": ["start", "end", "kind", "length", "peak_value", "peak_baseline", "peak_z", "events"],
+    "mann-kendall": ["start", "end", "kind", "length", "through", "events"],
+}
 
 
 @events_group.command("detect")
-@click.option("--series", type=click.Path(path_type=Path, dir_okay=False),
-              help="A daily CSV series (a date column and --column) instead of the store's outage minutes "
-              "per day.")  # fmt: skip
+@click.option(
+    "--series",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A daily CSV series (a date column and --column) instead of the store's outage minutes per day.",
+)
 @click.option("--column", help="The series' value column (with --series).")
-@click.option("--method", type=click.Choice(["baseline", "mann-kendall"]), default="baseline", show_default=True,
-              help="baseline: each value's robust z against the median of the 28 values before it; mann-kendall: "
-              "the ACSAC 2024 framework (trend tests in sliding windows of 10 values, control charts).")  # fmt: skip
-@click.option("--block", type=click.IntRange(min=2), help="First average this many consecutive available values, "
-              "each block dated by its first (the paper uses 5 for counts; mann-kendall then charts "
-              "averages).")  # fmt: skip
-@click.option("--missing", type=float, multiple=True,
-              help="This value means missing, e.g. 0 for Google Trends (repeatable).")  # fmt: skip
-@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=THRESHOLD, show_default=True,
-              help="baseline: the robust z beyond which a value departs.")  # fmt: skip
-@click.option("--within", "within_days", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Events this many days either side of a signal's start match it.")  # fmt: skip
-@click.option("--category", "categories", multiple=True,
-              help=f"Only events of this category: {', '.join(CATEGORIES)} (default: all but holiday).")  # fmt: skip
-@click.option("--events", "event_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="More events (TOML or .ics).")  # fmt: skip
+@click.option(
+    "--method",
+    type=click.Choice(["baseline", "mann-kendall"]),
+    default="baseline",
+    show_default=True,
+    help="baseline: each value's robust z against the median of the 28 values before it; mann-kendall: "
+    "the ACSAC 2024 framework (trend tests in sliding windows of 10 values, control charts).",
+)
+@click.option(
+    "--block",
+    type=click.IntRange(min=2),
+    help="First average this many consecutive available values, "
+    "each block dated by its first (the paper uses 5 for counts; mann-kendall then charts "
+    "averages).",
+)
+@click.option(
+    "--missing", type=float, multiple=True, help="This value means missing, e.g. 0 for Google Trends (repeatable)."
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(min=0, min_open=True),
+    default=THRESHOLD,
+    show_default=True,
+    help="baseline: the robust z beyond which a value departs.",
+)
+@click.option(
+    "--within",
+    "within_days",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Events this many days either side of a signal's start match it.",
+)
+@click.option(
+    "--category",
+    "categories",
+    multiple=True,
+    help=f"Only events of this category: {', '.join(CATEGORIES)} (default: all but holiday).",
+)
+@click.option(
+    "--events",
+    "event_files",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="More events (TOML or .ics).",
+)
 @click.option("--since", type=When(), help="Only data from this date.")
 @click.option("--until", type=When(), help="Only data up to this date.")
 @click.option("--path", "-p", "paths", multiple=True, help="Only outages of this path (without --series).")
@@ -67,10 +112,25 @@ TABLE_COLUMNS = {"baseline": ["start", "end", "kind", "length", "peak_value", "p
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @store_options
 @config_option
-def events_detect(series: Path | None, column: str | None, method: str, block: int | None, missing: tuple[float, ...],
-                  threshold: float, within_days: int, categories: tuple[str, ...], event_files: tuple[Path, ...],
-                  since: datetime | None, until: datetime | None, paths: tuple[str, ...], targets: tuple[str, ...],
-                  fmt: str, store: str | None, vantage: str | None, config: Path | None) -> None:  # fmt: skip
+def events_detect(
+    series: Path | None,
+    column: str | None,
+    method: str,
+    block: int | None,
+    missing: tuple[float, ...],
+    threshold: float,
+    within_days: int,
+    categories: tuple[str, ...],
+    event_files: tuple[Path, ...],
+    since: datetime | None,
+    until: datetime | None,
+    paths: tuple[str, ...],
+    targets: tuple[str, ...],
+    fmt: str,
+    store: str | None,
+    vantage: str | None,
+    config: Path | None,
+) -> None:
     """Where a series (or the store's outage minutes per day) departs from its local baseline,
     found without the dates, with the events near each start and the chance of such a match."""
     _range(since, until)
@@ -94,14 +154,20 @@ def events_detect(series: Path | None, column: str | None, method: str, block: i
         signals = mann_kendall_signals(judged, "averages" if block else "individuals")
     else:
         if len(judged) <= MIN_HISTORY:
-            raise ConfigError(f"{what}: {len(judged)} values{_after(block)}; the baseline method needs more than "
-                              f"{MIN_HISTORY} (the history before the first value it judges)")  # fmt: skip
+            raise ConfigError(
+                f"{what}: {len(judged)} values{_after(block)}; the baseline method needs more than "
+                f"{MIN_HISTORY} (the history before the first value it judges)"
+            )
         signals = baseline_signals(judged, threshold=threshold)
     first, last = values.index[0].date(), values.index[-1].date()
     rate = base_rate(first, last, events, within_days)
     rows = [_row(s, events_near(s.start.date(), events, within_days), within_days, rate) for s in signals]
-    emit(rows, COLUMNS if fmt != "table" else TABLE_COLUMNS[method], fmt,
-         f"{what}: departures ({method}); events within ±{within_days} days of the start")  # fmt: skip
+    emit(
+        rows,
+        COLUMNS if fmt != "table" else TABLE_COLUMNS[method],
+        fmt,
+        f"{what}: departures ({method}); events within ±{within_days} days of the start",
+    )
     _summary(rows, rate, within_days, first, last)
 
 
@@ -109,16 +175,19 @@ def _after(block: int | None) -> str:
     return f" after blocks of {block}" if block else ""
 
 
-def _series(path: Path, column: str, since: datetime | None, until: datetime | None,
-            missing: tuple[float, ...] = ()) -> pd.Series:  # fmt: skip
+def _series(
+    path: Path, column: str, since: datetime | None, until: datetime | None, missing: tuple[float, ...] = ()
+) -> pd.Series:
     """The series' values, each hour's mean where it has several (a daily series: its days)."""
-    hours = read_series(path, column, pd.Timestamp(since) if since else None, pd.Timestamp(until) if until else None,
-                        missing)  # stand-ins are missing before they are averaged into an hour
+    hours = read_series(
+        path, column, pd.Timestamp(since) if since else None, pd.Timestamp(until) if until else None, missing
+    )  # stand-ins are missing before they are averaged into an hour
     return hours.sums["sum"] / hours.sums["count"]
 
 
-def _outage_minutes(cfg: Config, since: datetime | None, until: datetime | None, targets: tuple[str, ...],
-                    paths: tuple[str, ...]) -> pd.Series:  # fmt: skip
+def _outage_minutes(
+    cfg: Config, since: datetime | None, until: datetime | None, targets: tuple[str, ...], paths: tuple[str, ...]
+) -> pd.Series:
     """Outage minutes per UTC day (any path down, degradation left out), scaled to the day's
     measured time; a day with nothing measured is missing, never zero."""
     result = analyse_config(cfg, since, until, targets=targets, paths=paths)
@@ -133,12 +202,18 @@ def _outage_minutes(cfg: Config, since: datetime | None, until: datetime | None,
 
 def _row(signal: Signal, near: list[str], within_days: int, rate: float) -> dict[str, object]:
     return {
-        "start": signal.start.date().isoformat(), "end": signal.end.date().isoformat(), "kind": signal.kind,
-        "length": signal.length, "through": signal.through.date().isoformat(), "peak_value": signal.peak_value,
+        "start": signal.start.date().isoformat(),
+        "end": signal.end.date().isoformat(),
+        "kind": signal.kind,
+        "length": signal.length,
+        "through": signal.through.date().isoformat(),
+        "peak_value": signal.peak_value,
         "peak_baseline": signal.peak_baseline,
-        "peak_z": None if signal.peak_z is None else round(signal.peak_z, 2), "events": tuple(near),
-        "within_days": within_days, "base_rate": round(rate, 4),
-    }  # fmt: skip
+        "peak_z": None if signal.peak_z is None else round(signal.peak_z, 2),
+        "events": tuple(near),
+        "within_days": within_days,
+        "base_rate": round(rate, 4),
+    }
 
 
 def _summary(rows: list[dict[str, object]], rate: float, within_days: int, first: object, last: object) -> None:
@@ -149,6 +224,8 @@ def _summary(rows: list[dict[str, object]], rate: float, within_days: int, first
 
     matched = sum(bool(r["events"]) for r in rows)
     p = binomtest(matched, len(rows), rate, alternative="greater").pvalue
-    err.print(f"{matched} of {len(rows)} signals start within ±{within_days} days of an event; {rate:.1%} of the "
-              f"days {first} to {last} do, so {rate * len(rows):.1f} would by chance (binomial p = {p:.2g}, if the "
-              "starts were independent)")  # fmt: skip
+    err.print(
+        f"{matched} of {len(rows)} signals start within ±{within_days} days of an event; {rate:.1%} of the "
+        f"days {first} to {last} do, so {rate * len(rows):.1f} would by chance (binomial p = {p:.2g}, if the "
+        "starts were independent)"
+    )

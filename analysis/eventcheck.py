@@ -119,7 +119,9 @@ def outage_series(
     edges = start + size * np.arange(bins + 1)
     exposure = _minutes_per_bin(list(zip(coverage.get("start", []), coverage.get("end", []), strict=True)), edges)
     value = np.minimum(_minutes_per_bin(_union(outages), edges), exposure)  # unmeasured time is unknown, never outage
-    return Series(start=start, step=size, value=value, exposure=exposure, unit=unit, full=size / pd.Timedelta(minutes=1))
+    return Series(
+        start=start, step=size, value=value, exposure=exposure, unit=unit, full=size / pd.Timedelta(minutes=1)
+    )
 
 
 def _minutes_per_bin(intervals: list[tuple[pd.Timestamp, pd.Timestamp]], edges: pd.DatetimeIndex) -> np.ndarray:
@@ -148,8 +150,7 @@ def _union(outages: pd.DataFrame) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
 def hour_sums(times: pd.DatetimeIndex, values: pd.Series) -> pd.DataFrame:
     """`sum` and `count` of the values of each hour (UTC) that has one."""
     present = values.notna().to_numpy()
-    frame = pd.DataFrame({"sum": values.to_numpy(dtype=float)[present], "count": 1},
-                         index=times[present].floor("h"))  # fmt: skip
+    frame = pd.DataFrame({"sum": values.to_numpy(dtype=float)[present], "count": 1}, index=times[present].floor("h"))
     return frame.groupby(level=0).sum()
 
 
@@ -165,9 +166,11 @@ def binned_series(hours: pd.DataFrame) -> Series:
     count = regular["count"].to_numpy()
     present = count > 0
     return Series(
-        start=regular.index[0], step=step, value=np.where(present, regular["sum"].to_numpy() / np.maximum(count, 1), 0.0),
+        start=regular.index[0],
+        step=step,
+        value=np.where(present, regular["sum"].to_numpy() / np.maximum(count, 1), 0.0),
         exposure=present.astype(float),
-    )  # fmt: skip
+    )
 
 
 def external_series(frame: pd.DataFrame, column: str) -> Series:
@@ -211,20 +214,34 @@ def check_events(
         inside = share[max(0, first) : max(0, first + length)]
         raw = values[max(0, first) : max(0, first + length)]
         check = Check(
-            event=event.id, title=event.title, category=event.category, window_start=w_start, window_end=w_end,
-            verdict="", coverage=round(float(inside.sum() / length), 3) if len(inside) else 0.0,
+            event=event.id,
+            title=event.title,
+            category=event.category,
+            window_start=w_start,
+            window_end=w_end,
+            verdict="",
+            coverage=round(float(inside.sum() / length), 3) if len(inside) else 0.0,
             inside_rate=float(np.nanmean(raw)) if effect.reason is None else None,
             baseline_rate=_baseline_rate(calculator, first) if effect.reason is None else None,
-            ratio=effect.ratio, ci_low=effect.ci_low, ci_high=effect.ci_high, p_value=effect.p_value,
-            onset_shift_units=effect.shift, placebos=effect.placebos or None,
+            ratio=effect.ratio,
+            ci_low=effect.ci_low,
+            ci_high=effect.ci_high,
+            p_value=effect.p_value,
+            onset_shift_units=effect.shift,
+            placebos=effect.placebos or None,
             lead_lag_hours=_lead_lag(first_outages, w_start, w_end, start),
-        )  # fmt: skip
+        )
         checks.append(check)
         effects.append(effect)
     qs = iter(q_values([e.p_value for e in effects if e.p_value is not None]))
-    checks = [replace(c, q_value=(q := next(qs)) if e.p_value is not None else None,
-                      verdict=_words(e, q if e.p_value is not None else None, method, series))
-              for c, e in zip(checks, effects, strict=True)]  # fmt: skip
+    checks = [
+        replace(
+            c,
+            q_value=(q := next(qs)) if e.p_value is not None else None,
+            verdict=_words(e, q if e.p_value is not None else None, method, series),
+        )
+        for c, e in zip(checks, effects, strict=True)
+    ]
     if pooled:
         checks += _categories(checks, effects, calculator, method)
     return checks
@@ -256,8 +273,11 @@ def _categories(checks: list[Check], effects: list[Effect], calculator: Calculat
     log = calculator.prepared.log
     rows = []
     for category in dict.fromkeys(c.category for c in checks):
-        departures = {c.event: e.nominal for c, e in zip(checks, effects, strict=True)
-                      if c.category == category and e.nominal is not None}  # fmt: skip
+        departures = {
+            c.event: e.nominal
+            for c, e in zip(checks, effects, strict=True)
+            if c.category == category and e.nominal is not None
+        }
         result = pool(departures, two_sided=method.two_sided)
         if result is None:
             continue
@@ -267,24 +287,39 @@ def _categories(checks: list[Check], effects: list[Effect], calculator: Calculat
         significant = result.p_value < ALPHA
         shown = f"{scale(result.mean):.2f}x" if log else f"{result.mean:+.3g}"
         if significant and driven and len(driven) <= max(1, result.events // 5):
-            verdict = (f"effect: {shown} across {result.events} events ({result.agree} agree), p = "
-                       f"{result.p_value:.2g}, but driven by {', '.join(driven)}: without it, none")  # fmt: skip
+            verdict = (
+                f"effect: {shown} across {result.events} events ({result.agree} agree), p = "
+                f"{result.p_value:.2g}, but driven by {', '.join(driven)}: without it, none"
+            )
         elif significant:
             verdict = f"effect: {shown} across {result.events} events ({result.agree} agree), p = {result.p_value:.2g}"
         else:
-            verdict = f"no effect: {shown} across {result.events} events ({result.agree} agree), p = {result.p_value:.2g}"
-        rows.append(Check(
-            event=f"category:{category}", title=f"{category}: {result.events} events as a whole ({what})",
-            category=category, window_start=None, window_end=None, verdict=verdict,
-            ratio=float(scale(result.mean)), ci_low=float(scale(result.ci_low)), ci_high=float(scale(result.ci_high)),
-            p_value=result.p_value, pooled=result.events, agree=result.agree,
-            left_out={name: [float(scale(mean)), p] for name, (mean, p) in result.left_out.items()},
-        ))  # fmt: skip
+            verdict = (
+                f"no effect: {shown} across {result.events} events ({result.agree} agree), p = {result.p_value:.2g}"
+            )
+        rows.append(
+            Check(
+                event=f"category:{category}",
+                title=f"{category}: {result.events} events as a whole ({what})",
+                category=category,
+                window_start=None,
+                window_end=None,
+                verdict=verdict,
+                ratio=float(scale(result.mean)),
+                ci_low=float(scale(result.ci_low)),
+                ci_high=float(scale(result.ci_high)),
+                p_value=result.p_value,
+                pooled=result.events,
+                agree=result.agree,
+                left_out={name: [float(scale(mean)), p] for name, (mean, p) in result.left_out.items()},
+            )
+        )
     return rows
 
 
-def _lead_lag(first_outages: pd.Series | None, w_start: pd.Timestamp, w_end: pd.Timestamp,
-              event_start: pd.Timestamp) -> float | None:  # fmt: skip
+def _lead_lag(
+    first_outages: pd.Series | None, w_start: pd.Timestamp, w_end: pd.Timestamp, event_start: pd.Timestamp
+) -> float | None:
     if first_outages is None or not len(first_outages):
         return None
     inside = first_outages[(first_outages >= w_start) & (first_outages < w_end)]

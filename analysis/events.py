@@ -145,8 +145,9 @@ def _content_line(line: str) -> tuple[str, str]:
     return name, ""
 
 
-def _ics_time(item: icalendar.cal.Component, name: str, where: Callable[[int], str],
-              lines: dict[str, tuple[int, str]]) -> Any:  # fmt: skip
+def _ics_time(
+    item: icalendar.cal.Component, name: str, where: Callable[[int], str], lines: dict[str, tuple[int, str]]
+) -> Any:
     """DTSTART, DTEND or DURATION's value, None when absent, or a ConfigError with its line
     when icalendar could not read it (its lenient parser keeps such errors in `errors`)."""
     line, raw = lines.get(name, lines["BEGIN"])
@@ -189,8 +190,9 @@ def _from_ics(path: Path) -> list[Event]:
 
         start = _ics_time(item, "DTSTART", where, at)
         if start is None:
-            raise ConfigError(f"{where(at['BEGIN'][0])}: has no DTSTART; every event needs a start, e.g. "
-                              "DTSTART;VALUE=DATE:20240715")  # fmt: skip
+            raise ConfigError(
+                f"{where(at['BEGIN'][0])}: has no DTSTART; every event needs a start, e.g. DTSTART;VALUE=DATE:20240715"
+            )
         end = _ics_time(item, "DTEND", where, at)
         duration = _ics_time(item, "DURATION", where, at)
         if end is not None and duration is not None:
@@ -206,10 +208,18 @@ def _from_ics(path: Path) -> list[Event]:
         uid = next(iter(_texts(item.get("UID"))), "") or f"{summary}-{start}"
         url = next(iter(_texts(item.get("URL"))), "")
         try:
-            events.append(Event(
-                id=_slug(uid), title=summary or uid, category=category, start=start, end=end,
-                confidence="reported", source=f"{path.name}: {url or 'imported calendar'}", origin=str(path),
-            ))  # fmt: skip
+            events.append(
+                Event(
+                    id=_slug(uid),
+                    title=summary or uid,
+                    category=category,
+                    start=start,
+                    end=end,
+                    confidence="reported",
+                    source=f"{path.name}: {url or 'imported calendar'}",
+                    origin=str(path),
+                )
+            )
         except ValidationError as exc:
             for e in exc.errors(include_url=False):
                 message = e["msg"].removeprefix("Value error, ")

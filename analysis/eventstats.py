@@ -231,10 +231,15 @@ class Calculator:
             value = np.abs(scaled) if m.two_sided else scaled
             better = value > statistic  # False where NaN
             statistic[better], departure[better], standard[better], shift[better] = (
-                value[better], here[better], scaled[better], onset)  # fmt: skip
+                value[better],
+                here[better],
+                scaled[better],
+                onset,
+            )
         statistic[np.isnan(nominal)] = np.nan  # the calendar's own onset must be evaluable
-        self._windows[length] = _Windows(statistic=statistic, departure=departure, standard=standard, shift=shift,
-                                         nominal=nominal)  # fmt: skip
+        self._windows[length] = _Windows(
+            statistic=statistic, departure=departure, standard=standard, shift=shift, nominal=nominal
+        )
         return self._windows[length]
 
     def placebos(self, length: int) -> np.ndarray:
@@ -295,11 +300,16 @@ class Calculator:
             return Effect(reason=f"{missing} of {m.baseline} baseline units missing or excluded", **counts)
         w, placebos = self.windows(length), self.placebos(length)
         if len(placebos) < MIN_PLACEBOS:
-            return Effect(reason=f"{len(placebos)} placebo dates {m.placebo_gap} units from every event "
-                          f"(need {MIN_PLACEBOS})", **counts)  # fmt: skip
+            return Effect(
+                reason=f"{len(placebos)} placebo dates {m.placebo_gap} units from every event (need {MIN_PLACEBOS})",
+                **counts,
+            )
         if len(self.null_p(length)) < MIN_PLACEBOS:
-            return Effect(reason=f"{len(placebos)} placebo dates, too close together to calibrate a p-value: fewer "
-                          f"than {MIN_PLACEBOS} have {MIN_PLACEBOS} others {m.placebo_gap} units away", **counts)  # fmt: skip
+            return Effect(
+                reason=f"{len(placebos)} placebo dates, too close together to calibrate a p-value: fewer "
+                f"than {MIN_PLACEBOS} have {MIN_PLACEBOS} others {m.placebo_gap} units away",
+                **counts,
+            )
         statistic, departure = float(w.statistic[first]), float(w.departure[first])
         null = self.null_p(length)
         p = (1 + int(np.searchsorted(null, self._raw_p(length, statistic) + 1e-12))) / (1 + len(null))
@@ -307,11 +317,19 @@ class Calculator:
         spread = float(prep.spread[first + shift])  # the placebos' spread of departures, searched as this one was
         high_q, low_q = np.quantile(w.standard[placebos], [0.975, 0.025]) * spread
         predicted = float(np.nanmean(prep.y[first + shift : first + shift + length])) - departure
-        ratio, ci_low, ci_high = (self._ratio(predicted, v) for v in (departure, departure - high_q,
-                                                                      departure - low_q))  # fmt: skip
+        ratio, ci_low, ci_high = (self._ratio(predicted, v) for v in (departure, departure - high_q, departure - low_q))
         nominal = float(w.nominal[first] - np.median(w.nominal[placebos]))  # centred: the series' own drift out
-        return Effect(effect=departure, nominal=nominal, ratio=ratio, ci_low=ci_low, ci_high=ci_high,
-                      p_value=p, shift=shift, placebos=len(placebos), **counts)  # fmt: skip
+        return Effect(
+            effect=departure,
+            nominal=nominal,
+            ratio=ratio,
+            ci_low=ci_low,
+            ci_high=ci_high,
+            p_value=p,
+            shift=shift,
+            placebos=len(placebos),
+            **counts,
+        )
 
     def _ratio(self, predicted: float, departure: float) -> float | None:
         """A departure as a ratio to the baseline's prediction."""
@@ -363,5 +381,12 @@ def pool(departures: dict[str, float], two_sided: bool = True) -> Pooled | None:
     half = float(stats.t.ppf(0.975, len(values) - 1)) * sem
     agree = int((np.sign(values) == np.sign(mean)).sum()) if mean else 0
     left_out = {name: test(np.delete(values, i)) for i, name in enumerate(names)}
-    return Pooled(events=len(values), mean=mean, ci_low=mean - half, ci_high=mean + half, p_value=p, agree=agree,
-                  left_out=left_out)  # fmt: skip
+    return Pooled(
+        events=len(values),
+        mean=mean,
+        ci_low=mean - half,
+        ci_high=mean + half,
+        p_value=p,
+        agree=agree,
+        left_out=left_out,
+    )

@@ -20,9 +20,11 @@ def fleet_outages(outages: pd.DataFrame, members: int, quorum: int) -> pd.DataFr
     rows = []
     for (target, verdict), group in outages.groupby(["target", "verdict"], sort=True):
         # Ends sort before starts at the same moment, so touching outages do not overlap.
-        edges = sorted([(s, 1, v) for s, v in zip(group["start"], group["vantage"], strict=True)]
-                       + [(e, -1, v) for e, v in zip(group["end"], group["vantage"], strict=True)],
-                       key=lambda edge: (edge[0], edge[1]))  # fmt: skip
+        edges = sorted(
+            [(s, 1, v) for s, v in zip(group["start"], group["vantage"], strict=True)]
+            + [(e, -1, v) for e, v in zip(group["end"], group["vantage"], strict=True)],
+            key=lambda edge: (edge[0], edge[1]),
+        )
         active: dict[str, int] = {}
         opened: pd.Timestamp | None = None
         agreeing: set[str] = set()
@@ -36,8 +38,16 @@ def fleet_outages(outages: pd.DataFrame, members: int, quorum: int) -> pd.DataFr
                 agreeing |= now
                 most = max(most, len(now))
             elif opened is not None:
-                rows.append({"target": target, "verdict": verdict, "start": opened, "end": moment,
-                             "agree": f"{most}/{members}", "vantages": tuple(sorted(agreeing))})  # fmt: skip
+                rows.append(
+                    {
+                        "target": target,
+                        "verdict": verdict,
+                        "start": opened,
+                        "end": moment,
+                        "agree": f"{most}/{members}",
+                        "vantages": tuple(sorted(agreeing)),
+                    }
+                )
                 opened = None
     frame = pd.DataFrame(rows, columns=[c for c in FLEET_COLUMNS if c != "minutes"])
     frame["minutes"] = (frame["end"] - frame["start"]).dt.total_seconds() / 60 if len(frame) else pd.Series(dtype=float)

@@ -24,8 +24,8 @@ from typing import Any
 import pandas as pd
 from pandas.api.types import union_categoricals
 
-from probe.pgurl import mask, redact
 from probe.errors import StoreError
+from probe.pgurl import mask, redact
 from probe.store import SQLiteStore, StoreDamaged, look_over, store_error
 
 from .rollup import (
@@ -70,8 +70,18 @@ HEARTBEAT_COLUMNS: dict[str, str] = {
 }
 PATH_COLUMNS = ("name", "kind", "label", "endpoint_target")
 CHUNK_ROWS = 100_000
-CATEGORIES = {"round_id", "target", "grp", "path", "kind", "failure", "failed_operation", "dns_rcode", "addresses",
-              "title"}  # fmt: skip
+CATEGORIES = {
+    "round_id",
+    "target",
+    "grp",
+    "path",
+    "kind",
+    "failure",
+    "failed_operation",
+    "dns_rcode",
+    "addresses",
+    "title",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +170,9 @@ def _ms(moment: datetime | None) -> int | None:
     return None if moment is None else round(moment.timestamp() * 1000)
 
 
-def _where(db: Store, since: datetime | None, until: datetime | None,
-           filters: dict[str, Sequence[str]]) -> tuple[str, list]:  # fmt: skip
+def _where(
+    db: Store, since: datetime | None, until: datetime | None, filters: dict[str, Sequence[str]]
+) -> tuple[str, list]:
     clauses, args = [], []
     if (vantage := _source(db).vantage) is not None:
         clauses.append("vantage = ?")
@@ -198,11 +209,14 @@ def _frame(db: Store, table: str, columns: dict[str, str], where: str, args: lis
     if not chunks:
         frame = pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
     else:
-        frame = pd.DataFrame({
-            c: union_categoricals([ch[c] for ch in chunks]) if c in CATEGORIES
-            else pd.concat([ch[c] for ch in chunks], ignore_index=True)
-            for c in columns
-        })  # fmt: skip
+        frame = pd.DataFrame(
+            {
+                c: union_categoricals([ch[c] for ch in chunks])
+                if c in CATEGORIES
+                else pd.concat([ch[c] for ch in chunks], ignore_index=True)
+                for c in columns
+            }
+        )
     frame["started_at"] = pd.to_datetime(frame.pop("started_at_ms"), unit="ms", utc=True)
     return frame
 
@@ -278,8 +292,11 @@ def read_cursor(db: Store) -> pd.Timestamp | None:
 
 def first_raw_hour(db: Path, after: pd.Timestamp | None) -> pd.Timestamp | None:
     """The hour of the first raw row at or after `after`."""
-    rows = _query(db, "SELECT MIN(started_at_ms) FROM measurements WHERE started_at_ms >= ?",
-                  [_ms(after) if after is not None else -(2**62)])  # fmt: skip
+    rows = _query(
+        db,
+        "SELECT MIN(started_at_ms) FROM measurements WHERE started_at_ms >= ?",
+        [_ms(after) if after is not None else -(2**62)],
+    )
     if not rows or rows[0][0] is None:
         return None
     return pd.Timestamp(rows[0][0], unit="ms", tz="UTC").floor("1h")
@@ -298,7 +315,9 @@ def summarise_raw(db: Store, start: pd.Timestamp | None, end: pd.Timestamp | Non
         if end is not None:
             inside &= first < end
         m = m[inside]
-    beats = load_heartbeats(db, None if start is None else start.to_pydatetime(), None if end is None else end.to_pydatetime())
+    beats = load_heartbeats(
+        db, None if start is None else start.to_pydatetime(), None if end is None else end.to_pydatetime()
+    )
     return summarise(m, beats, load_paths(db), slot_s)
 
 
@@ -322,28 +341,53 @@ def _stored(db: Store, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary
     lo, hi = (_ms(start.to_pydatetime()) if start is not None else -(2**62)), _ms(end.to_pydatetime())
     mine, vantage = _mine(db)
     runs = pd.DataFrame.from_records(
-        _query(db, f"SELECT target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds FROM verdict_runs "
-                   f"WHERE last_ms >= ? AND first_ms < ?{mine} ORDER BY first_ms", [lo, hi, *vantage]),
+        _query(
+            db,
+            f"SELECT target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds FROM verdict_runs "
+            f"WHERE last_ms >= ? AND first_ms < ?{mine} ORDER BY first_ms",
+            [lo, hi, *vantage],
+        ),
         columns=[c if c not in ("first", "last") else f"{c}_ms" for c in RUN_COLUMNS],
-    )  # fmt: skip
+    )
     hour_lo = lo - lo % 3_600_000
     hourly = pd.DataFrame.from_records(
-        _query(db, f"SELECT hour_ms, grp, path, probes, failing FROM hourly WHERE hour_ms >= ? AND hour_ms < ?{mine}",
-               [hour_lo, hi, *vantage]), columns=["hour_ms", *HOURLY_COLUMNS[1:]])  # fmt: skip
+        _query(
+            db,
+            f"SELECT hour_ms, grp, path, probes, failing FROM hourly WHERE hour_ms >= ? AND hour_ms < ?{mine}",
+            [hour_lo, hi, *vantage],
+        ),
+        columns=["hour_ms", *HOURLY_COLUMNS[1:]],
+    )
     latency = pd.DataFrame.from_records(
-        _query(db, f"SELECT hour_ms, {', '.join(LATENCY_COLUMNS[1:])} FROM hourly_latency "
-                   f"WHERE hour_ms >= ? AND hour_ms < ?{mine}", [hour_lo, hi, *vantage]),
-        columns=["hour_ms", *LATENCY_COLUMNS[1:]])  # fmt: skip
+        _query(
+            db,
+            f"SELECT hour_ms, {', '.join(LATENCY_COLUMNS[1:])} FROM hourly_latency "
+            f"WHERE hour_ms >= ? AND hour_ms < ?{mine}",
+            [hour_lo, hi, *vantage],
+        ),
+        columns=["hour_ms", *LATENCY_COLUMNS[1:]],
+    )
     coverage = pd.DataFrame.from_records(
-        _query(db, f"SELECT start_ms, end_ms FROM coverage WHERE end_ms > ? AND start_ms < ?{mine} ORDER BY start_ms",
-               [lo, hi, *vantage]), columns=["start_ms", "end_ms"])  # fmt: skip
+        _query(
+            db,
+            f"SELECT start_ms, end_ms FROM coverage WHERE end_ms > ? AND start_ms < ?{mine} ORDER BY start_ms",
+            [lo, hi, *vantage],
+        ),
+        columns=["start_ms", "end_ms"],
+    )
     empty = Summary.empty()
-    runs = runs.assign(first=_ts(runs.pop("first_ms")), last=_ts(runs.pop("last_ms")))[RUN_COLUMNS] if len(runs) \
+    runs = (
+        runs.assign(first=_ts(runs.pop("first_ms")), last=_ts(runs.pop("last_ms")))[RUN_COLUMNS]
+        if len(runs)
         else empty.runs
+    )
     hourly = hourly.assign(hour=_ts(hourly.pop("hour_ms")))[HOURLY_COLUMNS] if len(hourly) else empty.hourly
     latency = latency.assign(hour=_ts(latency.pop("hour_ms")))[LATENCY_COLUMNS] if len(latency) else empty.latency
-    coverage = pd.DataFrame({"start": _ts(coverage["start_ms"]), "end": _ts(coverage["end_ms"])}) if len(coverage) \
+    coverage = (
+        pd.DataFrame({"start": _ts(coverage["start_ms"]), "end": _ts(coverage["end_ms"])})
+        if len(coverage)
         else empty.coverage
+    )
     return Summary(runs, hourly, latency, coverage)
 
 
@@ -357,8 +401,7 @@ def _writable(db: Path) -> sqlite3.Connection:
     return conn
 
 
-def write_summary(db: Path, summary: Summary, expected: pd.Timestamp | None, end: pd.Timestamp,
-                  slot_s: float) -> bool:  # fmt: skip
+def write_summary(db: Path, summary: Summary, expected: pd.Timestamp | None, end: pd.Timestamp, slot_s: float) -> bool:
     """Add a summary of the rounds before `end` and move the cursor to `end`, in one
     transaction, if the cursor is still `expected`. Runs and coverage continue the stored ones."""
     conn = _writable(db)
@@ -372,21 +415,32 @@ def write_summary(db: Path, summary: Summary, expected: pd.Timestamp | None, end
         conn.executemany(
             "INSERT INTO hourly (hour_ms, grp, path, probes, failing) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
             "SET probes = probes + excluded.probes, failing = failing + excluded.failing",
-            [(_ms(h), g, p, int(n), int(f)) for h, g, p, n, f in summary.hourly[HOURLY_COLUMNS].itertuples(index=False)],
-        )  # fmt: skip
+            [
+                (_ms(h), g, p, int(n), int(f))
+                for h, g, p, n, f in summary.hourly[HOURLY_COLUMNS].itertuples(index=False)
+            ],
+        )
         values = LATENCY_COLUMNS[3:]
         conn.executemany(
             f"INSERT INTO hourly_latency (hour_ms, path, samples, {', '.join(values)}) "
             f"VALUES ({', '.join('?' * len(LATENCY_COLUMNS))}) ON CONFLICT DO UPDATE SET samples = samples + "
-            "excluded.samples, " + ", ".join(
+            "excluded.samples, "
+            + ", ".join(
                 f"{v} = (coalesce({v}, excluded.{v}) * samples + coalesce(excluded.{v}, {v}) * excluded.samples) "
-                "/ (samples + excluded.samples)" for v in values),
-            [(_ms(r[0]), r[1], int(r[2]), *(None if pd.isna(x) else float(x) for x in r[3:]))
-             for r in summary.latency[LATENCY_COLUMNS].itertuples(index=False)],
-        )  # fmt: skip
+                "/ (samples + excluded.samples)"
+                for v in values
+            ),
+            [
+                (_ms(r[0]), r[1], int(r[2]), *(None if pd.isna(x) else float(x) for x in r[3:]))
+                for r in summary.latency[LATENCY_COLUMNS].itertuples(index=False)
+            ],
+        )
         _write_coverage(conn, summary.coverage, slot_s)
-        conn.execute("INSERT INTO rollup_cursor (id, until_ms, slot_s) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE "
-                     "SET until_ms = excluded.until_ms, slot_s = excluded.slot_s", [_ms(end), slot_s])  # fmt: skip
+        conn.execute(
+            "INSERT INTO rollup_cursor (id, until_ms, slot_s) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE "
+            "SET until_ms = excluded.until_ms, slot_s = excluded.slot_s",
+            [_ms(end), slot_s],
+        )
         conn.execute("COMMIT")
         return True
     except sqlite3.Error as exc:
@@ -402,17 +456,21 @@ def _write_runs(conn: sqlite3.Connection, runs: pd.DataFrame) -> None:
     if runs.empty:
         return
     since = _ms(runs["first"].min()) - DAY_MS
-    rows = conn.execute(f"SELECT id, target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds FROM verdict_runs "
-                        "WHERE last_ms >= ?", [since]).fetchall()  # fmt: skip
+    rows = conn.execute(
+        f"SELECT id, target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds FROM verdict_runs "
+        "WHERE last_ms >= ?",
+        [since],
+    ).fetchall()
     old = pd.DataFrame.from_records(rows, columns=["id", "target", "path", *RUN_KEY, "first", "last", "rounds"])
     if len(old):
         old = old.sort_values("last").groupby(["target", "path"]).tail(1)
         old["first"], old["last"] = _ts(old["first"]), _ts(old["last"])
     merged = merge_runs(old, runs.assign(id=None))
     grown = merged[merged["id"].notna()]
-    conn.executemany("UPDATE verdict_runs SET last_ms = ?, rounds = ? WHERE id = ?",
-                     [(_ms(t), int(n), int(i)) for t, n, i in zip(grown["last"], grown["rounds"], grown["id"],
-                                                                  strict=True)])  # fmt: skip
+    conn.executemany(
+        "UPDATE verdict_runs SET last_ms = ?, rounds = ? WHERE id = ?",
+        [(_ms(t), int(n), int(i)) for t, n, i in zip(grown["last"], grown["rounds"], grown["id"], strict=True)],
+    )
     new = merged[merged["id"].isna()]
     conn.executemany(
         f"INSERT INTO verdict_runs (target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds) "
@@ -426,16 +484,22 @@ def _write_coverage(conn: sqlite3.Connection, coverage: pd.DataFrame, slot_s: fl
         return
     reach = _ms(coverage["start"].min()) - round(slot_s * 1000 * 3)
     rows = conn.execute("SELECT start_ms, end_ms FROM coverage WHERE end_ms >= ?", [reach]).fetchall()
-    old = pd.DataFrame({"start": _ts(pd.Series([r[0] for r in rows], dtype="int64")),
-                        "end": _ts(pd.Series([r[1] for r in rows], dtype="int64"))})  # fmt: skip
+    old = pd.DataFrame(
+        {
+            "start": _ts(pd.Series([r[0] for r in rows], dtype="int64")),
+            "end": _ts(pd.Series([r[1] for r in rows], dtype="int64")),
+        }
+    )
     # Spans that pause less than the gap allowance are one span.
     allowance = pd.Timedelta(seconds=1.5 * slot_s)
     widened = pd.DataFrame({"start": old["start"], "end": old["end"] + allowance})
     merged = merge_coverage(widened, coverage.assign(end=coverage["end"] + allowance))
     merged["end"] -= allowance
     conn.execute("DELETE FROM coverage WHERE end_ms >= ?", [reach])
-    conn.executemany("INSERT INTO coverage (start_ms, end_ms) VALUES (?, ?)",
-                     [(_ms(a), _ms(b)) for a, b in merged[COVERAGE_COLUMNS].itertuples(index=False)])  # fmt: skip
+    conn.executemany(
+        "INSERT INTO coverage (start_ms, end_ms) VALUES (?, ?)",
+        [(_ms(a), _ms(b)) for a, b in merged[COVERAGE_COLUMNS].itertuples(index=False)],
+    )
 
 
 def delete_raw(db: Path, before: pd.Timestamp, keep_unforwarded: bool = False) -> int:
@@ -456,8 +520,9 @@ def delete_raw(db: Path, before: pd.Timestamp, keep_unforwarded: bool = False) -
             cut = min(limit, cut + DAY_MS)
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                deleted += conn.execute(f"DELETE FROM measurements WHERE started_at_ms < ?{measurements}",
-                                        [cut]).rowcount  # fmt: skip
+                deleted += conn.execute(
+                    f"DELETE FROM measurements WHERE started_at_ms < ?{measurements}", [cut]
+                ).rowcount
                 conn.execute(f"DELETE FROM heartbeats WHERE started_at_ms < ?{heartbeats}", [cut])
     except sqlite3.Error as exc:
         raise store_error(db, exc, "delete old raw rows") from None

@@ -19,8 +19,19 @@ import pandas as pd
 from .rollup import as_ns
 from .verdicts import DEGRADED, FAILING
 
-OUTAGE_COLUMNS = ["path", "target", "start", "end", "minutes", "verdict", "targets", "rules", "rounds", "ongoing",
-                  "factor"]  # fmt: skip
+OUTAGE_COLUMNS = [
+    "path",
+    "target",
+    "start",
+    "end",
+    "minutes",
+    "verdict",
+    "targets",
+    "rules",
+    "rounds",
+    "ongoing",
+    "factor",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,17 +69,25 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
             counts = Counter()
             for i in index:
                 counts[kinds[i]] += rounds[i]
-            rows.append({
-                "path": path, "target": target, "start": pd.Timestamp(first[index[0]], tz="UTC"),
-                "end": pd.Timestamp(int(end), tz="UTC"),
-                "verdict": counts.most_common(1)[0][0], "targets": (target,),
-                "rules": tuple(sorted(set(rules[index]))), "rounds": int(rounds[index].sum()), "ongoing": ongoing,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "path": path,
+                    "target": target,
+                    "start": pd.Timestamp(first[index[0]], tz="UTC"),
+                    "end": pd.Timestamp(int(end), tz="UTC"),
+                    "verdict": counts.most_common(1)[0][0],
+                    "targets": (target,),
+                    "rules": tuple(sorted(set(rules[index]))),
+                    "rounds": int(rounds[index].sum()),
+                    "ongoing": ongoing,
+                }
+            )
     return _frame(rows)
 
 
-def _walk(failing: np.ndarray, rounds: np.ndarray, gap_after: np.ndarray,
-          h: Hysteresis) -> list[tuple[int, int, int | None, bool]]:  # fmt: skip
+def _walk(
+    failing: np.ndarray, rounds: np.ndarray, gap_after: np.ndarray, h: Hysteresis
+) -> list[tuple[int, int, int | None, bool]]:
     """(first run, end run, run whose first round closed it or None, ongoing) per outage.
 
     Consecutive runs with the same state form a streak; `open_after` failing rounds in a
@@ -161,8 +180,18 @@ def degraded(
                 continue
             if current is not None:
                 rows.append(current)
-            current = {"path": path, "target": "*", "start": at, "end": at + step, "verdict": DEGRADED,
-                       "targets": (), "rules": over, "rounds": 1, "ongoing": False, "factor": float(worst[at])}  # fmt: skip
+            current = {
+                "path": path,
+                "target": "*",
+                "start": at,
+                "end": at + step,
+                "verdict": DEGRADED,
+                "targets": (),
+                "rules": over,
+                "rounds": 1,
+                "ongoing": False,
+                "factor": float(worst[at]),
+            }
         if current is not None:
             rows.append(current)
     return _frame(rows)

@@ -46,8 +46,10 @@ def source(cfg: Config) -> Store:
         return chosen  # a vantage point's own store
     held = vantages(chosen)
     if chosen.vantage is None and len(held) > 1:
-        raise ConfigError(f"{chosen}: holds {len(held)} vantage points ({', '.join(held)}); choose one with "
-                          "--vantage, or see them all with `tunnelwatch outages --fleet`")  # fmt: skip
+        raise ConfigError(
+            f"{chosen}: holds {len(held)} vantage points ({', '.join(held)}); choose one with "
+            "--vantage, or see them all with `tunnelwatch outages --fleet`"
+        )
     if chosen.vantage is None and held:
         return Source(chosen.location, held[0])  # the only one: its rows by the (vantage, time) index
     if chosen.vantage is not None and chosen.vantage not in held:
@@ -58,10 +60,15 @@ def source(cfg: Config) -> Store:
 def analyse_config(cfg: Config, since: datetime | None, until: datetime | None, **filters: tuple[str, ...]) -> Analysis:
     """`analyse` with the config's store and settings."""
     return analyse(
-        source(cfg), since, until, slot_s=cfg.probe.interval_s,
+        source(cfg),
+        since,
+        until,
+        slot_s=cfg.probe.interval_s,
         hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after),
-        degraded_factor=cfg.analysis.degraded_factor, degraded_min_ms=cfg.analysis.degraded_min_ms, **filters,
-    )  # fmt: skip
+        degraded_factor=cfg.analysis.degraded_factor,
+        degraded_min_ms=cfg.analysis.degraded_min_ms,
+        **filters,
+    )
 
 
 def analyse(
@@ -83,13 +90,13 @@ def analyse(
     wide = load_summary(db, None if start is None else start - BASELINE, until, slot_s)
     summary = wide if start is None else wide.clip(start, pd.Timestamp(until or pd.Timestamp.max.tz_localize("UTC")))
     pairs = pair_outages(summary.runs, hysteresis)
-    slow = degraded(wide.latency, baseline=f"{BASELINE.days}D", factor=degraded_factor,
-                    min_increase_ms=degraded_min_ms)  # fmt: skip
+    slow = degraded(wide.latency, baseline=f"{BASELINE.days}D", factor=degraded_factor, min_increase_ms=degraded_min_ms)
     if start is not None and len(slow):
         slow = slow[slow["end"] > start].assign(start=lambda f: f["start"].clip(lower=start))
         slow["minutes"] = (slow["end"] - slow["start"]).dt.total_seconds() / 60
-    by_path = pd.concat([f for f in (path_outages(pairs), slow) if not f.empty] or [path_outages(pairs)],
-                        ignore_index=True)  # fmt: skip
+    by_path = pd.concat(
+        [f for f in (path_outages(pairs), slow) if not f.empty] or [path_outages(pairs)], ignore_index=True
+    )
     if targets:
         pairs = pairs[pairs["target"].isin(targets)]
         by_path = path_outages(pairs)

@@ -24,8 +24,8 @@ from probe.errors import ConfigError
 
 from .charts import availability_heatmap, latency_smoke, outage_timeline
 from .eventcheck import Check, check_events, outage_series
-from .eventstats import Method
 from .events import Event, load_events
+from .eventstats import Method
 from .pipeline import Analysis, analyse_config
 
 ISO_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
@@ -107,8 +107,7 @@ def weekly_figures(cfg: Config, w: Week, events: list[Event], result: Analysis |
     return {
         "availability": availability_heatmap(s.hourly, w.start, w.end, w.tz),
         "latency": latency_smoke(s.latency, s.hourly, w.start, w.end, w.tz),
-        "outages": outage_timeline(_clip(result.paths, w), s.gaps(w.start, w.end), events, paths, w.start, w.end,
-                                   w.tz),  # fmt: skip
+        "outages": outage_timeline(_clip(result.paths, w), s.gaps(w.start, w.end), events, paths, w.start, w.end, w.tz),
     }
 
 
@@ -156,10 +155,14 @@ def build_report(cfg: Config, w: Week) -> WeeklyReport:
     this, before = _within(wide, w), _within(wide, w.previous)
     outages = this.paths
     figures = weekly_figures(cfg, w, events, this)
-    changes = pd.DataFrame({
-        "availability_pct": _availability(this.summary.hourly), "previous_pct": _availability(before.summary.hourly),
-        "outage_min": _minutes(outages), "previous_min": _minutes(before.paths),
-    }).fillna({"outage_min": 0, "previous_min": 0})  # fmt: skip
+    changes = pd.DataFrame(
+        {
+            "availability_pct": _availability(this.summary.hourly),
+            "previous_pct": _availability(before.summary.hourly),
+            "outage_min": _minutes(outages),
+            "previous_min": _minutes(before.paths),
+        }
+    ).fillna({"outage_min": 0, "previous_min": 0})
     checks = _event_checks(wide, w, events)
     title = f"tunnelwatch weekly report {w.label}: {cfg.vantage.name}"
     return WeeklyReport(
@@ -169,14 +172,20 @@ def build_report(cfg: Config, w: Week) -> WeeklyReport:
 
 
 def _event_checks(wide: Analysis, w: Week, events: list[Event]) -> list[Check]:
-    near = [e for e in events if e.category != "holiday" and e.window[0] < w.end + pd.Timedelta(days=7)
-            and e.window[1] > w.start - pd.Timedelta(days=7)]  # fmt: skip
+    near = [
+        e
+        for e in events
+        if e.category != "holiday"
+        and e.window[0] < w.end + pd.Timedelta(days=7)
+        and e.window[1] > w.start - pd.Timedelta(days=7)
+    ]
     if not near or wide.span is None:
         return []
     outages = wide.paths[wide.paths["verdict"] != "degraded"]
     series = outage_series(outages, wide.summary.coverage, *wide.span)
-    return check_events(series, near, events, first_outages=outages["start"] if len(outages) else None,
-                        method=REPORT_METHOD)  # fmt: skip
+    return check_events(
+        series, near, events, first_outages=outages["start"] if len(outages) else None, method=REPORT_METHOD
+    )
 
 
 def _period(w: Week) -> str:
@@ -192,21 +201,47 @@ def _outage_rows(outages: pd.DataFrame, events: list[Event], tz: str) -> list[li
     rows = []
     for o in outages.sort_values("start").itertuples() if len(outages) else []:
         overlapping = [e.id for e in events if e.window[0] < o.end and o.start < e.window[1]]
-        rows.append([o.path, _local(o.start, tz), _local(o.end, tz), f"{o.minutes:.0f}", o.verdict,
-                     ", ".join(o.targets), ", ".join(overlapping)])  # fmt: skip
+        rows.append(
+            [
+                o.path,
+                _local(o.start, tz),
+                _local(o.end, tz),
+                f"{o.minutes:.0f}",
+                o.verdict,
+                ", ".join(o.targets),
+                ", ".join(overlapping),
+            ]
+        )
     return rows
 
 
 def _change_rows(changes: pd.DataFrame) -> list[list[str]]:
     fmt = lambda v, unit: "" if pd.isna(v) else f"{v:.1f}{unit}"  # noqa: E731
-    return [[path, fmt(r.availability_pct, " %"), fmt(r.previous_pct, " %"),
-             fmt(r.availability_pct - r.previous_pct, " pt"), fmt(r.outage_min, ""), fmt(r.previous_min, "")]
-            for path, r in changes.iterrows()]  # fmt: skip
+    return [
+        [
+            path,
+            fmt(r.availability_pct, " %"),
+            fmt(r.previous_pct, " %"),
+            fmt(r.availability_pct - r.previous_pct, " pt"),
+            fmt(r.outage_min, ""),
+            fmt(r.previous_min, ""),
+        ]
+        for path, r in changes.iterrows()
+    ]
 
 
 def _check_rows(checks: list[Check]) -> list[list[str]]:
-    return [[c.event, c.title, f"{c.coverage:.0%}", "" if c.ratio is None else f"{c.ratio:.2f}",
-             "" if c.p_value is None else f"{c.p_value:.3f}", c.verdict] for c in checks]  # fmt: skip
+    return [
+        [
+            c.event,
+            c.title,
+            f"{c.coverage:.0%}",
+            "" if c.ratio is None else f"{c.ratio:.2f}",
+            "" if c.p_value is None else f"{c.p_value:.3f}",
+            c.verdict,
+        ]
+        for c in checks
+    ]
 
 
 OUTAGE_HEAD = ["path", "start", "end", "minutes", "verdict", "targets", "events"]
@@ -228,8 +263,15 @@ td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}th{ba
 .empty{color:#666;font-style:italic}"""
 
 
-def _html(title: str, w: Week, figures: dict[str, Figure], changes: pd.DataFrame, outages: pd.DataFrame,
-          events: list[Event], checks: list[Check]) -> str:  # fmt: skip
+def _html(
+    title: str,
+    w: Week,
+    figures: dict[str, Figure],
+    changes: pd.DataFrame,
+    outages: pd.DataFrame,
+    events: list[Event],
+    checks: list[Check],
+) -> str:
     images = "".join(
         f"<h2>{name.capitalize()}</h2><img alt='{name} chart' src='data:image/png;base64,{_png(figure)}'>"
         for name, figure in figures.items()
@@ -254,8 +296,9 @@ def _md(text: str) -> str:
     return MARKDOWN_INLINE.sub(r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
 
 
-def _markdown(title: str, w: Week, changes: pd.DataFrame, outages: pd.DataFrame, events: list[Event],
-              checks: list[Check]) -> str:  # fmt: skip
+def _markdown(
+    title: str, w: Week, changes: pd.DataFrame, outages: pd.DataFrame, events: list[Event], checks: list[Check]
+) -> str:
     def table(head: list[str], rows: list[list[str]], empty: str) -> str:
         if not rows:
             return f"_{empty}_\n"

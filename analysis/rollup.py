@@ -57,8 +57,12 @@ class Summary:
 
     @classmethod
     def empty(cls) -> Summary:
-        return cls(_empty(RUN_COLUMNS, ("first", "last")), _empty(HOURLY_COLUMNS, ("hour",)),
-                   _empty(LATENCY_COLUMNS, ("hour",)), _empty(COVERAGE_COLUMNS, ("start", "end")))  # fmt: skip
+        return cls(
+            _empty(RUN_COLUMNS, ("first", "last")),
+            _empty(HOURLY_COLUMNS, ("hour",)),
+            _empty(LATENCY_COLUMNS, ("hour",)),
+            _empty(COVERAGE_COLUMNS, ("start", "end")),
+        )
 
     @property
     def span(self) -> tuple[pd.Timestamp, pd.Timestamp] | None:
@@ -80,11 +84,16 @@ class Summary:
         def keep(frame: pd.DataFrame, column: str, values: tuple[str, ...]) -> pd.DataFrame:
             return frame[frame[column].isin(values)] if values and column in frame else frame
 
-        return Summary(keep(keep(self.runs, "target", targets), "path", paths), keep(self.hourly, "path", paths),
-                       keep(self.latency, "path", paths), self.coverage)  # fmt: skip
+        return Summary(
+            keep(keep(self.runs, "target", targets), "path", paths),
+            keep(self.hourly, "path", paths),
+            keep(self.latency, "path", paths),
+            self.coverage,
+        )
 
     def clip(self, start: pd.Timestamp, end: pd.Timestamp) -> Summary:
         """The part in [start, end): runs cut to the rounds inside, hours that start inside."""
+
         def hours(frame: pd.DataFrame) -> pd.DataFrame:
             return frame[(frame["hour"] >= start) & (frame["hour"] < end)]
 
@@ -173,15 +182,23 @@ def coverage_spans(heartbeats: pd.DataFrame, interval_s: float) -> pd.DataFrame:
 
 def summarise(measurements: pd.DataFrame, heartbeats: pd.DataFrame, paths: pd.DataFrame, slot_s: float) -> Summary:
     verdicts = classify(measurements, paths, slot_s)
-    return Summary(verdict_runs(verdicts), hourly_counts(verdicts), hourly_latency(measurements),
-                   coverage_spans(heartbeats, slot_s))  # fmt: skip
+    return Summary(
+        verdict_runs(verdicts),
+        hourly_counts(verdicts),
+        hourly_latency(measurements),
+        coverage_spans(heartbeats, slot_s),
+    )
 
 
 def join(old: Summary, new: Summary) -> Summary:
     """`new` follows `old` in time: runs and coverage spans that meet are merged, and an hour
     both hold (a round that straddled the cursor) is added up."""
-    return Summary(merge_runs(old.runs, new.runs), _add_hours(old.hourly, new.hourly),
-                   _add_latency(old.latency, new.latency), merge_coverage(old.coverage, new.coverage))  # fmt: skip
+    return Summary(
+        merge_runs(old.runs, new.runs),
+        _add_hours(old.hourly, new.hourly),
+        _add_latency(old.latency, new.latency),
+        merge_coverage(old.coverage, new.coverage),
+    )
 
 
 def _add_hours(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
@@ -198,8 +215,9 @@ def _add_latency(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
         return b if a.empty else a
     both = pd.concat([a, b], ignore_index=True)
     values = [c for c in LATENCY_COLUMNS if c not in ("hour", "path", "samples")]
-    weighted = both[values].mul(both["samples"], axis=0).assign(hour=both["hour"], path=both["path"],
-                                                               samples=both["samples"])  # fmt: skip
+    weighted = (
+        both[values].mul(both["samples"], axis=0).assign(hour=both["hour"], path=both["path"], samples=both["samples"])
+    )
     sums = weighted.groupby(["hour", "path"], as_index=False).sum(min_count=1)
     sums[values] = sums[values].div(sums["samples"], axis=0)
     return sums[LATENCY_COLUMNS]
@@ -226,6 +244,7 @@ def merge_runs(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 
 def _steps(both: pd.DataFrame) -> np.ndarray:
     """The usual step between rounds, from whichever side has more than one round."""
+
     def step(suffix: str) -> np.ndarray:
         rounds = both[f"rounds{suffix}"].to_numpy(dtype=float)
         span = (both[f"last{suffix}"] - both[f"first{suffix}"]).dt.total_seconds().to_numpy()
@@ -247,8 +266,9 @@ def merge_coverage(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(merged, columns=COVERAGE_COLUMNS)
 
 
-def compact(db: Path, slot_s: float, keep_raw_days: float, now: datetime | None = None,
-            keep_unforwarded: bool = False) -> tuple[int, int]:  # fmt: skip
+def compact(
+    db: Path, slot_s: float, keep_raw_days: float, now: datetime | None = None, keep_unforwarded: bool = False
+) -> tuple[int, int]:
     """Summarise the complete hours after the store's cursor, a day at a time, and delete raw
     rows older than `keep_raw_days` that are summarised. Returns (hours summarised, raw
     rows deleted). Safe to run while the daemon writes, and twice at once."""
@@ -269,6 +289,7 @@ def compact(db: Path, slot_s: float, keep_raw_days: float, now: datetime | None 
     cursor = read_cursor(db)
     deleted = 0
     if cursor is not None:
-        deleted = delete_raw(db, min(cursor - COMPACT_MARGIN, now_ts - pd.Timedelta(days=keep_raw_days)),
-                             keep_unforwarded)  # fmt: skip
+        deleted = delete_raw(
+            db, min(cursor - COMPACT_MARGIN, now_ts - pd.Timedelta(days=keep_raw_days)), keep_unforwarded
+        )
     return hours, deleted

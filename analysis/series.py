@@ -30,8 +30,10 @@ MAX_COLUMNS = 10_000
 MAX_LINE_BYTES = 1 << 20
 CHUNK_ROWS = 500_000
 TIME_COLUMNS = ("date", "day", "datetime", "time", "timestamp")
-VALID_DATES = ("an ISO 8601 date or time, e.g. 2019-07-01, 2019-07-01 13:00 or 2019-07-01T13:00+08:00 "
-               "(UTC unless it has an offset)")  # fmt: skip
+VALID_DATES = (
+    "an ISO 8601 date or time, e.g. 2019-07-01, 2019-07-01 13:00 or 2019-07-01T13:00+08:00 "
+    "(UTC unless it has an offset)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +46,13 @@ class Hours:
     last: pd.Timestamp
 
 
-def read_series(path: Path, column: str, since: pd.Timestamp | None = None,
-                until: pd.Timestamp | None = None, missing: Sequence[float] = ()) -> Hours:  # fmt: skip
+def read_series(
+    path: Path,
+    column: str,
+    since: pd.Timestamp | None = None,
+    until: pd.Timestamp | None = None,
+    missing: Sequence[float] = (),
+) -> Hours:
     """The rows of `path` dated in [since, until), `column`'s values summed into hours;
     values in `missing` (Google Trends' zeros) are missing, as empty cells are."""
     names = _header(path)
@@ -61,8 +68,15 @@ def read_series(path: Path, column: str, since: pd.Timestamp | None = None,
     parts, first, last, line = [], None, None, 2  # the header is line 1
     try:
         with path.open("rb") as raw:
-            chunks = pd.read_csv(_BoundedLines(raw, path), header=None, skiprows=1, usecols=[time_at, value_at],
-                                 dtype={time_at: str}, chunksize=CHUNK_ROWS, skip_blank_lines=False)  # fmt: skip
+            chunks = pd.read_csv(
+                _BoundedLines(raw, path),
+                header=None,
+                skiprows=1,
+                usecols=[time_at, value_at],
+                dtype={time_at: str},
+                chunksize=CHUNK_ROWS,
+                skip_blank_lines=False,
+            )
             for chunk in chunks:
                 times, values = _parse(path, line, names[time_at], column, chunk[time_at], chunk[value_at])
                 values = values.mask(values.isin(missing))
@@ -105,8 +119,10 @@ def _header(path: Path) -> list[str]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     if len(line) > MAX_HEADER_BYTES:
-        raise ConfigError(f"{path}: line 1: the header is longer than {MAX_HEADER_BYTES:,} bytes; a series needs a "
-                          "date column and a value column, e.g. date,users")  # fmt: skip
+        raise ConfigError(
+            f"{path}: line 1: the header is longer than {MAX_HEADER_BYTES:,} bytes; a series needs a "
+            "date column and a value column, e.g. date,users"
+        )
     try:
         text = line.decode("utf-8-sig").rstrip("\r\n")
     except UnicodeDecodeError as exc:
@@ -118,13 +134,16 @@ def _header(path: Path) -> list[str]:
     except csv.Error as exc:
         raise ConfigError(f"{path}: line 1: not a CSV header: {exc}") from None
     if len(names) > MAX_COLUMNS:
-        raise ConfigError(f"{path}: line 1: {len(names):,} columns; a series may have at most {MAX_COLUMNS:,} "
-                          "(a date column and value columns)")  # fmt: skip
+        raise ConfigError(
+            f"{path}: line 1: {len(names):,} columns; a series may have at most {MAX_COLUMNS:,} "
+            "(a date column and value columns)"
+        )
     return [n.strip() for n in names]
 
 
-def _parse(path: Path, line: int, time_name: str, value_name: str, dates: pd.Series,
-           raw: pd.Series) -> tuple[pd.Series, pd.Series]:  # fmt: skip
+def _parse(
+    path: Path, line: int, time_name: str, value_name: str, dates: pd.Series, raw: pd.Series
+) -> tuple[pd.Series, pd.Series]:
     """One chunk's dates and values, or a ConfigError naming the first bad one; `line` is
     the chunk's first line. A row without a value is missing, one with neither is blank."""
     times = pd.to_datetime(dates, utc=True, errors="coerce", format="ISO8601")
@@ -145,8 +164,10 @@ def _parse(path: Path, line: int, time_name: str, value_name: str, dates: pd.Ser
             text = dates.iloc[at]
             got = "is empty" if pd.isna(text) else f"{text!r} is not a date"
             raise ConfigError(f"{where}: {time_name} {got}; valid: {VALID_DATES}")
-        raise ConfigError(f"{where}: {value_name} {str(raw.iloc[at])!r} is not a finite number; valid: a number such as "
-                          "1234 or 0.5, or nothing for a missing value")  # fmt: skip
+        raise ConfigError(
+            f"{where}: {value_name} {str(raw.iloc[at])!r} is not a finite number; valid: a number such as "
+            "1234 or 0.5, or nothing for a missing value"
+        )
     return times, values
 
 
@@ -176,5 +197,7 @@ class _BoundedLines:
         return block
 
     def _fail(self, line: int) -> None:
-        raise ConfigError(f"{self._path}: line {line}: longer than {MAX_LINE_BYTES:,} bytes; a series has a date and "
-                          "a few values a line")  # fmt: skip
+        raise ConfigError(
+            f"{self._path}: line {line}: longer than {MAX_LINE_BYTES:,} bytes; a series has a date and "
+            "a few values a line"
+        )

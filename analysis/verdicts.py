@@ -149,9 +149,22 @@ def path_kinds(paths: pd.DataFrame, names: pd.Series) -> dict[str, bool]:
     return {name: known.get(name, name != "direct") for name in names.unique()}
 
 
-EVIDENCE = ("tunnel", "ok", "failure", "failed_operation", "differs", "dns_inconsistent", "tunnel_ok", "other_ok",
-            "same_failure", "round_paths", "all_controls_fail", "own_controls_fail", "direct_controls_ok",
-            "paths_healthy")  # fmt: skip
+EVIDENCE = (
+    "tunnel",
+    "ok",
+    "failure",
+    "failed_operation",
+    "differs",
+    "dns_inconsistent",
+    "tunnel_ok",
+    "other_ok",
+    "same_failure",
+    "round_paths",
+    "all_controls_fail",
+    "own_controls_fail",
+    "direct_controls_ok",
+    "paths_healthy",
+)
 ROUND = ["round_id", "target"]
 
 
@@ -179,8 +192,21 @@ def classify(measurements: pd.DataFrame, paths: pd.DataFrame, slot_s: float = 30
     tunnels = path_kinds(paths, m["path"])
     m["tunnel"] = m["path"].map(tunnels).astype(bool)
     m["slot"] = slot_of(m["started_at"], slot_s)
-    columns = ["round_id", "target", "group", "path", "kind", "started_at", "slot", "ok", "failure",
-               "failed_operation", "tunnel", "connect_ms", "first_byte_ms"]  # fmt: skip
+    columns = [
+        "round_id",
+        "target",
+        "group",
+        "path",
+        "kind",
+        "started_at",
+        "slot",
+        "ok",
+        "failure",
+        "failed_operation",
+        "tunnel",
+        "connect_ms",
+        "first_byte_ms",
+    ]
     if m.empty:
         return pd.DataFrame(columns=[*columns, "state", "verdict", "rule", "blocking", "detail"])
 
@@ -224,8 +250,14 @@ def _round_and_slot_evidence(m: pd.DataFrame) -> None:
     m["all_controls_fail"] = ~m["slot"].map(any_ok).astype("boolean").fillna(True).astype(bool)
     m["direct_controls_ok"] = m["slot"].map(direct_ok).astype("boolean").fillna(False).astype(bool)
     own = controls.groupby(["slot", "path"])["ok"].any().rename("own_ok").reset_index()
-    m["own_controls_fail"] = ~m[["slot", "path"]].merge(own, on=["slot", "path"], how="left")["own_ok"].astype(
-        "boolean").fillna(True).astype(bool).to_numpy()  # fmt: skip
+    m["own_controls_fail"] = (
+        ~m[["slot", "path"]]
+        .merge(own, on=["slot", "path"], how="left")["own_ok"]
+        .astype("boolean")
+        .fillna(True)
+        .astype(bool)
+        .to_numpy()
+    )
     broken = m["own_controls_fail"] | m["failed_operation"].astype(object).isin(PATH_OPERATIONS)
     m["paths_healthy"] = ~broken.groupby([m["round_id"], m["target"]], sort=False, observed=True).transform("any")
 
@@ -234,8 +266,9 @@ def _none(value: object) -> object:
     return None if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA else value
 
 
-def _decide_suspicious(m: pd.DataFrame, out: pd.DataFrame, suspicious: pd.Series,
-                       endpoints: dict[tuple[int, str], str]) -> None:  # fmt: skip
+def _decide_suspicious(
+    m: pd.DataFrame, out: pd.DataFrame, suspicious: pd.Series, endpoints: dict[tuple[int, str], str]
+) -> None:
     rows = m.loc[suspicious]
     texts = ("failure", "failed_operation", "same_failure")
     columns = [[_none(v) for v in rows[c].astype(object)] if c in texts else rows[c].tolist() for c in EVIDENCE]

@@ -48,6 +48,7 @@ def commands(days: int) -> list[list[str]]:
         *(["report", "weekly", "--week", w] for w in weeks),
     ]
 
+
 MEASURE = """
 import resource, subprocess, sys, time
 started = time.perf_counter()
@@ -58,15 +59,21 @@ print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN
 
 def config(tmp: Path, db: Path) -> Path:
     path = tmp / f"{db.stem}.toml"
-    path.write_text(f'[vantage]\nname = "bench"\n[store]\npath = "{db}"\n[report]\ndirectory = "{tmp / "reports"}"\n'
-                    '[[targets]]\nname = "t000"\ngroup = "blocked"\nkind = "http"\nurl = "https://t000.example/"\n'
-                    '[[paths]]\nname = "direct"\nkind = "direct"\n')  # fmt: skip
+    path.write_text(
+        f'[vantage]\nname = "bench"\n[store]\npath = "{db}"\n[report]\ndirectory = "{tmp / "reports"}"\n'
+        '[[targets]]\nname = "t000"\ngroup = "blocked"\nkind = "http"\nurl = "https://t000.example/"\n'
+        '[[paths]]\nname = "direct"\nkind = "direct"\n'
+    )
     return path
 
 
 def run(command: list[str], cfg: Path, cwd: Path) -> tuple[float, float, int]:
-    result = subprocess.run([sys.executable, "-c", MEASURE, TUNNELWATCH, *command, "--config", str(cfg)],
-                            capture_output=True, text=True, cwd=cwd)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, TUNNELWATCH, *command, "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
     seconds, rss, code = result.stdout.split()
     return float(seconds), float(rss), int(code)
 

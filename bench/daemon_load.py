@@ -49,7 +49,9 @@ def config(tmp: Path, targets: int, web: int, socks: int, metrics: int) -> Path:
         f'[metrics]\nlisten = "{LOOPBACK}:{metrics}"\n',
     ]
     for i in range(targets):
-        lines.append(f'[[targets]]\nname = "t{i}"\ngroup = "blocked"\nkind = "http"\nurl = "http://{LOOPBACK}:{web}/{i}"\n')
+        lines.append(
+            f'[[targets]]\nname = "t{i}"\ngroup = "blocked"\nkind = "http"\nurl = "http://{LOOPBACK}:{web}/{i}"\n'
+        )
     lines.append('[[paths]]\nname = "direct"\nkind = "direct"\n')
     lines.append('[[paths]]\nname = "bind2"\nkind = "bind"\naddress = "127.0.0.2"\n')
     lines.append('[[paths]]\nname = "bind3"\nkind = "bind"\naddress = "127.0.0.3"\n')

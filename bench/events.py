@@ -133,8 +133,13 @@ def _timed(command: list[str], extra: list[str], tmp: Path, runs: int) -> str:
     """One table row: `tunnelwatch COMMAND` (EXTRA: options not shown, e.g. --config) against
     a floor importing what it imported."""
     modules = tmp / "modules.json"
-    subprocess.run([sys.executable, "-c", MODULES, str(modules), *command, *extra], cwd=ROOT,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", MODULES, str(modules), *command, *extra],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
     pairs, work = [], []
     for _ in range(runs):
         pairs.append((_measure([sys.executable, "-c", FLOOR, str(modules)]), _measure([TUNNELWATCH, *command, *extra])))
@@ -148,9 +153,11 @@ def _timed(command: list[str], extra: list[str], tmp: Path, runs: int) -> str:
     wall = statistics.median(c.wall for _, c in pairs)
     rss = max(c.rss for _, c in pairs)
     failed = [c.code for _, c in pairs if c.code != 0]
-    return (f"| `tunnelwatch {' '.join(command)}` | {cpu:.2f} s | {floor:.2f} s | **{beyond:.2f} s** | "
-            f"{statistics.median(work):.2f} s | {ratio:.2f}x | "
-            f"{wall:.1f} s | {rss:,.0f} MB | {'exit ' + str(failed[0]) if failed else 'ok'} |")  # fmt: skip
+    return (
+        f"| `tunnelwatch {' '.join(command)}` | {cpu:.2f} s | {floor:.2f} s | **{beyond:.2f} s** | "
+        f"{statistics.median(work):.2f} s | {ratio:.2f}x | "
+        f"{wall:.1f} s | {rss:,.0f} MB | {'exit ' + str(failed[0]) if failed else 'ok'} |"
+    )
 
 
 def series_commands() -> list[list[str]]:
@@ -163,8 +170,19 @@ def series_commands() -> list[list[str]]:
     for method in ("mann-kendall", "baseline"):
         for file, column, options in ACSAC.values():
             chosen = ["--method", "mann-kendall", *options] if method == "mann-kendall" else []
-            detects.append(["events", "detect", "--series", f"{SHARED}/acsac/data/{file}", "--column", column, *chosen,
-                            "--format", "json"])  # fmt: skip
+            detects.append(
+                [
+                    "events",
+                    "detect",
+                    "--series",
+                    f"{SHARED}/acsac/data/{file}",
+                    "--column",
+                    column,
+                    *chosen,
+                    "--format",
+                    "json",
+                ]
+            )
     return checks + detects
 
 
@@ -180,8 +198,14 @@ STORE_COMMANDS = [
 
 
 def _fake(day: date) -> Event:
-    return Event(id=f"ordinary-{day.isoformat()}", title=f"An ordinary date ({day.isoformat()}, bench/events.py)",
-                 category="other", start=day, end=day, source="bench/events.py")  # fmt: skip
+    return Event(
+        id=f"ordinary-{day.isoformat()}",
+        title=f"An ordinary date ({day.isoformat()}, bench/events.py)",
+        category="other",
+        start=day,
+        end=day,
+        source="bench/events.py",
+    )
 
 
 def ordinary_dates(first: date, last: date, events: list[Event], spacing: int) -> list[date]:
@@ -201,12 +225,15 @@ def ordinary_dates(first: date, last: date, events: list[Event], spacing: int) -
 
 
 def _toml(event: Event) -> str:
-    return (f'[[events]]\nid = "{event.id}"\ntitle = "{event.title}"\ncategory = "{event.category}"\n'
-            f'start = {event.start}\nend = {event.end}\nsource = "{event.source}"\n')  # fmt: skip
+    return (
+        f'[[events]]\nid = "{event.id}"\ntitle = "{event.title}"\ncategory = "{event.category}"\n'
+        f'start = {event.start}\nend = {event.end}\nsource = "{event.source}"\n'
+    )
 
 
-def false_positives(series: list[str], tmp: Path, events: list[Event], spacing: int,
-                    limit: int | None) -> tuple[list[tuple[date, float | None, str]], float]:  # fmt: skip
+def false_positives(
+    series: list[str], tmp: Path, events: list[Event], spacing: int, limit: int | None
+) -> tuple[list[tuple[date, float | None, str]], float]:
     """Each ordinary date checked alone: (date, p, verdict); and the CPU seconds it took."""
     path, column = Path(ROOT, series[1]), series[3]
     days = pd.to_datetime(pd.read_csv(path, usecols=["date"])["date"])
@@ -216,8 +243,19 @@ def false_positives(series: list[str], tmp: Path, events: list[Event], spacing: 
         fake = _fake(day)
         file = tmp / f"{fake.id}.toml"
         file.write_text(_toml(fake))
-        argv = [TUNNELWATCH, "events", "check", *series, *WIDEN, "--events", str(file), "--event", fake.id,
-                "--format", "json"]  # fmt: skip
+        argv = [
+            TUNNELWATCH,
+            "events",
+            "check",
+            *series,
+            *WIDEN,
+            "--events",
+            str(file),
+            "--event",
+            fake.id,
+            "--format",
+            "json",
+        ]
         started = _children_cpu()
         result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
         cpu += _children_cpu() - started
@@ -245,12 +283,15 @@ def _rate_row(name: str, results: list[tuple[date, float | None, str]]) -> str:
     test = binomtest(k, n, ALPHA)
     ci = test.proportion_ci(confidence_level=0.95)
     which = ", ".join(f"{d} (p = {p:.3f})" for d, p in flagged) or "none"
-    return (f"| {name} | {len(results)} | {n} | {k} | **{k / n:.1%}** [{ci.low:.1%}, {ci.high:.1%}] | "
-            f"{test.pvalue:.2f} | {which} |")  # fmt: skip
+    return (
+        f"| {name} | {len(results)} | {n} | {k} | **{k / n:.1%}** [{ci.low:.1%}, {ci.high:.1%}] | "
+        f"{test.pvalue:.2f} | {which} |"
+    )
 
 
-def measure_events(days: int, runs: int, spacing: int = 45, placebo_limit: int | None = None,
-                   store: Path | None = None) -> str:  # fmt: skip
+def measure_events(
+    days: int, runs: int, spacing: int = 45, placebo_limit: int | None = None, store: Path | None = None
+) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="tw-events-bench-"))
     try:
         series_rows = []
@@ -270,8 +311,10 @@ def measure_events(days: int, runs: int, spacing: int = 45, placebo_limit: int |
             store_rows.append(_timed(command, ["--config", str(cfg)], tmp, runs))
         calendar = load_events(load_config().analysis.events)
         rates, placebo_cpu, checked = [], 0.0, []
-        for name, series in (("Google Trends `vpn`, China (`--missing 0`)", GTRENDS),
-                             ("Tor users, China (ACSAC 2024 data)", TOR)):  # fmt: skip
+        for name, series in (
+            ("Google Trends `vpn`, China (`--missing 0`)", GTRENDS),
+            ("Tor users, China (ACSAC 2024 data)", TOR),
+        ):
             results, cpu = false_positives(series, tmp, calendar, spacing, placebo_limit)
             rates.append(_rate_row(name, results))
             placebo_cpu += cpu

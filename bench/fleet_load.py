@@ -82,7 +82,8 @@ def measure_fleet(days: int, vantages: int) -> str:
                 (stored,) = conn.execute("SELECT count(*) FROM measurements").fetchone()  # type: ignore[misc]
                 (size,) = conn.execute(  # bytes, as numeric
                     "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits "
-                    "WHERE inhparent = 'measurements'::regclass").fetchone()  # type: ignore[misc]
+                    "WHERE inhparent = 'measurements'::regclass"
+                ).fetchone()  # type: ignore[misc]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = int(size or 0)

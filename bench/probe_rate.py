@@ -72,9 +72,11 @@ def _tunnelwatch(url: str) -> object:
     from probe.rounds import ProbeContext, measure
 
     config = Path(tempfile.mkdtemp(prefix="tw-rate-")) / "bench.toml"
-    config.write_text(f'[vantage]\nname = "bench"\n[probe]\ntimeout_s = 10\n[metrics]\nenabled = false\n'
-                      f'[[targets]]\nname = "nginx"\ngroup = "control"\nkind = "http"\nurl = "{url}"\n'
-                      '[[paths]]\nname = "direct"\nkind = "direct"\n')  # fmt: skip
+    config.write_text(
+        f'[vantage]\nname = "bench"\n[probe]\ntimeout_s = 10\n[metrics]\nenabled = false\n'
+        f'[[targets]]\nname = "nginx"\ngroup = "control"\nkind = "http"\nurl = "{url}"\n'
+        '[[paths]]\nname = "direct"\nkind = "direct"\n'
+    )
     cfg = load_config(config)
     ctx = ProbeContext.build(cfg)
     target, path = cfg.targets[0], cfg.paths[0]
@@ -111,8 +113,23 @@ def client(name: str, url: str, in_flight: int, seconds: float) -> None:
 
 
 def _child(name: str, url: str, in_flight: int, seconds: float) -> dict[str, float]:
-    result = subprocess.run([sys.executable, __file__, "--client", name, "--url", url, "--in-flight", str(in_flight),
-                             "--seconds", str(seconds)], capture_output=True, text=True, check=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--client",
+            name,
+            "--url",
+            url,
+            "--in-flight",
+            str(in_flight),
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(result.stdout.splitlines()[-1])
 
 
@@ -129,13 +146,21 @@ def _blackbox(exporter: int, pid: int, url: str, in_flight: int, seconds: float)
     probe_url = f"http://{LOOPBACK}:{exporter}/probe?module=http_2xx&target={url}"
     subprocess.run(["wrk", "-t", "2", "-c", str(in_flight), "-d", "1s", probe_url], capture_output=True, check=True)
     cpu = cpu_seconds(pid)
-    out = subprocess.run(["wrk", "-t", "2", "-c", str(in_flight), "-d", f"{seconds:g}s", probe_url],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["wrk", "-t", "2", "-c", str(in_flight), "-d", f"{seconds:g}s", probe_url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     probes = rate * seconds
-    return {"probes": probes, "ok": probes - (int(errors.group(1)) if errors else 0), "cpu_s": cpu_seconds(pid) - cpu,
-            "wall_s": seconds}  # fmt: skip
+    return {
+        "probes": probes,
+        "ok": probes - (int(errors.group(1)) if errors else 0),
+        "cpu_s": cpu_seconds(pid) - cpu,
+        "wall_s": seconds,
+    }
 
 
 def measure_all(seconds: float, runs: int, in_flights: list[int]) -> str:
@@ -145,8 +170,11 @@ def measure_all(seconds: float, runs: int, in_flights: list[int]) -> str:
     (tmp / "blackbox.yml").write_text(BLACKBOX_CONFIG)
     url = f"http://{LOOPBACK}:{web}/"
     nginx = [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)]
-    blackbox = [shutil.which("prometheus-blackbox-exporter") or "prometheus-blackbox-exporter",
-                f"--config.file={tmp / 'blackbox.yml'}", f"--web.listen-address={LOOPBACK}:{exporter}"]  # fmt: skip
+    blackbox = [
+        shutil.which("prometheus-blackbox-exporter") or "prometheus-blackbox-exporter",
+        f"--config.file={tmp / 'blackbox.yml'}",
+        f"--web.listen-address={LOOPBACK}:{exporter}",
+    ]
     figures: dict[tuple[str, int], list[dict[str, float]]] = {}
     with running(nginx, tmp / "nginx.out", web), running(blackbox, tmp / "blackbox.out", exporter) as exporter_proc:
         for _ in range(runs):  # interleaved, so a noisy moment hits every client alike
@@ -161,34 +189,44 @@ def measure_all(seconds: float, runs: int, in_flights: list[int]) -> str:
     return _table(figures, in_flights, seconds, runs)
 
 
-def _table(figures: dict[tuple[str, int], list[dict[str, float]]], in_flights: list[int], seconds: float,
-           runs: int) -> str:  # fmt: skip
+def _table(
+    figures: dict[tuple[str, int], list[dict[str, float]]], in_flights: list[int], seconds: float, runs: int
+) -> str:
     def rate(s: dict[str, float]) -> float:
         return s["probes"] / s["wall_s"]
 
     def cpu_ms(s: dict[str, float]) -> float:
         return 1000 * s["cpu_s"] / max(s["probes"], 1)
 
-    lines = ["| client | in flight | probes/s | CPU ms per probe | cores busy | failed | vs blackbox_exporter | "
-             "vs raw asyncio + uvloop |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| client | in flight | probes/s | CPU ms per probe | cores busy | failed | vs blackbox_exporter | "
+        "vs raw asyncio + uvloop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for in_flight in in_flights:
         medians = {name: statistics.median(rate(s) for s in figures[(name, in_flight)]) for name in CLIENTS}
         for name in CLIENTS:
             samples = figures[(name, in_flight)]
             # Ratios are taken run by run (same moment), then their median.
-            vs_bb = statistics.median(rate(s) / rate(b) for s, b in zip(samples, figures[("blackbox_exporter", in_flight)],
-                                                                         strict=True))  # fmt: skip
-            vs_raw = statistics.median(rate(s) / rate(r) for s, r in zip(samples, figures[("raw asyncio + uvloop",
-                                                                                           in_flight)], strict=True))
+            vs_bb = statistics.median(
+                rate(s) / rate(b) for s, b in zip(samples, figures[("blackbox_exporter", in_flight)], strict=True)
+            )
+            vs_raw = statistics.median(
+                rate(s) / rate(r) for s, r in zip(samples, figures[("raw asyncio + uvloop", in_flight)], strict=True)
+            )
             failed = sum(s["probes"] - s["ok"] for s in samples)
             cpu = statistics.median(cpu_ms(s) for s in samples)
-            lines.append(f"| {name} | {in_flight} | {medians[name]:,.0f} | {cpu:.2f} | {medians[name] * cpu / 1000:.1f} | "
-                         f"{failed:,.0f} | {vs_bb:.2f}x | {vs_raw:.2f}x |")  # fmt: skip
-    return (f"Against nginx on loopback (1 worker), a fresh connection per probe; {seconds:g} s per client after "
-            f"1 s of warm-up, {runs} interleaved runs, medians (ratios: median of the per-run ratios). Targets: "
-            "tunnelwatch at least 2x blackbox_exporter's rate and 0.3x the raw floor, at most 0.5 ms CPU per "
-            "probe. Cores busy = rate x CPU per probe: the Python clients run on one core, blackbox_exporter (Go) "
-            "on every core it can get, beside nginx and wrk on this 2-core machine.\n\n" + "\n".join(lines) + "\n")
+            lines.append(
+                f"| {name} | {in_flight} | {medians[name]:,.0f} | {cpu:.2f} | {medians[name] * cpu / 1000:.1f} | "
+                f"{failed:,.0f} | {vs_bb:.2f}x | {vs_raw:.2f}x |"
+            )
+    return (
+        f"Against nginx on loopback (1 worker), a fresh connection per probe; {seconds:g} s per client after "
+        f"1 s of warm-up, {runs} interleaved runs, medians (ratios: median of the per-run ratios). Targets: "
+        "tunnelwatch at least 2x blackbox_exporter's rate and 0.3x the raw floor, at most 0.5 ms CPU per "
+        "probe. Cores busy = rate x CPU per probe: the Python clients run on one core, blackbox_exporter (Go) "
+        "on every core it can get, beside nginx and wrk on this 2-core machine.\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def main() -> None:

@@ -33,11 +33,19 @@ SECTIONS = ("probe-rate", "timing", "daemon", "year", "fleet", "events")
 
 
 def _machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")  # fmt: skip
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
     memory = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
-    return (f"{platform.node()}: {model}, {os.cpu_count()} cores, {memory:.0f} GiB; {platform.platform()}; "
-            f"Python {platform.python_version()}")  # fmt: skip
+    return (
+        f"{platform.node()}: {model}, {os.cpu_count()} cores, {memory:.0f} GiB; {platform.platform()}; "
+        f"Python {platform.python_version()}"
+    )
 
 
 def main() -> None:
@@ -48,23 +56,37 @@ def main() -> None:
     args = parser.parse_args()
     q = args.quick
     plan = {
-        "probe-rate": ("Probe rate and CPU cost (issue 7)",
-                       f"bench/probe_rate.py --seconds {5 if q else 10} --runs {1 if q else 3} --in-flight 50 200",
-                       lambda: measure_all(5 if q else 10, 1 if q else 3, [50, 200])),
-        "timing": ("Timing truth under load (issue 7)", f"bench/timing_truth.py --seconds {5 if q else 10}",
-                   lambda: measure_truth(5 if q else 10, [1, 100, 500])),
-        "daemon": ("The daemon at 10,000 probes a minute (issue 3)",
-                   f"bench/daemon_load.py --minutes {1 if q else 5} --targets 2500",
-                   lambda: measure_daemon(1 if q else 5, 2500)),
-        "year": ("A year of measurements: store size and analysis, SQLite and PostgreSQL (issues 4, 5, 7, 8)",
-                 f"bench/analysis_load.py --days {30 if q else 365} --runs {1 if q else 3}",
-                 lambda: measure_year(30 if q else 365, 1 if q else 3)),
-        "fleet": ("Ten vantage points into PostgreSQL (issue 8)", f"bench/fleet_load.py --days {1 if q else 2} --vantages 10",
-                  lambda: measure_fleet(1 if q else 2, 10)),
-        "events": ("Events check and detect: CPU beyond start-up, and false positives on real series (issue 13)",
-                   f"bench/events.py --days {30 if q else 365} --runs {1 if q else 3}{' --placebo-limit 10' if q else ''}",
-                   lambda: measure_events(30 if q else 365, 1 if q else 3, placebo_limit=10 if q else None)),
-    }  # fmt: skip
+        "probe-rate": (
+            "Probe rate and CPU cost (issue 7)",
+            f"bench/probe_rate.py --seconds {5 if q else 10} --runs {1 if q else 3} --in-flight 50 200",
+            lambda: measure_all(5 if q else 10, 1 if q else 3, [50, 200]),
+        ),
+        "timing": (
+            "Timing truth under load (issue 7)",
+            f"bench/timing_truth.py --seconds {5 if q else 10}",
+            lambda: measure_truth(5 if q else 10, [1, 100, 500]),
+        ),
+        "daemon": (
+            "The daemon at 10,000 probes a minute (issue 3)",
+            f"bench/daemon_load.py --minutes {1 if q else 5} --targets 2500",
+            lambda: measure_daemon(1 if q else 5, 2500),
+        ),
+        "year": (
+            "A year of measurements: store size and analysis, SQLite and PostgreSQL (issues 4, 5, 7, 8)",
+            f"bench/analysis_load.py --days {30 if q else 365} --runs {1 if q else 3}",
+            lambda: measure_year(30 if q else 365, 1 if q else 3),
+        ),
+        "fleet": (
+            "Ten vantage points into PostgreSQL (issue 8)",
+            f"bench/fleet_load.py --days {1 if q else 2} --vantages 10",
+            lambda: measure_fleet(1 if q else 2, 10),
+        ),
+        "events": (
+            "Events check and detect: CPU beyond start-up, and false positives on real series (issue 13)",
+            f"bench/events.py --days {30 if q else 365} --runs {1 if q else 3}{' --placebo-limit 10' if q else ''}",
+            lambda: measure_events(30 if q else 365, 1 if q else 3, placebo_limit=10 if q else None),
+        ),
+    }
     kept = _sections(args.out.read_text()) if args.out.exists() else {}
     parts = []
     for name in SECTIONS:
@@ -76,8 +98,10 @@ def main() -> None:
         started = time.perf_counter()
         print(f"running {name}: {command}", file=sys.stderr, flush=True)
         body = run()
-        parts.append(f"## {title}\n\nCommand: `.venv/bin/python {command}` ({time.perf_counter() - started:.0f} s), "
-                     f"measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC{' (--quick)' if q else ''}\n\n{body}")  # fmt: skip
+        parts.append(
+            f"## {title}\n\nCommand: `.venv/bin/python {command}` ({time.perf_counter() - started:.0f} s), "
+            f"measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC{' (--quick)' if q else ''}\n\n{body}"
+        )
     report = f"""# Benchmarks
 
 Written by `.venv/bin/python bench/run.py` (or `make bench`); each section says when it was

@@ -30,16 +30,19 @@ from analysis.rollup import compact  # noqa: E402
 from probe.config import StoreSettings  # noqa: E402
 from probe.store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, _insert, open_store  # noqa: E402
 
-PATHS = [("direct", "direct", "", None), ("vpn", "socks5", "shadowsocks", None), ("wg", "bind", "wireguard", None),
-         ("proxy", "http", "", None)]  # fmt: skip
+PATHS = [
+    ("direct", "direct", "", None),
+    ("vpn", "socks5", "shadowsocks", None),
+    ("wg", "bind", "wireguard", None),
+    ("proxy", "http", "", None),
+]
 MEAN_MS = {"direct": 35.0, "vpn": 160.0, "wg": 120.0, "proxy": 90.0}
 INTERVAL_MS = 300_000
 BATCH_ROUNDS = 288  # a day: written, then compacted, as the daemon does (hourly)
 SHA256 = "ea8fac7c65fb589b0d53560f5251f74f9e9b243478dcb6b3ea79b5e36449c8d9"
 
 
-def build(db: Path, days: int, targets: int, start: datetime, seed: int = 1,
-          keep_raw_days: float | None = None) -> int:  # fmt: skip
+def build(db: Path, days: int, targets: int, start: datetime, seed: int = 1, keep_raw_days: float | None = None) -> int:
     """Write the store; with `keep_raw_days`, compact it after every batch as the daemon would."""
     rng = np.random.default_rng(seed)
     store = open_store(db)
@@ -49,7 +52,9 @@ def build(db: Path, days: int, targets: int, start: datetime, seed: int = 1,
     groups = ["blocked" if i % 3 == 0 else "control" for i in range(targets)]
     t0 = int(start.timestamp() * 1000)
     rounds = days * 24 * 12
-    npc = [int(datetime(y, 3, 5, tzinfo=UTC).timestamp() * 1000) for y in range(start.year, start.year + days // 365 + 2)]
+    npc = [
+        int(datetime(y, 3, 5, tzinfo=UTC).timestamp() * 1000) for y in range(start.year, start.year + days // 365 + 2)
+    ]
     rows, beats, total = [], [], 0
     for r in range(rounds):
         slot = t0 + r * INTERVAL_MS
@@ -78,15 +83,43 @@ def build(db: Path, days: int, targets: int, start: datetime, seed: int = 1,
                 connect = round(MEAN_MS[path] * latency[i, j], 2) if ok else None
                 url = f"https://{name}.example/"
                 tls = ok or operation == "http_round_trip"  # what the daemon stores for an https page
-                rows.append((
-                    "bench", round_id, name, group, path, "http", url, at + j, int(ok),
-                    failure, operation, 5.0 if ok else None, None, connect, connect and connect * 1.2,
-                    connect and connect * 3, connect and connect * 4, "system", None, json.dumps(["93.184.216.34"]),
-                    "93.184.216.34" if ok else None, 200 if ok else None, url if ok else None, 5000 if ok else None,
-                    SHA256 if ok else None, "Example Domain" if ok else None, "TLSv1.3" if tls else None,
-                    f"CN={name}.example" if tls else None, "CN=R3,O=Let's Encrypt,C=US" if tls else None,
-                    1767225600000 if tls else None, 1 if tls else None, "", round(float(lag[i, j]), 3),
-                ))  # fmt: skip
+                rows.append(
+                    (
+                        "bench",
+                        round_id,
+                        name,
+                        group,
+                        path,
+                        "http",
+                        url,
+                        at + j,
+                        int(ok),
+                        failure,
+                        operation,
+                        5.0 if ok else None,
+                        None,
+                        connect,
+                        connect and connect * 1.2,
+                        connect and connect * 3,
+                        connect and connect * 4,
+                        "system",
+                        None,
+                        json.dumps(["93.184.216.34"]),
+                        "93.184.216.34" if ok else None,
+                        200 if ok else None,
+                        url if ok else None,
+                        5000 if ok else None,
+                        SHA256 if ok else None,
+                        "Example Domain" if ok else None,
+                        "TLSv1.3" if tls else None,
+                        f"CN={name}.example" if tls else None,
+                        "CN=R3,O=Let's Encrypt,C=US" if tls else None,
+                        1767225600000 if tls else None,
+                        1 if tls else None,
+                        "",
+                        round(float(lag[i, j]), 3),
+                    )
+                )
             beats.append((round_id, "bench", at, at + 2000, len(PATHS), ok_count, "", name, at))
         if r % BATCH_ROUNDS == BATCH_ROUNDS - 1 or r == rounds - 1:
             conn.execute("BEGIN")

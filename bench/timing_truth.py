@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from analysis.rollup import LAG_LIMIT_MS  # noqa: E402
-from probe.conn import SO_TIMESTAMPNS  # noqa: E402
 from bench.daemon_load import percentile  # noqa: E402
+from probe.conn import SO_TIMESTAMPNS  # noqa: E402
 from tests.servers import LOOPBACK, free_port  # noqa: E402
 
 DELAY_MS = 50.0
@@ -101,10 +101,14 @@ def _client(port: int, in_flight: int, seconds: float) -> dict[str, list[Sample]
     from probe.rounds import ProbeContext, measure, run_loop
 
     config = Path(tempfile.mkdtemp(prefix="tw-truth-")) / "bench.toml"
-    config.write_text('[vantage]\nname = "bench"\n[probe]\ntimeout_s = 30\n[metrics]\nenabled = false\n'
-                      + "".join(f'[[targets]]\nname = "w{i}"\ngroup = "control"\nkind = "http"\n'
-                                f'url = "http://{LOOPBACK}:{port}/w{i}"\n' for i in range(in_flight))
-                      + '[[paths]]\nname = "direct"\nkind = "direct"\n')  # fmt: skip
+    config.write_text(
+        '[vantage]\nname = "bench"\n[probe]\ntimeout_s = 30\n[metrics]\nenabled = false\n'
+        + "".join(
+            f'[[targets]]\nname = "w{i}"\ngroup = "control"\nkind = "http"\nurl = "http://{LOOPBACK}:{port}/w{i}"\n'
+            for i in range(in_flight)
+        )
+        + '[[paths]]\nname = "direct"\nkind = "direct"\n'
+    )
     cfg = load_config(config)
     ctx = ProbeContext.build(cfg)
     path = cfg.paths[0]
@@ -160,22 +164,28 @@ def _level(in_flight: int, seconds: float) -> str:
             if lag is not None and lag > LAG_LIMIT_MS:
                 late_errors.append(first_byte - truth)
     share = len(late_errors) / max(len(errors), 1)
-    return (f"| {in_flight} | {count:,} | {failed} | {_spread(errors)} | {_spread(connects)} | {share:.0%} | "
-            f"{_spread(late_errors)} |")  # fmt: skip
+    return (
+        f"| {in_flight} | {count:,} | {failed} | {_spread(errors)} | {_spread(connects)} | {share:.0%} | "
+        f"{_spread(late_errors)} |"
+    )
 
 
 def measure_truth(seconds: float, in_flights: list[int]) -> str:
-    head = ("| in flight | probes | failed | first byte error p50 / p99 / max (ms) | connect p50 / p99 / max (ms) | "
-            f"probes while the loop ran over {LAG_LIMIT_MS:g} ms late | their first byte error p50 / p99 / max |\n"
-            "|---|---|---|---|---|---|---|")  # fmt: skip
+    head = (
+        "| in flight | probes | failed | first byte error p50 / p99 / max (ms) | connect p50 / p99 / max (ms) | "
+        f"probes while the loop ran over {LAG_LIMIT_MS:g} ms late | their first byte error p50 / p99 / max |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     rows = "\n".join(_level(n, seconds) for n in in_flights)
-    return (f"tunnelwatch's HTTP probe against a server holding every answer {DELAY_MS:g} ms (uvloop, its own "
-            f"process), {seconds:g} s per level, each worker probing back to back: a closed loop, so the probing "
-            "process runs flat out at 100 and 500 in flight. Target: p99 error under 2 ms at 500 in flight. "
-            "The probe's phases are the kernel's times (probe/conn.py: TCP_INFO for the handshake, SO_TIMESTAMPNS "
-            "for the answer), so they stay true while its event loop runs late; the last columns show the "
-            f"probes whose loop was over {LAG_LIMIT_MS:g} ms late (`loop_lag_ms`), the ones a loop-timed probe "
-            f"would get wrong.\n\n{head}\n{rows}\n")
+    return (
+        f"tunnelwatch's HTTP probe against a server holding every answer {DELAY_MS:g} ms (uvloop, its own "
+        f"process), {seconds:g} s per level, each worker probing back to back: a closed loop, so the probing "
+        "process runs flat out at 100 and 500 in flight. Target: p99 error under 2 ms at 500 in flight. "
+        "The probe's phases are the kernel's times (probe/conn.py: TCP_INFO for the handshake, SO_TIMESTAMPNS "
+        "for the answer), so they stay true while its event loop runs late; the last columns show the "
+        f"probes whose loop was over {LAG_LIMIT_MS:g} ms late (`loop_lag_ms`), the ones a loop-timed probe "
+        f"would get wrong.\n\n{head}\n{rows}\n"
+    )
 
 
 def main() -> None:

@@ -29,22 +29,38 @@ KEYS = {
 _TEXT, _INT, _REAL = "text", "bigint", "double precision"
 TYPES = {
     **dict.fromkeys(MEASUREMENT_COLUMNS + HEARTBEAT_COLUMNS, _TEXT),
-    **dict.fromkeys(("started_at_ms", "ok", "status", "body_length", "cert_not_after_ms", "tls_verified",
-                     "finished_at_ms", "probes", "succeeded", "scheduled_at_ms"), _INT),  # fmt: skip
-    **dict.fromkeys(("resolve_ms", "proxy_ms", "connect_ms", "tls_ms", "first_byte_ms", "total_ms", "loop_lag_ms"), _REAL),
+    **dict.fromkeys(
+        (
+            "started_at_ms",
+            "ok",
+            "status",
+            "body_length",
+            "cert_not_after_ms",
+            "tls_verified",
+            "finished_at_ms",
+            "probes",
+            "succeeded",
+            "scheduled_at_ms",
+        ),
+        _INT,
+    ),
+    **dict.fromkeys(
+        ("resolve_ms", "proxy_ms", "connect_ms", "tls_ms", "first_byte_ms", "total_ms", "loop_lag_ms"), _REAL
+    ),
 }
 NOT_NULL = {
-    "measurements": frozenset({"vantage", "round_id", "target", "grp", "path", "kind", "input", "started_at_ms", "ok",
-                               "addresses", "detail"}),
-    "heartbeats": frozenset({"vantage", "round_id", "started_at_ms", "finished_at_ms", "probes", "succeeded",
-                             "config_sha256"}),
-}  # fmt: skip
+    "measurements": frozenset(
+        {"vantage", "round_id", "target", "grp", "path", "kind", "input", "started_at_ms", "ok", "addresses", "detail"}
+    ),
+    "heartbeats": frozenset(
+        {"vantage", "round_id", "started_at_ms", "finished_at_ms", "probes", "succeeded", "config_sha256"}
+    ),
+}
 
 
 def _table(name: str, columns: Sequence[str]) -> str:
     body = ", ".join(f"{c} {TYPES[c]}{' NOT NULL' if c in NOT_NULL[name] else ''}" for c in columns)
-    return (f"CREATE TABLE {name} ({body}, PRIMARY KEY ({', '.join(KEYS[name])})) "
-            "PARTITION BY RANGE (started_at_ms);")  # fmt: skip
+    return f"CREATE TABLE {name} ({body}, PRIMARY KEY ({', '.join(KEYS[name])})) PARTITION BY RANGE (started_at_ms);"
 
 
 # Each entry moves the schema from version i to i + 1. Never edit a shipped entry: append.
@@ -116,9 +132,16 @@ class CentralStore:
             raise StoreError(f"{redact(url)}: cannot open the central store: its URL {problem}")
         try:
             # A censor may blackhole the uplink: bound every wait on it, not only the connect.
-            self._db = psycopg.connect(conninfo or url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                                       tcp_user_timeout=TCP_USER_TIMEOUT_MS, keepalives=1, keepalives_idle=10,
-                                       keepalives_interval=5, keepalives_count=3)  # fmt: skip
+            self._db = psycopg.connect(
+                conninfo or url,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                tcp_user_timeout=TCP_USER_TIMEOUT_MS,
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            )
             self._migrate()
             self._months: set[str] = set()  # partitions known to exist
         except psycopg.Error as exc:
@@ -133,20 +156,29 @@ class CentralStore:
             if row is None:
                 self._db.execute("INSERT INTO schema_version VALUES (0)")
             if version > len(MIGRATIONS):
-                raise StoreError(f"{redact(self.url)}: schema version {version} is newer than this tunnelwatch "
-                                 f"knows ({len(MIGRATIONS)}); upgrade tunnelwatch")  # fmt: skip
+                raise StoreError(
+                    f"{redact(self.url)}: schema version {version} is newer than this tunnelwatch "
+                    f"knows ({len(MIGRATIONS)}); upgrade tunnelwatch"
+                )
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 self._db.execute(script)
                 self._db.execute("UPDATE schema_version SET version = %s", [number])
 
-    def ingest(self, vantage: str, measurements: Sequence[tuple[Any, ...]], heartbeats: Sequence[tuple[Any, ...]],
-               paths: Sequence[tuple[Any, ...]] = ()) -> int:  # fmt: skip
+    def ingest(
+        self,
+        vantage: str,
+        measurements: Sequence[tuple[Any, ...]],
+        heartbeats: Sequence[tuple[Any, ...]],
+        paths: Sequence[tuple[Any, ...]] = (),
+    ) -> int:
         """Rows as the SQLite store holds them (MEASUREMENT_COLUMNS, HEARTBEAT_COLUMNS), all
         in one transaction; rows already stored are skipped. Returns the measurements added."""
         try:
             with self._db.transaction():
-                months = self._partitions([row[MEASUREMENT_COLUMNS.index("started_at_ms")] for row in measurements]
-                                          + [row[HEARTBEAT_COLUMNS.index("started_at_ms")] for row in heartbeats])  # fmt: skip
+                months = self._partitions(
+                    [row[MEASUREMENT_COLUMNS.index("started_at_ms")] for row in measurements]
+                    + [row[HEARTBEAT_COLUMNS.index("started_at_ms")] for row in heartbeats]
+                )
                 added = self._copy("measurements", MEASUREMENT_COLUMNS, measurements)
                 self._copy("heartbeats", HEARTBEAT_COLUMNS, heartbeats)
                 if paths:
@@ -158,27 +190,37 @@ class CentralStore:
                             [(vantage, *p) for p in paths],
                         )
         except psycopg.Error as exc:
-            raise StoreError(f"{redact(self.url)}: cannot store {len(measurements)} measurements: "
-                             f"{_first_line(exc, self.url)}") from None  # fmt: skip
+            raise StoreError(
+                f"{redact(self.url)}: cannot store {len(measurements)} measurements: {_first_line(exc, self.url)}"
+            ) from None
         self._months |= months
         return added
 
-    def replace_summaries(self, vantage: str, since_ms: int, tables: dict[str, Sequence[tuple[Any, ...]]],
-                          cursor: tuple[int, float]) -> None:  # fmt: skip
+    def replace_summaries(
+        self, vantage: str, since_ms: int, tables: dict[str, Sequence[tuple[Any, ...]]], cursor: tuple[int, float]
+    ) -> None:
         """A vantage point's summary rows recent as of `since_ms`, replacing those stored, and
         its cursor (until_ms, slot_s), in one transaction: sent twice, stored once."""
         try:
             with self._db.transaction():
                 for table, columns, key, recent in SUMMARY_TABLES:
                     self._db.execute(f"DELETE FROM {table} WHERE vantage = %s AND {recent} >= %s", [vantage, since_ms])
-                    self._copy(table, ("vantage", *columns), [(vantage, *row) for row in tables[table]],
-                               update=("vantage", *key))  # fmt: skip
-                self._db.execute("INSERT INTO rollup_cursor (vantage, until_ms, slot_s) VALUES (%s, %s, %s) "
-                                "ON CONFLICT (vantage) DO UPDATE SET until_ms = excluded.until_ms, "
-                                "slot_s = excluded.slot_s", [vantage, *cursor])  # fmt: skip
+                    self._copy(
+                        table,
+                        ("vantage", *columns),
+                        [(vantage, *row) for row in tables[table]],
+                        update=("vantage", *key),
+                    )
+                self._db.execute(
+                    "INSERT INTO rollup_cursor (vantage, until_ms, slot_s) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (vantage) DO UPDATE SET until_ms = excluded.until_ms, "
+                    "slot_s = excluded.slot_s",
+                    [vantage, *cursor],
+                )
         except psycopg.Error as exc:
-            raise StoreError(f"{redact(self.url)}: cannot store the summaries of {vantage}: "
-                             f"{_first_line(exc, self.url)}") from None  # fmt: skip
+            raise StoreError(
+                f"{redact(self.url)}: cannot store the summaries of {vantage}: {_first_line(exc, self.url)}"
+            ) from None
 
     def _partitions(self, times: Sequence[int]) -> set[str]:
         """The monthly partitions these rows need, created if missing; their names."""
@@ -188,12 +230,15 @@ class CentralStore:
         self._db.execute("SELECT pg_advisory_xact_lock(7478)")  # forwarders adding the same month
         for start, end, suffix in sorted(months):
             for table in PARTITIONED:
-                self._db.execute(f"CREATE TABLE IF NOT EXISTS {table}_{suffix} PARTITION OF {table} "
-                                 f"FOR VALUES FROM ({start}) TO ({end})")  # fmt: skip
+                self._db.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table}_{suffix} PARTITION OF {table} "
+                    f"FOR VALUES FROM ({start}) TO ({end})"
+                )
         return {suffix for _, _, suffix in months}
 
-    def _copy(self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]],
-              update: Sequence[str] = ()) -> int:  # fmt: skip
+    def _copy(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]], update: Sequence[str] = ()
+    ) -> int:
         """COPY into a scratch table, then insert what is new (or, with `update`, the key,
         overwrite what is there): fast and idempotent."""
         if not rows:
@@ -205,10 +250,12 @@ class CentralStore:
                 copy.write_row(row)
         conflict = "DO NOTHING"
         if update:
-            conflict = (f"({', '.join(update)}) DO UPDATE SET "
-                        + ", ".join(f"{c} = excluded.{c}" for c in columns if c not in update))  # fmt: skip
-        cursor = self._db.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming_{table} "
-                                  f"ON CONFLICT {conflict}")  # fmt: skip
+            conflict = f"({', '.join(update)}) DO UPDATE SET " + ", ".join(
+                f"{c} = excluded.{c}" for c in columns if c not in update
+            )
+        cursor = self._db.execute(
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming_{table} ON CONFLICT {conflict}"
+        )
         return cursor.rowcount
 
     def drop_months(self, before_ms: int) -> tuple[list[str], int | None]:
@@ -219,13 +266,16 @@ class CentralStore:
             with self._db.transaction():
                 (covered,) = self._db.execute(
                     "SELECT min(coalesce(c.until_ms, -1)) FROM (SELECT DISTINCT vantage FROM paths) v "
-                    "LEFT JOIN rollup_cursor c USING (vantage)").fetchone()  # type: ignore[misc]  # fmt: skip
+                    "LEFT JOIN rollup_cursor c USING (vantage)"
+                ).fetchone()  # type: ignore[misc]
                 limit = min(before_ms, covered if covered is not None else -1)
                 dropped = []
                 for table in PARTITIONED:
                     for (name,) in self._db.execute(
-                            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                            "WHERE i.inhparent = %s::regclass ORDER BY 1", [table]).fetchall():  # fmt: skip
+                        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                        "WHERE i.inhparent = %s::regclass ORDER BY 1",
+                        [table],
+                    ).fetchall():
                         year, month = int(name[-7:-3]), int(name[-2:])
                         _, end, _ = month_bounds(round(datetime(year, month, 1, tzinfo=UTC).timestamp() * 1000))
                         if end <= limit:

@@ -188,9 +188,11 @@ def status(config: Path | None) -> None:
                 queued = backlog(spool)
         except sqlite3.Error as exc:
             raise store_error(cfg.store.path, exc, "read the spool's backlog") from None
-        out.print(f"central store {escape(redact(cfg.store.url.get_secret_value()))}: {queued.measurements} measurements "
-                  f"not uploaded yet{f', the oldest from {_when(queued.oldest_ms, now)}' if queued.oldest_ms else ''}"
-                  f"{f'; {queued.dropped} given up over store.spool_max_rows' if queued.dropped else ''}")  # fmt: skip
+        out.print(
+            f"central store {escape(redact(cfg.store.url.get_secret_value()))}: {queued.measurements} measurements "
+            f"not uploaded yet{f', the oldest from {_when(queued.oldest_ms, now)}' if queued.oldest_ms else ''}"
+            f"{f'; {queued.dropped} given up over store.spool_max_rows' if queued.dropped else ''}"
+        )
     paths = Table(title="paths now (newest measurement of each target)")
     for name in ("path", "state", "targets ok"):
         paths.add_column(name)
@@ -199,7 +201,9 @@ def status(config: Path | None) -> None:
         by_path.setdefault(row["path"], []).append(row)
     for name, rows in by_path.items():
         ok = sum(r["ok"] for r in rows)
-        state = Text("up", "green") if ok == len(rows) else Text("down", "red") if ok == 0 else Text("partial", "yellow")
+        state = (
+            Text("up", "green") if ok == len(rows) else Text("down", "red") if ok == 0 else Text("partial", "yellow")
+        )
         paths.add_row(Text(name), state, f"{ok}/{len(rows)}")
     out.print(paths)
     last_failure = {(r["target"], r["path"]): r for r in failures}

@@ -60,13 +60,17 @@ def _between(low: float, high: float, unit: str = "", above: bool = False, whole
 Seconds = Annotated[float, _between(0.1, 86400, "seconds")]  # an interval: a tenth of a second to a day
 Timeout = Annotated[float, _between(0.1, 600, "seconds")]
 Port = Annotated[int, _between(1, 65535, whole=True)]
+
+
 def _plain(value: str, spaces: bool = False) -> str:
     """Refuse control characters (a CR LF would end a request line) and, unless `spaces`, whitespace."""
     for at, char in enumerate(value):
         if not char.isprintable() or (char.isspace() and not (spaces and char == " ")):
             kind = "a control character" if spaces else "whitespace or a control character"
-            raise ValueError(f"holds {kind} ({char!r}) at position {at}: remove it"
-                             f"{'' if spaces else ' (in a URL, percent-encode it: a space is %20)'}")  # fmt: skip
+            raise ValueError(
+                f"holds {kind} ({char!r}) at position {at}: remove it"
+                f"{'' if spaces else ' (in a URL, percent-encode it: a space is %20)'}"
+            )
     return value
 
 

@@ -150,8 +150,14 @@ class Daemon:
 
                     uplink = Uplink(url, config.path(config.store.uplink))
                     conninfo = await uplink.start()
-                self._forwarder = Forwarder(config.store.path, url, config.vantage.name, config.store.forward_batch,
-                                            config.store.spool_max_rows, conninfo)  # fmt: skip
+                self._forwarder = Forwarder(
+                    config.store.path,
+                    url,
+                    config.vantage.name,
+                    config.store.forward_batch,
+                    config.store.spool_max_rows,
+                    conninfo,
+                )
             await self._serve()
         finally:
             if server is not None:
@@ -183,8 +189,11 @@ class Daemon:
         scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._schedule()
         scheduler.start()
-        helpers = [loop.create_task(self._writer.run()), loop.create_task(self._watch_loop_lag()),
-                   loop.create_task(self._reload_loop())]  # fmt: skip
+        helpers = [
+            loop.create_task(self._writer.run()),
+            loop.create_task(self._watch_loop_lag()),
+            loop.create_task(self._reload_loop()),
+        ]
         if self._forwarder is not None:
             helpers.append(loop.create_task(self._forward_loop()))
         for helper in helpers:
@@ -414,8 +423,12 @@ class Daemon:
         else:
             self._metrics.forwarded.inc(sent)
             if failing is not None:
-                log.warning("central store %s reachable again after %.0f s; uploaded %d measurements",
-                            forwarder.where, time.monotonic() - failing, sent)  # fmt: skip
+                log.warning(
+                    "central store %s reachable again after %.0f s; uploaded %d measurements",
+                    forwarder.where,
+                    time.monotonic() - failing,
+                    sent,
+                )
                 self._forward_failing_since = None
             ok = True
         backlog = await asyncio.to_thread(forwarder.backlog)

@@ -157,8 +157,13 @@ def _name(text: str) -> dns.name.Name:
         raise ProbeFailure("dns_bad_name", RESOLVE, f"{text!r} is not a domain name: {exc}") from exc
 
 
-async def _ask(conf: ResolvConf, path: PathSpec | None, name: dns.name.Name,
-               rdtypes: Sequence[dns.rdatatype.RdataType], linger_s: float = 0) -> Outcome:  # fmt: skip
+async def _ask(
+    conf: ResolvConf,
+    path: PathSpec | None,
+    name: dns.name.Name,
+    rdtypes: Sequence[dns.rdatatype.RdataType],
+    linger_s: float = 0,
+) -> Outcome:
     return Outcome(await exchange(name, rdtypes, conf.servers, conf.options, path, linger_s))
 
 
@@ -227,8 +232,9 @@ async def lookup(resolver: Resolver, host: str, trace: Trace) -> list[str]:
     return ordered
 
 
-async def probe_dns(target: Target, path: PathSpec, trace: Trace, *, dns_linger_s: float = DNS_LINGER_S,
-                    **_: object) -> dict[str, Any]:  # fmt: skip
+async def probe_dns(
+    target: Target, path: PathSpec, trace: Trace, *, dns_linger_s: float = DNS_LINGER_S, **_: object
+) -> dict[str, Any]:
     """The target's queries for its name as written; answers and rcode are facts either way,
     and every answer that came within `dns_linger_s` of the first."""
     check_bind(path)

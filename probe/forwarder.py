@@ -43,8 +43,9 @@ def backlog(spool: sqlite3.Connection) -> Backlog:
     """What the spool holds that the central store does not have yet."""
     row = spool.execute("SELECT measurement_id, dropped FROM forward_cursor").fetchone()
     after, dropped = row if row else (0, 0)
-    count, oldest = spool.execute("SELECT count(*), min(started_at_ms) FROM measurements WHERE id > ?",
-                                  [after]).fetchone()  # fmt: skip
+    count, oldest = spool.execute(
+        "SELECT count(*), min(started_at_ms) FROM measurements WHERE id > ?", [after]
+    ).fetchone()
     return Backlog(count, oldest, dropped)
 
 
@@ -52,8 +53,9 @@ class Forwarder:
     """Uploads the spool's backlog. Blocking calls: the daemon runs them in threads, one at
     a time (a lock keeps a cancelled upload's thread and the final one apart)."""
 
-    def __init__(self, spool: Path, url: str, vantage: str, batch: int, max_backlog: int,
-                 conninfo: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, spool: Path, url: str, vantage: str, batch: int, max_backlog: int, conninfo: str | None = None
+    ) -> None:
         self.url = url
         self.conninfo = conninfo  # through the uplink (probe/uplink.py), when there is one
         self.vantage = vantage
@@ -61,8 +63,9 @@ class Forwarder:
         self.max_backlog = max_backlog
         try:
             self._spool = sqlite3.connect(spool, timeout=30, isolation_level=None, check_same_thread=False)
-            self._spool.execute("INSERT OR IGNORE INTO forward_cursor (id, measurement_id, heartbeat_rowid) "
-                                "VALUES (1, 0, 0)")  # fmt: skip
+            self._spool.execute(
+                "INSERT OR IGNORE INTO forward_cursor (id, measurement_id, heartbeat_rowid) VALUES (1, 0, 0)"
+            )
         except sqlite3.Error as exc:
             raise StoreError(f"{spool}: cannot open the spool: {exc}") from None
         self._lock = threading.Lock()
@@ -100,9 +103,11 @@ class Forwarder:
             return
         since = (sent_until or 0) - SUMMARY_MARGIN_MS
         tables = {
-            table: self._spool.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE {recent} >= ?", [since]).fetchall()
+            table: self._spool.execute(
+                f"SELECT {', '.join(columns)} FROM {table} WHERE {recent} >= ?", [since]
+            ).fetchall()
             for table, columns, _, recent in SUMMARY_TABLES
-        }  # fmt: skip
+        }
         self._connect().replace_summaries(self.vantage, since, tables, cursor)
         with self._spool:
             self._spool.execute("BEGIN IMMEDIATE")
@@ -111,7 +116,8 @@ class Forwarder:
     def _forward_batch(self) -> tuple[int, bool]:
         """One batch: the measurements sent, and whether the batch was full (more may wait)."""
         measurement_id, heartbeat_rowid = self._spool.execute(
-            "SELECT measurement_id, heartbeat_rowid FROM forward_cursor").fetchone()  # fmt: skip
+            "SELECT measurement_id, heartbeat_rowid FROM forward_cursor"
+        ).fetchone()
         rows = self._spool.execute(
             f"SELECT id, {', '.join(MEASUREMENT_COLUMNS)} FROM measurements WHERE id > ? ORDER BY id LIMIT ?",
             [measurement_id, self.batch],
@@ -125,13 +131,15 @@ class Forwarder:
         paths = self._spool.execute("SELECT name, kind, label, endpoint_target FROM paths ORDER BY name").fetchall()
         if not rows and not beats and paths == self._paths_sent:
             return 0, False
-        self._connect().ingest(self.vantage, [r[1:] for r in rows], [b[1:] for b in beats],
-                               paths if paths != self._paths_sent else [])  # fmt: skip
+        self._connect().ingest(
+            self.vantage, [r[1:] for r in rows], [b[1:] for b in beats], paths if paths != self._paths_sent else []
+        )
         self._paths_sent = paths  # a reload's new paths go up with the next batch
         with self._spool:
             self._spool.execute("BEGIN IMMEDIATE")
-            self._spool.execute("UPDATE forward_cursor SET measurement_id = ?, heartbeat_rowid = ?",
-                                [last_id, last_rowid])  # fmt: skip
+            self._spool.execute(
+                "UPDATE forward_cursor SET measurement_id = ?, heartbeat_rowid = ?", [last_id, last_rowid]
+            )
         return len(rows), max(len(rows), len(beats)) >= self.batch
 
     def _bound(self) -> None:
@@ -143,10 +151,15 @@ class Forwarder:
             self._spool.execute("BEGIN IMMEDIATE")
             (cut,) = self._spool.execute(
                 "SELECT id FROM measurements WHERE id > (SELECT measurement_id FROM forward_cursor) "
-                "ORDER BY id LIMIT 1 OFFSET ?", [over - 1]).fetchone()  # fmt: skip
+                "ORDER BY id LIMIT 1 OFFSET ?",
+                [over - 1],
+            ).fetchone()
             self._spool.execute("UPDATE forward_cursor SET measurement_id = ?, dropped = dropped + ?", [cut, over])
-        log.error("the backlog outgrew store.spool_max_rows (%d): gave up uploading its %d oldest measurements",
-                  self.max_backlog, over)  # fmt: skip
+        log.error(
+            "the backlog outgrew store.spool_max_rows (%d): gave up uploading its %d oldest measurements",
+            self.max_backlog,
+            over,
+        )
 
     def _connect(self) -> Any:
         if self._central is None:

@@ -30,7 +30,9 @@ from .paths import open_stream, start_tls
 MAX_REDIRECTS = 10
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 DEFAULT_PORTS = {"http": 80, "https": 443}
-HOSTNAME = re.compile(r"^(?=.{1,253}\.?$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$")
+HOSTNAME = re.compile(
+    r"^(?=.{1,253}\.?$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$"
+)
 TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
 # Content-Encoding -> zlib window bits (31: gzip; 47: zlib or gzip, told apart by the header).
 DECODERS = {b"gzip": 31, b"x-gzip": 31, b"deflate": 47}
@@ -89,9 +91,14 @@ class _Response:
 
 def _request(url: httpx.URL, user_agent: str) -> bytes:
     return (
-        b"GET " + url.raw_path + b" HTTP/1.1\r\nHost: " + url.netloc + b"\r\nUser-Agent: " + user_agent.encode()
+        b"GET "
+        + url.raw_path
+        + b" HTTP/1.1\r\nHost: "
+        + url.netloc
+        + b"\r\nUser-Agent: "
+        + user_agent.encode()
         + b"\r\nAccept: */*\r\nAccept-Encoding: gzip, deflate\r\nConnection: close\r\n\r\n"
-    )  # fmt: skip
+    )
 
 
 def _check_bounds(response: _Response, line_seen: bool, wire: int) -> None:
@@ -105,8 +112,11 @@ def _check_bounds(response: _Response, line_seen: bool, wire: int) -> None:
         raise ProbeFailure("http_headers_too_large", HTTP_ROUND_TRIP, f"no end of the headers in {wire} bytes")
     overhead = wire - response.wire_body  # the head and the chunked framing
     if overhead > MAX_HEAD_BYTES + MAX_FRAMING_BYTES + FRAMING_PER_BODY_BYTE * response.wire_body:
-        raise ProbeFailure("http_chunk_framing_too_large", HTTP_ROUND_TRIP,
-                           f"{overhead} bytes of head and chunk framing for {response.wire_body} of body")  # fmt: skip
+        raise ProbeFailure(
+            "http_chunk_framing_too_large",
+            HTTP_ROUND_TRIP,
+            f"{overhead} bytes of head and chunk framing for {response.wire_body} of body",
+        )
 
 
 async def _read_response(conn: Conn, trace: Trace, cap: int) -> _Response:
@@ -135,8 +145,9 @@ async def _read_response(conn: Conn, trace: Trace, cap: int) -> _Response:
     return response
 
 
-async def _get(url: httpx.URL, path: PathSpec, trace: Trace, ssl_context: ssl.SSLContext, user_agent: str,
-               cap: int) -> _Response:  # fmt: skip
+async def _get(
+    url: httpx.URL, path: PathSpec, trace: Trace, ssl_context: ssl.SSLContext, user_agent: str, cap: int
+) -> _Response:
     host = url.raw_host.decode("ascii")
     conn = await open_stream(path, host, url.port or DEFAULT_PORTS[url.scheme], trace)
     try:
@@ -154,7 +165,9 @@ def _next_url(url: httpx.URL, location: bytes) -> httpx.URL:
     try:
         target = url.join(location.decode("latin-1").strip())
     except httpx.InvalidURL as exc:
-        raise ProbeFailure("http_invalid_redirect_location_host", HTTP_ROUND_TRIP, f"redirected to {location!r}") from exc
+        raise ProbeFailure(
+            "http_invalid_redirect_location_host", HTTP_ROUND_TRIP, f"redirected to {location!r}"
+        ) from exc
     host = target.raw_host.decode("ascii")
     if target.scheme not in DEFAULT_PORTS or not (is_ip(host) or HOSTNAME.match(host)):
         raise ProbeFailure("http_invalid_redirect_location_host", HTTP_ROUND_TRIP, f"redirected to {target}")
@@ -211,8 +224,6 @@ async def probe_http(
 
 def _check_expected(target: Target, title: str | None, body: bytes) -> None:
     if target.expect_title and target.expect_title not in (title or ""):
-        raise ProbeFailure(
-            "http_content_mismatch", HTTP_ROUND_TRIP, f"title {title!r} lacks {target.expect_title!r}"
-        )
+        raise ProbeFailure("http_content_mismatch", HTTP_ROUND_TRIP, f"title {title!r} lacks {target.expect_title!r}")
     if target.expect_body and target.expect_body.encode() not in body:
         raise ProbeFailure("http_content_mismatch", HTTP_ROUND_TRIP, f"body lacks {target.expect_body!r}")

@@ -26,7 +26,9 @@ class Metrics:
         self.phase = Gauge(
             "probe_phase_duration_seconds", "Duration of each phase of the last probe", (*LABELS, "phase"), registry=r
         )
-        self.rounds = Counter("tunnelwatch_rounds", "Rounds run (one target through all its paths)", ["group"], registry=r)
+        self.rounds = Counter(
+            "tunnelwatch_rounds", "Rounds run (one target through all its paths)", ["group"], registry=r
+        )
         self.skipped = Counter(
             "tunnelwatch_rounds_skipped",
             "Rounds not run: the previous one still running (overrun) or the start too late (missed)",
@@ -60,16 +62,21 @@ class Metrics:
         for reason in ("deleted", "replaced", "damaged"):
             self.store_reopened.labels(reason)  # at 0 from the start, for rate() and alerts
         # Fleet mode (probe/forwarder.py)
-        self.forwarded = Counter("tunnelwatch_forwarded_measurements", "Measurements uploaded to the central store",
-                                 registry=r)  # fmt: skip
+        self.forwarded = Counter(
+            "tunnelwatch_forwarded_measurements", "Measurements uploaded to the central store", registry=r
+        )
         self.forward_errors = Counter("tunnelwatch_forward_errors", "Failed uploads to the central store", registry=r)
-        self.forward_backlog = Gauge("tunnelwatch_forward_backlog_measurements",
-                                     "Measurements in the spool not uploaded yet", registry=r)  # fmt: skip
-        self.forward_backlog_age = Gauge("tunnelwatch_forward_backlog_age_seconds",
-                                         "Age of the oldest measurement not uploaded yet", registry=r)  # fmt: skip
-        self.forward_dropped = Gauge("tunnelwatch_forward_dropped_measurements",
-                                     "Measurements never uploaded: the backlog outgrew store.spool_max_rows",
-                                     registry=r)  # fmt: skip
+        self.forward_backlog = Gauge(
+            "tunnelwatch_forward_backlog_measurements", "Measurements in the spool not uploaded yet", registry=r
+        )
+        self.forward_backlog_age = Gauge(
+            "tunnelwatch_forward_backlog_age_seconds", "Age of the oldest measurement not uploaded yet", registry=r
+        )
+        self.forward_dropped = Gauge(
+            "tunnelwatch_forward_dropped_measurements",
+            "Measurements never uploaded: the backlog outgrew store.spool_max_rows",
+            registry=r,
+        )
 
     def observe(self, m: Measurement) -> None:
         labels = (m.target, m.group, m.path, m.kind)

@@ -156,11 +156,14 @@ async def _http_connect(path: PathSpec, host: str, port: int, trace: Trace) -> C
         try:
             head = await conn.readuntil(b"\r\n\r\n", MAX_PROXY_HEADER)
         except ValueError as exc:
-            raise ProbeFailure("proxy_response_too_large", PROXY_CONNECT,
-                               f"no end of the proxy's answer in {MAX_PROXY_HEADER} bytes") from exc  # fmt: skip
+            raise ProbeFailure(
+                "proxy_response_too_large", PROXY_CONNECT, f"no end of the proxy's answer in {MAX_PROXY_HEADER} bytes"
+            ) from exc
         status_line = head.split(b"\r\n", 1)[0]
         if not (match := STATUS_LINE.match(head)):
-            raise ProbeFailure("proxy_protocol_error", PROXY_CONNECT, f"not an HTTP proxy's answer: {status_line[:80]!r}")
+            raise ProbeFailure(
+                "proxy_protocol_error", PROXY_CONNECT, f"not an HTTP proxy's answer: {status_line[:80]!r}"
+            )
         status = int(match.group(1))
         if status // 100 != 2:
             failure, operation = CONNECT_STATUS.get(status, ("proxy_connect_failed", CONNECT))

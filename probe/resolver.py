@@ -200,14 +200,19 @@ class Exchange:
         if self.reply is None:
             return False
         first = set(self.addresses)
-        return any(r.rcode != self.reply.rcode or (not r.truncated and set(r.addresses(self.rdtype)) != first)
-                   for r in self.later)  # fmt: skip
+        return any(
+            r.rcode != self.reply.rcode or (not r.truncated and set(r.addresses(self.rdtype)) != first)
+            for r in self.later
+        )
 
     def describe(self) -> str:
         """Every answer with its time after the first send, for the measurement's detail."""
         replies = [self.reply, *self.later] if self.reply else []
-        answers = "; ".join(f"{dns.rcode.to_text(r.rcode)} [{', '.join(r.addresses(self.rdtype))}] at "
-                            f"{(r.received_ns - self.started_ns) / 1e6:.1f} ms" for r in replies)  # fmt: skip
+        answers = "; ".join(
+            f"{dns.rcode.to_text(r.rcode)} [{', '.join(r.addresses(self.rdtype))}] at "
+            f"{(r.received_ns - self.started_ns) / 1e6:.1f} ms"
+            for r in replies
+        )
         return f"{self.name} {dns.rdatatype.to_text(self.rdtype)} from {self.server}: {answers}"
 
 
@@ -353,11 +358,15 @@ async def exchange(
             if query.result.reply is None and query.result.started_ns:
                 query.result.network_ms = (time.time_ns() - query.result.started_ns) / 1e6
         linger_ns = int(linger_s * 1e9)
-        answered = {q.result.server: [p for p in queries if p.result.server == q.result.server and p.first_ns]
-                    for q in queries if q.first_ns}  # fmt: skip
+        answered = {
+            q.result.server: [p for p in queries if p.result.server == q.result.server and p.first_ns]
+            for q in queries
+            if q.first_ns
+        }
         if linger_ns and answered:
-            await asyncio.gather(*(_linger(conns[server], asked, linger_ns) for server, asked in answered.items()
-                                   if server is not None))  # fmt: skip
+            await asyncio.gather(
+                *(_linger(conns[server], asked, linger_ns) for server, asked in answered.items() if server is not None)
+            )
     finally:
         for conn in conns.values():
             conn.close()

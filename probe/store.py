@@ -31,27 +31,66 @@ from .model import Heartbeat, Measurement
 from .storefile import StoreDamaged, StoreLock, StoreLost, identity, look_over, quick_check, store_error
 
 MEASUREMENT_COLUMNS = (
-    "vantage", "round_id", "target", "grp", "path", "kind", "input", "started_at_ms", "ok",
-    "failure", "failed_operation", "resolve_ms", "proxy_ms", "connect_ms", "tls_ms",
-    "first_byte_ms", "total_ms", "resolver", "dns_rcode", "addresses", "peer_address",
-    "status", "final_url", "body_length", "body_sha256", "title", "tls_version",
-    "cert_subject", "cert_issuer", "cert_not_after_ms", "tls_verified", "detail", "loop_lag_ms",
-)  # fmt: skip
+    "vantage",
+    "round_id",
+    "target",
+    "grp",
+    "path",
+    "kind",
+    "input",
+    "started_at_ms",
+    "ok",
+    "failure",
+    "failed_operation",
+    "resolve_ms",
+    "proxy_ms",
+    "connect_ms",
+    "tls_ms",
+    "first_byte_ms",
+    "total_ms",
+    "resolver",
+    "dns_rcode",
+    "addresses",
+    "peer_address",
+    "status",
+    "final_url",
+    "body_length",
+    "body_sha256",
+    "title",
+    "tls_version",
+    "cert_subject",
+    "cert_issuer",
+    "cert_not_after_ms",
+    "tls_verified",
+    "detail",
+    "loop_lag_ms",
+)
 HEARTBEAT_COLUMNS = (
-    "round_id", "vantage", "started_at_ms", "finished_at_ms", "probes", "succeeded", "config_sha256",
-    "target", "scheduled_at_ms",
-)  # fmt: skip
+    "round_id",
+    "vantage",
+    "started_at_ms",
+    "finished_at_ms",
+    "probes",
+    "succeeded",
+    "config_sha256",
+    "target",
+    "scheduled_at_ms",
+)
 
 LATENCY_VALUES = tuple(f"{m}_p{q}" for m in ("connect", "first_byte", "total") for q in (10, 25, 50, 75, 90))
 # The summary tables (analysis/rollup.py) as the fleet's forwarder uploads them: (table,
 # columns, key, the column that says how recent a row is).
 SUMMARY_TABLES = (
-    ("verdict_runs", ("id", "target", "path", "state", "verdict", "rule", "blocking", "detail", "first_ms", "last_ms",
-                      "rounds"), ("id",), "last_ms"),
+    (
+        "verdict_runs",
+        ("id", "target", "path", "state", "verdict", "rule", "blocking", "detail", "first_ms", "last_ms", "rounds"),
+        ("id",),
+        "last_ms",
+    ),
     ("hourly", ("hour_ms", "grp", "path", "probes", "failing"), ("hour_ms", "grp", "path"), "hour_ms"),
     ("hourly_latency", ("hour_ms", "path", "samples", *LATENCY_VALUES), ("hour_ms", "path"), "hour_ms"),
     ("coverage", ("start_ms", "end_ms"), ("start_ms",), "end_ms"),
-)  # fmt: skip
+)
 
 # Each entry moves the schema from version i to i + 1. Never edit a shipped entry: append.
 MIGRATIONS = (
@@ -183,20 +222,54 @@ def _ms(moment: datetime | None) -> int | None:
 
 def _measurement_row(m: Measurement) -> tuple[Any, ...]:
     return (
-        m.vantage, m.round_id, m.target, m.group, m.path, m.kind, m.input, _ms(m.started_at), int(m.ok),
-        m.failure, m.failed_operation, m.resolve_ms, m.proxy_ms, m.connect_ms, m.tls_ms,
-        m.first_byte_ms, m.total_ms, m.resolver, m.dns_rcode, json.dumps(list(m.addresses)), m.peer_address,
-        m.status, m.final_url, m.body_length, m.body_sha256, m.title, m.tls_version,
-        m.cert_subject, m.cert_issuer, _ms(m.cert_not_after),
-        None if m.tls_verified is None else int(m.tls_verified), m.detail, m.loop_lag_ms,
-    )  # fmt: skip
+        m.vantage,
+        m.round_id,
+        m.target,
+        m.group,
+        m.path,
+        m.kind,
+        m.input,
+        _ms(m.started_at),
+        int(m.ok),
+        m.failure,
+        m.failed_operation,
+        m.resolve_ms,
+        m.proxy_ms,
+        m.connect_ms,
+        m.tls_ms,
+        m.first_byte_ms,
+        m.total_ms,
+        m.resolver,
+        m.dns_rcode,
+        json.dumps(list(m.addresses)),
+        m.peer_address,
+        m.status,
+        m.final_url,
+        m.body_length,
+        m.body_sha256,
+        m.title,
+        m.tls_version,
+        m.cert_subject,
+        m.cert_issuer,
+        _ms(m.cert_not_after),
+        None if m.tls_verified is None else int(m.tls_verified),
+        m.detail,
+        m.loop_lag_ms,
+    )
 
 
 def _heartbeat_row(h: Heartbeat) -> tuple[Any, ...]:
     return (
-        h.round_id, h.vantage, _ms(h.started_at), _ms(h.finished_at), h.probes, h.succeeded, h.config_sha256,
-        h.target, _ms(h.scheduled_at),
-    )  # fmt: skip
+        h.round_id,
+        h.vantage,
+        _ms(h.started_at),
+        _ms(h.finished_at),
+        h.probes,
+        h.succeeded,
+        h.config_sha256,
+        h.target,
+        _ms(h.scheduled_at),
+    )
 
 
 def _insert(table: str, columns: Sequence[str]) -> str:
@@ -235,8 +308,7 @@ class SQLiteStore:
     def _open(self) -> sqlite3.Connection:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, check_same_thread=False,
-                                 isolation_level=None)  # fmt: skip
+            db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, check_same_thread=False, isolation_level=None)
             self._identity = {"": identity(self.path)}
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
@@ -271,8 +343,9 @@ class SQLiteStore:
             if now is None:
                 self._lost = StoreLost(self.path, "deleted", "the store file was deleted while tunnelwatch had it open")
             elif now != self._identity[""]:
-                self._lost = StoreLost(self.path, "replaced",
-                                       "the store file was replaced by another while tunnelwatch had it open")  # fmt: skip
+                self._lost = StoreLost(
+                    self.path, "replaced", "the store file was replaced by another while tunnelwatch had it open"
+                )
         if self._lost is not None or self._db is None:
             raise self._lost or StoreError(f"{self.path}: the store is closed")
         return self._db

@@ -38,10 +38,12 @@ class StoreDamaged(StoreLost):
 
     def __init__(self, path: Path, what: str) -> None:
         super().__init__(
-            path, "damaged", f"the store is damaged ({what})",
+            path,
+            "damaged",
+            f"the store is damaged ({what})",
             f"; its readable rows can be saved with `sqlite3 {path} .recover | sqlite3 {path}.recovered`, and "
             "`tunnelwatch run` moves a damaged store aside and starts a fresh one",
-        )  # fmt: skip
+        )
 
 
 def is_damage(exc: sqlite3.Error) -> bool:
@@ -65,8 +67,10 @@ def look_over(db: sqlite3.Connection) -> str | None:
     try:
         if (found := quick_check(db, "'sqlite_schema'")) != "ok":
             return found
-        tables = db.execute("SELECT name, wr FROM pragma_table_list WHERE schema = 'main' AND type = 'table' "
-                            "AND name NOT LIKE 'sqlite_%'").fetchall()  # fmt: skip
+        tables = db.execute(
+            "SELECT name, wr FROM pragma_table_list WHERE schema = 'main' AND type = 'table' "
+            "AND name NOT LIKE 'sqlite_%'"
+        ).fetchall()
         for table, without_rowid in tables:
             if not without_rowid:
                 db.execute(f'SELECT * FROM "{table}" ORDER BY rowid DESC LIMIT 1').fetchall()

@@ -170,11 +170,17 @@ class StoreWriter:
             done = await self._call(asyncio.to_thread(self._store.reopen))
         except StoreError as exc:
             if first:
-                log.error("%s: %s; cannot go on in a store there: %s; keeping up to %d measurements in memory and "
-                          "retrying", lost.path, lost.detail, exc, self._max_buffer)  # fmt: skip
+                log.error(
+                    "%s: %s; cannot go on in a store there: %s; keeping up to %d measurements in memory and retrying",
+                    lost.path,
+                    lost.detail,
+                    exc,
+                    self._max_buffer,
+                )
             return False
-        log.error("%s: %s; %s; the %d measurements not yet written go into it", lost.path, lost.detail, done,
-                  self._buffered)  # fmt: skip
+        log.error(
+            "%s: %s; %s; the %d measurements not yet written go into it", lost.path, lost.detail, done, self._buffered
+        )
         self._lost = None
         return True
 

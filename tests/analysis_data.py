@@ -13,7 +13,11 @@ from probe.store import open_store
 
 T0 = datetime(2018, 3, 1, tzinfo=UTC)
 INTERVAL = timedelta(minutes=5)
-PATHS = [("direct", "direct", "", None), ("vpn", "socks5", "shadowsocks", "vpn-endpoint"), ("wg", "bind", "wireguard", None)]
+PATHS = [
+    ("direct", "direct", "", None),
+    ("vpn", "socks5", "shadowsocks", "vpn-endpoint"),
+    ("wg", "bind", "wireguard", None),
+]
 PAGE = {"status": 200, "title": "Example", "body_length": 5000, "addresses": ("93.184.216.34",)}
 TARGETS = {"news": "blocked", "search": "blocked", "portal": "control", "shop": "control"}
 
@@ -55,18 +59,30 @@ def build_store(
         for offset, (target, by_path) in enumerate(targets.items()):
             at = start + index * interval + timedelta(seconds=offset * 10)
             round_id = f"r{index}-{target}"
-            batch = [measurement(at + timedelta(milliseconds=i), target, path, outcome, round_id)
-                     for i, (path, outcome) in enumerate(by_path.items())]  # fmt: skip
+            batch = [
+                measurement(at + timedelta(milliseconds=i), target, path, outcome, round_id)
+                for i, (path, outcome) in enumerate(by_path.items())
+            ]
             measurements += batch
-            heartbeats.append(Heartbeat(
-                vantage="lab", round_id=round_id, started_at=at, finished_at=at + timedelta(seconds=2),
-                probes=len(batch), succeeded=sum(m.ok for m in batch), target=target, scheduled_at=at,
-            ))  # fmt: skip
+            heartbeats.append(
+                Heartbeat(
+                    vantage="lab",
+                    round_id=round_id,
+                    started_at=at,
+                    finished_at=at + timedelta(seconds=2),
+                    probes=len(batch),
+                    succeeded=sum(m.ok for m in batch),
+                    target=target,
+                    scheduled_at=at,
+                )
+            )
     store.write(measurements, heartbeats)
     store.close()
 
 
-def everything(outcome_for: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+def everything(
+    outcome_for: dict[tuple[str, str], dict[str, Any]] | None = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
     """One slot: every target through every path, OK unless outcome_for says otherwise."""
     outcome_for = outcome_for or {}
     rounds: dict[str, dict[str, dict[str, Any]]] = {}
@@ -106,8 +122,11 @@ def realistic_week(db: Path, seed: int = 7) -> None:
         for target in TARGETS:
             for path, mean in base.items():
                 slow = 5 if path == "direct" and within(i, 4, 18, 22) else 1
-                outcome = dict(OK, connect_ms=round(rng.lognormvariate(0, 0.25) * mean * slow, 2),
-                               first_byte_ms=round(rng.lognormvariate(0, 0.3) * mean * 2.5 * slow, 2))
+                outcome = dict(
+                    OK,
+                    connect_ms=round(rng.lognormvariate(0, 0.25) * mean * slow, 2),
+                    first_byte_ms=round(rng.lognormvariate(0, 0.3) * mean * 2.5 * slow, 2),
+                )
                 if TARGETS[target] == "blocked" and path == "direct":
                     outcome = fail("connection_reset", "tls_handshake")  # always blocked directly
                 if path == "vpn" and within(i, 1, 10, 26):

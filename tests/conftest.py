@@ -6,18 +6,24 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trustme
 
 from tests.servers import IS_ROOT, LOOPBACK, Web, free_port, need, nginx_config, running
 
+if TYPE_CHECKING:
+    from tests.daemonproc import Daemon
+
 HOST = "www.example.test"
 PAGE_TITLE = "Example Domain"
-PAGE = f"<!doctype html><html><head><title>{PAGE_TITLE}</title></head><body><p>tunnelwatch test page</p></body></html>\n"
+PAGE = (
+    f"<!doctype html><html><head><title>{PAGE_TITLE}</title></head><body><p>tunnelwatch test page</p></body></html>\n"
+)
 RESET_MARKER = "TUNNELWATCH-RESET-HERE"
 
 
@@ -252,7 +258,24 @@ def rows(db: Path, table: str = "measurements") -> list[sqlite3.Row]:
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
     try:
-        return conn.execute(f"SELECT * FROM {table} ORDER BY id" if table == "measurements" else
-                            f"SELECT * FROM {table}").fetchall()  # fmt: skip
+        return conn.execute(
+            f"SELECT * FROM {table} ORDER BY id" if table == "measurements" else f"SELECT * FROM {table}"
+        ).fetchall()
     finally:
         conn.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., Daemon]]:
+    from tests.daemonproc import Daemon  # it imports this module
+
+    started: list[Daemon] = []
+
+    def start(config: Path, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(config, env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()

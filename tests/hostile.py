@@ -54,8 +54,11 @@ HTTP_REPLIES: dict[str, Reply] = {
     "/trailers-forever": lambda w: forever(w, CHUNKED + b"0\r\n", b"T: v\r\n"),
     "/tiny-chunks-forever": lambda w: forever(w, CHUNKED, b"1\r\na\r\n"),
     "/body-forever": lambda w: forever(w, OK_HEAD + b"\r\n", b"a"),
-    "/gzip-nothing-forever": lambda w: forever(w, OK_HEAD + b"Content-Encoding: gzip\r\n\r\n" + _empty_gzip_blocks(),
-                                               zlib.compressobj(wbits=-15).flush(zlib.Z_FULL_FLUSH)),
+    "/gzip-nothing-forever": lambda w: forever(
+        w,
+        OK_HEAD + b"Content-Encoding: gzip\r\n\r\n" + _empty_gzip_blocks(),
+        zlib.compressobj(wbits=-15).flush(zlib.Z_FULL_FLUSH),
+    ),
     "/slowloris": lambda w: drip(w, OK_HEAD, b"X"),
 }
 PROXY_REPLIES: dict[str, Reply] = {
@@ -72,7 +75,9 @@ async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
     await asyncio.sleep(3600)
 
 
-def _serving(choose: Callable[[bytes], Reply]) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+def _serving(
+    choose: Callable[[bytes], Reply],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             first = await reader.read(65536)

@@ -45,9 +45,17 @@ class Postgres:
         return subprocess.run(command, capture_output=True, text=True, check=check, timeout=60)
 
     def start(self) -> None:
-        self.run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-o",
-                  f"-p {self.port} -k {self.data} -c listen_addresses={LOOPBACK} -c fsync={'on' if self.fsync else 'off'}",
-                  "start")  # fmt: skip
+        self.run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-w",
+            "-o",
+            f"-p {self.port} -k {self.data} -c listen_addresses={LOOPBACK} -c fsync={'on' if self.fsync else 'off'}",
+            "start",
+        )
 
     def stop(self) -> None:
         self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", check=False)

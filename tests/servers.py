@@ -75,7 +75,9 @@ def wait_for_dns(port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s:
 
 
 @contextmanager
-def running(args: Sequence[str], log: Path, port: int | None = None, udp: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+def running(
+    args: Sequence[str], log: Path, port: int | None = None, udp: bool = False
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as sink:
         proc = subprocess.Popen(list(args), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -137,9 +139,7 @@ def nginx_config(tmp: Path, web: Web, certs: dict[str, tuple[Path, Path]]) -> st
             f"ssl_certificate {cert}; ssl_certificate_key {key}; {site} }}"
         )
     user = "user root;" if IS_ROOT else ""
-    temp = " ".join(
-        f"{kind}_temp_path {tmp / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
+    temp = " ".join(f"{kind}_temp_path {tmp / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"""
 {user}
 daemon off;

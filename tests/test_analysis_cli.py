@@ -95,12 +95,27 @@ def test_events_check_finds_the_crackdown_and_no_effect_on_a_quiet_day(store: Pa
 
 def test_events_check_on_an_external_series(tmp_path: Path, store: Path) -> None:
     days = [START + timedelta(days=d) for d in range(60)]
-    rows = ["date,users"] + [f"{d:%Y-%m-%d},{400 if d.day == 10 and d.month == 7 else 1000 + (d.day % 3)}" for d in days]
+    rows = ["date,users"] + [
+        f"{d:%Y-%m-%d},{400 if d.day == 10 and d.month == 7 else 1000 + (d.day % 3)}" for d in days
+    ]
     (tmp_path / "tor.csv").write_text("\n".join(rows) + "\n")
     checks = {}
     for event in ("test-crackdown", "quiet-day"):
-        result = cli("events", "check", "--config", str(store), "--series", str(tmp_path / "tor.csv"), "--column",
-                     "users", "--event", event, *SHORT, "--format", "json")  # fmt: skip
+        result = cli(
+            "events",
+            "check",
+            "--config",
+            str(store),
+            "--series",
+            str(tmp_path / "tor.csv"),
+            "--column",
+            "users",
+            "--event",
+            event,
+            *SHORT,
+            "--format",
+            "json",
+        )
         assert result.returncode == 0, result.stderr
         checks.update({c["event"]: c for c in map(json.loads, result.stdout.splitlines())})
     assert "(drop)" in checks["test-crackdown"]["verdict"] and checks["test-crackdown"]["ratio"] < 0.5
@@ -113,8 +128,20 @@ def test_events_list_imports_icalendar(tmp_path: Path, store: Path) -> None:
         "SUMMARY:Third Plenum\r\nDTSTART;VALUE=DATE:20240715\r\nDTEND;VALUE=DATE:20240719\r\n"
         "CATEGORIES:party-congress\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
     )
-    result = cli("events", "list", "--config", str(store), "--events", str(tmp_path / "cal.ics"), "--year", "2024",
-                 "--category", "party-congress", "--format", "json")  # fmt: skip
+    result = cli(
+        "events",
+        "list",
+        "--config",
+        str(store),
+        "--events",
+        str(tmp_path / "cal.ics"),
+        "--year",
+        "2024",
+        "--category",
+        "party-congress",
+        "--format",
+        "json",
+    )
     assert result.returncode == 0, result.stderr
     (event,) = map(json.loads, result.stdout.splitlines())
     assert (event["id"], event["start"], event["end"]) == ("plenum-2024@example", "2024-07-15", "2024-07-18")
@@ -122,8 +149,10 @@ def test_events_list_imports_icalendar(tmp_path: Path, store: Path) -> None:
 
 def test_events_list_shows_titles_as_written(tmp_path: Path, store: Path) -> None:
     """A title is the calendar author's text, not console markup: brackets print as they are."""
-    (tmp_path / "mine.toml").write_text('[[events]]\nid = "x"\ntitle = "[/] closes and [bold]bolds"\n'
-                                        'category = "npc"\nstart = 2019-07-02\nend = 2019-07-03\n')  # fmt: skip
+    (tmp_path / "mine.toml").write_text(
+        '[[events]]\nid = "x"\ntitle = "[/] closes and [bold]bolds"\n'
+        'category = "npc"\nstart = 2019-07-02\nend = 2019-07-03\n'
+    )
     result = cli("events", "list", "--config", str(store), "--events", str(tmp_path / "mine.toml"), "--year", "2019")
     assert result.returncode == 0, result.stderr
     assert "[/] closes and [bold]bolds" in result.stdout
@@ -134,21 +163,25 @@ def test_shipped_calendar_has_the_known_dates(store: Path) -> None:
     events = {e["id"]: e for e in map(json.loads, result.stdout.splitlines())}
     assert (events["npc-2018"]["start"], events["npc-2018"]["end"]) == ("2018-03-05", "2018-03-20")
     assert events["miit-deadline-2018"]["start"] == "2018-03-31"
-    march_2016 = cli("events", "list", "--config", str(store), "--format", "json", "--year", "2016",
-                     "--category", "npc").stdout  # fmt: skip
+    march_2016 = cli(
+        "events", "list", "--config", str(store), "--format", "json", "--year", "2016", "--category", "npc"
+    ).stdout
     assert '"npc-2016"' in march_2016 and '"2016-03-05"' in march_2016
 
 
-ICS = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\nUID:x@example\r\n"
-       "SUMMARY:Plenum\r\n{}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")  # fmt: skip
+ICS = (
+    "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\nUID:x@example\r\n"
+    "SUMMARY:Plenum\r\n{}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+)
 MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("bad")
-    (tmp / "bad.toml").write_text('[[events]]\nid = "x"\ntitle = "t"\ncategory = "gossip"\nstart = 2019-01-01\n'
-                                  "end = 2019-01-02\n")  # fmt: skip
+    (tmp / "bad.toml").write_text(
+        '[[events]]\nid = "x"\ntitle = "t"\ncategory = "gossip"\nstart = 2019-01-01\nend = 2019-01-02\n'
+    )
     (tmp / "tables.toml").write_text("events = [1, 2]\n")
     (tmp / "bad.ics").write_text("this is not a calendar")
     (tmp / "notadate.ics").write_text(ICS.format("DTSTART:notadate"))
@@ -243,8 +276,26 @@ def test_events_check_on_google_trends_finds_the_4_june_2019_spike(store: Path) 
     ordinary dates; 2015, when most days are zeros, cannot be judged and says so."""
     found = {}
     for event in ("june-4-2019", "june-4-2015"):
-        result = cli("events", "check", "--config", str(store), "--series", str(GTRENDS), "--column", "value",
-                     "--missing", "0", "--before", "3d", "--after", "2d", "--event", event, "--format", "json")  # fmt: skip
+        result = cli(
+            "events",
+            "check",
+            "--config",
+            str(store),
+            "--series",
+            str(GTRENDS),
+            "--column",
+            "value",
+            "--missing",
+            "0",
+            "--before",
+            "3d",
+            "--after",
+            "2d",
+            "--event",
+            event,
+            "--format",
+            "json",
+        )
         assert result.returncode == 0, result.stderr
         found.update({c["event"]: c for c in map(json.loads, result.stdout.splitlines())})
     spike = found["june-4-2019"]

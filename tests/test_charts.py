@@ -57,7 +57,9 @@ def test_availability_rows_labels_and_the_gap_as_no_data(figures: dict) -> None:
     assert "Mon 2018-03-05 to Sun 2018-03-11" in ax.get_title()
     assert ax.get_xlabel() == f"time ({TZ})"
     colours = path_colours(["direct", "vpn", "wg"])
-    assert [to_hex(t.get_color()) for t in ax.get_yticklabels()][:3] == [colours[p].lower() for p in ("direct", "vpn", "wg")]
+    assert [to_hex(t.get_color()) for t in ax.get_yticklabels()][:3] == [
+        colours[p].lower() for p in ("direct", "vpn", "wg")
+    ]
     (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
     values = mesh.get_array().reshape(6, 168)
     saturday = 5 * 24
@@ -118,8 +120,23 @@ def test_an_empty_week_draws_no_data_everywhere() -> None:
 
 @pytest.mark.parametrize("fmt", ["png", "svg"])
 def test_chart_weekly_writes_every_chart(tmp_path: Path, config: Path, fmt: str) -> None:
-    result = subprocess.run([*TUNNELWATCH, "chart", "weekly", "--config", str(config), "--week", "2018-W10",
-                             "--out", str(tmp_path), "--format", fmt], capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            *TUNNELWATCH,
+            "chart",
+            "weekly",
+            "--config",
+            str(config),
+            "--week",
+            "2018-W10",
+            "--out",
+            str(tmp_path),
+            "--format",
+            fmt,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     for name in ("availability", "latency", "outages"):
         written = tmp_path / f"{name}-2018-W10.{fmt}"
@@ -130,15 +147,19 @@ def test_chart_weekly_writes_every_chart(tmp_path: Path, config: Path, fmt: str)
 
 
 def test_bad_week_is_refused(config: Path) -> None:
-    result = subprocess.run([*TUNNELWATCH, "chart", "weekly", "--config", str(config), "--week", "2018-10"],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [*TUNNELWATCH, "chart", "weekly", "--config", str(config), "--week", "2018-10"], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "is not an ISO week" in result.stderr
 
 
 def test_weekly_report_is_self_contained_and_renders_in_chromium(tmp_path: Path, config: Path) -> None:
     out = tmp_path / "report.html"
-    result = subprocess.run([*TUNNELWATCH, "report", "weekly", "--config", str(config), "--week", "2018-W10",
-                             "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [*TUNNELWATCH, "report", "weekly", "--config", str(config), "--week", "2018-W10", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     page = out.read_text()
     assert page.count("src='data:image/png;base64,") == 3
@@ -151,11 +172,24 @@ def test_weekly_report_is_self_contained_and_renders_in_chromium(tmp_path: Path,
         pytest.skip("chromium is not installed (the README's test command installs it as root)")
     shot = tmp_path / "shot.png"
     subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         "--window-size=1400,2400", f"--screenshot={shot}", out.as_uri()],
-        capture_output=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1400,2400",
+            f"--screenshot={shot}",
+            out.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     image = imread(shot)
     assert image.shape[:2] == (2400, 1400)
     assert image[..., :3].std() > 0.05  # not a blank page: text, tables and charts drew
@@ -173,11 +207,15 @@ def test_report_writes_imported_titles_as_text(tmp_path: Path, config: Path) -> 
         "END:VEVENT\r\nEND:VCALENDAR\r\n"
     )
     hostile = tmp_path / "hostile.toml"
-    hostile.write_text(config.read_text().replace("[store]", f'[analysis]\nevents = ["{tmp_path / "hostile.ics"}"]'
-                                                  "\n[store]"))  # fmt: skip
+    hostile.write_text(
+        config.read_text().replace("[store]", f'[analysis]\nevents = ["{tmp_path / "hostile.ics"}"]\n[store]')
+    )
     out = tmp_path / "report.html"
-    result = subprocess.run([*TUNNELWATCH, "report", "weekly", "--config", str(hostile), "--week", "2018-W10",
-                             "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [*TUNNELWATCH, "report", "weekly", "--config", str(hostile), "--week", "2018-W10", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     summary = out.with_suffix(".md").read_text()
     rendered = MarkdownIt("commonmark").enable("table").render(summary)
@@ -194,10 +232,11 @@ def test_a_title_with_dollar_signs_draws_as_text() -> None:
     from analysis.events import Event
 
     start = pd.Timestamp("2018-03-04 16:00", tz="UTC")
-    event = Event(id="price", title="VPN prices $x^$ up", category="other", start=date(2018, 3, 6), end=date(2018, 3, 6))
+    event = Event(
+        id="price", title="VPN prices $x^$ up", category="other", start=date(2018, 3, 6), end=date(2018, 3, 6)
+    )
     nothing = pd.DataFrame(columns=["path", "start", "end", "verdict"])
-    fig = outage_timeline(nothing, nothing, [event], ["direct"], start,
-                          start + pd.Timedelta(days=7), TZ)  # fmt: skip
+    fig = outage_timeline(nothing, nothing, [event], ["direct"], start, start + pd.Timedelta(days=7), TZ)
     fig.savefig(io.BytesIO(), format="png")
     assert "VPN prices $x^$ up" in [t.get_text() for t in fig.axes[0].texts]
 
@@ -217,16 +256,23 @@ def test_the_weekly_job_writes_last_week_and_keeps_the_newest(config: Path) -> N
     page, summary = write_weekly(cfg, today=date(2018, 3, 13))  # a Tuesday: last week is 2018-W10
     assert page.name == "tunnelwatch-2018-W10.html" and summary.exists()
     assert sorted(p.name for p in (directory / "charts").iterdir()) == [
-        "availability-2018-W10.png", "latency-2018-W10.png", "outages-2018-W10.png"]  # fmt: skip
-    assert sorted(p.name for p in directory.glob("*.html")) == ["tunnelwatch-2017-W51.html", "tunnelwatch-2018-W10.html"]
+        "availability-2018-W10.png",
+        "latency-2018-W10.png",
+        "outages-2018-W10.png",
+    ]
+    assert sorted(p.name for p in directory.glob("*.html")) == [
+        "tunnelwatch-2017-W51.html",
+        "tunnelwatch-2018-W10.html",
+    ]
     assert not (directory / "tunnelwatch-2017-W50.md").exists()
 
 
 def test_the_scheduled_report_of_a_week_without_data_still_renders(config: Path) -> None:
     """What the daemon runs on Mondays, as the daemon runs it: a child process. Last week has
     no data in this store (it holds 2018), which must read as such, not fail."""
-    result = subprocess.run([*TUNNELWATCH, "report", "weekly", "--scheduled", "--config", str(config)],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [*TUNNELWATCH, "report", "weekly", "--scheduled", "--config", str(config)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     written = result.stderr.split("wrote ")[1].split(" and ")[0]
     page = Path(written).read_text()

@@ -68,8 +68,9 @@ def test_shipped_default_config_stores_a_specific_failure_for_every_pair(tmp_pat
     text = text.replace('resolver = "system"', f'resolver = ["{LOOPBACK}:{dns.refused_port}"]')
     config = tmp_path / "default.toml"
     config.write_text(text)
-    result = subprocess.run([*TUNNELWATCH, "probe", "--config", str(config)], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [*TUNNELWATCH, "probe", "--config", str(config)], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert result.returncode == 1, result.stderr
     stored = rows(tmp_path / "data" / "tunnelwatch.db")
     assert len(stored) == 10

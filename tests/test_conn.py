@@ -17,15 +17,17 @@ import pytest
 from probe.config import load_config
 from probe.model import Measurement
 from probe.rounds import ProbeContext, measure
-from tests.conftest import HOST, PAGE, PAGE_TITLE, DNS, TLSFiles, write_config
+from tests.conftest import DNS, HOST, PAGE, PAGE_TITLE, TLSFiles, write_config
 from tests.servers import LOOPBACK, Web
 
 
 def _probe(tmp_path: Path, url: str, ca_file: Path | None = None, resolver: str = "", hog_ms: float = 0) -> Measurement:
     """Probe `url` directly; with `hog_ms`, another task blocks the event loop in slices of
     that length the whole time, as a burst of busy callbacks would."""
-    body = (f'[[targets]]\nname = "t"\ngroup = "control"\nkind = "http"\nurl = "{url}"\n'
-            f'[[paths]]\nname = "direct"\nkind = "direct"\n{resolver}\n')  # fmt: skip
+    body = (
+        f'[[targets]]\nname = "t"\ngroup = "control"\nkind = "http"\nurl = "{url}"\n'
+        f'[[paths]]\nname = "direct"\nkind = "direct"\n{resolver}\n'
+    )
     cfg = load_config(write_config(tmp_path, body, ca_file))
     ctx = ProbeContext.build(cfg)
 
@@ -39,8 +41,9 @@ def _probe(tmp_path: Path, url: str, ca_file: Path | None = None, resolver: str 
     return asyncio.run(scenario())
 
 
-def test_phases_are_the_kernels_times_while_the_loop_is_busy(tmp_path: Path, web: Web, dns: DNS,
-                                                              tls_files: TLSFiles) -> None:  # fmt: skip
+def test_phases_are_the_kernels_times_while_the_loop_is_busy(
+    tmp_path: Path, web: Web, dns: DNS, tls_files: TLSFiles
+) -> None:
     """Every phase completes while the loop is blocked for 30 ms: the loop sees each one late,
     the kernel's timestamps do not."""
     m = _probe(tmp_path, f"https://{HOST}:{web.https}/", tls_files.ca_file, f'resolver = ["{dns.server}"]', hog_ms=30)
@@ -92,14 +95,25 @@ def answering(answer: bytes) -> Iterator[int]:
     ("answer", "failure", "title"),
     [
         (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n<title>to the close</title>", None, "to the close"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n<title>\r\na\r\nok</title>\r\n0\r\n\r\n", None, "ok"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n<title>\r\na\r\nok</title>\r\n0\r\n\r\n",
+            None,
+            "ok",
+        ),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n<title>short</title>", "eof_error", None),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n<title>", "eof_error", None),
         (b"HTTP/1.1 2xx Fine\r\n\r\n", "http_protocol_error", None),
         (b"SSH-2.0-OpenSSH_9.2\r\n", "http_protocol_error", None),
-        (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!", "http_decoding_error", None),
-        (b"HTTP/1.1 302 Found\r\nLocation: ftp://files.example/\r\nContent-Length: 0\r\n\r\n",
-         "http_invalid_redirect_location_host", None),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!",
+            "http_decoding_error",
+            None,
+        ),
+        (
+            b"HTTP/1.1 302 Found\r\nLocation: ftp://files.example/\r\nContent-Length: 0\r\n\r\n",
+            "http_invalid_redirect_location_host",
+            None,
+        ),
     ],
     ids=["to-close", "chunked", "short-length", "short-chunks", "bad-status", "not-http", "bad-gzip", "ftp-redirect"],
 )

@@ -35,9 +35,9 @@ import pytest
 from probe.central import CentralStore
 from probe.model import Heartbeat, Measurement
 from probe.store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, SQLiteStore
+from tests.daemonproc import TUNNELWATCH
 from tests.postgres import cluster
 from tests.servers import LOOPBACK, need
-from tests.test_daemon import TUNNELWATCH
 
 # A logged round reaches the store within milliseconds; only rounds logged this close to a
 # kill may be lost with it (the writer's batch in flight).
@@ -79,8 +79,9 @@ class Lives:
     def start(self) -> Life:
         log = self.config.with_name(f"life-{len(self.all)}.log")
         with log.open("w") as sink:
-            proc = subprocess.Popen([*TUNNELWATCH, "run", "--log-json", "--config", str(self.config)],
-                                    stderr=sink, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                [*TUNNELWATCH, "run", "--log-json", "--config", str(self.config)], stderr=sink, start_new_session=True
+            )
         life = Life(proc, log, "running", since_ms=_now_ms())
         self.all.append(life)
         return life
@@ -104,9 +105,24 @@ class Lives:
             os.kill(life.proc.pid, signal.SIGKILL)
         else:
             trace = life.log.with_suffix(".strace")
-            tracer = subprocess.run([need("strace"), "-f", "-qq", "-p", str(life.proc.pid), "-o", str(trace),
-                                     "-e", "trace=pwrite64", "-e", f"inject=pwrite64:signal=SIGKILL:when={at_write}"],
-                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+            tracer = subprocess.run(
+                [
+                    need("strace"),
+                    "-f",
+                    "-qq",
+                    "-p",
+                    str(life.proc.pid),
+                    "-o",
+                    str(trace),
+                    "-e",
+                    "trace=pwrite64",
+                    "-e",
+                    f"inject=pwrite64:signal=SIGKILL:when={at_write}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert tracer.returncode == 0, f"strace could not attach: {tracer.stderr}"
             *_, write = re.finditer(r"pwrite64\((\d+), .*, (\d+), (\d+)\)", trace.read_text())
             fd, size, offset = write.groups()
@@ -203,8 +219,12 @@ def check_life(db: Path, life: Life, clean: bool) -> None:
     logged within GRACE_MS of the end, and none after a clean stop."""
     logged = logged_rounds(life)
     stored: dict[str, list[sqlite3.Row]] = defaultdict(list)
-    for beat in _query(db, "SELECT * FROM heartbeats WHERE started_at_ms >= ? AND started_at_ms < ? "
-                           "ORDER BY started_at_ms", life.since_ms, life.until_ms):  # fmt: skip
+    for beat in _query(
+        db,
+        "SELECT * FROM heartbeats WHERE started_at_ms >= ? AND started_at_ms < ? ORDER BY started_at_ms",
+        life.since_ms,
+        life.until_ms,
+    ):
         stored[beat["target"]].append(beat)
     seen: Counter[str] = Counter()
     found = []
@@ -230,11 +250,15 @@ def check_life(db: Path, life: Life, clean: bool) -> None:
 def check_store(db: Path, after: str) -> None:
     """Whole rounds only, each once."""
     assert _query(db, "PRAGMA integrity_check")[0][0] == "ok", after
-    partial = _query(db, "SELECT h.round_id, h.probes, count(m.id) AS stored FROM heartbeats h LEFT JOIN "
-                         "measurements m USING (round_id) GROUP BY h.round_id HAVING stored != h.probes")  # fmt: skip
+    partial = _query(
+        db,
+        "SELECT h.round_id, h.probes, count(m.id) AS stored FROM heartbeats h LEFT JOIN "
+        "measurements m USING (round_id) GROUP BY h.round_id HAVING stored != h.probes",
+    )
     assert not partial, f"after {after}: half-written rounds: {[tuple(r) for r in partial]}"
-    orphans = _query(db, "SELECT DISTINCT round_id FROM measurements WHERE round_id NOT IN "
-                         "(SELECT round_id FROM heartbeats)")  # fmt: skip
+    orphans = _query(
+        db, "SELECT DISTINCT round_id FROM measurements WHERE round_id NOT IN (SELECT round_id FROM heartbeats)"
+    )
     assert not orphans, f"after {after}: measurements without their round's heartbeat: {[r[0] for r in orphans]}"
     twice = _query(db, "SELECT round_id, target, path, count(*) FROM measurements GROUP BY 1, 2, 3 HAVING count(*) > 1")
     assert not twice, f"after {after}: measurements stored twice: {[tuple(r) for r in twice]}"
@@ -288,7 +312,7 @@ timeout_s = 0.8
 name = "lo1"
 kind = "bind"
 address = "127.0.0.1"
-{PATHS}""")  # fmt: skip
+{PATHS}""")
     SQLiteStore(db).close()  # the schema is there to look at from the first life on
     daemon = lives(config)
     chance = random.Random()
@@ -318,20 +342,46 @@ def top_up(spool: Path, at_least: int = BACKLOG) -> None:
     """Old rounds into the spool, while no daemon runs, until `at_least` measurements wait to
     go up: rounds measured before the daemon had store.url, or while PostgreSQL was away."""
     store = SQLiteStore(spool)
-    (row,) = _query(spool, "SELECT (SELECT count(*) FROM measurements WHERE id > coalesce((SELECT measurement_id "
-                           "FROM forward_cursor), 0)), (SELECT count(*) FROM heartbeats WHERE target = 'news')")  # fmt: skip
+    (row,) = _query(
+        spool,
+        "SELECT (SELECT count(*) FROM measurements WHERE id > coalesce((SELECT measurement_id "
+        "FROM forward_cursor), 0)), (SELECT count(*) FROM heartbeats WHERE target = 'news')",
+    )
     waiting, first = row[0], row[1]
     start = datetime.now(UTC) - timedelta(days=1)
     measurements, heartbeats = [], []
     for i in range(first, first + max(0, at_least - waiting + 1) // 2):
         at, round_id = start + timedelta(seconds=20 * i), f"old-{i}"
-        measurements += [Measurement(vantage=VANTAGE, round_id=round_id, target="news", group="blocked", path=path,
-                                     kind="http", input="https://news.example/", started_at=at, ok=path == "lo2",
-                                     connect_ms=12.5 + i % 7, failure=None if path == "lo2" else "connection_reset",
-                                     failed_operation=None if path == "lo2" else "tls_handshake",
-                                     addresses=("192.0.2.1",)) for path in ("direct", "lo2")]  # fmt: skip
-        heartbeats.append(Heartbeat(vantage=VANTAGE, round_id=round_id, started_at=at, finished_at=at, probes=2,
-                                    succeeded=1, target="news", scheduled_at=at))  # fmt: skip
+        measurements += [
+            Measurement(
+                vantage=VANTAGE,
+                round_id=round_id,
+                target="news",
+                group="blocked",
+                path=path,
+                kind="http",
+                input="https://news.example/",
+                started_at=at,
+                ok=path == "lo2",
+                connect_ms=12.5 + i % 7,
+                failure=None if path == "lo2" else "connection_reset",
+                failed_operation=None if path == "lo2" else "tls_handshake",
+                addresses=("192.0.2.1",),
+            )
+            for path in ("direct", "lo2")
+        ]
+        heartbeats.append(
+            Heartbeat(
+                vantage=VANTAGE,
+                round_id=round_id,
+                started_at=at,
+                finished_at=at,
+                probes=2,
+                succeeded=1,
+                target="news",
+                scheduled_at=at,
+            )
+        )
     store.write(measurements, heartbeats)
     store.close()
 
@@ -350,8 +400,11 @@ def uploading(life: Life, url: str, before: int) -> bool:
 def cursor_of(spool: Path) -> tuple[int, int, int]:
     """How many measurements the spool's cursor says are uploaded; how many it holds in all;
     how many it gave up over its bound."""
-    (row,) = _query(spool, "SELECT (SELECT count(*) FROM measurements WHERE id <= c.measurement_id), "
-                           "(SELECT count(*) FROM measurements), c.dropped FROM forward_cursor c")  # fmt: skip
+    (row,) = _query(
+        spool,
+        "SELECT (SELECT count(*) FROM measurements WHERE id <= c.measurement_id), "
+        "(SELECT count(*) FROM measurements), c.dropped FROM forward_cursor c",
+    )
     return row[0], row[1], row[2]
 
 
@@ -394,7 +447,7 @@ group = "control"
 kind = "tcp"
 host = "{LOOPBACK}"
 port = {closed_port}
-{PATHS}""")  # fmt: skip
+{PATHS}""")
         daemon = lives(config)
         chance = random.Random()
         resent = 0
@@ -405,8 +458,9 @@ port = {closed_port}
             daemon.wait_until(life, lambda life=life, before=before: uploading(life, url, before), "uploads")
             if how == "outage":
                 server.stop()  # fast: the server cuts the upload in flight
-                daemon.wait_until(life, lambda life=life: "measurements stay in the spool" in life.output(),
-                                  "the failed upload")  # fmt: skip
+                daemon.wait_until(
+                    life, lambda life=life: "measurements stay in the spool" in life.output(), "the failed upload"
+                )
                 daemon.kill(life)
                 server.start()
             elif how == "write":
@@ -429,14 +483,17 @@ port = {closed_port}
         daemon.wait_until(last, lambda: cursor_of(spool)[0] == cursor_of(spool)[1], "the backlog uploaded", 120)
         daemon.stop(last)
         check_store(spool, "the kills of the forwarder")
-        spooled = {name: _query(spool, f"SELECT {', '.join(columns)} FROM {name}")
-                   for name, columns in (("measurements", MEASUREMENT_COLUMNS), ("heartbeats", HEARTBEAT_COLUMNS))}  # fmt: skip
+        spooled = {
+            name: _query(spool, f"SELECT {', '.join(columns)} FROM {name}")
+            for name, columns in (("measurements", MEASUREMENT_COLUMNS), ("heartbeats", HEARTBEAT_COLUMNS))
+        }
         with psycopg.connect(url) as conn:
             for name, columns in (("measurements", MEASUREMENT_COLUMNS), ("heartbeats", HEARTBEAT_COLUMNS)):
                 stored = conn.execute(f"SELECT {', '.join(columns)} FROM {name}").fetchall()
                 assert len(stored) == len(spooled[name]) >= BACKLOG // 2, name  # two measurements a round
                 missing, extra = table(spooled[name]) - table(stored), table(stored) - table(spooled[name])
                 assert not missing and not extra, (name, list(missing)[:3], list(extra)[:3])
-            paths = conn.execute("SELECT name, kind, label, endpoint_target FROM paths WHERE vantage = %s",
-                                 [VANTAGE]).fetchall()  # fmt: skip
+            paths = conn.execute(
+                "SELECT name, kind, label, endpoint_target FROM paths WHERE vantage = %s", [VANTAGE]
+            ).fetchall()
         assert table(paths) == table(_query(spool, "SELECT name, kind, label, endpoint_target FROM paths"))

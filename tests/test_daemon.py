@@ -8,81 +8,17 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from probe.config import load_config
 from tests.analysis_data import realistic_week
 from tests.conftest import rows, write_config
+from tests.daemonproc import TUNNELWATCH, Daemon, fast, scrape
 from tests.servers import LOOPBACK
-
-TUNNELWATCH = [sys.executable, "-m", "probe"]
-
-
-def fast(config_file: Path, extra: str = "") -> Path:
-    text = config_file.read_text().replace("[probe]", "[probe]\ninterval_s = 1")
-    config_file.write_text(text + extra)
-    return config_file
-
-
-class Daemon:
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.db = load_config(config).store.path
-        self.log = config.with_suffix(f".{time.monotonic_ns()}.log")
-        with self.log.open("w") as sink:
-            self.proc = subprocess.Popen(
-                [*TUNNELWATCH, "run", "--config", str(config)],
-                stderr=sink,
-                env={**os.environ, **(env or {})},
-            )
-
-    def heartbeats(self) -> list[sqlite3.Row]:
-        try:
-            return rows(self.db, "heartbeats") if self.db.exists() else []
-        except sqlite3.OperationalError:  # the schema is still being created
-            return []
-
-    def wait_until(self, condition: Callable[[], bool], timeout_s: float = 30, what: str = "") -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            assert self.proc.poll() is None, f"daemon exited with {self.proc.returncode}: {self.output()}"
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what or condition}: {self.output()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout_s)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def daemons() -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def start(config: Path, env: dict[str, str] | None = None) -> Daemon:
-        daemon = Daemon(config, env)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.kill()
 
 
 @pytest.fixture
@@ -101,16 +37,6 @@ def received(sock: socket.socket) -> list[str]:
             messages.append(sock.recv(4096).decode())
         except TimeoutError:
             return messages
-
-
-def scrape(config: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://{load_config(config).metrics.listen}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def test_daemon_probes_every_target_on_schedule_and_stops_cleanly(
@@ -150,12 +76,20 @@ def test_metrics_match_the_stored_rows(config_file: Path, daemons: Callable[...,
         assert metrics[("probe_duration_seconds", labels)] > 0
     page = (("group", "blocked"), ("kind", "http"), ("path", "direct"), ("target", "page"))
     for phase in ("resolve", "connect", "tls", "first_byte"):
-        assert metrics[("probe_phase_duration_seconds", (*page[:2], ("path", "direct"), ("phase", phase),
-                                                         ("target", "page")))] > 0  # fmt: skip
+        assert (
+            metrics[
+                ("probe_phase_duration_seconds", (*page[:2], ("path", "direct"), ("phase", phase), ("target", "page")))
+            ]
+            > 0
+        )
     rounds = sum(v for (name, _), v in metrics.items() if name == "tunnelwatch_rounds_total")
     assert before <= rounds <= len(daemon.heartbeats())
-    for name in ("tunnelwatch_event_loop_lag_seconds", "tunnelwatch_schedule_lag_seconds_count",
-                 "tunnelwatch_store_write_seconds_count", "tunnelwatch_round_duration_seconds_count"):  # fmt: skip
+    for name in (
+        "tunnelwatch_event_loop_lag_seconds",
+        "tunnelwatch_schedule_lag_seconds_count",
+        "tunnelwatch_store_write_seconds_count",
+        "tunnelwatch_round_duration_seconds_count",
+    ):
         assert any(key[0] == name for key in metrics), name
 
 
@@ -280,8 +214,12 @@ def test_a_reload_reschedules_changed_targets_and_keeps_the_others(
     write(60, tcp_targets(["steady"], "steady", closed_port) + tcp_targets(["s0", "s1"], "slow", closed_port))
     daemon = daemons(config)
     daemon.wait_until(lambda: sum(h["target"] == "steady" for h in daemon.heartbeats()) >= 2, what="2 steady rounds")
-    write(1, tcp_targets(["steady", "added"], "steady", closed_port) + tcp_targets(["s0"], "slow", silent_port)
-          + tcp_targets(["s1"], "slow", closed_port))  # fmt: skip
+    write(
+        1,
+        tcp_targets(["steady", "added"], "steady", closed_port)
+        + tcp_targets(["s0"], "slow", silent_port)
+        + tcp_targets(["s1"], "slow", closed_port),
+    )
     daemon.proc.send_signal(signal.SIGHUP)
     reloaded = time.time()
     daemon.wait_until(lambda: "SIGHUP: reloaded" in daemon.output(), what="the reload")
@@ -513,8 +451,12 @@ def test_json_logs_are_json_and_never_show_secrets(config_file: Path, closed_por
     )
     config = fast(config_file, secret_path)
     env = {"TW_LOG_USER": "log-user-name", "TW_LOG_PASSWORD": "log-password-value"}
-    proc = subprocess.Popen([*TUNNELWATCH, "run", "--log-json", "--config", str(config)],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})  # fmt: skip
+    proc = subprocess.Popen(
+        [*TUNNELWATCH, "run", "--log-json", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
     try:
         time.sleep(4)
         proc.send_signal(signal.SIGTERM)

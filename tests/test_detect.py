@@ -28,8 +28,12 @@ DATASETS = {  # the paper's inputs, its column and its smoothing
     "https": ("data/https/https-data-cn.csv", "ratio", []),
     "satellite": ("data/satellite/satellite-data-cn.csv", "ratio", []),
 }
-PUBLISHED_KINDS = {"MK Increasing": "increasing", "MK Decreasing": "decreasing", "CC Above": "above",
-                   "CC Below": "below"}  # fmt: skip
+PUBLISHED_KINDS = {
+    "MK Increasing": "increasing",
+    "MK Decreasing": "decreasing",
+    "CC Above": "above",
+    "CC Below": "below",
+}
 DAY = timedelta(days=1)
 
 
@@ -47,10 +51,12 @@ def test_mann_kendall_reproduces_the_papers_china_signals() -> None:
         theirs = published[published["Dataset"] == dataset]
         mine = [(pd.Timestamp(s["start"]), s["kind"]) for s in signals]
         hits = sum(
-            any(kind == PUBLISHED_KINDS[row["Type"]] and abs(start - pd.Timestamp(row["Signal Start"])) <= DAY
-                for start, kind in mine)
+            any(
+                kind == PUBLISHED_KINDS[row["Type"]] and abs(start - pd.Timestamp(row["Signal Start"])) <= DAY
+                for start, kind in mine
+            )
             for _, row in theirs.iterrows()
-        )  # fmt: skip
+        )
         found[dataset] = (hits, len(theirs))
         total += len(theirs)
         extra += max(0, len(signals) - hits)
@@ -60,8 +66,16 @@ def test_mann_kendall_reproduces_the_papers_china_signals() -> None:
 
 
 def test_each_signal_lists_the_events_near_its_start_and_the_chance_of_that() -> None:
-    https = detect("--series", str(ACSAC / DATASETS["https"][0]), "--column", "ratio", "--method", "mann-kendall",
-                   "--category", "blocking-wave")  # fmt: skip
+    https = detect(
+        "--series",
+        str(ACSAC / DATASETS["https"][0]),
+        "--column",
+        "ratio",
+        "--method",
+        "mann-kendall",
+        "--category",
+        "blocking-wave",
+    )
     by_start = {s["start"]: s for s in https}
     # the paper's CC Above of 2022-08-18 and the Shadowsocks IP blocking reported from 2022-08-19
     assert by_start["2022-08-18"]["kind"] == "above"
@@ -74,8 +88,9 @@ def test_each_signal_lists_the_events_near_its_start_and_the_chance_of_that() ->
 
 
 def _daily(values: np.ndarray, start: str = "2009-01-01") -> pd.DataFrame:
-    return pd.DataFrame({"date": pd.date_range(start, periods=len(values), freq="D").strftime("%Y-%m-%d"),
-                         "value": values})  # fmt: skip
+    return pd.DataFrame(
+        {"date": pd.date_range(start, periods=len(values), freq="D").strftime("%Y-%m-%d"), "value": values}
+    )
 
 
 def test_the_default_detector_finds_planted_spikes_one_after_another(tmp_path: Path) -> None:
@@ -88,10 +103,11 @@ def test_the_default_detector_finds_planted_spikes_one_after_another(tmp_path: P
     _daily(values).to_csv(tmp_path / "series.csv", index=False)
     (tmp_path / "events.toml").write_text(
         '[[events]]\nid = "planted"\ntitle = "A planted spike"\ncategory = "policy"\nstart = 2009-04-13\n'
-        'end = 2009-04-13\n'  # 2009-04-11 (day 100) is 2 days before
-    )  # fmt: skip
-    signals = detect("--series", str(tmp_path / "series.csv"), "--column", "value",
-                     "--events", str(tmp_path / "events.toml"))  # fmt: skip
+        "end = 2009-04-13\n"  # 2009-04-11 (day 100) is 2 days before
+    )
+    signals = detect(
+        "--series", str(tmp_path / "series.csv"), "--column", "value", "--events", str(tmp_path / "events.toml")
+    )
     assert [(s["start"], s["end"], s["kind"]) for s in signals] == [
         ("2009-04-11", "2009-04-13", "above"), ("2009-04-21", "2009-04-22", "above"),
         ("2009-07-20", "2009-07-24", "below"),
@@ -138,8 +154,9 @@ def test_the_stores_outage_minutes_per_day(tmp_path: Path) -> None:
     (["--series", "{dir}/s.csv", "--column", "value", "--missing", "none"], "'none' is not a valid float"),
     (["--series", "{dir}/s.csv", "--column", "users"], "no column 'users'"),
 ])  # fmt: skip
-def test_bad_input_exits_2_with_a_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                               args: list[str], message: str) -> None:  # fmt: skip
+def test_bad_input_exits_2_with_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
     _daily(np.arange(30.0)).to_csv(tmp_path / "s.csv", index=False)
     with pytest.raises(SystemExit) as exit:
         main(["events", "detect", *(a.format(dir=tmp_path) for a in args)])
@@ -149,8 +166,10 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path: Path, capsys: pytest.C
 
 
 def test_help_loads_no_statistics_library() -> None:
-    code = ("import sys; from click.testing import CliRunner; from probe.cli import app; "
-            "[CliRunner().invoke(app, a) for a in (['--help'], ['events', 'detect', '--help'])]; "
-            "print(sorted(m for m in ('pymannkendall', 'scipy', 'statsmodels') if m in sys.modules))")  # fmt: skip
+    code = (
+        "import sys; from click.testing import CliRunner; from probe.cli import app; "
+        "[CliRunner().invoke(app, a) for a in (['--help'], ['events', 'detect', '--help'])]; "
+        "print(sorted(m for m in ('pymannkendall', 'scipy', 'statsmodels') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"

@@ -63,12 +63,22 @@ def zone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zone]:
     if not IS_ROOT:
         pytest.skip("needs root: the system resolver's servers listen on port 53")
     tmp = tmp_path_factory.mktemp("zone")
-    args = _dnsmasq(53, "--log-queries", f"--log-facility={tmp / 'queries.log'}",
-                    "--local=/test/", "--local=/internal/", "--local=/nowhere/", "--address=/count.test/127.0.0.1",
-                    "--host-record=both.test,127.0.0.1,::1", "--host-record=v4only.test,10.0.0.4",
-                    "--host-record=v6only.test,2001:db8::6", "--host-record=intranet.corp.test,10.0.0.7",
-                    "--host-record=web.internal,10.0.0.8", "--host-record=web.internal.corp.test,10.0.0.9",
-                    *(f"--host-record=big.test,{address}" for address in BIG))  # fmt: skip
+    args = _dnsmasq(
+        53,
+        "--log-queries",
+        f"--log-facility={tmp / 'queries.log'}",
+        "--local=/test/",
+        "--local=/internal/",
+        "--local=/nowhere/",
+        "--address=/count.test/127.0.0.1",
+        "--host-record=both.test,127.0.0.1,::1",
+        "--host-record=v4only.test,10.0.0.4",
+        "--host-record=v6only.test,2001:db8::6",
+        "--host-record=intranet.corp.test,10.0.0.7",
+        "--host-record=web.internal,10.0.0.8",
+        "--host-record=web.internal.corp.test,10.0.0.9",
+        *(f"--host-record=big.test,{address}" for address in BIG),
+    )
     args = [arg.replace(f"--listen-address={LOOPBACK}", f"--listen-address={ZONE}") for arg in args]
     with running(args, tmp / "dnsmasq.log") as proc:
         deadline = time.monotonic() + 10
@@ -173,20 +183,29 @@ DNS_CASES = [
 
 
 @pytest.mark.parametrize(("spec", "failure", "rcode", "addresses"), DNS_CASES, ids=[c[0] for c in DNS_CASES])
-def test_a_dns_target_records_answers_and_rcode(zone: Zone, tmp_path: Path, spec: str, failure: str | None,
-                                                 rcode: str, addresses: tuple[str, ...]) -> None:  # fmt: skip
+def test_a_dns_target_records_answers_and_rcode(
+    zone: Zone, tmp_path: Path, spec: str, failure: str | None, rcode: str, addresses: tuple[str, ...]
+) -> None:
     m = run(lab(tmp_path, {"t": f'kind = "dns"\n{spec}'}, DIRECT), "t")
     assert (m.failure, m.dns_rcode, m.addresses) == (failure, rcode, addresses), m.detail
     assert m.failed_operation == (None if failure is None else "resolve")
     assert m.resolver == ZONE and m.resolve_ms is not None and 0 < m.resolve_ms < 1000
 
 
-@pytest.mark.parametrize(("server", "failure", "rcode"), [("refused_port", "dns_refused_error", "REFUSED"),
-                                                          ("servfail_port", "dns_servfail_error", "SERVFAIL")])
+@pytest.mark.parametrize(
+    ("server", "failure", "rcode"),
+    [("refused_port", "dns_refused_error", "REFUSED"), ("servfail_port", "dns_servfail_error", "SERVFAIL")],
+)
 def test_refused_and_servfail(dns: DNS, tmp_path: Path, server: str, failure: str, rcode: str) -> None:
     paths = {"direct": f'kind = "direct"\nresolver = ["{LOOPBACK}:{getattr(dns, server)}"]'}
-    cfg = lab(tmp_path, {"name": 'kind = "dns"\nhost = "www.example.test"',
-                         "site": 'kind = "tcp"\nhost = "www.example.test"\nport = 80'}, paths)  # fmt: skip
+    cfg = lab(
+        tmp_path,
+        {
+            "name": 'kind = "dns"\nhost = "www.example.test"',
+            "site": 'kind = "tcp"\nhost = "www.example.test"\nport = 80',
+        },
+        paths,
+    )
     for target in ("name", "site"):
         m = run(cfg, target)
         assert (m.failure, m.failed_operation) == (failure, "resolve"), m.detail
@@ -196,8 +215,11 @@ def test_refused_and_servfail(dns: DNS, tmp_path: Path, server: str, failure: st
 def test_a_server_that_never_answers_is_a_timeout_at_resolve(tmp_path: Path) -> None:
     port = free_port()
     with silent(LOOPBACK, port):
-        cfg = lab(tmp_path, {"t": 'kind = "dns"\nhost = "both.test"\ntimeout_s = 1'},
-                  {"direct": f'kind = "direct"\nresolver = ["{LOOPBACK}:{port}"]'})  # fmt: skip
+        cfg = lab(
+            tmp_path,
+            {"t": 'kind = "dns"\nhost = "both.test"\ntimeout_s = 1'},
+            {"direct": f'kind = "direct"\nresolver = ["{LOOPBACK}:{port}"]'},
+        )
         m = run(cfg, "t")
     assert (m.failure, m.failed_operation, m.addresses) == ("generic_timeout_error", "resolve", ())
     assert m.total_ms is not None and m.total_ms < 3000
@@ -208,8 +230,9 @@ def test_resolv_conf_timeout_and_attempts_are_honoured(zone: Zone, tmp_path: Pat
     the lookup gives up (glibc's defaults, 5 s and 2, would take 10 s)."""
     with silent(SILENT, 53) as server:
         started = time.monotonic()
-        addresses, failure, _ = resolve(system(tmp_path, f"nameserver {SILENT}\noptions timeout:1 attempts:2\n"),
-                                        "both.test.")  # fmt: skip
+        addresses, failure, _ = resolve(
+            system(tmp_path, f"nameserver {SILENT}\noptions timeout:1 attempts:2\n"), "both.test."
+        )
         elapsed = time.monotonic() - started
         assert datagrams(server) == 4
     assert (addresses, failure) == ([], "generic_timeout_error")
@@ -253,9 +276,14 @@ def test_the_hosts_file_answers_before_the_servers(zone: Zone, tmp_path: Path) -
 
 
 def test_a_bind_paths_queries_leave_from_its_address(zone: Zone, tmp_path: Path, closed_port: int) -> None:
-    cfg = lab(tmp_path, {"name": 'kind = "dns"\nhost = "bound.count.test"',
-                         "site": f'kind = "tcp"\nhost = "boundtcp.count.test"\nport = {closed_port}'},
-              {"lo2": f'kind = "bind"\naddress = "127.0.0.2"\nresolver = ["{ZONE}"]'})  # fmt: skip
+    cfg = lab(
+        tmp_path,
+        {
+            "name": 'kind = "dns"\nhost = "bound.count.test"',
+            "site": f'kind = "tcp"\nhost = "boundtcp.count.test"\nport = {closed_port}',
+        },
+        {"lo2": f'kind = "bind"\naddress = "127.0.0.2"\nresolver = ["{ZONE}"]'},
+    )
     assert run(cfg, "name", "lo2").ok
     assert run(cfg, "site", "lo2").failure == "connection_refused"  # resolved, then refused
     for name in ("bound.count.test", "boundtcp.count.test"):
@@ -265,8 +293,11 @@ def test_a_bind_paths_queries_leave_from_its_address(zone: Zone, tmp_path: Path,
 
 
 def test_a_proxy_name_that_does_not_resolve_is_the_paths_failure(tmp_path: Path, closed_port: int) -> None:
-    cfg = lab(tmp_path, {"site": f'kind = "tcp"\nhost = "{LOOPBACK}"\nport = {closed_port}'},
-              {"socks": 'kind = "socks5"\nhost = "bad..name"\nport = 1080'})  # fmt: skip
+    cfg = lab(
+        tmp_path,
+        {"site": f'kind = "tcp"\nhost = "{LOOPBACK}"\nport = {closed_port}'},
+        {"socks": 'kind = "socks5"\nhost = "bad..name"\nport = 1080'},
+    )
     m = run(cfg, "site", "socks")
     assert (m.failure, m.failed_operation, m.path_failed) == ("dns_bad_name", "proxy_connect", True), m.detail
 
@@ -314,9 +345,11 @@ def test_a_forged_answer_before_the_real_one_is_a_conflict(zone: Zone, tmp_path:
 
 def test_a_forged_answer_is_judged_blocked_dns(zone: Zone, tmp_path: Path) -> None:
     with forging(ZONE) as port:
-        body = ('[analysis]\nopen_after = 1\n[[targets]]\nname = "name"\ngroup = "blocked"\nkind = "dns"\n'
-                f'host = "both.test"\n[[paths]]\nname = "direct"\nkind = "direct"\n'
-                f'resolver = ["{LOOPBACK}:{port}"]\n')  # fmt: skip
+        body = (
+            '[analysis]\nopen_after = 1\n[[targets]]\nname = "name"\ngroup = "blocked"\nkind = "dns"\n'
+            f'host = "both.test"\n[[paths]]\nname = "direct"\nkind = "direct"\n'
+            f'resolver = ["{LOOPBACK}:{port}"]\n'
+        )
         config = write_config(tmp_path, body)
         tunnelwatch = [sys.executable, "-m", "probe"]
         probe = subprocess.run([*tunnelwatch, "probe", "--config", str(config)], capture_output=True, text=True)
@@ -324,8 +357,9 @@ def test_a_forged_answer_is_judged_blocked_dns(zone: Zone, tmp_path: Path) -> No
     db = load_config(config).store.path
     (row,) = verdicts(load_measurements(db), load_paths(db)).to_dict("records")
     assert (row["verdict"], row["rule"], row["blocking"]) == ("blocked", "dns-answers-conflict", "dns")
-    outages = subprocess.run([*tunnelwatch, "outages", "--config", str(config), "--format", "json"],
-                             capture_output=True, text=True)  # fmt: skip
+    outages = subprocess.run(
+        [*tunnelwatch, "outages", "--config", str(config), "--format", "json"], capture_output=True, text=True
+    )
     assert outages.returncode == 0, outages.stderr
     (outage,) = [json.loads(line) for line in outages.stdout.splitlines()]
     assert (outage["verdict"], outage["rules"]) == ("blocked", ["dns-answers-conflict"])
@@ -333,8 +367,11 @@ def test_a_forged_answer_is_judged_blocked_dns(zone: Zone, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("value", ["-0.1", "5.5", '"long"'])
 def test_dns_linger_s_out_of_bounds_is_refused(tmp_path: Path, value: str) -> None:
-    path = write_config(tmp_path, '[[targets]]\nname = "t"\ngroup = "g"\nkind = "dns"\nhost = "a.test"\n'
-                                  '[[paths]]\nname = "direct"\nkind = "direct"\n')  # fmt: skip
+    path = write_config(
+        tmp_path,
+        '[[targets]]\nname = "t"\ngroup = "g"\nkind = "dns"\nhost = "a.test"\n'
+        '[[paths]]\nname = "direct"\nkind = "direct"\n',
+    )
     path.write_text(path.read_text().replace("[probe]\n", f"[probe]\ndns_linger_s = {value}\n"))
     with pytest.raises(ConfigError, match=r"probe\.dns_linger_s: must be a number from 0 to 5 \(seconds\)"):
         load_config(path)

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from analysis.eventcheck import Series, check_events, external_series, outage_series
-from analysis.eventstats import Method
 from analysis.events import Event
+from analysis.eventstats import Method
 
 YEAR = pd.Timestamp("2018-01-01", tz="UTC")
 HOURS = 365 * 24
@@ -29,8 +29,9 @@ def synthetic(windows: list[Event], p_base: float, p_in: float, seed: int, hours
     """Hourly: each measured hour has an outage of 30 minutes with probability p (p_in inside
     the event windows), so the true rate ratio is p_in / p_base."""
     rng = np.random.default_rng(seed)
-    series = Series(start=YEAR, step=pd.Timedelta(hours=1), value=np.zeros(hours), exposure=np.full(hours, 60.0),
-                    full=60.0)  # fmt: skip
+    series = Series(
+        start=YEAR, step=pd.Timedelta(hours=1), value=np.zeros(hours), exposure=np.full(hours, 60.0), full=60.0
+    )
     inside = np.zeros(hours, dtype=bool)
     for event in windows:
         inside |= series.mask(*event.window)
@@ -41,8 +42,12 @@ def synthetic(windows: list[Event], p_base: float, p_in: float, seed: int, hours
 
 def yearly(count: int = 3, days: int = 7) -> list[Event]:
     """An event a year, on 1 July."""
-    return [Event(id=f"e{i}", title=f"event {i}", category="policy", start=date(2018 + i, 7, 1),
-                  end=date(2018 + i, 7, days)) for i in range(count)]  # fmt: skip
+    return [
+        Event(
+            id=f"e{i}", title=f"event {i}", category="policy", start=date(2018 + i, 7, 1), end=date(2018 + i, 7, days)
+        )
+        for i in range(count)
+    ]
 
 
 def test_a_planted_effect_is_found_with_its_onset() -> None:
@@ -67,17 +72,38 @@ def test_minutes_as_units_give_the_answers_days_give() -> None:
         return YEAR + (t - YEAR) / shrink
 
     minute = pd.Timedelta(minutes=1)
-    series = Series(start=YEAR, step=daily.step / shrink, value=daily.value / shrink, exposure=daily.exposure / shrink,
-                    unit=minute, full=daily.full / shrink)  # fmt: skip
-    scaled = [Event(id=e.id, title=e.title, category=e.category, start=small(e.window[0]).to_pydatetime(),
-                    end=small(e.window[1]).to_pydatetime()) for e in windows]  # fmt: skip
+    series = Series(
+        start=YEAR,
+        step=daily.step / shrink,
+        value=daily.value / shrink,
+        exposure=daily.exposure / shrink,
+        unit=minute,
+        full=daily.full / shrink,
+    )
+    scaled = [
+        Event(
+            id=e.id,
+            title=e.title,
+            category=e.category,
+            start=small(e.window[0]).to_pydatetime(),
+            end=small(e.window[1]).to_pydatetime(),
+        )
+        for e in windows
+    ]
     for day, fast in zip(check_events(daily, windows, windows), check_events(series, scaled, scaled), strict=True):
         assert fast.verdict.replace("units of 00:01:00", "days") == day.verdict
         assert (fast.ratio, fast.ci_low, fast.ci_high, fast.p_value) == pytest.approx(
-            (day.ratio, day.ci_low, day.ci_high, day.p_value))
+            (day.ratio, day.ci_low, day.ci_high, day.p_value)
+        )
     measured = np.arange(960) >= 600  # 40 minutes, the first 25 not measured
-    short = Series(start=YEAR, step=series.step, value=np.where(measured, series.value[:960], 0),
-                   exposure=np.where(measured, series.exposure[:960], 0), unit=minute, full=series.full)  # fmt: skip
+    short = Series(
+        start=YEAR,
+        step=series.step,
+        value=np.where(measured, series.value[:960], 0),
+        exposure=np.where(measured, series.exposure[:960], 0),
+        unit=minute,
+        full=series.full,
+    )
     (check,) = check_events(short, scaled[:1], scaled)
     assert check.verdict.startswith("not evaluable: ")
 
@@ -93,16 +119,21 @@ def test_a_window_without_measurements_is_not_evaluable() -> None:
     windows = yearly()
     series = synthetic(windows, 0.02, 0.02, seed=3)
     hole = series.mask(*windows[1].window)
-    checks = check_events(replace(series, value=np.where(hole, 0, series.value),
-                                  exposure=np.where(hole, 0.0, series.exposure)), windows, windows)  # fmt: skip
+    checks = check_events(
+        replace(series, value=np.where(hole, 0, series.value), exposure=np.where(hole, 0.0, series.exposure)),
+        windows,
+        windows,
+    )
     assert checks[0].verdict.startswith("no effect")
     assert checks[1].verdict == "not evaluable: 7 of 7 window days missing" and checks[1].ratio is None
 
 
 def test_holidays_and_other_events_stay_out_of_the_baseline() -> None:
     windows = yearly()
-    holidays = [Event(id=f"h{i}", title="holiday", category="holiday", start=date(2018 + i, 5, 20),
-                      end=date(2018 + i, 6, 20)) for i in range(3)]  # fmt: skip
+    holidays = [
+        Event(id=f"h{i}", title="holiday", category="holiday", start=date(2018 + i, 5, 20), end=date(2018 + i, 6, 20))
+        for i in range(3)
+    ]
     series = synthetic(windows + holidays, p_base=0.01, p_in=0.3, seed=4)  # the holidays are noisy too
     kept_out = check_events(series, windows, windows + holidays)
     mixed = check_events(series, windows, windows)
@@ -112,8 +143,13 @@ def test_holidays_and_other_events_stay_out_of_the_baseline() -> None:
 
 
 def test_per_unit_means_leave_half_measured_units_out() -> None:
-    series = Series(start=YEAR, step=pd.Timedelta(hours=1), value=np.array([30.0] * 24 + [60.0] * 11 + [0] * 13),
-                    exposure=np.array([60.0] * 24 + [60.0] * 11 + [0] * 13), full=60.0)  # fmt: skip
+    series = Series(
+        start=YEAR,
+        step=pd.Timedelta(hours=1),
+        value=np.array([30.0] * 24 + [60.0] * 11 + [0] * 13),
+        exposure=np.array([60.0] * 24 + [60.0] * 11 + [0] * 13),
+        full=60.0,
+    )
     means, share = series.per_unit()
     assert means[0] == pytest.approx(0.5) and np.isnan(means[1])  # 11 of 24 hours measured: missing
     assert share.tolist() == pytest.approx([1.0, 11 / 24])
@@ -121,16 +157,24 @@ def test_per_unit_means_leave_half_measured_units_out() -> None:
 
 def test_outage_series_counts_only_measured_time() -> None:
     outages = pd.DataFrame({"start": [YEAR + pd.Timedelta(minutes=30)], "end": [YEAR + pd.Timedelta(hours=3)]})
-    coverage = pd.DataFrame({"start": [YEAR, YEAR + pd.Timedelta(hours=2, minutes=30)],
-                             "end": [YEAR + pd.Timedelta(hours=1), YEAR + pd.Timedelta(hours=3)]})  # fmt: skip
+    coverage = pd.DataFrame(
+        {
+            "start": [YEAR, YEAR + pd.Timedelta(hours=2, minutes=30)],
+            "end": [YEAR + pd.Timedelta(hours=1), YEAR + pd.Timedelta(hours=3)],
+        }
+    )
     series = outage_series(outages, coverage, YEAR, YEAR + pd.Timedelta(hours=4))
     assert series.exposure.tolist() == [60, 0, 30, 0]
     assert series.value.tolist() == [30, 0, 30, 0]  # hour 1 was not measured: unknown, not outage
 
 
 def test_overlapping_outages_of_two_paths_count_once() -> None:
-    outages = pd.DataFrame({"start": [YEAR, YEAR + pd.Timedelta(minutes=10)],
-                            "end": [YEAR + pd.Timedelta(minutes=30), YEAR + pd.Timedelta(minutes=40)]})  # fmt: skip
+    outages = pd.DataFrame(
+        {
+            "start": [YEAR, YEAR + pd.Timedelta(minutes=10)],
+            "end": [YEAR + pd.Timedelta(minutes=30), YEAR + pd.Timedelta(minutes=40)],
+        }
+    )
     coverage = pd.DataFrame({"start": [YEAR], "end": [YEAR + pd.Timedelta(hours=1)]})
     assert outage_series(outages, coverage, YEAR, YEAR + pd.Timedelta(hours=1)).value.tolist() == [40]
 

@@ -23,8 +23,13 @@ def synthetic(seed: int, effect: float = 1.0, at: int | None = None) -> tuple[np
     a placebo date) and multiplies the series by `effect` for its seven days."""
     rng = np.random.default_rng(seed)
     days = np.arange(DAYS)
-    log_level = (np.log(100) + 0.3 * days / 365 + 0.1 * np.sin(2 * np.pi * days / 7)
-                 + 0.1 * np.sin(2 * np.pi * days / 365) + rng.normal(0, 0.2, DAYS))  # fmt: skip
+    log_level = (
+        np.log(100)
+        + 0.3 * days / 365
+        + 0.1 * np.sin(2 * np.pi * days / 7)
+        + 0.1 * np.sin(2 * np.pi * days / 365)
+        + rng.normal(0, 0.2, DAYS)
+    )
     excluded = np.zeros(DAYS, dtype=bool)
     for year in range(DAYS // 365):
         for day, length in ((31, 7), (62, 12), (155, 1), (274, 7)):

@@ -71,9 +71,14 @@ def test_every_listed_errno_is_specific(code: int) -> None:
     assert not classify(OSError(code, "x")).startswith("unknown_failure")
 
 
-RCODES = [(dns.rcode.NOERROR, "dns_no_answer"), (dns.rcode.NXDOMAIN, "dns_nxdomain_error"),
-          (dns.rcode.SERVFAIL, "dns_servfail_error"), (dns.rcode.REFUSED, "dns_refused_error"),
-          (dns.rcode.FORMERR, "dns_server_misbehaving"), (dns.rcode.NOTIMP, "dns_server_misbehaving")]  # fmt: skip
+RCODES = [
+    (dns.rcode.NOERROR, "dns_no_answer"),
+    (dns.rcode.NXDOMAIN, "dns_nxdomain_error"),
+    (dns.rcode.SERVFAIL, "dns_servfail_error"),
+    (dns.rcode.REFUSED, "dns_refused_error"),
+    (dns.rcode.FORMERR, "dns_server_misbehaving"),
+    (dns.rcode.NOTIMP, "dns_server_misbehaving"),
+]
 
 
 @pytest.mark.parametrize(("rcode", "failure"), RCODES, ids=[f"{r.name}-{f}" for r, f in RCODES])

@@ -19,8 +19,7 @@ import pytest
 from analysis.fleet import fleet_outages
 from analysis.rollup import compact
 from probe.central import MIGRATIONS, CentralStore, month_bounds
-from probe.config import redact
-from probe.config import PathSpec, parse_config
+from probe.config import PathSpec, parse_config, redact
 from probe.errors import ConfigError, StoreError
 from probe.forwarder import Forwarder, backlog
 from probe.model import Heartbeat, Measurement
@@ -28,9 +27,9 @@ from probe.store import SQLiteStore
 from probe.uplink import Uplink
 from tests.analysis_data import analysis_config, realistic_week
 from tests.conftest import Proxies
+from tests.daemonproc import TUNNELWATCH, Daemon, fast
 from tests.postgres import Postgres, cluster
 from tests.servers import LOOPBACK
-from tests.test_daemon import TUNNELWATCH, Daemon, daemons, fast, scrape  # noqa: F401 (daemons: a fixture)
 
 START = datetime(2018, 3, 31, 23, 0, tzinfo=UTC)  # the MIIT deadline: rows on both sides of a month's end
 
@@ -48,12 +47,25 @@ def spool_with(path: Path, rounds: int, vantage: str = "v1", start: datetime = S
     for i in range(rounds):
         at, round_id = start + timedelta(minutes=5 * i), f"r{i}"
         store.write(
-            [Measurement(vantage=vantage, round_id=round_id, target="news", group="blocked", path=p, kind="http",
-                         input="https://news.example/", started_at=at, ok=p == "socks", connect_ms=12.5,
-                         failure=None if p == "socks" else "connection_reset",
-                         failed_operation=None if p == "socks" else "tls_handshake") for p in ("direct", "socks")],
+            [
+                Measurement(
+                    vantage=vantage,
+                    round_id=round_id,
+                    target="news",
+                    group="blocked",
+                    path=p,
+                    kind="http",
+                    input="https://news.example/",
+                    started_at=at,
+                    ok=p == "socks",
+                    connect_ms=12.5,
+                    failure=None if p == "socks" else "connection_reset",
+                    failed_operation=None if p == "socks" else "tls_handshake",
+                )
+                for p in ("direct", "socks")
+            ],
             [Heartbeat(vantage=vantage, round_id=round_id, started_at=at, finished_at=at, probes=2, succeeded=1)],
-        )  # fmt: skip
+        )
     return store
 
 
@@ -72,9 +84,13 @@ def test_the_central_store_migrates_once_and_partitions_by_month(postgres: Postg
     assert central.count() == 60 and central.count("heartbeats") == 30
     with psycopg.connect(url) as conn:
         (version,) = conn.execute("SELECT version FROM schema_version").fetchone()  # type: ignore[misc]
-        months = {r[0] for r in conn.execute(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'measurements'")}  # fmt: skip
+        months = {
+            r[0]
+            for r in conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'measurements'"
+            )
+        }
         per_month = dict(conn.execute("SELECT tableoid::regclass::text, count(*) FROM measurements GROUP BY 1"))
     assert version == len(MIGRATIONS)
     assert months == {"measurements_y2018m03", "measurements_y2018m04"}
@@ -86,7 +102,9 @@ def test_month_bounds() -> None:
     start, end, suffix = month_bounds(round(datetime(2018, 12, 31, 23, tzinfo=UTC).timestamp() * 1000))
     assert suffix == "y2018m12"
     assert (datetime.fromtimestamp(start / 1000, UTC), datetime.fromtimestamp(end / 1000, UTC)) == (
-        datetime(2018, 12, 1, tzinfo=UTC), datetime(2019, 1, 1, tzinfo=UTC))  # fmt: skip
+        datetime(2018, 12, 1, tzinfo=UTC),
+        datetime(2019, 1, 1, tzinfo=UTC),
+    )
 
 
 def test_the_forwarder_uploads_every_row_exactly_once(postgres: Postgres, tmp_path: Path) -> None:
@@ -113,9 +131,23 @@ def test_the_forwarder_uploads_every_row_exactly_once(postgres: Postgres, tmp_pa
 
 
 def _one_more_round(at: datetime) -> tuple[list[Measurement], list[Heartbeat]]:
-    return ([Measurement(vantage="v1", round_id="late", target="news", group="blocked", path=p, kind="http",
-                         input="https://news.example/", started_at=at, ok=True) for p in ("direct", "socks")],
-            [Heartbeat(vantage="v1", round_id="late", started_at=at, finished_at=at, probes=2, succeeded=2)])  # fmt: skip
+    return (
+        [
+            Measurement(
+                vantage="v1",
+                round_id="late",
+                target="news",
+                group="blocked",
+                path=p,
+                kind="http",
+                input="https://news.example/",
+                started_at=at,
+                ok=True,
+            )
+            for p in ("direct", "socks")
+        ],
+        [Heartbeat(vantage="v1", round_id="late", started_at=at, finished_at=at, probes=2, succeeded=2)],
+    )
 
 
 def test_an_unreachable_central_store_loses_nothing(tmp_path: Path) -> None:
@@ -168,9 +200,11 @@ def test_compaction_keeps_what_is_not_uploaded_yet(postgres: Postgres, tmp_path:
 
 def test_a_bad_central_url_is_a_config_error_without_the_password(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
-    config.write_text('[vantage]\nname = "v"\n[store]\nurl = "mysql://u:hunter2@db/tw"\n'
-                      '[[targets]]\nname = "t"\ngroup = "control"\nkind = "tcp"\nhost = "127.0.0.1"\nport = 1\n'
-                      '[[paths]]\nname = "direct"\nkind = "direct"\n')  # fmt: skip
+    config.write_text(
+        '[vantage]\nname = "v"\n[store]\nurl = "mysql://u:hunter2@db/tw"\n'
+        '[[targets]]\nname = "t"\ngroup = "control"\nkind = "tcp"\nhost = "127.0.0.1"\nport = 1\n'
+        '[[paths]]\nname = "direct"\nkind = "direct"\n'
+    )
     result = subprocess.run([*TUNNELWATCH, "run", "--config", str(config)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "store.url" in result.stderr and "postgresql://" in result.stderr and "hunter2" not in result.stderr
@@ -180,10 +214,12 @@ def test_a_bad_central_url_is_a_config_error_without_the_password(tmp_path: Path
 def _vantage(config_file: Path, name: str, url: str) -> Path:
     text = config_file.read_text()
     config = config_file.with_name(f"{name}.toml")
-    config.write_text(text.replace('name = "test-vantage"', f'name = "{name}"')
-                      .replace(str(config_file.parent / "store.db"), str(config_file.parent / f"{name}.db"))
-                      .replace("[store]\n", f'[store]\nurl = "{url}"\nforward_every_s = 0.5\n')
-                      .replace("[metrics]\n", '[metrics]\nenabled = false\n'))  # fmt: skip
+    config.write_text(
+        text.replace('name = "test-vantage"', f'name = "{name}"')
+        .replace(str(config_file.parent / "store.db"), str(config_file.parent / f"{name}.db"))
+        .replace("[store]\n", f'[store]\nurl = "{url}"\nforward_every_s = 0.5\n')
+        .replace("[metrics]\n", "[metrics]\nenabled = false\n")
+    )
     return config
 
 
@@ -225,7 +261,8 @@ def test_two_vantage_points_through_a_central_outage(config_file: Path, daemons:
         assert fleet.returncode == 0, fleet.stderr
         agreed = [json.loads(line) for line in fleet.stdout.splitlines()]  # both see the closed port alike
         assert agreed and {(r["target"], r["agree"], tuple(r["vantages"])) for r in agreed} == {
-            ("down", "2/2", ("vantage-a", "vantage-b"))}  # fmt: skip
+            ("down", "2/2", ("vantage-a", "vantage-b"))
+        }
         assert "measurements stay in the spool" in a.output() and "reachable again" in a.output()
 
 
@@ -236,10 +273,12 @@ def test_status_shows_the_backlog(postgres: Postgres, tmp_path: Path) -> None:
     forwarder._forward_batch()  # noqa: SLF001 - one batch of 10 only
     forwarder.close()
     config = tmp_path / "fleet.toml"
-    config.write_text(f'[vantage]\nname = "v1"\n[store]\npath = "{tmp_path / "spool.db"}"\n'
-                      f'url = "{url.replace("tunnelwatch@", "tunnelwatch:s3cret@")}"\n'
-                      '[[targets]]\nname = "news"\ngroup = "blocked"\nkind = "tcp"\nhost = "127.0.0.1"\nport = 1\n'
-                      '[[paths]]\nname = "direct"\nkind = "direct"\n')  # fmt: skip
+    config.write_text(
+        f'[vantage]\nname = "v1"\n[store]\npath = "{tmp_path / "spool.db"}"\n'
+        f'url = "{url.replace("tunnelwatch@", "tunnelwatch:s3cret@")}"\n'
+        '[[targets]]\nname = "news"\ngroup = "blocked"\nkind = "tcp"\nhost = "127.0.0.1"\nport = 1\n'
+        '[[paths]]\nname = "direct"\nkind = "direct"\n'
+    )
     result = subprocess.run([*TUNNELWATCH, "status", "--config", str(config)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("central store")]
@@ -259,7 +298,9 @@ def test_the_fleet_verdict_needs_the_quorum() -> None:
         {"vantage": "shanghai", "target": "search", "verdict": "blocked", "start": t + hour, "end": t + 2 * hour},
     ])  # fmt: skip
     two = fleet_outages(outages, members=3, quorum=2)
-    (row,) = two.to_dict("records")  # touching outages (search) are not at once; one vantage's tunnel_down is not the fleet's
+    (row,) = two.to_dict(
+        "records"
+    )  # touching outages (search) are not at once; one vantage's tunnel_down is not the fleet's
     assert (row["target"], row["verdict"], row["start"], row["end"]) == ("news", "blocked", t + 2 * hour, t + 6 * hour)
     assert row["agree"] == "3/3" and row["vantages"] == ("beijing", "guangzhou", "shanghai") and row["minutes"] == 240
     (all_three,) = fleet_outages(outages, members=3, quorum=3).to_dict("records")
@@ -282,8 +323,9 @@ def fleet(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> tuple
         forwarder = Forwarder(tmp / f"{name}.db", url, name, batch=10_000, max_backlog=10_000_000)
         if name == "beijing":
             forwarder._forward_batch()  # noqa: SLF001 - some rows go up before compaction, the rest after
-            compact(tmp / f"{name}.db", 300, keep_raw_days=1, now=datetime(2018, 3, 20, tzinfo=UTC),
-                    keep_unforwarded=True)  # fmt: skip
+            compact(
+                tmp / f"{name}.db", 300, keep_raw_days=1, now=datetime(2018, 3, 20, tzinfo=UTC), keep_unforwarded=True
+            )
         forwarder.forward()
         forwarder.close()
     return analysis_config(tmp, tmp / "beijing.db"), tmp, url
@@ -292,9 +334,28 @@ def fleet(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> tuple
 @pytest.mark.parametrize("vantage", ["beijing", "shanghai"])
 def test_analysis_answers_alike_from_postgresql_and_from_the_spool(fleet: tuple[Path, Path, str], vantage: str) -> None:
     config, tmp, url = fleet
-    for command in (["outages", "--format", "csv"], ["outages", "--by", "target", "--format", "csv"],
-                    ["events", "check", "--category", "npc", "--format", "csv", "--baseline", "2d", "--gap", "0",
-                     "--onset-before", "0", "--onset-after", "0", "--placebo-gap", "0"]):  # 8 days: a short baseline
+    for command in (
+        ["outages", "--format", "csv"],
+        ["outages", "--by", "target", "--format", "csv"],
+        [
+            "events",
+            "check",
+            "--category",
+            "npc",
+            "--format",
+            "csv",
+            "--baseline",
+            "2d",
+            "--gap",
+            "0",
+            "--onset-before",
+            "0",
+            "--onset-after",
+            "0",
+            "--placebo-gap",
+            "0",
+        ],
+    ):  # 8 days: a short baseline
         local = cli(*command, "--config", str(config), "--store", str(tmp / f"{vantage}.db"))
         central = cli(*command, "--config", str(config), "--store", url, "--vantage", vantage)
         assert local.returncode == 0 and central.returncode == 0, local.stderr + central.stderr
@@ -325,8 +386,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*TUNNELWATCH, *args], capture_output=True, text=True, timeout=300)
 
 
-def test_uploads_leave_through_the_uplink_path(postgres: Postgres, tmp_path: Path, proxies: Proxies,
-                                                closed_port: int) -> None:  # fmt: skip
+def test_uploads_leave_through_the_uplink_path(
+    postgres: Postgres, tmp_path: Path, proxies: Proxies, closed_port: int
+) -> None:
     """A bind path (WireGuard's address) shows as the client's address at the server; a
     SOCKS path carries the upload; a path that fails loses nothing."""
     url = postgres.database("uplink")
@@ -334,13 +396,16 @@ def test_uploads_leave_through_the_uplink_path(postgres: Postgres, tmp_path: Pat
 
     async def forward_through(path: PathSpec) -> tuple[int | str, str | None]:
         uplink = Uplink(url, path)
-        forwarder = Forwarder(tmp_path / "spool.db", url, "v1", batch=10, max_backlog=10_000,
-                              conninfo=await uplink.start())  # fmt: skip
+        forwarder = Forwarder(
+            tmp_path / "spool.db", url, "v1", batch=10, max_backlog=10_000, conninfo=await uplink.start()
+        )
         try:
             sent: int | str = await asyncio.to_thread(forwarder.forward)
             with psycopg.connect(url) as conn:
-                row = conn.execute("SELECT host(client_addr) FROM pg_stat_activity WHERE datname = 'uplink' "
-                                   "AND pid <> pg_backend_pid()").fetchone()  # fmt: skip
+                row = conn.execute(
+                    "SELECT host(client_addr) FROM pg_stat_activity WHERE datname = 'uplink' "
+                    "AND pid <> pg_backend_pid()"
+                ).fetchone()
             return sent, row[0] if row else None
         except StoreError as exc:
             return str(exc), None
@@ -372,8 +437,10 @@ def backlog_of(spool: Path) -> int:
     ('uplink = "direct"', "store.uplink: set store.url too"),
 ])  # fmt: skip
 def test_an_uplink_is_a_path_of_the_config(store: str, message: str) -> None:
-    text = (f'[vantage]\nname = "v"\n[store]\n{store}\n[[targets]]\nname = "t"\ngroup = "control"\nkind = "tcp"\n'
-            'host = "127.0.0.1"\nport = 1\n[[paths]]\nname = "direct"\nkind = "direct"\n')  # fmt: skip
+    text = (
+        f'[vantage]\nname = "v"\n[store]\n{store}\n[[targets]]\nname = "t"\ngroup = "control"\nkind = "tcp"\n'
+        'host = "127.0.0.1"\nport = 1\n[[paths]]\nname = "direct"\nkind = "direct"\n'
+    )
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(text, "fleet.toml")
 
@@ -391,10 +458,12 @@ def test_old_months_retire_where_summaries_cover_them(postgres: Postgres, tmp_pa
     compact(tmp_path / "spool.db", 300, keep_raw_days=1, now=datetime(2018, 4, 2, 6, tzinfo=UTC), keep_unforwarded=True)
     spool_with(tmp_path / "other.db", rounds=30, vantage="v2").close()  # never compacted: no summaries
     config = tmp_path / "fleet.toml"
-    config.write_text(f'[vantage]\nname = "v1"\n[store]\npath = "{tmp_path / "spool.db"}"\nurl = "{url}"\n'
-                      '[[targets]]\nname = "news"\ngroup = "blocked"\nkind = "http"\nurl = "https://news.example/"\n'
-                      '[[paths]]\nname = "direct"\nkind = "direct"\n[[paths]]\nname = "socks"\nkind = "socks5"\n'
-                      'host = "127.0.0.1"\nport = 1080\n')  # fmt: skip
+    config.write_text(
+        f'[vantage]\nname = "v1"\n[store]\npath = "{tmp_path / "spool.db"}"\nurl = "{url}"\n'
+        '[[targets]]\nname = "news"\ngroup = "blocked"\nkind = "http"\nurl = "https://news.example/"\n'
+        '[[paths]]\nname = "direct"\nkind = "direct"\n[[paths]]\nname = "socks"\nkind = "socks5"\n'
+        'host = "127.0.0.1"\nport = 1080\n'
+    )
     for name, spool in (("v1", "spool.db"), ("v2", "other.db")):
         forwarder = Forwarder(tmp_path / spool, url, name, batch=1000, max_backlog=10_000)
         forwarder.forward()

@@ -20,8 +20,8 @@ from probe.http import MAX_HEAD_BYTES
 from probe.model import Measurement
 from probe.rounds import ProbeContext, measure
 from tests.conftest import rows, write_config
+from tests.daemonproc import Daemon
 from tests.servers import LOOPBACK, Web, stop
-from tests.test_daemon import Daemon, daemons  # noqa: F401 (a fixture)
 
 TIMEOUT_S = 3
 BODY_CAP = 64 * 1024
@@ -41,8 +41,7 @@ def hostile() -> Iterator[dict[str, int]]:
 
 
 def probe(tmp_path: Path, url: str, path: str = 'kind = "direct"') -> tuple[Measurement, float]:
-    body = (f'[[targets]]\nname = "t"\ngroup = "blocked"\nkind = "http"\nurl = "{url}"\n'
-            f'[[paths]]\nname = "p"\n{path}\n')  # fmt: skip
+    body = f'[[targets]]\nname = "t"\ngroup = "blocked"\nkind = "http"\nurl = "{url}"\n[[paths]]\nname = "p"\n{path}\n'
     config = write_config(tmp_path, body, timeout_s=TIMEOUT_S)
     config.write_text(config.read_text().replace("[probe]", f"[probe]\nbody_cap_bytes = {BODY_CAP}"))
     cfg = load_config(config)
@@ -140,8 +139,16 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-HOSTILE_TARGETS = ["/header-forever", "/many-headers", "/status-forever", "/chunk-size-forever", "/trailers-forever",
-                   "/slowloris", "/body-forever", "/gzip-nothing-forever"]  # fmt: skip
+HOSTILE_TARGETS = [
+    "/header-forever",
+    "/many-headers",
+    "/status-forever",
+    "/chunk-size-forever",
+    "/trailers-forever",
+    "/slowloris",
+    "/body-forever",
+    "/gzip-nothing-forever",
+]
 
 
 def test_the_daemon_runs_a_minute_among_hostile_servers(
@@ -156,11 +163,15 @@ def test_the_daemon_runs_a_minute_among_hostile_servers(
         f'url = "http://{LOOPBACK}:{hostile["http"]}{where}"\n\n'
         for where in HOSTILE_TARGETS
     )
-    body = (f'{targets}[[targets]]\nname = "page"\ngroup = "control"\nkind = "http"\nurl = "http://{LOOPBACK}:{web.http}/"\n\n'
-            f'[[paths]]\nname = "direct"\nkind = "direct"\n\n'
-            f'[[paths]]\nname = "endless-proxy"\nkind = "http"\nhost = "{LOOPBACK}"\nport = {hostile["connect-header-forever"]}\n')  # fmt: skip
+    body = (
+        f'{targets}[[targets]]\nname = "page"\ngroup = "control"\nkind = "http"\nurl = "http://{LOOPBACK}:{web.http}/"\n\n'
+        f'[[paths]]\nname = "direct"\nkind = "direct"\n\n'
+        f'[[paths]]\nname = "endless-proxy"\nkind = "http"\nhost = "{LOOPBACK}"\nport = {hostile["connect-header-forever"]}\n'
+    )
     config = write_config(tmp_path, body, timeout_s=2)
-    config.write_text(config.read_text().replace("[probe]", f"[probe]\ninterval_s = {interval_s}\nbody_cap_bytes = {BODY_CAP}"))
+    config.write_text(
+        config.read_text().replace("[probe]", f"[probe]\ninterval_s = {interval_s}\nbody_cap_bytes = {BODY_CAP}")
+    )
     daemon = daemons(config)
     started = time.monotonic()
     rss: list[tuple[float, float]] = []
@@ -186,10 +197,16 @@ def test_the_daemon_runs_a_minute_among_hostile_servers(
 
     stored = rows(daemon.db)
     failures = {(r["target"], r["path"]): r["failure"] for r in stored}
-    expected = {"header-forever": "http_headers_too_large", "many-headers": "http_headers_too_large",
-                "status-forever": "http_status_line_too_long", "chunk-size-forever": "http_chunk_framing_too_large",
-                "trailers-forever": "http_chunk_framing_too_large", "slowloris": "generic_timeout_error",
-                "body-forever": None, "gzip-nothing-forever": None}  # fmt: skip
+    expected = {
+        "header-forever": "http_headers_too_large",
+        "many-headers": "http_headers_too_large",
+        "status-forever": "http_status_line_too_long",
+        "chunk-size-forever": "http_chunk_framing_too_large",
+        "trailers-forever": "http_chunk_framing_too_large",
+        "slowloris": "generic_timeout_error",
+        "body-forever": None,
+        "gzip-nothing-forever": None,
+    }
     for name, failure in expected.items():
         assert failures[(f"hostile-{name}", "direct")] == failure
         assert failures[(f"hostile-{name}", "endless-proxy")] == "proxy_response_too_large"

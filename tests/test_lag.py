@@ -38,9 +38,17 @@ def test_nothing_sampled_is_none() -> None:
 def test_latency_figures_leave_out_totals_taken_while_the_loop_was_late() -> None:
     """The phases are the kernel's (probe/conn.py) and stay; the loop-timed total goes."""
     at = pd.Timestamp("2018-03-05 10:00", tz="UTC")
-    frame = pd.DataFrame({"started_at": [at] * 4, "path": "direct", "group": "control", "ok": True,
-                          "connect_ms": [10.0, 10.0, 10.0, 12.0], "first_byte_ms": 20.0,
-                          "total_ms": [30.0, 30.0, 30.0, 500.0],
-                          "loop_lag_ms": [0.5, None, LAG_LIMIT_MS, LAG_LIMIT_MS + 200]})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "started_at": [at] * 4,
+            "path": "direct",
+            "group": "control",
+            "ok": True,
+            "connect_ms": [10.0, 10.0, 10.0, 12.0],
+            "first_byte_ms": 20.0,
+            "total_ms": [30.0, 30.0, 30.0, 500.0],
+            "loop_lag_ms": [0.5, None, LAG_LIMIT_MS, LAG_LIMIT_MS + 200],
+        }
+    )
     (row,) = hourly_latency(frame).to_dict("records")
     assert row["samples"] == 4 and row["connect_p90"] > 10.0 and row["total_p90"] == 30.0

@@ -24,8 +24,12 @@ def at(index: int, target: str = "news") -> pd.Timestamp:
     return pd.Timestamp(T0 + index * INTERVAL + timedelta(seconds=offset * 10))
 
 
-def outages_for(tmp_path: Path, schedule: dict[int, dict[tuple[str, str], dict[str, Any]]], rounds: range,
-                hysteresis: Hysteresis = Hysteresis()) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+def outages_for(
+    tmp_path: Path,
+    schedule: dict[int, dict[tuple[str, str], dict[str, Any]]],
+    rounds: range,
+    hysteresis: Hysteresis = Hysteresis(),
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     db = tmp_path / "tw.db"
     build_store(db, [(i, everything(schedule.get(i, {}))) for i in rounds])
     verdicts = classify(load_measurements(db), load_paths(db))
@@ -41,7 +45,12 @@ def test_an_injected_block_gives_its_exact_interval(tmp_path: Path) -> None:
     assert outage["minutes"] == 25 and outage["rounds"] == 5 and not outage["ongoing"]
     assert outage["rules"] == ("blocked-tls",)
     (by_path,) = paths.to_dict("records")
-    assert (by_path["path"], by_path["targets"], by_path["start"], by_path["end"]) == ("direct", ("news",), at(3), at(8))
+    assert (by_path["path"], by_path["targets"], by_path["start"], by_path["end"]) == (
+        "direct",
+        ("news",),
+        at(3),
+        at(8),
+    )
 
 
 def test_one_failing_round_is_not_an_outage(tmp_path: Path) -> None:
@@ -96,8 +105,17 @@ def _latency_frame(slow_hours: int, factor: float) -> pd.DataFrame:
     connect = pd.Series(20.0, index=times)
     slow = (times >= times[-1] - pd.Timedelta(hours=slow_hours)) & (times < times[-1] - pd.Timedelta(hours=1))
     connect[slow] = 20.0 * factor
-    return pd.DataFrame({"started_at": times, "path": "direct", "group": "blocked", "ok": True,
-                         "connect_ms": connect.to_numpy(), "first_byte_ms": 50.0, "total_ms": 80.0})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "started_at": times,
+            "path": "direct",
+            "group": "blocked",
+            "ok": True,
+            "connect_ms": connect.to_numpy(),
+            "first_byte_ms": 50.0,
+            "total_ms": 80.0,
+        }
+    )
 
 
 def test_throttling_is_degraded_with_its_factor() -> None:

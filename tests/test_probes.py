@@ -212,10 +212,42 @@ def reset_rule(web: Web) -> Iterator[None]:
     if not IS_ROOT:
         pytest.skip("needs root for iptables")
     iptables = need("iptables")
-    mark = ["OUTPUT", "-o", "lo", "-p", "tcp", "--sport", str(web.http), "-m", "string", "--string",
-            RESET_MARKER, "--algo", "bm", "-j", "CONNMARK", "--set-mark", "0x7477"]  # fmt: skip
-    reset = ["OUTPUT", "-o", "lo", "-p", "tcp", "--dport", str(web.http), "-m", "connmark", "--mark", "0x7477",
-             "-j", "REJECT", "--reject-with", "tcp-reset"]  # fmt: skip
+    mark = [
+        "OUTPUT",
+        "-o",
+        "lo",
+        "-p",
+        "tcp",
+        "--sport",
+        str(web.http),
+        "-m",
+        "string",
+        "--string",
+        RESET_MARKER,
+        "--algo",
+        "bm",
+        "-j",
+        "CONNMARK",
+        "--set-mark",
+        "0x7477",
+    ]
+    reset = [
+        "OUTPUT",
+        "-o",
+        "lo",
+        "-p",
+        "tcp",
+        "--dport",
+        str(web.http),
+        "-m",
+        "connmark",
+        "--mark",
+        "0x7477",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "tcp-reset",
+    ]
     subprocess.run([iptables, "-I", *mark], check=True)
     subprocess.run([iptables, "-I", *reset], check=True)
     try:
@@ -253,12 +285,13 @@ def test_per_path_concurrency_bounds_the_probes_in_flight(tmp_path: Path, silent
     assert (parallel[-1] - parallel[0]).total_seconds() < 0.3
 
 
-
 def test_the_system_resolver_reads_the_hosts_file_first(tmp_path: Path) -> None:
     from probe.dns import hosts_file
 
     hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.1 localhost\n# 10.0.0.9 commented.test\n10.1.2.3 intranet.test Intranet.alias\n::1 v6.test\n")
+    hosts.write_text(
+        "127.0.0.1 localhost\n# 10.0.0.9 commented.test\n10.1.2.3 intranet.test Intranet.alias\n::1 v6.test\n"
+    )
     assert hosts_file("intranet.test", str(hosts)) == ["10.1.2.3"]
     assert hosts_file("INTRANET.ALIAS.", str(hosts)) == ["10.1.2.3"]
     assert hosts_file("v6.test", str(hosts)) == ["::1"]
@@ -266,9 +299,14 @@ def test_the_system_resolver_reads_the_hosts_file_first(tmp_path: Path) -> None:
     assert hosts_file("x.test", str(tmp_path / "missing")) == []
 
 
-@pytest.mark.parametrize(("target", "failure"), [("unknown-ca", "ssl_unknown_authority"),
-                                                 ("expired", "ssl_invalid_certificate"),
-                                                 ("wrong-host", "ssl_invalid_hostname")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("target", "failure"),
+    [
+        ("unknown-ca", "ssl_unknown_authority"),
+        ("expired", "ssl_invalid_certificate"),
+        ("wrong-host", "ssl_invalid_hostname"),
+    ],
+)
 def test_a_certificate_that_failed_verification_is_still_recorded(lab: Config, target: str, failure: str) -> None:
     m = run(lab, target, "direct")
     assert m.failure == failure and m.tls_verified is False

@@ -34,6 +34,7 @@ def _copy(raw_store: Path, tmp_path: Path) -> Path:
 def _same(a: Analysis, b: Analysis) -> None:
     pd.testing.assert_frame_equal(a.pairs, b.pairs)
     pd.testing.assert_frame_equal(a.paths, b.paths, check_exact=False, rtol=0.05)  # degraded factors: see latency
+
     def ordered(frame: pd.DataFrame) -> pd.DataFrame:
         return frame.sort_values(list(frame.columns[:3])).reset_index(drop=True)
 
@@ -107,8 +108,9 @@ def test_rows_written_after_the_cursor_still_count(raw_store: Path, tmp_path: Pa
 def test_clip_runs_keeps_the_rounds_inside() -> None:
     t0 = pd.Timestamp("2018-03-05", tz="UTC")
     runs = Summary.empty().runs
-    runs = pd.DataFrame({**{c: [""] for c in runs.columns}, "first": [t0], "last": [t0 + pd.Timedelta(minutes=45)],
-                         "rounds": [10]})  # fmt: skip
+    runs = pd.DataFrame(
+        {**{c: [""] for c in runs.columns}, "first": [t0], "last": [t0 + pd.Timedelta(minutes=45)], "rounds": [10]}
+    )
     (clipped,) = clip_runs(runs, t0 + pd.Timedelta(minutes=12), t0 + pd.Timedelta(minutes=30)).to_dict("records")
     assert clipped["first"] == t0 + pd.Timedelta(minutes=15)
     assert clipped["last"] == t0 + pd.Timedelta(minutes=25)

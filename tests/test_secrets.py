@@ -39,7 +39,7 @@ def fleet_config(tmp_path: Path, url: str) -> Path:
     config = tmp_path / "fleet.toml"
     config.write_text(
         f'[vantage]\nname = "v"\n[store]\npath = "{tmp_path / "spool.db"}"\nurl = "{url}"\nforward_every_s = 0.2\n'
-        '[metrics]\nenabled = false\n[report]\nweekly = false\n'
+        "[metrics]\nenabled = false\n[report]\nweekly = false\n"
         f'[[targets]]\nname = "t"\ngroup = "control"\nkind = "tcp"\nhost = "{LOOPBACK}"\nport = {free_port()}\n'
         '[[paths]]\nname = "direct"\nkind = "direct"\n'
     )
@@ -52,11 +52,13 @@ def bad_url(password: str) -> str:
 
 @pytest.mark.parametrize("password", PASSWORDS.values(), ids=PASSWORDS.keys())
 @pytest.mark.parametrize("command", [("config", "check"), ("run",)], ids=" ".join)
-def test_a_url_libpq_would_misread_is_refused_without_its_password(tmp_path: Path, password: str,
-                                                                   command: tuple[str, ...]) -> None:  # fmt: skip
+def test_a_url_libpq_would_misread_is_refused_without_its_password(
+    tmp_path: Path, password: str, command: tuple[str, ...]
+) -> None:
     config = fleet_config(tmp_path, bad_url(password))
-    result = subprocess.run([*TUNNELWATCH, *command, "--config", str(config)], capture_output=True, text=True,
-                            timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [*TUNNELWATCH, *command, "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2, result.stderr
     assert "store.url" in result.stderr and "percent-encode" in result.stderr and "tw:***@" in result.stderr
     assert not leaked(result.stdout + result.stderr), result.stdout + result.stderr
@@ -65,11 +67,16 @@ def test_a_url_libpq_would_misread_is_refused_without_its_password(tmp_path: Pat
 
 @pytest.mark.parametrize("password", PASSWORDS.values(), ids=PASSWORDS.keys())
 @pytest.mark.parametrize("command", [("outages",), ("store", "retire", "--keep-months", "3")], ids=" ".join)
-def test_a_store_url_given_on_the_command_line_is_masked(tmp_path: Path, password: str,
-                                                         command: tuple[str, ...]) -> None:  # fmt: skip
+def test_a_store_url_given_on_the_command_line_is_masked(
+    tmp_path: Path, password: str, command: tuple[str, ...]
+) -> None:
     config = fleet_config(tmp_path, f"postgresql://tw@{LOOPBACK}:{free_port()}/tw")
-    result = subprocess.run([*TUNNELWATCH, *command, "--config", str(config), "--store", bad_url(password)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [*TUNNELWATCH, *command, "--config", str(config), "--store", bad_url(password)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2, result.stderr
     assert "--store" in result.stderr and "tw:***@" in result.stderr
     assert not leaked(result.stdout + result.stderr), result.stdout + result.stderr
@@ -83,8 +90,11 @@ def test_the_drivers_messages_are_masked(tmp_path: Path, password: str) -> None:
     SQLiteStore(tmp_path / "spool.db").close()
     forwarder = Forwarder(tmp_path / "spool.db", url, "v", batch=10, max_backlog=100)
     messages = []
-    for attempt in (forwarder.forward, lambda: CentralStore(url),
-                    lambda: Uplink(url, PathSpec(name="direct", kind="direct"))):  # fmt: skip
+    for attempt in (
+        forwarder.forward,
+        lambda: CentralStore(url),
+        lambda: Uplink(url, PathSpec(name="direct", kind="direct")),
+    ):
         with pytest.raises(StoreError) as caught:
             attempt()
         messages.append(str(caught.value))
@@ -112,8 +122,12 @@ def test_a_daemon_that_cannot_reach_the_central_store_logs_no_password(
     config = fleet_config(tmp_path, bad_url("Quokka%25%20%40Wombat"))
     log = tmp_path / "daemon.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen([*TUNNELWATCH, "run", "--config", str(config), *(["--log-json"] if log_json else [])],
-                                stdout=sink, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [*TUNNELWATCH, "run", "--config", str(config), *(["--log-json"] if log_json else [])],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     running.append(proc)
     deadline = time.monotonic() + 60
     while "measurements stay in the spool" not in log.read_text():
@@ -134,8 +148,15 @@ def test_logs_scrub_a_password_a_library_put_in_a_message() -> None:
     try:
         raise RuntimeError("connect failed for host=db password=QuokkaWombat port=5432")
     except RuntimeError:
-        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "upload to %s failed",
-                                   ("postgresql://tw:Quokka@Wombat@db/tw",), sys.exc_info())  # fmt: skip
+        record = logging.LogRecord(
+            "t",
+            logging.ERROR,
+            __file__,
+            1,
+            "upload to %s failed",
+            ("postgresql://tw:Quokka@Wombat@db/tw",),
+            sys.exc_info(),
+        )
     text = TextFormatter(TEXT_FORMAT).format(record)
     entry = json.loads(JSONFormatter().format(record))
     for shown in (text, entry["message"] + entry["exception"]):
@@ -146,7 +167,9 @@ def test_logs_scrub_a_password_a_library_put_in_a_message() -> None:
 def test_redact_and_mask() -> None:
     assert redact("postgresql://tw:hunter2@db:5432/tw") == "postgresql://tw:***@db:5432/tw"
     assert redact("postgresql://tw:a@b@db/tw") == "postgresql://tw:***@db/tw"
-    assert redact("postgresql://tw@db/tw?sslmode=require&password=hunter2") == \
-        "postgresql://tw@db/tw?sslmode=require&password=***"  # fmt: skip
+    assert (
+        redact("postgresql://tw@db/tw?sslmode=require&password=hunter2")
+        == "postgresql://tw@db/tw?sslmode=require&password=***"
+    )
     url = "postgresql://tw:hun%25ter@db/tw"
     assert mask(f"auth failed for hun%ter ({url})", url) == "auth failed for *** (postgresql://tw:***@db/tw)"

@@ -17,8 +17,8 @@ import pytest
 from probe.config import load_config
 from tests.analysis_data import realistic_week
 from tests.conftest import rows, write_config
+from tests.daemonproc import Daemon, scrape
 from tests.servers import LOOPBACK
-from tests.test_daemon import Daemon, scrape
 
 TUNNELWATCH = [sys.executable, "-m", "probe"]
 REOPENED = "tunnelwatch_store_reopened_total"
@@ -39,8 +39,13 @@ def daemons() -> Iterator[Callable[[Path], Daemon]]:
 
 def refused_config(tmp_path: Path, port: int, interval_s: float = 300) -> Path:
     """Three targets whose rounds are one refused loopback connection each: a few ms."""
-    body = "".join(f'[[targets]]\nname = "t{i}"\ngroup = "g"\nkind = "tcp"\nhost = "{LOOPBACK}"\nport = {port}\n\n'
-                   for i in range(3)) + '[[paths]]\nname = "direct"\nkind = "direct"\n'  # fmt: skip
+    body = (
+        "".join(
+            f'[[targets]]\nname = "t{i}"\ngroup = "g"\nkind = "tcp"\nhost = "{LOOPBACK}"\nport = {port}\n\n'
+            for i in range(3)
+        )
+        + '[[paths]]\nname = "direct"\nkind = "direct"\n'
+    )
     config = write_config(tmp_path, body)
     config.write_text(config.read_text().replace("[probe]", f"[probe]\ninterval_s = {interval_s}"))
     return config
@@ -96,8 +101,9 @@ def test_a_store_deleted_under_the_daemon_is_recreated_and_every_round_after_lan
     if ".lock" in removed:  # the lock followed the store: a second daemon is still refused
         other = config.with_name("other.toml")
         other.write_text(config.read_text().replace(load_config(config).metrics.listen, f"{LOOPBACK}:0"))
-        second = subprocess.run([*TUNNELWATCH, "run", "--config", str(other)], capture_output=True, text=True,
-                                timeout=30)  # fmt: skip
+        second = subprocess.run(
+            [*TUNNELWATCH, "run", "--config", str(other)], capture_output=True, text=True, timeout=30
+        )
         assert second.returncode == 2 and f"(pid {daemon.proc.pid})" in second.stderr, second.stderr
     assert daemon.stop() == 0, daemon.output()
     log = daemon.output()
@@ -134,8 +140,7 @@ def test_every_command_refuses_a_damaged_store_and_leaves_it_as_it_is(
     db = load_config(config).store.path
     digest = damaged_copy(week, db, where)
     args = [arg.format(tmp=tmp_path) for arg in COMMANDS[command]]
-    result = subprocess.run([*TUNNELWATCH, *args, "--config", str(config)], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run([*TUNNELWATCH, *args, "--config", str(config)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert f"{db}: the store is damaged" in result.stderr, result.stderr

@@ -116,7 +116,9 @@ SCENARIOS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "outcomes", "key", "verdict", "rule", "blocking"), SCENARIOS, ids=[s[0] for s in SCENARIOS])
+@pytest.mark.parametrize(
+    ("name", "outcomes", "key", "verdict", "rule", "blocking"), SCENARIOS, ids=[s[0] for s in SCENARIOS]
+)
 def test_scenario(
     tmp_path: Path, name: str, outcomes: dict, key: tuple[str, str], verdict: str, rule: str, blocking: str | None
 ) -> None:
@@ -124,7 +126,9 @@ def test_scenario(
     row = frame.loc[key]
     assert (row["verdict"], row["rule"], row["blocking"]) == (verdict, rule, blocking)
     assert row["state"] == "failing"
-    untouched = [k for k in frame.index if k not in outcomes and k[0] in ("search", "shop") and verdict != "local_outage"]
+    untouched = [
+        k for k in frame.index if k not in outcomes and k[0] in ("search", "shop") and verdict != "local_outage"
+    ]
     assert all(frame.loc[k, "verdict"] == "ok" for k in untouched if k[1] != "vpn" or verdict != "tunnel_down")
 
 

@@ -52,8 +52,9 @@ WRONG_CERT = {"shop.test": "elsewhere.test"}  # the site's own misconfiguration,
 
 def _start(ns: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as sink:
-        return subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            ["ip", "netns", "exec", ns, *args], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 DNS_PROBE = (
@@ -64,8 +65,11 @@ DNS_PROBE = (
 
 
 def _wait(ns: str, host: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    probe = (DNS_PROBE.format(host=host) if port == 53
-             else f"import socket; socket.create_connection(('{host}', {port}), 0.5).close()")  # fmt: skip
+    probe = (
+        DNS_PROBE.format(host=host)
+        if port == 53
+        else f"import socket; socket.create_connection(('{host}', {port}), 0.5).close()"
+    )
     for _ in range(100):
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args} exited: {log.read_text(errors='replace')}")
@@ -76,8 +80,9 @@ def _wait(ns: str, host: str, port: int, proc: subprocess.Popen[bytes], log: Pat
 
 
 @contextmanager
-def _running(ns: str, args: list[str], log: Path, host: str | None = None, port: int | None = None
-             ) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
+def _running(
+    ns: str, args: list[str], log: Path, host: str | None = None, port: int | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     proc = _start(ns, args, log)
     try:
         if host and port:
@@ -90,12 +95,22 @@ def _running(ns: str, args: list[str], log: Path, host: str | None = None, port:
 
 
 def _dnsmasq(listen: str, *options: str) -> list[str]:
-    return [need("dnsmasq"), "--keep-in-foreground", f"--listen-address={listen}", "--bind-interfaces",
-            "--no-resolv", "--no-hosts", "--pid-file=", *options]  # fmt: skip
+    return [
+        need("dnsmasq"),
+        "--keep-in-foreground",
+        f"--listen-address={listen}",
+        "--bind-interfaces",
+        "--no-resolv",
+        "--no-hosts",
+        "--pid-file=",
+        *options,
+    ]
 
 
 def _nginx_conf(tmp: Path, certs: dict[str, tuple[Path, Path]]) -> str:
-    plain = f"server {{ listen {NEWS}:80; location / {{ default_type text/html; return 200 '<title>news</title>'; }} }}\n"
+    plain = (
+        f"server {{ listen {NEWS}:80; location / {{ default_type text/html; return 200 '<title>news</title>'; }} }}\n"
+    )
     servers = plain + "".join(
         f"server {{ listen {address}:443 ssl; ssl_certificate {certs[name][0]}; ssl_certificate_key {certs[name][1]};"
         f" location = /big.html {{ root {tmp}; }}"
@@ -104,8 +119,10 @@ def _nginx_conf(tmp: Path, certs: dict[str, tuple[Path, Path]]) -> str:
         for name, address in SITES.items()
     )
     temp = " ".join(f"{k}_temp_path {tmp / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return (f"user root; daemon off; worker_processes 1; pid {tmp / 'nginx.pid'}; error_log {tmp / 'error.log'};\n"
-            f"events {{ worker_connections 64; }}\nhttp {{ access_log off; {temp}\n{servers}}}\n")  # fmt: skip
+    return (
+        f"user root; daemon off; worker_processes 1; pid {tmp / 'nginx.pid'}; error_log {tmp / 'error.log'};\n"
+        f"events {{ worker_connections 64; }}\nhttp {{ access_log off; {temp}\n{servers}}}\n"
+    )
 
 
 def _key(tmp: Path, name: str) -> tuple[Path, str]:
@@ -125,12 +142,38 @@ def _wireguard(tmp: Path) -> Iterator[None]:
     with ExitStack() as stack:
         for ns, dev in ((NET, "wgs"), (VP, "wgc")):
             stack.enter_context(_running(ns, [go, "-f", dev], tmp / f"{dev}.log"))
-        in_ns(NET, wg, "set", "wgs", "listen-port", str(WG_PORT), "private-key", str(server_key), "peer", client_pub,
-              "allowed-ips", f"{WG_CLIENT}/32")  # fmt: skip
+        in_ns(
+            NET,
+            wg,
+            "set",
+            "wgs",
+            "listen-port",
+            str(WG_PORT),
+            "private-key",
+            str(server_key),
+            "peer",
+            client_pub,
+            "allowed-ips",
+            f"{WG_CLIENT}/32",
+        )
         in_ns(NET, "ip", "addr", "add", f"{WG_SERVER}/24", "dev", "wgs")
         in_ns(NET, "ip", "link", "set", "wgs", "up")
-        in_ns(VP, wg, "set", "wgc", "private-key", str(client_key), "peer", server_pub, "endpoint",
-              f"{WG_ENDPOINT}:{WG_PORT}", "allowed-ips", "0.0.0.0/0", "persistent-keepalive", "1")  # fmt: skip
+        in_ns(
+            VP,
+            wg,
+            "set",
+            "wgc",
+            "private-key",
+            str(client_key),
+            "peer",
+            server_pub,
+            "endpoint",
+            f"{WG_ENDPOINT}:{WG_PORT}",
+            "allowed-ips",
+            "0.0.0.0/0",
+            "persistent-keepalive",
+            "1",
+        )
         in_ns(VP, "ip", "addr", "add", f"{WG_CLIENT}/24", "dev", "wgc")
         in_ns(VP, "ip", "link", "set", "wgc", "up")
         in_ns(VP, "ip", "rule", "add", "from", WG_CLIENT, "table", "100")
@@ -155,22 +198,50 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (tmp / "big.html").write_text("<title>big</title>" + "a page worth throttling " * 6000)  # 144 kB
     clean_answers = [f"--address=/{name}/{address}" for name, address in SITES.items()]
     cipher = ["-k", "lab-ss-key", "-m", "chacha20-ietf-poly1305"]
-    with network([NEWS, PORTAL, BLOCKPAGE, SHOP, RESOLVER, SOCKS, SHADOWSOCKS, WG_ENDPOINT, HTTP_PROXY]), ExitStack() as stack:
+    with (
+        network([NEWS, PORTAL, BLOCKPAGE, SHOP, RESOLVER, SOCKS, SHADOWSOCKS, WG_ENDPOINT, HTTP_PROXY]),
+        ExitStack() as stack,
+    ):
         stack.enter_context(_wireguard(tmp))
-        (tmp / "tinyproxy.conf").write_text(f"Port 8888\nListen {HTTP_PROXY}\nTimeout 30\nAllow 10.66.0.0/16\n"
-                                            "MaxClients 50\nUser root\nGroup root\n")  # fmt: skip
-        stack.enter_context(_running(NET, [need("tinyproxy"), "-d", "-c", str(tmp / "tinyproxy.conf")],
-                                     tmp / "tinyproxy.log", HTTP_PROXY, 8888))  # fmt: skip
-        stack.enter_context(_running(NET, [need("nginx"), "-c", str(tmp / "nginx.conf"), "-p", str(tmp)],
-                                     tmp / "nginx.log", NEWS, 443))  # fmt: skip
-        stack.enter_context(_running(NET, _dnsmasq(RESOLVER, "--local=/test/", *clean_answers), tmp / "clean-dns.log",
-                                     RESOLVER, 53))  # fmt: skip
-        stack.enter_context(_running(NET, [need("microsocks"), "-i", SOCKS, "-p", "1080"], tmp / "socks.log",
-                                     SOCKS, 1080))  # fmt: skip
-        stack.enter_context(_running(NET, [need("ss-server"), "-s", SHADOWSOCKS, "-p", "8388", *cipher],
-                                     tmp / "ss-server.log", SHADOWSOCKS, 8388))  # fmt: skip
-        stack.enter_context(_running(VP, [need("ss-local"), "-s", SHADOWSOCKS, "-p", "8388", "-b", "127.0.0.1",
-                                          "-l", "1081", *cipher], tmp / "ss-local.log", "127.0.0.1", 1081))  # fmt: skip
+        (tmp / "tinyproxy.conf").write_text(
+            f"Port 8888\nListen {HTTP_PROXY}\nTimeout 30\nAllow 10.66.0.0/16\nMaxClients 50\nUser root\nGroup root\n"
+        )
+        stack.enter_context(
+            _running(
+                NET,
+                [need("tinyproxy"), "-d", "-c", str(tmp / "tinyproxy.conf")],
+                tmp / "tinyproxy.log",
+                HTTP_PROXY,
+                8888,
+            )
+        )
+        stack.enter_context(
+            _running(NET, [need("nginx"), "-c", str(tmp / "nginx.conf"), "-p", str(tmp)], tmp / "nginx.log", NEWS, 443)
+        )
+        stack.enter_context(
+            _running(NET, _dnsmasq(RESOLVER, "--local=/test/", *clean_answers), tmp / "clean-dns.log", RESOLVER, 53)
+        )
+        stack.enter_context(
+            _running(NET, [need("microsocks"), "-i", SOCKS, "-p", "1080"], tmp / "socks.log", SOCKS, 1080)
+        )
+        stack.enter_context(
+            _running(
+                NET,
+                [need("ss-server"), "-s", SHADOWSOCKS, "-p", "8388", *cipher],
+                tmp / "ss-server.log",
+                SHADOWSOCKS,
+                8388,
+            )
+        )
+        stack.enter_context(
+            _running(
+                VP,
+                [need("ss-local"), "-s", SHADOWSOCKS, "-p", "8388", "-b", "127.0.0.1", "-l", "1081", *cipher],
+                tmp / "ss-local.log",
+                "127.0.0.1",
+                1081,
+            )
+        )
         config = tmp / "tunnelwatch.toml"
         config.write_text(f"""
 [vantage]
@@ -283,8 +354,25 @@ def test_dns_poisoning_to_a_block_page_is_blocked_dns(lab: Path) -> None:
 
 
 def test_reset_on_the_tls_sni_is_blocked_tls(lab: Path) -> None:
-    with isp_resolver(lab.parent), rule("-p", "tcp", "--dport", "443", "-m", "string", "--string", "news.test",
-                                        "--algo", "bm", "-j", "REJECT", "--reject-with", "tcp-reset"):  # fmt: skip
+    with (
+        isp_resolver(lab.parent),
+        rule(
+            "-p",
+            "tcp",
+            "--dport",
+            "443",
+            "-m",
+            "string",
+            "--string",
+            "news.test",
+            "--algo",
+            "bm",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ),
+    ):
         verdicts = probe_round(lab)
     news = verdicts.loc[("news", "direct")]
     assert (news["failure"], news["failed_operation"]) == ("connection_reset", "tls_handshake")
@@ -294,8 +382,7 @@ def test_reset_on_the_tls_sni_is_blocked_tls(lab: Path) -> None:
 
 @pytest.mark.parametrize(("path", "port"), [("socks", "1080"), ("http-proxy", "8888")])
 def test_a_blocked_proxy_port_is_tunnel_down(lab: Path, path: str, port: str) -> None:
-    with isp_resolver(lab.parent), rule("-p", "tcp", "--dport", port, "-j", "REJECT", "--reject-with",
-                                        "tcp-reset"):  # fmt: skip
+    with isp_resolver(lab.parent), rule("-p", "tcp", "--dport", port, "-j", "REJECT", "--reject-with", "tcp-reset"):
         verdicts = probe_round(lab)
     for target in ("news", "news-http", "portal"):
         row = verdicts.loc[(target, path)]
@@ -323,7 +410,8 @@ def test_wireguard_with_its_udp_port_blocked_is_tunnel_down(lab: Path) -> None:
     for target in ("news", "portal"):
         row = verdicts.loc[(target, "wireguard")]
         assert (row["verdict"], row["rule"]) == ("tunnel_down", "tunnel-fails-controls"), verdicts[
-            ["failure", "failed_operation", "verdict"]].to_string()  # fmt: skip
+            ["failure", "failed_operation", "verdict"]
+        ].to_string()
         assert verdicts.loc[(target, "socks"), "verdict"] == "ok"
     assert verdicts.loc[("portal", "direct"), "verdict"] == "ok"
 
@@ -360,13 +448,20 @@ SCENARIOS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "resolver", "spec", "target", "failure", "operation", "blocking"), SCENARIOS,
-                         ids=[s[0] for s in SCENARIOS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "resolver", "spec", "target", "failure", "operation", "blocking"), SCENARIOS, ids=[s[0] for s in SCENARIOS]
+)
 def test_blocking_of_one_site_is_named_with_its_type(
-    lab: Path, name: str, resolver: list[str], spec: list[str] | None, target: str, failure: str, operation: str,
+    lab: Path,
+    name: str,
+    resolver: list[str],
+    spec: list[str] | None,
+    target: str,
+    failure: str,
+    operation: str,
     blocking: str,
-) -> None:  # fmt: skip
-    with isp_resolver(lab.parent, *resolver), (rule(*spec) if spec else ExitStack()):
+) -> None:
+    with isp_resolver(lab.parent, *resolver), rule(*spec) if spec else ExitStack():
         verdicts = probe_round(lab)
     row = _news(verdicts, target)
     assert (row["failure"], row["failed_operation"]) == (failure, operation), name
@@ -407,14 +502,19 @@ def test_a_timeline_of_injected_censorship_comes_back_as_outages(lab: Path) -> N
     and off; `tunnelwatch outages` must give each window, with its verdict, within one
     interval of the truth, and nothing in the clean periods."""
     config = lab.with_name("timeline.toml")
-    text = lab.read_text().replace("[probe]", f"[probe]\ninterval_s = {INTERVAL_S}").replace(
-        str(lab.parent / "store.db"), str(lab.parent / "timeline.db"))  # fmt: skip
+    text = (
+        lab.read_text()
+        .replace("[probe]", f"[probe]\ninterval_s = {INTERVAL_S}")
+        .replace(str(lab.parent / "store.db"), str(lab.parent / "timeline.db"))
+    )
     config.write_text(text.replace("timeout_s = 3", "timeout_s = 1.5"))
     sni = ["-p", "tcp", "--dport", "443", "-m", "string", "--string", "news.test", "--algo", "bm", *RESET]
     socks = ["-p", "tcp", "--dport", "1080", *RESET]
     truth: dict[str, tuple[float, float]] = {}
     with isp_resolver(lab.parent):
-        daemon = _start(VP, [sys.executable, "-m", "probe", "run", "--config", str(config)], lab.parent / "timeline.log")
+        daemon = _start(
+            VP, [sys.executable, "-m", "probe", "run", "--config", str(config)], lab.parent / "timeline.log"
+        )
         try:
             time.sleep(CLEAN_S)
             for name, spec in (("sni", sni), ("socks", socks)):
@@ -425,13 +525,18 @@ def test_a_timeline_of_injected_censorship_comes_back_as_outages(lab: Path) -> N
                 time.sleep(CLEAN_S)
         finally:
             stop(daemon)
-    result = subprocess.run([sys.executable, "-m", "probe", "outages", "--by", "target", "--format", "json",
-                             "--config", str(config)], capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "probe", "outages", "--by", "target", "--format", "json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     outages = [o for o in map(json.loads, result.stdout.splitlines()) if o["targets"] != ["shop"]]
     found = {(o["targets"][0], o["path"], o["verdict"]): o for o in outages}
-    expected = {("news", "direct", "blocked"): "sni", **{(t, "socks", "tunnel_down"): "socks"
-                for t in ("news", "news-http", "portal")}}  # fmt: skip
+    expected = {
+        ("news", "direct", "blocked"): "sni",
+        **{(t, "socks", "tunnel_down"): "socks" for t in ("news", "news-http", "portal")},
+    }
     assert set(found) == set(expected), outages
     slack = INTERVAL_S + 1.0
     for key, window in expected.items():
@@ -446,21 +551,50 @@ def test_a_timeline_of_injected_censorship_comes_back_as_outages(lab: Path) -> N
 
     clean = truth["sni"][1] + CLEAN_S / 3
     events = lab.with_name("lab-events.toml")
-    events.write_text("".join(
-        f'[[events]]\nid = "{name}"\ntitle = "{name}"\ncategory = "other"\nstart = {at(a)}\nend = {at(b)}\n'
-        for name, (a, b) in {"lab-sni": truth["sni"], "lab-socks": truth["socks"], "lab-clean": (clean, clean + 12)
-                             }.items()))  # fmt: skip
+    events.write_text(
+        "".join(
+            f'[[events]]\nid = "{name}"\ntitle = "{name}"\ncategory = "other"\nstart = {at(a)}\nend = {at(b)}\n'
+            for name, (a, b) in {
+                "lab-sni": truth["sni"],
+                "lab-socks": truth["socks"],
+                "lab-clean": (clean, clean + 12),
+            }.items()
+        )
+    )
     # Seconds as units, a baseline of 4 s right before each window, placebo dates 1 s from the
     # events: the clean periods hold some 50 placebo windows as long as an injected one, each with
     # 19 or more others far enough from it to calibrate a p-value.
-    short = ["--unit", "1s", "--baseline", "4s", "--gap", "0", "--onset-before", "0", "--onset-after", "0",
-             "--placebo-gap", "1s", "--format", "json", "--config", str(config), "--events", str(events)]  # fmt: skip
-    for event, only in (("lab-sni", ["--target", "news", "--path", "direct"]),
-                        ("lab-socks", ["--target", "portal", "--path", "socks"])):  # fmt: skip
+    short = [
+        "--unit",
+        "1s",
+        "--baseline",
+        "4s",
+        "--gap",
+        "0",
+        "--onset-before",
+        "0",
+        "--onset-after",
+        "0",
+        "--placebo-gap",
+        "1s",
+        "--format",
+        "json",
+        "--config",
+        str(config),
+        "--events",
+        str(events),
+    ]
+    for event, only in (
+        ("lab-sni", ["--target", "news", "--path", "direct"]),
+        ("lab-socks", ["--target", "portal", "--path", "socks"]),
+    ):
         checks = {}
         for checked in (event, "lab-clean"):  # one at a time: no q-value correction between them
-            result = subprocess.run([sys.executable, "-m", "probe", "events", "check", "--event", checked, *only,
-                                     *short], capture_output=True, text=True)  # fmt: skip
+            result = subprocess.run(
+                [sys.executable, "-m", "probe", "events", "check", "--event", checked, *only, *short],
+                capture_output=True,
+                text=True,
+            )
             assert result.returncode == 0, result.stderr
             checks.update({c["event"]: c for c in map(json.loads, result.stdout.splitlines())})
         assert checks[event]["verdict"].startswith("effect"), checks[event]
@@ -475,15 +609,19 @@ def test_throttling_with_tc_tbf_is_degraded(lab: Path) -> None:
     1-s window, judged against the rounds before it. One probe at a time: five 144 kB pages
     at once keep a busy machine's event loop over 10 ms late, and such totals are left out."""
     config = lab.with_name("throttle.toml")
-    config.write_text(lab.read_text().replace(str(lab.parent / "store.db"), str(lab.parent / "throttle.db"))
-                      .replace("[probe]", "[probe]\nconcurrency = 1")
-                      + '[[targets]]\nname = "big"\ngroup = "control"\nkind = "http"\n'
-                      'url = "https://portal.test/big.html"\n')  # fmt: skip
+    config.write_text(
+        lab.read_text()
+        .replace(str(lab.parent / "store.db"), str(lab.parent / "throttle.db"))
+        .replace("[probe]", "[probe]\nconcurrency = 1")
+        + '[[targets]]\nname = "big"\ngroup = "control"\nkind = "http"\n'
+        'url = "https://portal.test/big.html"\n'
+    )
 
     def rounds(count: int) -> None:
         for _ in range(count):
-            result = in_ns(VP, sys.executable, "-m", "probe", "probe", "--target", "big", "--config", str(config),
-                           check=False)  # fmt: skip
+            result = in_ns(
+                VP, sys.executable, "-m", "probe", "probe", "--target", "big", "--config", str(config), check=False
+            )
             assert result.returncode == 0, result.stdout + result.stderr
             time.sleep(1.1 - time.time() % 1)  # the next round in the next second
 
@@ -494,10 +632,42 @@ def test_throttling_with_tc_tbf_is_degraded(lab: Path) -> None:
         try:
             for klass in ("1:10", "1:20"):
                 sh(*tc, "class", "add", "dev", "rt0", "parent", "1:", "classid", klass, "htb", "rate", "1gbit")
-            sh(*tc, "qdisc", "add", "dev", "rt0", "parent", "1:20", "handle", "20:", "tbf", "rate", "1mbit", "burst",
-               "16kb", "latency", "500ms")  # fmt: skip
-            sh(*tc, "filter", "add", "dev", "rt0", "parent", "1:", "protocol", "ip", "u32", "match", "ip", "src",
-               f"{PORTAL}/32", "flowid", "1:20")  # fmt: skip
+            sh(
+                *tc,
+                "qdisc",
+                "add",
+                "dev",
+                "rt0",
+                "parent",
+                "1:20",
+                "handle",
+                "20:",
+                "tbf",
+                "rate",
+                "1mbit",
+                "burst",
+                "16kb",
+                "latency",
+                "500ms",
+            )
+            sh(
+                *tc,
+                "filter",
+                "add",
+                "dev",
+                "rt0",
+                "parent",
+                "1:",
+                "protocol",
+                "ip",
+                "u32",
+                "match",
+                "ip",
+                "src",
+                f"{PORTAL}/32",
+                "flowid",
+                "1:20",
+            )
             throttled_from = pd.Timestamp.now(tz="UTC")
             rounds(4)
         finally:
@@ -507,8 +677,9 @@ def test_throttling_with_tc_tbf_is_degraded(lab: Path) -> None:
     before, during = direct[direct["started_at"] < throttled_from], direct[direct["started_at"] >= throttled_from]
     assert during["ok"].all() and during["total_ms"].median() > 3 * before["total_ms"].median()
     # 144 kB at 1 Mbit/s take a second more; a proxy's delayed ACK (~40 ms) must not count
-    slow = degraded(hourly_latency(m, window="1s"), window="1s", baseline="60s", min_windows=4, factor=5,
-                    min_increase_ms=250)  # fmt: skip
+    slow = degraded(
+        hourly_latency(m, window="1s"), window="1s", baseline="60s", min_windows=4, factor=5, min_increase_ms=250
+    )
     assert set(slow["path"]) == {"direct"}, slow  # the tunnels were not throttled
     assert (slow["start"] >= throttled_from.floor("1s")).all()
     assert slow["rounds"].sum() >= 3 and (slow["factor"] > 5).all()
