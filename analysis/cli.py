@@ -650,7 +650,7 @@ def store_compact(config: Path | None) -> None:
 def store_retire(keep_months: int, store: str | None, config: Path | None) -> None:
     """Drop the central store's monthly partitions of raw rows older than --keep-months that
     every vantage point's summaries cover; analysis answers from the summaries there."""
-    from probe.central import CentralStore
+    from probe.store.central import CentralStore
 
     cfg = load_config(config)
     url = _checked_store(store) if store else (cfg.store.url.get_secret_value() if cfg.store.url else None)

@@ -2,7 +2,7 @@
 and the writing of summaries by compaction.
 
 A store is a vantage point's SQLite file (a Path) or the fleet's central PostgreSQL
-(probe/central.py, a `Source` with its URL): the tables and columns are the same, so is the
+(probe/store/central.py, a `Source` with its URL): the tables and columns are the same, so is the
 SQL. The central store holds many vantage points; analysis reads one at a time (`vantage`),
 as verdicts compare the paths of one vantage point's rounds.
 
@@ -26,7 +26,7 @@ from pandas.api.types import union_categoricals
 
 from probe.errors import StoreError
 from probe.pgurl import mask, redact
-from probe.store import SQLiteStore, StoreDamaged, look_over, store_error
+from probe.store.sqlite import SQLiteStore, StoreDamaged, look_over, store_error
 
 from .rollup import (
     COVERAGE_COLUMNS,
@@ -152,7 +152,7 @@ def _db_errors(conn: Any) -> tuple[type[Exception], ...]:
 
 
 def _read_error(db: Store, exc: Exception, doing: str) -> StoreError:
-    """What a failed read says: a damaged SQLite store says so (probe/store.py)."""
+    """What a failed read says: a damaged SQLite store says so (probe/store/sqlite.py)."""
     source = _source(db)
     if isinstance(exc, sqlite3.Error) and isinstance(source.location, Path):
         return store_error(source.location, exc, doing)
@@ -505,7 +505,7 @@ def _write_coverage(conn: sqlite3.Connection, coverage: pd.DataFrame, slot_s: fl
 def delete_raw(db: Path, before: pd.Timestamp, keep_unforwarded: bool = False) -> int:
     """Delete raw rows that started before `before`, a day per transaction so the daemon's
     writer is never kept waiting long. In fleet mode (`keep_unforwarded`) rows the forwarder
-    has not uploaded yet stay (probe/forwarder.py)."""
+    has not uploaded yet stay (probe/fleet/forwarder.py)."""
     measurements, heartbeats = "", ""
     if keep_unforwarded:
         measurements = " AND id <= (SELECT coalesce(max(measurement_id), 0) FROM forward_cursor)"

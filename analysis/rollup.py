@@ -36,7 +36,7 @@ COVERAGE_COLUMNS = ["start", "end"]
 RUN_BREAK = 1.5  # a pause longer than this many of the pair's usual steps ends a run
 GAP_INTERVALS = 2.5  # heartbeats further apart than this many intervals: the daemon was not measuring
 HOUR = pd.Timedelta(hours=1)
-LAG_LIMIT_MS = 10.0  # probe/lag.py: above this, a measurement's timings are not trusted
+LAG_LIMIT_MS = 10.0  # probe/measure/lag.py: above this, a measurement's timings are not trusted
 
 
 def as_ns(times: pd.Series) -> np.ndarray:
@@ -153,7 +153,7 @@ def hourly_counts(verdicts: pd.DataFrame) -> pd.DataFrame:
 
 def hourly_latency(measurements: pd.DataFrame, window: str = "1h") -> pd.DataFrame:
     """Percentiles per (hour, path) of the probes that worked (endpoint probes left out).
-    The phases are timed by the kernel (probe/conn.py), the total by the event loop: the
+    The phases are timed by the kernel (probe/measure/conn.py), the total by the event loop: the
     total of a probe that ran while the loop was over LAG_LIMIT_MS late is left out.
     Another `window` (a lab run of minutes) gives the same frame per window."""
     ok = measurements[measurements["ok"] & (measurements["group"] != "endpoint")]

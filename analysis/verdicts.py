@@ -24,7 +24,7 @@ OK, FAILING = "ok", "failing"
 BLOCKED, TUNNEL_DOWN, LOCAL_OUTAGE, SITE_DOWN = "blocked", "tunnel_down", "local_outage", "site_down"
 INCONCLUSIVE, UNKNOWN, DEGRADED = "inconclusive", "unknown", "degraded"
 DIFF_FAILURES = frozenset({"http_status_error", "http_content_mismatch"})
-DNS_ANSWERS_CONFLICT = "dns_answers_conflict"  # probe/failures.py: two answers to one query disagreed
+DNS_ANSWERS_CONFLICT = "dns_answers_conflict"  # probe/measure/failures.py: two answers to one query disagreed
 LENGTH_RATIO = 0.7  # OONI's body length threshold for "the page differs"
 TYPE_BY_OPERATION = {"resolve": "dns", "connect": "tcp_ip", "tls_handshake": "tls", "http_round_trip": "http-failure"}
 

@@ -105,7 +105,7 @@ def _timed(command: list[str], cfg: Path, cwd: Path, runs: int) -> str:
 def _central(db: Path, cfg: Path, tmp: Path, days: int, runs: int) -> tuple[list[str], float]:
     """The store forwarded to PostgreSQL as a vantage point's forwarder would (its raw rows
     and summaries), and the same commands against it; and the upload's duration."""
-    from probe.forwarder import Forwarder
+    from probe.fleet.forwarder import Forwarder
     from tests.postgres import cluster
 
     with cluster(fsync=True) as server:

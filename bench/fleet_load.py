@@ -3,7 +3,7 @@
 Builds one spool of DAYS days (100 targets x 4 paths at 5-minute rounds, bench/synth.py,
 not compacted: every raw row goes up), copies it for each vantage point (renamed), starts a
 throwaway cluster (Debian's postgresql, as in the tests) and runs one forwarder process per
-vantage point (probe/forwarder.py, batches of store.forward_batch), all at once. Reports the
+vantage point (probe/fleet/forwarder.py, batches of store.forward_batch), all at once. Reports the
 measurements stored per second over all of them and the central table size per measurement.
 The analysis commands against PostgreSQL are timed with the synthetic year
 (bench/analysis_load.py).
@@ -41,7 +41,7 @@ def rename(spool: Path, vantage: str) -> None:
 
 
 def _forward(spool: Path, url: str, vantage: str) -> int:
-    from probe.forwarder import Forwarder
+    from probe.fleet.forwarder import Forwarder
 
     forwarder = Forwarder(spool, url, vantage, BATCH, 100_000_000)
     try:
@@ -74,7 +74,7 @@ def measure_fleet(days: int, vantages: int) -> str:
             url = server.database("fleet")
             import psycopg
 
-            from probe.central import CentralStore
+            from probe.store.central import CentralStore
 
             CentralStore(url).close()  # the schema, before the clock starts
             sent, seconds = forward_all(url, spools)

@@ -69,7 +69,7 @@ async def _drive(probe: object, in_flight: int, seconds: float) -> dict[str, flo
 
 def _tunnelwatch(url: str) -> object:
     from probe.config import load_config
-    from probe.rounds import ProbeContext, measure
+    from probe.measure.rounds import ProbeContext, measure
 
     config = Path(tempfile.mkdtemp(prefix="tw-rate-")) / "bench.toml"
     config.write_text(
@@ -105,7 +105,7 @@ def client(name: str, url: str, in_flight: int, seconds: float) -> None:
     """The child process: drive one client, print its figures as JSON."""
     import uvloop
 
-    from probe.rounds import run_loop
+    from probe.measure.rounds import run_loop
 
     probe = _tunnelwatch(url) if name.startswith("tunnelwatch") else _raw(url)
     run = {"tunnelwatch": run_loop, "raw asyncio + uvloop": uvloop.run}.get(name, asyncio.run)

@@ -8,7 +8,7 @@ left out). The client is tunnelwatch's real HTTP probe
 (`probe.rounds.measure`), each of IN_FLIGHT workers probing its own URL back to back, so the
 server's record and the client's Measurement pair up in order. Errors: reported first byte
 minus the server's hold time; reported connect time (the truth on loopback is ~0). Every
-measurement carries the event loop's lateness while it ran (`loop_lag_ms`, probe/lag.py):
+measurement carries the event loop's lateness while it ran (`loop_lag_ms`, probe/measure/lag.py):
 the errors of the probes whose loop ran late are shown apart.
 
 Usage: .venv/bin/python bench/timing_truth.py [--seconds 10] [--in-flight 1 100 500]
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.rollup import LAG_LIMIT_MS  # noqa: E402
 from bench.daemon_load import percentile  # noqa: E402
-from probe.conn import SO_TIMESTAMPNS  # noqa: E402
+from probe.measure.conn import SO_TIMESTAMPNS  # noqa: E402
 from tests.servers import LOOPBACK, free_port  # noqa: E402
 
 DELAY_MS = 50.0
@@ -98,7 +98,7 @@ def _serve(port: int, ready: Any, log: Path) -> None:
 
 def _client(port: int, in_flight: int, seconds: float) -> dict[str, list[Sample]]:
     from probe.config import load_config
-    from probe.rounds import ProbeContext, measure, run_loop
+    from probe.measure.rounds import ProbeContext, measure, run_loop
 
     config = Path(tempfile.mkdtemp(prefix="tw-truth-")) / "bench.toml"
     config.write_text(
@@ -181,7 +181,7 @@ def measure_truth(seconds: float, in_flights: list[int]) -> str:
         f"tunnelwatch's HTTP probe against a server holding every answer {DELAY_MS:g} ms (uvloop, its own "
         f"process), {seconds:g} s per level, each worker probing back to back: a closed loop, so the probing "
         "process runs flat out at 100 and 500 in flight. Target: p99 error under 2 ms at 500 in flight. "
-        "The probe's phases are the kernel's times (probe/conn.py: TCP_INFO for the handshake, SO_TIMESTAMPNS "
+        "The probe's phases are the kernel's times (probe/measure/conn.py: TCP_INFO for the handshake, SO_TIMESTAMPNS "
         "for the answer), so they stay true while its event loop runs late; the last columns show the "
         f"probes whose loop was over {LAG_LIMIT_MS:g} ms late (`loop_lag_ms`), the ones a loop-timed probe "
         f"would get wrong.\n\n{head}\n{rows}\n"

@@ -1,3 +1,3 @@
-from .cli import main
+from probe.cli import main
 
 main()

@@ -18,16 +18,16 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .config import Config, load_config, redact
-from .console import config_option, err, out
-from .daemon import run_daemon
-from .errors import ConfigError, StoreError, TunnelwatchError
-from .forwarder import backlog
-from .logs import setup_logging
-from .model import PHASES, Measurement
-from .rounds import ProbeContext, path_rows, plan, run_loop, run_round
-from .store import open_store, store_error
-from .storefile import is_damage
+from probe.config import Config, load_config, redact
+from probe.console import config_option, err, out
+from probe.daemon.daemon import run_daemon
+from probe.errors import ConfigError, StoreError, TunnelwatchError
+from probe.fleet.forwarder import backlog
+from probe.logs import setup_logging
+from probe.measure.rounds import ProbeContext, path_rows, plan, run_loop, run_round
+from probe.model import PHASES, Measurement
+from probe.store.file import is_damage
+from probe.store.sqlite import open_store, store_error
 
 
 class LazyGroup(click.Group):

@@ -26,8 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
-from .pgurl import POSTGRES_SCHEMES, postgres_url_problem, redact
+from probe.errors import ConfigError
+from probe.pgurl import POSTGRES_SCHEMES, postgres_url_problem, redact
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN, max_length=64)]
@@ -88,13 +88,13 @@ class StoreSettings(_Frozen):
     # Raw rows older than this go once summarised (analysis/rollup.py).
     keep_raw_days: Annotated[float, _between(1, 3650, "days")] = 14
     # Fleet mode: the central PostgreSQL (postgresql://user:${PASSWORD}@host/db); `path` is
-    # then the local spool the forwarder uploads from (probe/forwarder.py).
+    # then the local spool the forwarder uploads from (probe/fleet/forwarder.py).
     url: SecretStr | None = None
     forward_every_s: Annotated[float, _between(0.1, 3600, "seconds")] = 10
     forward_batch: Annotated[int, _between(1, 1_000_000, "measurements", whole=True)] = 5000
     # The backlog's bound; beyond it the oldest are not uploaded.
     spool_max_rows: Annotated[int, _between(100, 1_000_000_000, "measurements", whole=True)] = 5_000_000
-    uplink: str | None = None  # a path's name: uploads leave through it (probe/uplink.py)
+    uplink: str | None = None  # a path's name: uploads leave through it (probe/fleet/uplink.py)
 
     @field_validator("path")
     @classmethod

@@ -58,7 +58,7 @@ class Measurement:
     cert_issuer: str | None = None
     cert_not_after: datetime | None = None
     tls_verified: bool | None = None
-    loop_lag_ms: float | None = None  # how late the event loop ran during the probe (probe/lag.py)
+    loop_lag_ms: float | None = None  # how late the event loop ran during the probe (probe/measure/lag.py)
     detail: str = ""
 
     @property

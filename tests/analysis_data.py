@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from probe.model import Heartbeat, Measurement
-from probe.store import open_store
+from probe.store.sqlite import open_store
 
 T0 = datetime(2018, 3, 1, tzinfo=UTC)
 INTERVAL = timedelta(minutes=5)

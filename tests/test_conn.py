@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from probe.config import load_config
+from probe.measure.rounds import ProbeContext, measure
 from probe.model import Measurement
-from probe.rounds import ProbeContext, measure
 from tests.conftest import DNS, HOST, PAGE, PAGE_TITLE, TLSFiles, write_config
 from tests.servers import LOOPBACK, Web
 

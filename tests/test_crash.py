@@ -32,9 +32,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from probe.central import CentralStore
 from probe.model import Heartbeat, Measurement
-from probe.store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, SQLiteStore
+from probe.store.central import CentralStore
+from probe.store.sqlite import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, SQLiteStore
 from tests.daemonproc import TUNNELWATCH
 from tests.postgres import cluster
 from tests.servers import LOOPBACK, need

@@ -29,11 +29,11 @@ import pytest
 from analysis.frames import load_measurements, load_paths
 from analysis.verdicts import classify as verdicts
 from probe.config import Config, load_config
-from probe.dns import Resolver, lookup
 from probe.errors import ConfigError
-from probe.failures import classify
+from probe.measure.dns import Resolver, lookup
+from probe.measure.failures import classify
+from probe.measure.rounds import ProbeContext, measure
 from probe.model import Measurement, Trace
-from probe.rounds import ProbeContext, measure
 from tests.conftest import DNS, _dnsmasq, write_config
 from tests.servers import IS_ROOT, LOOPBACK, free_port, running
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from probe.errors import ProbeFailure
-from probe.failures import ERRNO_FAILURES, classify, dns_failure
+from probe.measure.failures import ERRNO_FAILURES, classify, dns_failure
 
 
 def _verify_error(code: int) -> ssl.SSLCertVerificationError:

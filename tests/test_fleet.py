@@ -18,13 +18,13 @@ import pytest
 
 from analysis.fleet import fleet_outages
 from analysis.rollup import compact
-from probe.central import MIGRATIONS, CentralStore, month_bounds
 from probe.config import PathSpec, parse_config, redact
 from probe.errors import ConfigError, StoreError
-from probe.forwarder import Forwarder, backlog
+from probe.fleet.forwarder import Forwarder, backlog
+from probe.fleet.uplink import Uplink
 from probe.model import Heartbeat, Measurement
-from probe.store import SQLiteStore
-from probe.uplink import Uplink
+from probe.store.central import MIGRATIONS, CentralStore, month_bounds
+from probe.store.sqlite import SQLiteStore
 from tests.analysis_data import analysis_config, realistic_week
 from tests.conftest import Proxies
 from tests.daemonproc import TUNNELWATCH, Daemon, fast
@@ -75,7 +75,7 @@ def test_the_central_store_migrates_once_and_partitions_by_month(postgres: Postg
     central = CentralStore(url)  # a second open migrates nothing
     spool_with(tmp_path / "spool.db", rounds=30).close()
     with sqlite3.connect(tmp_path / "spool.db") as db:
-        from probe.store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS
+        from probe.store.sqlite import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS
 
         measurements = db.execute(f"SELECT {', '.join(MEASUREMENT_COLUMNS)} FROM measurements").fetchall()
         heartbeats = db.execute(f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats").fetchall()

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from probe.config import load_config
-from probe.conn import Conn
-from probe.http import MAX_HEAD_BYTES
+from probe.measure.conn import Conn
+from probe.measure.http import MAX_HEAD_BYTES
+from probe.measure.rounds import ProbeContext, measure
 from probe.model import Measurement
-from probe.rounds import ProbeContext, measure
 from tests.conftest import rows, write_config
 from tests.daemonproc import Daemon
 from tests.servers import LOOPBACK, Web, stop

@@ -8,7 +8,7 @@ import time
 import pandas as pd
 
 from analysis.rollup import LAG_LIMIT_MS, hourly_latency
-from probe.lag import LagMonitor
+from probe.measure.lag import LagMonitor
 
 
 def test_a_blocked_loop_shows_as_lag_and_a_quiet_one_does_not() -> None:
@@ -36,7 +36,7 @@ def test_nothing_sampled_is_none() -> None:
 
 
 def test_latency_figures_leave_out_totals_taken_while_the_loop_was_late() -> None:
-    """The phases are the kernel's (probe/conn.py) and stay; the loop-timed total goes."""
+    """The phases are the kernel's (probe/measure/conn.py) and stay; the loop-timed total goes."""
     at = pd.Timestamp("2018-03-05 10:00", tz="UTC")
     frame = pd.DataFrame(
         {

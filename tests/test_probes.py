@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from probe.config import Config, load_config
+from probe.measure.rounds import ProbeContext, measure, plan, run_round
 from probe.model import Measurement
-from probe.rounds import ProbeContext, measure, plan, run_round
 from tests.conftest import (
     DNS,
     HOST,
@@ -286,7 +286,7 @@ def test_per_path_concurrency_bounds_the_probes_in_flight(tmp_path: Path, silent
 
 
 def test_the_system_resolver_reads_the_hosts_file_first(tmp_path: Path) -> None:
-    from probe.dns import hosts_file
+    from probe.measure.dns import hosts_file
 
     hosts = tmp_path / "hosts"
     hosts.write_text(

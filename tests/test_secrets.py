@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from probe.central import CentralStore
 from probe.config import PathSpec
 from probe.errors import StoreError
-from probe.forwarder import Forwarder
+from probe.fleet.forwarder import Forwarder
+from probe.fleet.uplink import Uplink
 from probe.logs import TEXT_FORMAT, JSONFormatter, TextFormatter
 from probe.pgurl import mask, redact
-from probe.store import SQLiteStore
-from probe.uplink import Uplink
+from probe.store.central import CentralStore
+from probe.store.sqlite import SQLiteStore
 from tests.servers import LOOPBACK, free_port
 
 TUNNELWATCH = [sys.executable, "-m", "probe"]

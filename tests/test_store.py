@@ -16,7 +16,7 @@ import pytest
 
 from probe.errors import StoreError
 from probe.model import Heartbeat, Measurement
-from probe.store import MIGRATIONS, StoreDamaged, StoreLock, StoreLost, open_store
+from probe.store.sqlite import MIGRATIONS, StoreDamaged, StoreLock, StoreLost, open_store
 
 
 def measurement(round_id: str = "r1", target: str = "google", ok: bool = False) -> Measurement:
@@ -94,7 +94,7 @@ def test_an_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
 WRITER = """
 import sys
 from pathlib import Path
-from probe.store import open_store
+from probe.store.sqlite import open_store
 from tests.test_store import measurement
 store = open_store(Path(sys.argv[1]))
 batch = [measurement(f"r{i}") for i in range(200)]
@@ -212,8 +212,8 @@ def test_a_write_the_stopping_daemon_cancels_is_finished_and_not_written_again(t
     import asyncio
     import threading
 
-    from probe.metrics import Metrics
-    from probe.writer import StoreWriter
+    from probe.daemon.metrics import Metrics
+    from probe.daemon.writer import StoreWriter
 
     store = open_store(tmp_path / "tw.db")
     inside, release = threading.Event(), threading.Event()

@@ -4,7 +4,7 @@ A stub resolver (glibc's, c-ares) hides what a measurement needs: c-ares keeps a
 cache and a thread per channel, and every stub takes the first answer and drops the rest.
 Here the queries for a name (A and AAAA, as glibc sends them) go out together on a non-blocking
 UDP socket, bound as the path's other sockets are, and their answers are read with their kernel
-arrival times by the same code that reads a TCP connection (probe/conn.py): the resolve phase
+arrival times by the same code that reads a TCP connection (probe/measure/conn.py): the resolve phase
 runs from the send to the kernel's arrival of the answer, however late the event loop gets to
 it. An answer with the TC bit is asked again over TCP. Nothing is cached; dnspython writes and
 reads the messages.
@@ -37,9 +37,9 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 
-from .config import PathSpec
-from .conn import SO_TIMESTAMPNS, Conn
-from .sockets import bound_socket
+from probe.config import PathSpec
+from probe.measure.conn import SO_TIMESTAMPNS, Conn
+from probe.measure.sockets import bound_socket
 
 RESOLV_CONF = "/etc/resolv.conf"
 DNS_PORT = 53

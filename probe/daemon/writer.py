@@ -21,10 +21,10 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from .errors import StoreError
-from .metrics import Metrics
-from .model import Heartbeat, Measurement
-from .store import Store, StoreLost
+from probe.daemon.metrics import Metrics
+from probe.errors import StoreError
+from probe.model import Heartbeat, Measurement
+from probe.store.sqlite import Store, StoreLost
 
 log = logging.getLogger(__name__)
 MAX_RETRY_S = 300.0
@@ -47,7 +47,9 @@ class StoreWriter:
         self._checking: asyncio.Future[None] | None = None
         self._checked = False
         self._lost: StoreLost | None = None  # counted and logged once, until a store is back
-        self._in_flight: asyncio.Future[Any] | None = None  # the store call under way (probe/store.py: one thread)
+        self._in_flight: asyncio.Future[Any] | None = (
+            None  # the store call under way (probe/store/sqlite.py: one thread)
+        )
 
     @property
     def buffered(self) -> int:

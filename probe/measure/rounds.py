@@ -19,15 +19,15 @@ from typing import Any, TypeVar
 import certifi
 import uvloop
 
-from .config import Config, PathSpec, Target
-from .dns import probe_dns
-from .errors import ProbeFailure
-from .failures import classify
-from .http import probe_http
-from .lag import LagMonitor
-from .model import Heartbeat, Measurement, Trace
-from .tcp import probe_tcp
-from .tls import CERT_FAILURES, peek_certificate, probe_tls
+from probe.config import Config, PathSpec, Target
+from probe.errors import ProbeFailure
+from probe.measure.dns import probe_dns
+from probe.measure.failures import classify
+from probe.measure.http import probe_http
+from probe.measure.lag import LagMonitor
+from probe.measure.tcp import probe_tcp
+from probe.measure.tls import CERT_FAILURES, peek_certificate, probe_tls
+from probe.model import Heartbeat, Measurement, Trace
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

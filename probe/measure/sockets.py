@@ -5,10 +5,10 @@ from __future__ import annotations
 import errno
 import socket
 
-from .config import PathSpec
-from .errors import ProbeFailure
-from .failures import classify
-from .model import BIND
+from probe.config import PathSpec
+from probe.errors import ProbeFailure
+from probe.measure.failures import classify
+from probe.model import BIND
 
 
 def bound_socket(family: int, path: PathSpec, kind: int = socket.SOCK_STREAM) -> socket.socket:

@@ -1,6 +1,6 @@
 """HTTP GET through a path, on a fresh connection for every request.
 
-The probe drives HTTP/1.1 itself over the path's connection (probe/conn.py): it writes one
+The probe drives HTTP/1.1 itself over the path's connection (probe/measure/conn.py): it writes one
 request, parses the answer with httptools (llhttp, in C), follows redirects and decodes
 gzip or deflate bodies. httpx's layers cost ten times the CPU of the probe's own work and
 time the answer from a busy event loop (bench/RESULTS.md); httpx stays for what it does
@@ -20,12 +20,12 @@ from typing import Any
 import httptools
 import httpx
 
-from .config import PathSpec, Target
-from .conn import Conn
-from .dns import is_ip
-from .errors import ProbeFailure
-from .model import HTTP_ROUND_TRIP, Trace
-from .paths import open_stream, start_tls
+from probe.config import PathSpec, Target
+from probe.errors import ProbeFailure
+from probe.measure.conn import Conn
+from probe.measure.dns import is_ip
+from probe.measure.paths import open_stream, start_tls
+from probe.model import HTTP_ROUND_TRIP, Trace
 
 MAX_REDIRECTS = 10
 REDIRECTS = frozenset({301, 302, 303, 307, 308})

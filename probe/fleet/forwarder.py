@@ -1,5 +1,5 @@
 """Store and forward: a vantage point's measurements go to its local SQLite store first (the
-spool) and from there, in batches, to the fleet's central PostgreSQL (probe/central.py).
+spool) and from there, in batches, to the fleet's central PostgreSQL (probe/store/central.py).
 
 The spool's `forward_cursor` notes how far uploads got. A batch is read after the cursor,
 stored centrally in one transaction (rows already there are skipped), and only then is
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreError
-from .pgurl import redact
-from .store import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, SUMMARY_TABLES
+from probe.errors import StoreError
+from probe.pgurl import redact
+from probe.store.sqlite import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, SUMMARY_TABLES
 
 log = logging.getLogger(__name__)
 SUMMARY_MARGIN_MS = 86_400_000  # compaction extends runs, hours and spans at most this far back
@@ -57,7 +57,7 @@ class Forwarder:
         self, spool: Path, url: str, vantage: str, batch: int, max_backlog: int, conninfo: str | None = None
     ) -> None:
         self.url = url
-        self.conninfo = conninfo  # through the uplink (probe/uplink.py), when there is one
+        self.conninfo = conninfo  # through the uplink (probe/fleet/uplink.py), when there is one
         self.vantage = vantage
         self.batch = batch
         self.max_backlog = max_backlog
@@ -163,7 +163,7 @@ class Forwarder:
 
     def _connect(self) -> Any:
         if self._central is None:
-            from .central import CentralStore  # psycopg: only a daemon in fleet mode needs it
+            from probe.store.central import CentralStore  # psycopg: only a daemon in fleet mode needs it
 
             self._central = CentralStore(self.url, self.conninfo)
         return self._central

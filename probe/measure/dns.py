@@ -1,4 +1,4 @@
-"""Names resolved by the probe itself: the queries of probe/resolver.py, A and AAAA in parallel.
+"""Names resolved by the probe itself: the queries of probe/measure/resolver.py, A and AAAA in parallel.
 
 The system resolver is what an application on this machine would get: the hosts file first,
 then /etc/resolv.conf's servers, search domains and options, applied as glibc applies them. A
@@ -25,12 +25,12 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 
-from .config import DNS_LINGER_S, PathSpec, Target
-from .errors import ProbeFailure
-from .failures import DNS_ANSWERS_CONFLICT, dns_failure
-from .model import BIND, RESOLVE, Trace
-from .resolver import RESOLV_CONF, Exchange, Options, ResolvConf, Server, exchange, read_resolv_conf
-from .sockets import check_bind
+from probe.config import DNS_LINGER_S, PathSpec, Target
+from probe.errors import ProbeFailure
+from probe.measure.failures import DNS_ANSWERS_CONFLICT, dns_failure
+from probe.measure.resolver import RESOLV_CONF, Exchange, Options, ResolvConf, Server, exchange, read_resolv_conf
+from probe.measure.sockets import check_bind
+from probe.model import BIND, RESOLVE, Trace
 
 HOSTS = "/etc/hosts"
 ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)

@@ -31,14 +31,14 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from .config import Config, PathSpec, Target, load_config
-from .errors import ConfigError, StoreError, TunnelwatchError
-from .forwarder import Forwarder
-from .metrics import Metrics
-from .rounds import ProbeContext, path_rows, plan, run_loop, run_round
-from .store import StoreLock, open_store
-from .systemd import notify, watchdog_interval_s
-from .writer import StoreWriter
+from probe.config import Config, PathSpec, Target, load_config
+from probe.daemon.metrics import Metrics
+from probe.daemon.systemd import notify, watchdog_interval_s
+from probe.daemon.writer import StoreWriter
+from probe.errors import ConfigError, StoreError, TunnelwatchError
+from probe.fleet.forwarder import Forwarder
+from probe.measure.rounds import ProbeContext, path_rows, plan, run_loop, run_round
+from probe.store.sqlite import StoreLock, open_store
 
 log = logging.getLogger("tunnelwatch.daemon")
 LOOP_LAG_CHECK_S = 1.0
@@ -146,7 +146,7 @@ class Daemon:
             if config.store.url is not None:
                 url, conninfo = config.store.url.get_secret_value(), None
                 if config.store.uplink is not None:
-                    from .uplink import Uplink
+                    from probe.fleet.uplink import Uplink
 
                     uplink = Uplink(url, config.path(config.store.uplink))
                     conninfo = await uplink.start()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import PathSpec, Target
-from .model import Trace
-from .paths import open_stream
+from probe.config import PathSpec, Target
+from probe.measure.paths import open_stream
+from probe.model import Trace
 
 
 async def probe_tcp(target: Target, path: PathSpec, trace: Trace, **_: object) -> dict[str, Any]:

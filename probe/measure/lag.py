@@ -1,4 +1,4 @@
-"""How late the event loop runs. A probe's phases are timed by the kernel (probe/conn.py),
+"""How late the event loop runs. A probe's phases are timed by the kernel (probe/measure/conn.py),
 but its total time and a DNS lookup's time are taken by callbacks, so while the loop runs
 late they are inflated by about as much.
 

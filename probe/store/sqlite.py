@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import StoreError
-from .model import Heartbeat, Measurement
-from .storefile import StoreDamaged, StoreLock, StoreLost, identity, look_over, quick_check, store_error
+from probe.errors import StoreError
+from probe.model import Heartbeat, Measurement
+from probe.store.file import StoreDamaged, StoreLock, StoreLost, identity, look_over, quick_check, store_error
 
 MEASUREMENT_COLUMNS = (
     "vantage",
@@ -186,10 +186,10 @@ MIGRATIONS = (
     );
     """,
     """
-    ALTER TABLE measurements ADD COLUMN loop_lag_ms REAL;  -- probe/lag.py
+    ALTER TABLE measurements ADD COLUMN loop_lag_ms REAL;  -- probe/measure/lag.py
     """,
     """
-    -- Fleet mode (probe/forwarder.py): what has been uploaded to the central store. Rows
+    -- Fleet mode (probe/fleet/forwarder.py): what has been uploaded to the central store. Rows
     -- after these ids are the backlog; compaction keeps them until they are uploaded.
     CREATE TABLE forward_cursor (
         id INTEGER PRIMARY KEY CHECK (id = 1),

@@ -12,7 +12,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from .model import PHASES, Measurement
+from probe.model import PHASES, Measurement
 
 LABELS = ("target", "group", "path", "kind")
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -61,7 +61,7 @@ class Metrics:
         )
         for reason in ("deleted", "replaced", "damaged"):
             self.store_reopened.labels(reason)  # at 0 from the start, for rate() and alerts
-        # Fleet mode (probe/forwarder.py)
+        # Fleet mode (probe/fleet/forwarder.py)
         self.forwarded = Counter(
             "tunnelwatch_forwarded_measurements", "Measurements uploaded to the central store", registry=r
         )

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import dns.rcode
 import httpx
 
-from .errors import ProbeFailure
+from probe.errors import ProbeFailure
 
 TIMEOUT = "generic_timeout_error"
 
@@ -45,7 +45,7 @@ RCODE_FAILURES: dict[dns.rcode.Rcode, str] = {
     dns.rcode.SERVFAIL: "dns_servfail_error",
     dns.rcode.REFUSED: "dns_refused_error",
 }
-# Two answers to one query that disagree: one was forged on the way (probe/resolver.py).
+# Two answers to one query that disagree: one was forged on the way (probe/measure/resolver.py).
 DNS_ANSWERS_CONFLICT = "dns_answers_conflict"
 
 # OpenSSL X509_V_ERR_* codes carried by ssl.SSLCertVerificationError.verify_code.

@@ -1,6 +1,6 @@
 """How a probe leaves: direct, SOCKS5, HTTP CONNECT, or bound to a tunnel's address.
 
-`open_stream` returns a connection (probe/conn.py) to host:port through the path, having
+`open_stream` returns a connection (probe/measure/conn.py) to host:port through the path, having
 recorded each phase in the probe's Trace, each timed by the kernel. A failure of the path itself (bind, proxy
 connect, proxy authentication) is raised as a ProbeFailure with that operation, so it is
 never mistaken for a failure of the target behind it.
@@ -15,13 +15,13 @@ import ssl
 import struct
 from datetime import UTC, datetime
 
-from .config import PathSpec
-from .conn import Conn
-from .dns import Resolver, is_ip, lookup, resolver_for
-from .errors import ProbeFailure
-from .failures import classify
-from .model import BIND, CONNECT, PROXY_AUTH, PROXY_CONNECT, RESOLVE, TLS_HANDSHAKE, Trace
-from .sockets import bound_socket, check_bind
+from probe.config import PathSpec
+from probe.errors import ProbeFailure
+from probe.measure.conn import Conn
+from probe.measure.dns import Resolver, is_ip, lookup, resolver_for
+from probe.measure.failures import classify
+from probe.measure.sockets import bound_socket, check_bind
+from probe.model import BIND, CONNECT, PROXY_AUTH, PROXY_CONNECT, RESOLVE, TLS_HANDSHAKE, Trace
 
 SYSTEM_RESOLVER = Resolver()
 SOCKS_REPLIES = {

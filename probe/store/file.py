@@ -19,7 +19,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreError
+from probe.errors import StoreError
 
 
 class StoreLost(StoreError):

@@ -7,9 +7,9 @@ from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import PathSpec, Target
-from .model import Trace
-from .paths import open_stream, start_tls
+from probe.config import PathSpec, Target
+from probe.measure.paths import open_stream, start_tls
+from probe.model import Trace
 
 CERT_FAILURES = frozenset({"ssl_invalid_hostname", "ssl_unknown_authority", "ssl_invalid_certificate"})
 

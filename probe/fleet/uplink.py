@@ -3,7 +3,7 @@ store, uploads can leave through one of the config's paths (a SOCKS or HTTP prox
 WireGuard or OpenVPN address) like any probe does.
 
 libpq cannot speak SOCKS or bind to an address, so a relay on loopback accepts its
-connection and carries it through the path (probe/paths.py); libpq is told to connect to the
+connection and carries it through the path (probe/measure/paths.py); libpq is told to connect to the
 relay (`hostaddr`) while still naming the real host, so TLS verification is unchanged.
 """
 
@@ -17,12 +17,12 @@ from urllib.parse import urlsplit
 
 from psycopg.conninfo import make_conninfo
 
-from .config import PathSpec
-from .conn import Conn
-from .errors import StoreError
-from .model import Trace
-from .paths import open_stream
-from .pgurl import postgres_url_problem, redact
+from probe.config import PathSpec
+from probe.errors import StoreError
+from probe.measure.conn import Conn
+from probe.measure.paths import open_stream
+from probe.model import Trace
+from probe.pgurl import postgres_url_problem, redact
 
 log = logging.getLogger(__name__)
 RELAY_HOST = "127.0.0.1"

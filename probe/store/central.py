@@ -15,9 +15,9 @@ from typing import Any
 
 import psycopg
 
-from .errors import StoreError
-from .pgurl import mask, postgres_url_problem, redact
-from .store import HEARTBEAT_COLUMNS, LATENCY_VALUES, MEASUREMENT_COLUMNS, SUMMARY_TABLES
+from probe.errors import StoreError
+from probe.pgurl import mask, postgres_url_problem, redact
+from probe.store.sqlite import HEARTBEAT_COLUMNS, LATENCY_VALUES, MEASUREMENT_COLUMNS, SUMMARY_TABLES
 
 CONNECT_TIMEOUT_S = 5
 TCP_USER_TIMEOUT_MS = 30_000
