@@ -19,6 +19,7 @@ import pandas as pd
 
 from .events import Event
 from .eventstats import Calculator, Effect, Method, pool, q_values
+from .summary import union
 
 ALPHA = 0.05
 DAY = pd.Timedelta(days=1)
@@ -118,7 +119,8 @@ def outage_series(
     bins = max(1, int(np.ceil((end - start) / size)))
     edges = start + size * np.arange(bins + 1)
     exposure = _minutes_per_bin(list(zip(coverage.get("start", []), coverage.get("end", []), strict=True)), edges)
-    value = np.minimum(_minutes_per_bin(_union(outages), edges), exposure)  # unmeasured time is unknown, never outage
+    down = union(zip(outages.get("start", []), outages.get("end", []), strict=True))  # something down counts once
+    value = np.minimum(_minutes_per_bin(down, edges), exposure)  # unmeasured time is unknown, never outage
     return Series(
         start=start, step=size, value=value, exposure=exposure, unit=unit, full=size / pd.Timedelta(minutes=1)
     )
@@ -134,17 +136,6 @@ def _minutes_per_bin(intervals: list[tuple[pd.Timestamp, pd.Timestamp]], edges: 
             overlap = min(b, edges[i + 1]) - max(a, edges[i])
             out[i] += max(0.0, overlap / pd.Timedelta(minutes=1))
     return out
-
-
-def _union(outages: pd.DataFrame) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
-    """Outage intervals of every path merged: time when something was down counts once."""
-    merged: list[list[pd.Timestamp]] = []
-    for o_start, o_end in sorted(zip(outages.get("start", []), outages.get("end", []), strict=True)):
-        if merged and o_start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], o_end)
-        else:
-            merged.append([o_start, o_end])
-    return [(a, b) for a, b in merged]
 
 
 def hour_sums(times: pd.DatetimeIndex, values: pd.Series) -> pd.DataFrame:

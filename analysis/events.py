@@ -62,6 +62,11 @@ class Event(BaseModel):
         return _instant(self.start, end=False), _instant(self.end, end=True)
 
 
+def overlapping(start: pd.Timestamp, end: pd.Timestamp, events: Iterable[Event]) -> tuple[str, ...]:
+    """The ids of the events whose window overlaps [start, end), in their order."""
+    return tuple(e.id for e in events if e.window[0] < end and start < e.window[1])
+
+
 def _instant(value: datetime | date, end: bool) -> pd.Timestamp:
     if isinstance(value, datetime):
         return pd.Timestamp(value).tz_convert("UTC")

@@ -1,5 +1,5 @@
-"""The only analysis module that touches the store: raw rows and summaries as DataFrames,
-and the writing of summaries by compaction.
+"""The analysis side's reading of the store, read-only: raw rows and stored summaries as
+DataFrames. compaction.py alone writes.
 
 A store is a vantage point's SQLite file (a Path) or the fleet's central PostgreSQL
 (probe/store/central.py, a `Source` with its URL): the tables and columns are the same, so is the
@@ -13,7 +13,6 @@ stored summaries before the cursor joined to the raw rows after it, summarised a
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,20 +25,9 @@ from pandas.api.types import union_categoricals
 
 from probe.errors import StoreError
 from probe.pgurl import mask, redact
-from probe.store.sqlite import SQLiteStore, StoreDamaged, look_over, store_error
+from probe.store.file import StoreDamaged, look_over, store_error
 
-from .rollup import (
-    COVERAGE_COLUMNS,
-    HOURLY_COLUMNS,
-    LATENCY_COLUMNS,
-    RUN_COLUMNS,
-    RUN_KEY,
-    Summary,
-    join,
-    merge_coverage,
-    merge_runs,
-    summarise,
-)
+from .summary import LATENCY_COLUMNS, RUN_KEY, Summary, join, summarise
 
 MEASUREMENT_COLUMNS: dict[str, str] = {
     "round_id": "str",
@@ -166,7 +154,8 @@ def vantages(db: Store) -> list[str]:
     return [row[0] for row in _query(db, f"SELECT DISTINCT vantage FROM {table} ORDER BY vantage")]
 
 
-def _ms(moment: datetime | None) -> int | None:
+def to_ms(moment: datetime | None) -> int | None:
+    """A time as the tables store it: Unix ms."""
     return None if moment is None else round(moment.timestamp() * 1000)
 
 
@@ -179,10 +168,10 @@ def _where(
         args.append(vantage)
     if since is not None:
         clauses.append("started_at_ms >= ?")
-        args.append(_ms(since))
+        args.append(to_ms(since))
     if until is not None:
         clauses.append("started_at_ms < ?")
-        args.append(_ms(until))
+        args.append(to_ms(until))
     for column, values in filters.items():
         if values:
             clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
@@ -258,11 +247,16 @@ def load_paths(db: Store) -> pd.DataFrame:
 
 
 ROUND_SPAN = pd.Timedelta(minutes=15)  # the longest a round's probes are spread over
-COMPACT_MARGIN = pd.Timedelta(hours=1)  # rows may be written this late (the writer buffers)
-DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+# The summary tables' columns in the order of the Summary's frames (summary.py).
+RUN_SELECT = ("target", "path", *RUN_KEY, "first_ms", "last_ms", "rounds")
+HOURLY_SELECT = ("hour_ms", "grp", "path", "probes", "failing")
+LATENCY_SELECT = ("hour_ms", *LATENCY_COLUMNS[1:])
+COVERAGE_SELECT = ("start_ms", "end_ms")
 
 
-def _ts(ms: pd.Series) -> pd.Series:
+def utc_times(ms: pd.Series) -> pd.Series:
+    """Stored times (Unix ms) as UTC times."""
     return pd.to_datetime(ms.astype("int64"), unit="ms", utc=True)
 
 
@@ -295,7 +289,7 @@ def first_raw_hour(db: Path, after: pd.Timestamp | None) -> pd.Timestamp | None:
     rows = _query(
         db,
         "SELECT MIN(started_at_ms) FROM measurements WHERE started_at_ms >= ?",
-        [_ms(after) if after is not None else -(2**62)],
+        [to_ms(after) if after is not None else -(2**62)],
     )
     if not rows or rows[0][0] is None:
         return None
@@ -338,194 +332,38 @@ def load_summary(db: Store, since: datetime | None, until: datetime | None, slot
 
 
 def _stored(db: Store, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
-    lo, hi = (_ms(start.to_pydatetime()) if start is not None else -(2**62)), _ms(end.to_pydatetime())
-    mine, vantage = _mine(db)
-    runs = pd.DataFrame.from_records(
-        _query(
-            db,
-            f"SELECT target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds FROM verdict_runs "
-            f"WHERE last_ms >= ? AND first_ms < ?{mine} ORDER BY first_ms",
-            [lo, hi, *vantage],
-        ),
-        columns=[c if c not in ("first", "last") else f"{c}_ms" for c in RUN_COLUMNS],
-    )
-    hour_lo = lo - lo % 3_600_000
-    hourly = pd.DataFrame.from_records(
-        _query(
-            db,
-            f"SELECT hour_ms, grp, path, probes, failing FROM hourly WHERE hour_ms >= ? AND hour_ms < ?{mine}",
-            [hour_lo, hi, *vantage],
-        ),
-        columns=["hour_ms", *HOURLY_COLUMNS[1:]],
-    )
-    latency = pd.DataFrame.from_records(
-        _query(
-            db,
-            f"SELECT hour_ms, {', '.join(LATENCY_COLUMNS[1:])} FROM hourly_latency "
-            f"WHERE hour_ms >= ? AND hour_ms < ?{mine}",
-            [hour_lo, hi, *vantage],
-        ),
-        columns=["hour_ms", *LATENCY_COLUMNS[1:]],
-    )
-    coverage = pd.DataFrame.from_records(
-        _query(
-            db,
-            f"SELECT start_ms, end_ms FROM coverage WHERE end_ms > ? AND start_ms < ?{mine} ORDER BY start_ms",
-            [lo, hi, *vantage],
-        ),
-        columns=["start_ms", "end_ms"],
-    )
+    """The stored summaries of [start, end): the runs and coverage spans that reach into it,
+    the hours from the one `start` is in."""
+    lo = to_ms(start.to_pydatetime()) if start is not None else -(2**62)
+    hi = to_ms(end.to_pydatetime())
+    hour_lo = lo - lo % HOUR_MS
     empty = Summary.empty()
-    runs = (
-        runs.assign(first=_ts(runs.pop("first_ms")), last=_ts(runs.pop("last_ms")))[RUN_COLUMNS]
-        if len(runs)
-        else empty.runs
-    )
-    hourly = hourly.assign(hour=_ts(hourly.pop("hour_ms")))[HOURLY_COLUMNS] if len(hourly) else empty.hourly
-    latency = latency.assign(hour=_ts(latency.pop("hour_ms")))[LATENCY_COLUMNS] if len(latency) else empty.latency
-    coverage = (
-        pd.DataFrame({"start": _ts(coverage["start_ms"]), "end": _ts(coverage["end_ms"])})
-        if len(coverage)
-        else empty.coverage
-    )
-    return Summary(runs, hourly, latency, coverage)
-
-
-def _writable(db: Path) -> sqlite3.Connection:
-    SQLiteStore(db).close()  # creates or migrates the schema, and refuses a damaged store
-    try:
-        conn = sqlite3.connect(db, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA cell_size_check = ON")
-    except sqlite3.Error as exc:
-        raise store_error(db, exc, "open the store") from None
-    return conn
-
-
-def write_summary(db: Path, summary: Summary, expected: pd.Timestamp | None, end: pd.Timestamp, slot_s: float) -> bool:
-    """Add a summary of the rounds before `end` and move the cursor to `end`, in one
-    transaction, if the cursor is still `expected`. Runs and coverage continue the stored ones."""
-    conn = _writable(db)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        row = conn.execute("SELECT until_ms FROM rollup_cursor").fetchone()
-        if (row[0] if row else None) != (None if expected is None else _ms(expected.to_pydatetime())):
-            conn.execute("ROLLBACK")
-            return False
-        _write_runs(conn, summary.runs)
-        conn.executemany(
-            "INSERT INTO hourly (hour_ms, grp, path, probes, failing) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
-            "SET probes = probes + excluded.probes, failing = failing + excluded.failing",
-            [
-                (_ms(h), g, p, int(n), int(f))
-                for h, g, p, n, f in summary.hourly[HOURLY_COLUMNS].itertuples(index=False)
-            ],
-        )
-        values = LATENCY_COLUMNS[3:]
-        conn.executemany(
-            f"INSERT INTO hourly_latency (hour_ms, path, samples, {', '.join(values)}) "
-            f"VALUES ({', '.join('?' * len(LATENCY_COLUMNS))}) ON CONFLICT DO UPDATE SET samples = samples + "
-            "excluded.samples, "
-            + ", ".join(
-                f"{v} = (coalesce({v}, excluded.{v}) * samples + coalesce(excluded.{v}, {v}) * excluded.samples) "
-                "/ (samples + excluded.samples)"
-                for v in values
-            ),
-            [
-                (_ms(r[0]), r[1], int(r[2]), *(None if pd.isna(x) else float(x) for x in r[3:]))
-                for r in summary.latency[LATENCY_COLUMNS].itertuples(index=False)
-            ],
-        )
-        _write_coverage(conn, summary.coverage, slot_s)
-        conn.execute(
-            "INSERT INTO rollup_cursor (id, until_ms, slot_s) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE "
-            "SET until_ms = excluded.until_ms, slot_s = excluded.slot_s",
-            [_ms(end), slot_s],
-        )
-        conn.execute("COMMIT")
-        return True
-    except sqlite3.Error as exc:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):  # a damaged store may refuse that too
-                conn.execute("ROLLBACK")
-        raise store_error(db, exc, "write summaries") from None
-    finally:
-        conn.close()
-
-
-def _write_runs(conn: sqlite3.Connection, runs: pd.DataFrame) -> None:
-    if runs.empty:
-        return
-    since = _ms(runs["first"].min()) - DAY_MS
-    rows = conn.execute(
-        f"SELECT id, target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds FROM verdict_runs "
-        "WHERE last_ms >= ?",
-        [since],
-    ).fetchall()
-    old = pd.DataFrame.from_records(rows, columns=["id", "target", "path", *RUN_KEY, "first", "last", "rounds"])
-    if len(old):
-        old = old.sort_values("last").groupby(["target", "path"]).tail(1)
-        old["first"], old["last"] = _ts(old["first"]), _ts(old["last"])
-    merged = merge_runs(old, runs.assign(id=None))
-    grown = merged[merged["id"].notna()]
-    conn.executemany(
-        "UPDATE verdict_runs SET last_ms = ?, rounds = ? WHERE id = ?",
-        [(_ms(t), int(n), int(i)) for t, n, i in zip(grown["last"], grown["rounds"], grown["id"], strict=True)],
-    )
-    new = merged[merged["id"].isna()]
-    conn.executemany(
-        f"INSERT INTO verdict_runs (target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds) "
-        f"VALUES ({', '.join('?' * (len(RUN_KEY) + 5))})",
-        [(*r[:-3], _ms(r[-3]), _ms(r[-2]), int(r[-1])) for r in new[RUN_COLUMNS].itertuples(index=False)],
+    return Summary(
+        _rows(db, "verdict_runs", RUN_SELECT, "last_ms >= ? AND first_ms < ?", (lo, hi), empty.runs, "first_ms"),
+        _rows(db, "hourly", HOURLY_SELECT, "hour_ms >= ? AND hour_ms < ?", (hour_lo, hi), empty.hourly),
+        _rows(db, "hourly_latency", LATENCY_SELECT, "hour_ms >= ? AND hour_ms < ?", (hour_lo, hi), empty.latency),
+        _rows(db, "coverage", COVERAGE_SELECT, "end_ms > ? AND start_ms < ?", (lo, hi), empty.coverage, "start_ms"),
     )
 
 
-def _write_coverage(conn: sqlite3.Connection, coverage: pd.DataFrame, slot_s: float) -> None:
-    if coverage.empty:
-        return
-    reach = _ms(coverage["start"].min()) - round(slot_s * 1000 * 3)
-    rows = conn.execute("SELECT start_ms, end_ms FROM coverage WHERE end_ms >= ?", [reach]).fetchall()
-    old = pd.DataFrame(
-        {
-            "start": _ts(pd.Series([r[0] for r in rows], dtype="int64")),
-            "end": _ts(pd.Series([r[1] for r in rows], dtype="int64")),
-        }
-    )
-    # Spans that pause less than the gap allowance are one span.
-    allowance = pd.Timedelta(seconds=1.5 * slot_s)
-    widened = pd.DataFrame({"start": old["start"], "end": old["end"] + allowance})
-    merged = merge_coverage(widened, coverage.assign(end=coverage["end"] + allowance))
-    merged["end"] -= allowance
-    conn.execute("DELETE FROM coverage WHERE end_ms >= ?", [reach])
-    conn.executemany(
-        "INSERT INTO coverage (start_ms, end_ms) VALUES (?, ?)",
-        [(_ms(a), _ms(b)) for a, b in merged[COVERAGE_COLUMNS].itertuples(index=False)],
-    )
-
-
-def delete_raw(db: Path, before: pd.Timestamp, keep_unforwarded: bool = False) -> int:
-    """Delete raw rows that started before `before`, a day per transaction so the daemon's
-    writer is never kept waiting long. In fleet mode (`keep_unforwarded`) rows the forwarder
-    has not uploaded yet stay (probe/fleet/forwarder.py)."""
-    measurements, heartbeats = "", ""
-    if keep_unforwarded:
-        measurements = " AND id <= (SELECT coalesce(max(measurement_id), 0) FROM forward_cursor)"
-        heartbeats = " AND rowid <= (SELECT coalesce(max(heartbeat_rowid), 0) FROM forward_cursor)"
-    conn = _writable(db)
-    deleted = 0
-    try:
-        oldest = conn.execute("SELECT MIN(started_at_ms) FROM measurements").fetchone()[0]
-        limit = _ms(before.to_pydatetime())
-        cut = oldest
-        while cut is not None and cut < limit:
-            cut = min(limit, cut + DAY_MS)
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                deleted += conn.execute(
-                    f"DELETE FROM measurements WHERE started_at_ms < ?{measurements}", [cut]
-                ).rowcount
-                conn.execute(f"DELETE FROM heartbeats WHERE started_at_ms < ?{heartbeats}", [cut])
-    except sqlite3.Error as exc:
-        raise store_error(db, exc, "delete old raw rows") from None
-    finally:
-        conn.close()
-    return deleted
+def _rows(
+    db: Store,
+    table: str,
+    select: Sequence[str],
+    where: str,
+    bounds: tuple[int, int],
+    empty: pd.DataFrame,
+    order: str | None = None,
+) -> pd.DataFrame:
+    """A summary table's rows of our vantage point as a frame like `empty`, its `select`
+    columns taking `empty`'s names in order; the times (stored as Unix ms) as UTC times."""
+    mine, vantage = _mine(db)
+    sql = f"SELECT {', '.join(select)} FROM {table} WHERE {where}{mine}" + (f" ORDER BY {order}" if order else "")
+    rows = _query(db, sql, [*bounds, *vantage])
+    if not rows:
+        return empty
+    frame = pd.DataFrame.from_records(rows, columns=list(empty.columns))
+    for column, dtype in empty.dtypes.items():
+        if isinstance(dtype, pd.DatetimeTZDtype):
+            frame[column] = utc_times(frame[column])
+    return frame

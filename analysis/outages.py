@@ -4,7 +4,7 @@ A (target, path) is in an outage from the first of `open_after` consecutive fail
 until the first of `close_after` consecutive good rounds. A gap in the rounds (the daemon
 stopped, the machine slept) is unknown: an outage open at a gap ends one interval after its
 last failing round, and rounds on either side of a gap are never counted as consecutive.
-Rounds come as verdict runs (rollup.py): the same code serves a week of raw rows and a year
+Rounds come as verdict runs (summary.py): the same code serves a week of raw rows and a year
 of summaries.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .rollup import as_ns
+from .summary import as_ns
 from .verdicts import DEGRADED, FAILING
 
 OUTAGE_COLUMNS = [
@@ -52,7 +52,7 @@ def _interval_ns(first: np.ndarray, last: np.ndarray, rounds: np.ndarray) -> flo
 
 
 def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> pd.DataFrame:
-    """Outage intervals of every (target, path), from its verdict runs (see rollup.py). The
+    """Outage intervals of every (target, path), from its verdict runs (see summary.py). The
     state machine walks runs, not rounds, so a year costs little."""
     rows: list[dict] = []
     ordered = runs.sort_values(["target", "path", "first"])
@@ -153,7 +153,7 @@ def degraded(
     """Windows where a path's median of some metric exceeds `factor` x its rolling baseline,
     and by at least `min_increase_ms` (from 2 ms to 7 ms is noise, not throttling).
 
-    `latency` holds percentiles per window (rollup.py: the probes that worked); a metric's
+    `latency` holds percentiles per window (summary.py: the probes that worked); a metric's
     baseline is the median of the preceding windows' medians over `baseline`, so a degraded
     window does not raise its own bar. Connect and first-byte times show a slow network,
     the total time (the whole page) shows throttled bandwidth.

@@ -13,7 +13,7 @@ from probe.errors import ConfigError
 
 from .frames import Source, Store, load_summary, vantages
 from .outages import Hysteresis, degraded, pair_outages, path_outages
-from .rollup import Summary
+from .summary import Summary
 
 BASELINE = pd.Timedelta(days=7)
 

@@ -66,6 +66,10 @@ class Rule:
     blocking: Callable[[Evidence], str | None] = lambda e: None
 
 
+# Rule ids are stored: compaction writes them into `verdict_runs.rule` of every vantage
+# point's store, and the forwarder copies them to the central one; outages list them. Renaming
+# an id (or "ok", the id of a measurement no rule judged) is a data migration of those rows,
+# not an edit here. A new rule takes a new id; a retired one still names old summaries' rows.
 RULES: tuple[Rule, ...] = (
     Rule("local-outage", LOCAL_OUTAGE, "every path failed every control target in this slot",
          lambda e: e.all_controls_fail),

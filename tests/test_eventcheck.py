@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis.eventcheck import Series, check_events, external_series, outage_series
-from analysis.events import Event
+from analysis.events import Event, overlapping
 from analysis.eventstats import Method
 
 YEAR = pd.Timestamp("2018-01-01", tz="UTC")
@@ -177,6 +177,14 @@ def test_overlapping_outages_of_two_paths_count_once() -> None:
     )
     coverage = pd.DataFrame({"start": [YEAR], "end": [YEAR + pd.Timedelta(hours=1)]})
     assert outage_series(outages, coverage, YEAR, YEAR + pd.Timedelta(hours=1)).value.tolist() == [40]
+
+
+def test_an_outage_overlaps_the_events_it_shares_time_with() -> None:
+    first, second = events(2, days=1)  # one Beijing day each, 50 days apart
+    start, end = first.window
+    assert overlapping(start, end, [first, second]) == ("e0",)
+    assert overlapping(start - pd.Timedelta(hours=1), start, [first]) == ()  # ends as the event starts
+    assert overlapping(end - pd.Timedelta(1), second.window[0] + pd.Timedelta(1), [second, first]) == ("e1", "e0")
 
 
 def test_lead_and_lag_of_the_first_outage() -> None:

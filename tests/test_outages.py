@@ -11,7 +11,7 @@ import pytest
 
 from analysis.frames import load_measurements, load_paths
 from analysis.outages import Hysteresis, degraded, pair_outages, path_outages
-from analysis.rollup import hourly_latency, verdict_runs
+from analysis.summary import hourly_latency, verdict_runs
 from analysis.verdicts import classify
 from tests.analysis_data import INTERVAL, T0, build_store, everything, fail
 

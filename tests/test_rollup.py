@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from analysis.pipeline import Analysis, analyse
-from analysis.rollup import Summary, clip_runs, compact
+from analysis.compaction import compact
+from analysis.summary import Summary, clip_runs
 from tests.analysis_data import realistic_week
 
 WEEK_END = pd.Timestamp("2018-03-11 16:00", tz="UTC")  # Monday 00:00 in Beijing, a week after the start

@@ -10,16 +10,16 @@ A Summary holds
 - `coverage`: spans of time the daemon was measuring (heartbeats no further apart than
   2.5 intervals), each ending one interval after its last heartbeat.
 
-`summarise` makes one from raw rows. The store keeps the summaries of everything before its
-cursor (the daemon compacts every hour, see `compact`), so a command reads those plus the
-raw rows after the cursor, summarised the same way: one implementation whatever the age.
+`summarise` makes one from raw rows, `join` puts two consecutive ones together. Pure: no
+I/O here. The store keeps the summaries of everything before its cursor (compaction.py
+writes them, the daemon compacts every hour), so a command reads those plus the raw rows
+after the cursor, summarised the same way (frames.py): one implementation whatever the age.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -256,40 +256,17 @@ def _steps(both: pd.DataFrame) -> np.ndarray:
 def merge_coverage(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     if old.empty or new.empty:
         return new if old.empty else old
-    spans = pd.concat([old, new], ignore_index=True).sort_values("start")
-    merged: list[list[pd.Timestamp]] = []
-    for a, b in zip(spans["start"], spans["end"], strict=True):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
+    spans = pd.concat([old, new], ignore_index=True)
+    return pd.DataFrame(union(zip(spans["start"], spans["end"], strict=True)), columns=COVERAGE_COLUMNS)
+
+
+def union(spans: Iterable[tuple[pd.Timestamp, pd.Timestamp]]) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """[start, end) spans merged where they overlap or touch, in order: time covered by
+    several counts once."""
+    merged: list[tuple[pd.Timestamp, pd.Timestamp]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
         else:
-            merged.append([a, b])
-    return pd.DataFrame(merged, columns=COVERAGE_COLUMNS)
-
-
-def compact(
-    db: Path, slot_s: float, keep_raw_days: float, now: datetime | None = None, keep_unforwarded: bool = False
-) -> tuple[int, int]:
-    """Summarise the complete hours after the store's cursor, a day at a time, and delete raw
-    rows older than `keep_raw_days` that are summarised. Returns (hours summarised, raw
-    rows deleted). Safe to run while the daemon writes, and twice at once."""
-    from .frames import COMPACT_MARGIN, delete_raw, first_raw_hour, read_cursor, summarise_raw, write_summary
-
-    now_ts = pd.Timestamp(now or datetime.now(UTC))
-    limit = (now_ts - COMPACT_MARGIN - pd.Timedelta(seconds=2 * slot_s)).floor(HOUR)
-    hours = 0
-    while True:
-        cursor = read_cursor(db)
-        start = first_raw_hour(db, cursor)
-        if start is None or start >= limit:
-            break
-        end = min(limit, start.floor("1D") + pd.Timedelta(days=1))
-        if not write_summary(db, summarise_raw(db, start, end, slot_s), cursor, end, slot_s):
-            break  # another compactor moved the cursor first
-        hours += int((end - start) / HOUR)
-    cursor = read_cursor(db)
-    deleted = 0
-    if cursor is not None:
-        deleted = delete_raw(
-            db, min(cursor - COMPACT_MARGIN, now_ts - pd.Timedelta(days=keep_raw_days)), keep_unforwarded
-        )
-    return hours, deleted
+            merged.append((start, end))
+    return merged
