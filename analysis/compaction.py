@@ -18,16 +18,16 @@ from pathlib import Path
 import pandas as pd
 
 from probe.store.file import store_error
+from probe.store.schema import COVERAGE, HOURLY, HOURLY_LATENCY, LATENCY_VALUES, VERDICT_RUNS, SummaryTable, to_ms
 from probe.store.sqlite import SQLiteStore
 
-from .frames import first_raw_hour, read_cursor, summarise_raw, to_ms, utc_times
+from .frames import first_raw_hour, frame_columns, read_cursor, summarise_raw, utc_times
 from .summary import (
     COVERAGE_COLUMNS,
     HOUR,
     HOURLY_COLUMNS,
     LATENCY_COLUMNS,
     RUN_COLUMNS,
-    RUN_KEY,
     Summary,
     merge_coverage,
     merge_runs,
@@ -86,22 +86,21 @@ def write_summary(db: Path, summary: Summary, expected: pd.Timestamp | None, end
             return False
         _write_runs(conn, summary.runs)
         conn.executemany(
-            "INSERT INTO hourly (hour_ms, grp, path, probes, failing) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
-            "SET probes = probes + excluded.probes, failing = failing + excluded.failing",
+            _insert(HOURLY, "probes = probes + excluded.probes, failing = failing + excluded.failing"),
             [
                 (to_ms(h), g, p, int(n), int(f))
                 for h, g, p, n, f in summary.hourly[HOURLY_COLUMNS].itertuples(index=False)
             ],
         )
-        values = LATENCY_COLUMNS[3:]
         conn.executemany(
-            f"INSERT INTO hourly_latency (hour_ms, path, samples, {', '.join(values)}) "
-            f"VALUES ({', '.join('?' * len(LATENCY_COLUMNS))}) ON CONFLICT DO UPDATE SET samples = samples + "
-            "excluded.samples, "
-            + ", ".join(
-                f"{v} = (coalesce({v}, excluded.{v}) * samples + coalesce(excluded.{v}, {v}) * excluded.samples) "
-                "/ (samples + excluded.samples)"
-                for v in values
+            _insert(
+                HOURLY_LATENCY,
+                "samples = samples + excluded.samples, "  # each percentile: the mean weighted by samples
+                + ", ".join(
+                    f"{v} = (coalesce({v}, excluded.{v}) * samples + coalesce(excluded.{v}, {v}) * excluded.samples) "
+                    "/ (samples + excluded.samples)"
+                    for v in LATENCY_VALUES
+                ),
             ),
             [
                 (to_ms(r[0]), r[1], int(r[2]), *(None if pd.isna(x) else float(x) for x in r[3:]))
@@ -130,11 +129,9 @@ def _write_runs(conn: sqlite3.Connection, runs: pd.DataFrame) -> None:
         return
     since = to_ms(runs["first"].min()) - DAY_MS
     rows = conn.execute(
-        f"SELECT id, target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds FROM verdict_runs "
-        "WHERE last_ms >= ?",
-        [since],
+        f"SELECT id, {', '.join(frame_columns(VERDICT_RUNS))} FROM verdict_runs WHERE last_ms >= ?", [since]
     ).fetchall()
-    old = pd.DataFrame.from_records(rows, columns=["id", "target", "path", *RUN_KEY, "first", "last", "rounds"])
+    old = pd.DataFrame.from_records(rows, columns=["id", *RUN_COLUMNS])
     if len(old):
         old = old.sort_values("last").groupby(["target", "path"]).tail(1)
         old["first"], old["last"] = utc_times(old["first"]), utc_times(old["last"])
@@ -146,8 +143,7 @@ def _write_runs(conn: sqlite3.Connection, runs: pd.DataFrame) -> None:
     )
     new = merged[merged["id"].isna()]
     conn.executemany(
-        f"INSERT INTO verdict_runs (target, path, {', '.join(RUN_KEY)}, first_ms, last_ms, rounds) "
-        f"VALUES ({', '.join('?' * (len(RUN_KEY) + 5))})",
+        _insert(VERDICT_RUNS),
         [(*r[:-3], to_ms(r[-3]), to_ms(r[-2]), int(r[-1])) for r in new[RUN_COLUMNS].itertuples(index=False)],
     )
 
@@ -170,9 +166,17 @@ def _write_coverage(conn: sqlite3.Connection, coverage: pd.DataFrame, slot_s: fl
     merged["end"] -= allowance
     conn.execute("DELETE FROM coverage WHERE end_ms >= ?", [reach])
     conn.executemany(
-        "INSERT INTO coverage (start_ms, end_ms) VALUES (?, ?)",
+        _insert(COVERAGE),
         [(to_ms(a), to_ms(b)) for a, b in merged[COVERAGE_COLUMNS].itertuples(index=False)],
     )
+
+
+def _insert(table: SummaryTable, on_conflict: str | None = None) -> str:
+    """INSERT of a summary table's rows in the order of the Summary's frame of it; a row that
+    is there (the key) updated by `on_conflict`."""
+    columns = frame_columns(table)
+    update = f" ON CONFLICT DO UPDATE SET {on_conflict}" if on_conflict else ""
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}){update}"
 
 
 def delete_raw(db: Path, before: pd.Timestamp, keep_unforwarded: bool = False) -> int:

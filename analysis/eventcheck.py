@@ -117,7 +117,7 @@ def outage_series(
     size = unit / BINS_PER_UNIT
     start = start.floor(size)
     bins = max(1, int(np.ceil((end - start) / size)))
-    edges = start + size * np.arange(bins + 1)
+    edges = list(pd.date_range(start, periods=bins + 1, freq=size))
     exposure = _minutes_per_bin(list(zip(coverage.get("start", []), coverage.get("end", []), strict=True)), edges)
     down = union(zip(outages.get("start", []), outages.get("end", []), strict=True))  # something down counts once
     value = np.minimum(_minutes_per_bin(down, edges), exposure)  # unmeasured time is unknown, never outage
@@ -126,7 +126,7 @@ def outage_series(
     )
 
 
-def _minutes_per_bin(intervals: list[tuple[pd.Timestamp, pd.Timestamp]], edges: pd.DatetimeIndex) -> np.ndarray:
+def _minutes_per_bin(intervals: list[tuple[pd.Timestamp, pd.Timestamp]], edges: list[pd.Timestamp]) -> np.ndarray:
     out = np.zeros(len(edges) - 1)
     start, size = edges[0], edges[1] - edges[0]
     for a, b in intervals:
@@ -150,9 +150,10 @@ def binned_series(hours: pd.DataFrame) -> Series:
     are mostly less than 12 hours apart, daily (UTC days) otherwise; each bin holds the mean
     of its values, a bin without one has no exposure."""
     hours = hours.sort_index()
-    step = pd.Series(hours.index).diff().median()
-    step = pd.Timedelta(hours=1) if step < pd.Timedelta(hours=12) else DAY
-    bins = hours if step < DAY else hours.groupby(hours.index.floor("D")).sum()
+    index = pd.DatetimeIndex(hours.index)
+    usual = pd.Timedelta(pd.Series(index).diff().median())
+    step = pd.Timedelta(hours=1) if usual < pd.Timedelta(hours=12) else DAY
+    bins = hours if step < DAY else hours.groupby(index.floor("D")).sum()
     regular = bins.reindex(pd.date_range(bins.index[0], bins.index[-1], freq=step), fill_value=0)
     count = regular["count"].to_numpy()
     present = count > 0
@@ -316,4 +317,4 @@ def _lead_lag(
     inside = first_outages[(first_outages >= w_start) & (first_outages < w_end)]
     if not len(inside):
         return None
-    return round((inside.min() - event_start) / pd.Timedelta(hours=1), 2)
+    return round(float((inside.min() - event_start) / pd.Timedelta(hours=1)), 2)

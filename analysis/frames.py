@@ -26,10 +26,12 @@ from pandas.api.types import union_categoricals
 from probe.errors import StoreError
 from probe.pgurl import mask, redact
 from probe.store.file import StoreDamaged, look_over, store_error
+from probe.store.schema import COVERAGE, HOURLY, HOURLY_LATENCY, PATH_COLUMNS, VERDICT_RUNS, SummaryTable, to_ms
 
-from .summary import LATENCY_COLUMNS, RUN_KEY, Summary, join, summarise
+from .summary import Summary, join, summarise
 
-MEASUREMENT_COLUMNS: dict[str, str] = {
+# The columns analysis reads, and their dtypes.
+MEASUREMENT_DTYPES: dict[str, str] = {
     "round_id": "str",
     "target": "str",
     "grp": "str",
@@ -49,14 +51,13 @@ MEASUREMENT_COLUMNS: dict[str, str] = {
     "body_length": "Int64",
     "title": "object",
 }
-HEARTBEAT_COLUMNS: dict[str, str] = {
+HEARTBEAT_DTYPES: dict[str, str] = {
     "round_id": "str",
     "target": "object",
     "started_at_ms": "int64",
     "finished_at_ms": "int64",
     "scheduled_at_ms": "Int64",
 }
-PATH_COLUMNS = ("name", "kind", "label", "endpoint_target")
 CHUNK_ROWS = 100_000
 CATEGORIES = {
     "round_id",
@@ -154,15 +155,11 @@ def vantages(db: Store) -> list[str]:
     return [row[0] for row in _query(db, f"SELECT DISTINCT vantage FROM {table} ORDER BY vantage")]
 
 
-def to_ms(moment: datetime | None) -> int | None:
-    """A time as the tables store it: Unix ms."""
-    return None if moment is None else round(moment.timestamp() * 1000)
-
-
 def _where(
     db: Store, since: datetime | None, until: datetime | None, filters: dict[str, Sequence[str]]
-) -> tuple[str, list]:
-    clauses, args = [], []
+) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    args: list[object] = []
     if (vantage := _source(db).vantage) is not None:
         clauses.append("vantage = ?")
         args.append(vantage)
@@ -179,7 +176,7 @@ def _where(
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
-def _frame(db: Store, table: str, columns: dict[str, str], where: str, args: list) -> pd.DataFrame:
+def _frame(db: Store, table: str, columns: dict[str, str], where: str, args: Sequence[object]) -> pd.DataFrame:
     """Rows in chunks, each made compact (categories for repeated text) before the next is
     read, so the peak stays near the compact size rather than that of Python tuples."""
     conn = _connect(db)
@@ -219,13 +216,13 @@ def load_measurements(
     paths: Sequence[str] = (),
 ) -> pd.DataFrame:
     where, args = _where(db, since, until, {"target": targets, "path": paths})
-    frame = _frame(db, "measurements", MEASUREMENT_COLUMNS, where, args)
+    frame = _frame(db, "measurements", MEASUREMENT_DTYPES, where, args)
     return frame.rename(columns={"grp": "group"})
 
 
 def load_heartbeats(db: Store, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
     where, args = _where(db, since, until, {})
-    frame = _frame(db, "heartbeats", HEARTBEAT_COLUMNS, where, args)
+    frame = _frame(db, "heartbeats", HEARTBEAT_DTYPES, where, args)
     frame["finished_at"] = pd.to_datetime(frame.pop("finished_at_ms"), unit="ms", utc=True)
     frame["scheduled_at"] = pd.to_datetime(frame.pop("scheduled_at_ms"), unit="ms", utc=True)
     return frame
@@ -248,11 +245,6 @@ def load_paths(db: Store) -> pd.DataFrame:
 
 ROUND_SPAN = pd.Timedelta(minutes=15)  # the longest a round's probes are spread over
 HOUR_MS = 3_600_000
-# The summary tables' columns in the order of the Summary's frames (summary.py).
-RUN_SELECT = ("target", "path", *RUN_KEY, "first_ms", "last_ms", "rounds")
-HOURLY_SELECT = ("hour_ms", "grp", "path", "probes", "failing")
-LATENCY_SELECT = ("hour_ms", *LATENCY_COLUMNS[1:])
-COVERAGE_SELECT = ("start_ms", "end_ms")
 
 
 def utc_times(ms: pd.Series) -> pd.Series:
@@ -260,10 +252,11 @@ def utc_times(ms: pd.Series) -> pd.Series:
     return pd.to_datetime(ms.astype("int64"), unit="ms", utc=True)
 
 
-def _query(db: Store, sql: str, args: Sequence[object] = ()) -> list[tuple]:
+def _query(db: Store, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
     conn = _connect(db)
     try:
-        return conn.execute(sql, list(args)).fetchall()
+        rows: list[tuple[Any, ...]] = conn.execute(sql, list(args)).fetchall()
+        return rows
     except _db_errors(conn) as exc:
         if "no such table" in str(exc) or "does not exist" in str(exc):
             return []  # a store without summaries (from before them, or the central one): all is raw
@@ -272,7 +265,7 @@ def _query(db: Store, sql: str, args: Sequence[object] = ()) -> list[tuple]:
         conn.close()
 
 
-def _mine(db: Store) -> tuple[str, list]:
+def _mine(db: Store) -> tuple[str, list[str]]:
     """The central store's summaries are per vantage point: the clause that picks ours."""
     source = _source(db)
     return (" AND vantage = ?", [source.vantage]) if source.central and source.vantage else ("", [])
@@ -339,26 +332,26 @@ def _stored(db: Store, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary
     hour_lo = lo - lo % HOUR_MS
     empty = Summary.empty()
     return Summary(
-        _rows(db, "verdict_runs", RUN_SELECT, "last_ms >= ? AND first_ms < ?", (lo, hi), empty.runs, "first_ms"),
-        _rows(db, "hourly", HOURLY_SELECT, "hour_ms >= ? AND hour_ms < ?", (hour_lo, hi), empty.hourly),
-        _rows(db, "hourly_latency", LATENCY_SELECT, "hour_ms >= ? AND hour_ms < ?", (hour_lo, hi), empty.latency),
-        _rows(db, "coverage", COVERAGE_SELECT, "end_ms > ? AND start_ms < ?", (lo, hi), empty.coverage, "start_ms"),
+        _rows(db, VERDICT_RUNS, "last_ms >= ? AND first_ms < ?", (lo, hi), empty.runs, "first_ms"),
+        _rows(db, HOURLY, "hour_ms >= ? AND hour_ms < ?", (hour_lo, hi), empty.hourly),
+        _rows(db, HOURLY_LATENCY, "hour_ms >= ? AND hour_ms < ?", (hour_lo, hi), empty.latency),
+        _rows(db, COVERAGE, "end_ms > ? AND start_ms < ?", (lo, hi), empty.coverage, "start_ms"),
     )
 
 
 def _rows(
     db: Store,
-    table: str,
-    select: Sequence[str],
+    table: SummaryTable,
     where: str,
     bounds: tuple[int, int],
     empty: pd.DataFrame,
     order: str | None = None,
 ) -> pd.DataFrame:
-    """A summary table's rows of our vantage point as a frame like `empty`, its `select`
-    columns taking `empty`'s names in order; the times (stored as Unix ms) as UTC times."""
+    """A summary table's rows of our vantage point as a frame like `empty`, whose columns are
+    the table's in order (frame_columns); the times (stored as Unix ms) as UTC times."""
     mine, vantage = _mine(db)
-    sql = f"SELECT {', '.join(select)} FROM {table} WHERE {where}{mine}" + (f" ORDER BY {order}" if order else "")
+    select = ", ".join(frame_columns(table))
+    sql = f"SELECT {select} FROM {table.name} WHERE {where}{mine}" + (f" ORDER BY {order}" if order else "")
     rows = _query(db, sql, [*bounds, *vantage])
     if not rows:
         return empty
@@ -367,3 +360,9 @@ def _rows(
         if isinstance(dtype, pd.DatetimeTZDtype):
             frame[column] = utc_times(frame[column])
     return frame
+
+
+def frame_columns(table: SummaryTable) -> tuple[str, ...]:
+    """The columns of a summary table that the Summary's frame of it holds, in the frame's
+    order (summary.py names them: `first` for first_ms, `group` for grp): all but the row id."""
+    return tuple(c for c in table.columns if c != "id")

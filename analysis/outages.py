@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -54,7 +55,7 @@ def _interval_ns(first: np.ndarray, last: np.ndarray, rounds: np.ndarray) -> flo
 def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> pd.DataFrame:
     """Outage intervals of every (target, path), from its verdict runs (see summary.py). The
     state machine walks runs, not rounds, so a year costs little."""
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     ordered = runs.sort_values(["target", "path", "first"])
     for (target, path), g in ordered.groupby(["target", "path"], sort=True, observed=True):
         first, last = as_ns(g["first"]), as_ns(g["last"])
@@ -66,7 +67,7 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
         for a, b, closed_at, ongoing in _walk(failing, rounds, gap_after, hysteresis):
             index = np.arange(a, b)[failing[a:b]]
             end = first[closed_at] if closed_at is not None else last[index[-1]] + interval
-            counts = Counter()
+            counts: Counter[str] = Counter()
             for i in index:
                 counts[kinds[i]] += rounds[i]
             rows.append(
@@ -93,7 +94,7 @@ def _walk(
     Consecutive runs with the same state form a streak; `open_after` failing rounds in a
     streak open an outage at its start, `close_after` good ones close it at theirs. An
     outage open at a gap ends there; open at the end of the data, it is ongoing."""
-    found = []
+    found: list[tuple[int, int, int | None, bool]] = []
     open_at: int | None = None
     i, n = 0, len(failing)
     while i < n:
@@ -118,9 +119,9 @@ def _walk(
 
 def path_outages(pairs: pd.DataFrame) -> pd.DataFrame:
     """Per path: the union of its (target, path) outages, with the targets they affected."""
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for path, group in pairs.sort_values("start").groupby("path", sort=True):
-        current: dict | None = None
+        current: dict[str, Any] | None = None
         for _, o in group.iterrows():
             if current is not None and o["start"] <= current["end"]:
                 current["end"] = max(current["end"], o["end"])
@@ -132,7 +133,12 @@ def path_outages(pairs: pd.DataFrame) -> pd.DataFrame:
                 continue
             if current is not None:
                 rows.append(current)
-            current = {**o.to_dict(), "path": path, "target": "*", "_minutes": Counter({o["verdict"]: o["minutes"]})}
+            current = {
+                **cast(dict[str, Any], o.to_dict()),
+                "path": path,
+                "target": "*",
+                "_minutes": Counter({o["verdict"]: o["minutes"]}),
+            }
         if current is not None:
             rows.append(current)
     for row in rows:
@@ -158,20 +164,21 @@ def degraded(
     window does not raise its own bar. Connect and first-byte times show a slow network,
     the total time (the whole page) shows throttled bandwidth.
     """
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     step = pd.Timedelta(window)
     for path, group in latency.groupby("path", sort=True):
         medians = group.set_index("hour").sort_index()
-        ratios = {}
+        by_metric = {}
         for metric in (m for m in metrics if f"{m}_p50" in medians):
             median = medians[f"{metric}_p50"].astype(float)
             reference = median.dropna().rolling(baseline, min_periods=min_windows).median().shift(1)
-            ratios[metric] = (median / reference).where(median - reference >= min_increase_ms)
-        ratios = pd.DataFrame(ratios)
+            by_metric[metric] = (median / reference).where(median - reference >= min_increase_ms)
+        ratios = pd.DataFrame(by_metric)
         worst = ratios.max(axis=1)
-        current: dict | None = None
+        current: dict[str, Any] | None = None
+        over_by_window = ratios.gt(factor)
         for at in worst[worst > factor].index:
-            over = tuple(f"{m}_ms>{factor:g}x-{baseline}-median" for m in ratios.columns if ratios.at[at, m] > factor)
+            over = tuple(f"{m}_ms>{factor:g}x-{baseline}-median" for m in ratios.columns[over_by_window.loc[at]])
             if current is not None and at == current["end"]:
                 current["end"] = at + step
                 current["factor"] = max(current["factor"], float(worst[at]))
@@ -197,7 +204,7 @@ def degraded(
     return _frame(rows)
 
 
-def _frame(rows: list[dict]) -> pd.DataFrame:
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=[c for c in OUTAGE_COLUMNS if c != "minutes"])
     if frame.empty:
         return pd.DataFrame(columns=OUTAGE_COLUMNS)

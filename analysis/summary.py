@@ -24,14 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from probe.store.schema import LATENCY_METRICS, LATENCY_PERCENTILES, LATENCY_VALUES, VERDICT_COLUMNS
+
 from .verdicts import FAILING, classify
 
-RUN_KEY = ["state", "verdict", "rule", "blocking", "detail"]
+# The frames' columns: the summary tables' (probe/store/schema.py), times under their names.
+RUN_KEY = list(VERDICT_COLUMNS)
 RUN_COLUMNS = ["target", "path", *RUN_KEY, "first", "last", "rounds"]
 HOURLY_COLUMNS = ["hour", "group", "path", "probes", "failing"]
-METRICS = ("connect", "first_byte", "total")  # total: the whole fetch, where throttling shows
-QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-LATENCY_COLUMNS = ["hour", "path", "samples", *(f"{m}_p{round(q * 100)}" for m in METRICS for q in QUANTILES)]
+QUANTILES = tuple(p / 100 for p in LATENCY_PERCENTILES)
+LATENCY_COLUMNS = ["hour", "path", "samples", *LATENCY_VALUES]
 COVERAGE_COLUMNS = ["start", "end"]
 RUN_BREAK = 1.5  # a pause longer than this many of the pair's usual steps ends a run
 GAP_INTERVALS = 2.5  # heartbeats further apart than this many intervals: the daemon was not measuring
@@ -98,7 +100,10 @@ class Summary:
             return frame[(frame["hour"] >= start) & (frame["hour"] < end)]
 
         coverage = self.coverage[(self.coverage["end"] > start) & (self.coverage["start"] < end)]
-        coverage = coverage.assign(start=coverage["start"].clip(lower=start), end=coverage["end"].clip(upper=end))
+        coverage = coverage.assign(
+            start=coverage["start"].mask(coverage["start"] < start, start),
+            end=coverage["end"].mask(coverage["end"] > end, end),
+        )
         return Summary(clip_runs(self.runs, start, end), hours(self.hourly), hours(self.latency), coverage)
 
 
@@ -162,10 +167,10 @@ def hourly_latency(measurements: pd.DataFrame, window: str = "1h") -> pd.DataFra
     if ok.empty:
         return Summary.empty().latency
     grouped = ok.groupby([ok["started_at"].dt.floor(window).rename("hour"), ok["path"].astype(str)], observed=True)
-    parts = [grouped.size().rename("samples")]
-    for metric in METRICS:
-        q = grouped[f"{metric}_ms"].quantile(list(QUANTILES)).unstack()
-        q.columns = [f"{metric}_p{round(c * 100)}" for c in q.columns]
+    parts: list[pd.Series | pd.DataFrame] = [grouped.size().rename("samples")]
+    for metric in LATENCY_METRICS:  # total: the whole fetch, where throttling shows
+        q = grouped[f"{metric}_ms"].quantile(np.array(QUANTILES)).unstack()
+        q.columns = [f"{metric}_p{p}" for p in LATENCY_PERCENTILES]  # unstack gives them in order
         parts.append(q)
     return pd.concat(parts, axis=1).reset_index()[LATENCY_COLUMNS]
 
@@ -214,7 +219,7 @@ def _add_latency(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     if a.empty or b.empty:
         return b if a.empty else a
     both = pd.concat([a, b], ignore_index=True)
-    values = [c for c in LATENCY_COLUMNS if c not in ("hour", "path", "samples")]
+    values = list(LATENCY_VALUES)
     weighted = (
         both[values].mul(both["samples"], axis=0).assign(hour=both["hour"], path=both["path"], samples=both["samples"])
     )
@@ -239,7 +244,7 @@ def merge_runs(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     old, new = old.copy(), new.copy()
     old.loc[joined["index_old"], "last"] = joined["last_new"].to_numpy()
     old.loc[joined["index_old"], "rounds"] = (joined["rounds_old"] + joined["rounds_new"]).to_numpy()
-    return pd.concat([old, new.drop(index=joined["index_new"])], ignore_index=True)
+    return pd.concat([old, new.drop(joined["index_new"])], ignore_index=True)
 
 
 def _steps(both: pd.DataFrame) -> np.ndarray:
@@ -250,7 +255,8 @@ def _steps(both: pd.DataFrame) -> np.ndarray:
         span = (both[f"last{suffix}"] - both[f"first{suffix}"]).dt.total_seconds().to_numpy()
         return np.where(rounds > 1, span / np.maximum(rounds - 1, 1), np.nan)
 
-    return np.fmax(step("_old"), step("_new"))
+    steps: np.ndarray = np.fmax(step("_old"), step("_new"))
+    return steps
 
 
 def merge_coverage(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:

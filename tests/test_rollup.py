@@ -11,9 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.pipeline import Analysis, analyse
 from analysis.compaction import compact
+from analysis.frames import frame_columns
+from analysis.pipeline import Analysis, analyse
 from analysis.summary import Summary, clip_runs
+from probe.store.schema import COVERAGE, HOURLY, HOURLY_LATENCY, VERDICT_RUNS
 from tests.analysis_data import realistic_week
 
 WEEK_END = pd.Timestamp("2018-03-11 16:00", tz="UTC")  # Monday 00:00 in Beijing, a week after the start
@@ -117,3 +119,17 @@ def test_clip_runs_keeps_the_rounds_inside() -> None:
     assert clipped["last"] == t0 + pd.Timedelta(minutes=25)
     assert clipped["rounds"] == 3
     assert clip_runs(runs, t0 + pd.Timedelta(hours=1), t0 + pd.Timedelta(hours=2)).empty
+
+
+def test_each_summary_frame_holds_its_tables_columns_in_order() -> None:
+    """frames.py reads and compaction.py writes a summary table by the order of its frame's
+    columns: the stored `x_ms` is the frame's time `x`, `grp` its `group`."""
+    empty = Summary.empty()
+    frames = (
+        (VERDICT_RUNS, empty.runs),
+        (HOURLY, empty.hourly),
+        (HOURLY_LATENCY, empty.latency),
+        (COVERAGE, empty.coverage),
+    )
+    for table, frame in frames:
+        assert [{"grp": "group"}.get(c, c.removesuffix("_ms")) for c in frame_columns(table)] == list(frame.columns)
