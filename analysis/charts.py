@@ -15,7 +15,9 @@ matplotlib.use("Agg")
 
 import matplotlib.dates as mdates  # noqa: E402
 import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
@@ -31,6 +33,7 @@ from .verdicts import (  # noqa: E402
 )
 
 WIDTH_IN, DPI = 12.8, 100  # 1280 px
+MIN_HEATMAP_IN = 3.2
 OKABE_ITO = ("#0072B2", "#009E73", "#CC79A7", "#56B4E9", "#E69F00", "#D55E00", "#F0E442", "#000000")
 VERDICT_COLOURS = {
     BLOCKED: "#D55E00",
@@ -56,16 +59,23 @@ def path_colours(paths: Iterable[str]) -> dict[str, str]:
     return {path: OKABE_ITO[i % len(OKABE_ITO)] for i, path in enumerate(sorted(set(paths)))}
 
 
-def _local(times: pd.Series | pd.DatetimeIndex, tz: str) -> pd.Series:
-    return pd.Series(pd.DatetimeIndex(times).tz_convert(tz).tz_localize(None))
+# matplotlib.dates has no annotations, so mypy --strict calls its functions untyped: the four
+# calls below are the only ones, each with `type: ignore[no-untyped-call]`.
 
 
-def _time_axis(ax: object, start: pd.Timestamp, end: pd.Timestamp, tz: str) -> None:
-    ax.set_xlim(start.tz_convert(tz).tz_localize(None), end.tz_convert(tz).tz_localize(None))  # type: ignore[attr-defined]
-    ax.xaxis.set_major_locator(mdates.DayLocator())  # type: ignore[attr-defined]
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%a %m-%d"))  # type: ignore[attr-defined]
-    ax.xaxis.set_minor_locator(mdates.HourLocator(byhour=range(0, 24, 6)))  # type: ignore[attr-defined]
-    ax.grid(axis="x", which="major", color="#bbbbbb", linewidth=0.6)  # type: ignore[attr-defined]
+def _days(times: pd.DatetimeIndex, tz: str) -> npt.NDArray[np.float64]:
+    """Matplotlib's date numbers of `times` as wall-clock time in `tz` (the axes show local time)."""
+    local = times.tz_convert(tz).tz_localize(None).to_numpy()
+    return np.asarray(mdates.date2num(local), dtype=np.float64)  # type: ignore[no-untyped-call]
+
+
+def _time_axis(ax: Axes, start: pd.Timestamp, end: pd.Timestamp, tz: str) -> None:
+    left, right = _days(pd.DatetimeIndex([start, end]), tz)
+    ax.set_xlim(float(left), float(right))
+    ax.xaxis.set_major_locator(mdates.DayLocator())  # type: ignore[no-untyped-call]
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%a %m-%d"))  # type: ignore[no-untyped-call]
+    ax.xaxis.set_minor_locator(mdates.HourLocator(byhour=range(0, 24, 6)))  # type: ignore[no-untyped-call]
+    ax.grid(axis="x", which="major", color="#bbbbbb", linewidth=0.6)
 
 
 def _period(start: pd.Timestamp, end: pd.Timestamp, tz: str) -> str:
@@ -87,8 +97,9 @@ def availability_heatmap(hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Time
     """One row per path (grouped by target group), one column per hour; colour = success rate.
     `hourly` is the summary's probes and failing probes per (hour, group, path)."""
     hours = _hours(start, end)
-    rows = sorted(hourly[["group", "path"]].drop_duplicates().itertuples(index=False)) if len(hourly) else []
-    rows = [(str(g), str(p)) for g, p in rows]
+    rows = (
+        sorted({(str(g), str(p)) for g, p in zip(hourly["group"], hourly["path"], strict=True)}) if len(hourly) else []
+    )
     matrix = np.full((max(1, len(rows)), len(hours)), np.nan)
     if len(hourly):
         position = {h: i for i, h in enumerate(hours)}
@@ -97,11 +108,12 @@ def availability_heatmap(hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Time
         ):
             if hour in position and probes:
                 matrix[rows.index((group, path)), position[hour]] = 1 - failing / probes
-    height = 1.6 + 0.32 * max(1, len(rows))
+    # never shorter than the vertical labels (the axis' and the colour bar's) are long
+    height = max(MIN_HEATMAP_IN, 1.6 + 0.32 * len(rows))
     fig = Figure(figsize=(WIDTH_IN, height), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["cividis"].with_extremes(bad=NO_DATA)
-    x = mdates.date2num(_local(pd.DatetimeIndex([*hours, end]), tz))
+    x = _days(pd.DatetimeIndex([*hours, end]), tz)
     image = ax.pcolormesh(x, np.arange(len(matrix) + 1), np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1)
     for row, values in enumerate(matrix):
         for first, last in _runs(np.isnan(values)):
@@ -126,11 +138,10 @@ def availability_heatmap(hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Time
     ax.set_ylabel("target group · path")
     ax.set_title(f"Availability per hour, {_period(start, end, tz)}")
     bar = fig.colorbar(image, ax=ax, pad=0.01)
-    bar.set_label("success rate (share of probes that worked)")
-    ax.legend(
+    bar.set_label("success rate\n(share of probes that worked)")
+    fig.legend(
         handles=[Patch(facecolor=NO_DATA, hatch="///", edgecolor="#888888", label="no data (not measuring)")],
-        loc="upper right",
-        bbox_to_anchor=(1.0, -0.12),
+        loc="outside lower right",
         frameon=False,
     )
     return fig
@@ -167,7 +178,7 @@ def latency_smoke(
             h = h[h["group"] == "control"]
         sums = h.groupby("hour")[["failing", "probes"]].sum()
         failure = (sums["failing"] / sums["probes"]).reindex(hours)
-        x = mdates.date2num(_local(hours + pd.Timedelta(minutes=30), tz))
+        x = _days(hours + pd.Timedelta(minutes=30), tz)
         if not q.empty and q.notna().any().any():
             ax.fill_between(x, q[0.1], q[0.9], color="#cccccc", step="mid", linewidth=0, label="10-90 %")
             ax.fill_between(x, q[0.25], q[0.75], color="#999999", step="mid", linewidth=0, label="25-75 %")
@@ -188,7 +199,8 @@ def latency_smoke(
     )
     handles = [Patch(color="#cccccc", label="10-90 percentile"), Patch(color="#999999", label="25-75 percentile")]
     handles += [Patch(color=colour, label=f"median, control failures {text}") for _, colour, text in FAILURE_STEPS]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=8)
+    # two rows: seven entries in one row are wider than the image, and a figure legend is never shrunk
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, frameon=False, fontsize=8)
     return fig
 
 
@@ -203,8 +215,16 @@ def outage_timeline(
 ) -> Figure:
     """Bars per path coloured by verdict, daemon gaps hatched; event windows in lanes above,
     shaded lightly across the paths."""
-    paths = sorted(set(paths) | set(outages["path"] if len(outages) else [])) or ["(none)"]
-    to_num = lambda t: mdates.date2num(t.tz_convert(tz).tz_localize(None))  # noqa: E731
+    spans = (
+        list(zip(outages["path"], outages["start"], outages["end"], outages["verdict"], strict=True))
+        if len(outages)
+        else []
+    )
+    paths = sorted({str(p) for p in paths} | {str(span[0]) for span in spans}) or ["(none)"]
+
+    def to_num(t: pd.Timestamp) -> float:
+        return float(_days(pd.DatetimeIndex([t]), tz)[0])
+
     lo, hi = to_num(start), to_num(end)
     shown = [(e, max(lo, to_num(e.window[0])), min(hi, to_num(e.window[1]))) for e in events]
     shown = [(e, a, b) for e, a, b in shown if b > a]
@@ -229,14 +249,14 @@ def outage_timeline(
         ax.axvspan(a, b, ymin=0, ymax=1, color="#56B4E9", alpha=0.08, linewidth=0, zorder=0)
     first = len(lanes)
     for row, path in enumerate(paths, start=first):
-        for o in outages[outages["path"] == path].itertuples() if len(outages) else []:
-            a, b = max(lo, to_num(o.start)), min(hi, to_num(o.end))
+        for began, ended, verdict in [(a, b, v) for p, a, b, v in spans if str(p) == path]:
+            a, b = max(lo, to_num(began)), min(hi, to_num(ended))
             if b > a:
                 ax.broken_barh(
-                    [(a, b - a)], (row - 0.35, 0.7), color=VERDICT_COLOURS.get(o.verdict, "#999999"), zorder=2
+                    [(a, b - a)], (row - 0.35, 0.7), color=VERDICT_COLOURS.get(str(verdict), "#999999"), zorder=2
                 )
-        for g in gaps.itertuples() if len(gaps) else []:
-            a, b = max(lo, to_num(g.start)), min(hi, to_num(g.end))
+        for began, ended in zip(gaps["start"], gaps["end"], strict=True) if len(gaps) else []:
+            a, b = max(lo, to_num(began)), min(hi, to_num(ended))
             if b > a:
                 ax.broken_barh(
                     [(a, b - a)], (row - 0.35, 0.7), facecolor=NO_DATA, hatch="///", edgecolor="#888888", zorder=3

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from markdown_it import MarkdownIt
 from matplotlib.collections import LineCollection, PolyCollection, QuadMesh
-from matplotlib.colors import to_hex
+from matplotlib.colors import to_hex, to_rgba
 from matplotlib.image import imread
 
 from analysis.charts import (
@@ -27,7 +27,7 @@ from analysis.charts import (
     path_colours,
 )
 from analysis.report import week, weekly_figures
-from analysis.rollup import Summary
+from analysis.summary import Summary
 from probe.config import load_config
 from tests.analysis_data import analysis_config, realistic_week
 
@@ -278,3 +278,74 @@ def test_the_scheduled_report_of_a_week_without_data_still_renders(config: Path)
     page = Path(written).read_text()
     assert "no measurements this week" in page and "no outages this week" in page
     assert page.count("data:image/png;base64,") == 3
+
+
+def _synthetic_week(
+    paths: list[str], groups: tuple[str, ...]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Hourly counts (one availability row per group and path), latency percentiles, an outage per
+    path and one daemon gap."""
+    start = pd.Timestamp("2018-03-04 16:00", tz="UTC")
+    hours = pd.date_range(start, periods=7 * 24, freq="1h")
+    rng = np.random.default_rng(3)
+    hourly = pd.DataFrame(
+        [(h, g, p, 12, int(rng.integers(0, 4))) for h in hours for g in groups for p in paths],
+        columns=["hour", "group", "path", "probes", "failing"],
+    )
+    median = rng.uniform(20, 200, size=(len(hours) * len(paths), 1))
+    latency = pd.DataFrame(
+        median * np.array([[0.6, 0.8, 1.0, 1.3, 1.8]]), columns=[f"connect_p{q}" for q in (10, 25, 50, 75, 90)]
+    ).assign(hour=np.repeat(hours, len(paths)), path=np.tile(paths, len(hours)), samples=24)
+    outages = pd.DataFrame(
+        [
+            (p, start + pd.Timedelta(hours=10 * i + 5), start + pd.Timedelta(hours=10 * i + 20), "tunnel_down")
+            for i, p in enumerate(paths)
+        ],
+        columns=["path", "start", "end", "verdict"],
+    )
+    gaps = pd.DataFrame(
+        [(start + pd.Timedelta(days=5), start + pd.Timedelta(days=5, hours=6))], columns=["start", "end"]
+    )
+    return hourly, latency, outages, gaps
+
+
+LONG = "shadowsocks-hongkong-backup-through-tokyo-relay-02"
+
+
+@pytest.mark.parametrize(
+    ("paths", "groups"),
+    [
+        ([], ("control",)),
+        (["vpn"], ("control",)),
+        ([LONG], ("control",)),
+        (["direct", "vpn"], ("control",)),
+        ([LONG, f"{LONG}-b"], ("control",)),
+        ([f"path-{i}" for i in range(12)] + [LONG], ("blocked", "control")),
+    ],
+    ids=["none", "one", "one-long", "two", "two-long", "many"],
+)
+@pytest.mark.parametrize("chart", ["availability", "latency", "outages"])
+def test_every_chart_keeps_its_ink_inside_the_image(chart: str, paths: list[str], groups: tuple[str, ...]) -> None:
+    """Saved as `chart weekly` and the report save them (plain savefig, no bbox_inches), each
+    chart's outermost rows and columns of pixels are the background: no legend, label or title is cut."""
+    from analysis.events import load_events
+
+    start = pd.Timestamp("2018-03-04 16:00", tz="UTC")
+    end = start + pd.Timedelta(days=7)
+    hourly, latency, outages, gaps = _synthetic_week(paths, groups)
+    if chart == "availability":
+        fig = availability_heatmap(hourly, start, end, TZ)
+    elif chart == "latency":
+        fig = latency_smoke(latency, hourly, start, end, TZ)
+    else:
+        fig = outage_timeline(outages, gaps, load_events(), paths, start, end, TZ)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    buffer.seek(0)
+    image = imread(buffer, format="png")
+    background = np.array(to_rgba(fig.get_facecolor()))
+    edges = {"top": image[0], "bottom": image[-1], "left": image[:, 0], "right": image[:, -1]}
+    inked = {side: int((~np.isclose(pixels, background).all(axis=1)).sum()) for side, pixels in edges.items()}
+    assert inked == dict.fromkeys(edges, 0), f"pixels not background at the edges of {chart}"
+    ink = fig.get_tightbbox()  # and nothing drawn wholly outside, where no edge pixel would show it
+    assert ink is not None and fig.bbox_inches.contains(ink.x0, ink.y0) and fig.bbox_inches.contains(ink.x1, ink.y1)
