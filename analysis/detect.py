@@ -123,7 +123,7 @@ def baseline_signals(series: pd.Series, *, threshold: float = THRESHOLD, min_run
     labels = np.where(scored["z"] > threshold, "above", np.where(scored["z"] < -threshold, "below", ""))
     signals = []
     for kind in ("above", "below"):
-        for a, b in runs(labels, kind, gap=0, min_length=min_run):
+        for a, b in runs(labels.tolist(), kind, gap=0, min_length=min_run):
             run = scored.iloc[a : b + 1]
             peak = run.iloc[int(np.argmax(np.abs(run["z"].to_numpy())))]
             signals.append(

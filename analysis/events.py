@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime, time, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, get_args
 from zoneinfo import ZoneInfo
 
 import icalendar
@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from probe.errors import ConfigError
 
 BEIJING = ZoneInfo("Asia/Shanghai")
-CATEGORIES = ("npc", "cppcc", "party-congress", "policy", "blocking-wave", "anniversary", "holiday", "other")
 Category = Literal["npc", "cppcc", "party-congress", "policy", "blocking-wave", "anniversary", "holiday", "other"]
+CATEGORIES: tuple[Category, ...] = get_args(Category)
 Confidence = Literal["confirmed", "reported", "approximate"]
 TOML_EVENTS_TABLE = re.compile(r"^\s*\[\[\s*events\s*\]\]")
 ICS_NAME = re.compile(r"[A-Za-z0-9-]*")
@@ -175,6 +175,10 @@ def _texts(value: Any) -> list[str]:
     return [str(text).strip() for v in values for text in getattr(v, "cats", [v])]
 
 
+def _is_category(name: str) -> TypeGuard[Category]:
+    return name in CATEGORIES
+
+
 def _from_ics(path: Path) -> list[Event]:
     try:
         data = path.read_bytes()
@@ -209,7 +213,7 @@ def _from_ics(path: Path) -> list[Event]:
         elif not isinstance(end, datetime):
             end = end - timedelta(days=1)  # an all-day DTEND is exclusive
         categories = [c.lower() for c in _texts(item.get("CATEGORIES"))]
-        category = next((c for c in categories if c in CATEGORIES), "other")
+        category: Category = next((c for c in categories if _is_category(c)), "other")
         uid = next(iter(_texts(item.get("UID"))), "") or f"{summary}-{start}"
         url = next(iter(_texts(item.get("URL"))), "")
         try:

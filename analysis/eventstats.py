@@ -28,7 +28,7 @@ noise is found in at least 90 % of series, ordinary dates are flagged at the nom
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -220,7 +220,8 @@ class Calculator:
             """The window moved by `onset` against its baseline. A later onset keeps the
             calendar's baseline (never one holding the window itself); an earlier one takes
             the baseline before it."""
-            return _shifted(mean, onset) - _shifted(base, min(onset, 0))
+            moved: np.ndarray = _shifted(mean, onset) - _shifted(base, min(onset, 0))
+            return moved
 
         nominal = departure_at(0)
         statistic, departure = np.full(self.n, -np.inf), np.full(self.n, np.nan)
@@ -292,23 +293,23 @@ class Calculator:
         if first < 0 or first + length > self.n:
             return Effect(reason="the window is not all inside the data")
         present = int((~np.isnan(prep.y[first : first + length])).sum())
-        counts = {"window_present": present, "baseline_present": int(prep.base_count[first])}
+        counted = Effect(window_present=present, baseline_present=int(prep.base_count[first]))
         if present < m.min_share * length:
-            return Effect(reason=f"{length - present} of {length} window units missing", **counts)
-        if counts["baseline_present"] < m.min_share * m.baseline:
-            missing = m.baseline - counts["baseline_present"]
-            return Effect(reason=f"{missing} of {m.baseline} baseline units missing or excluded", **counts)
+            return replace(counted, reason=f"{length - present} of {length} window units missing")
+        if counted.baseline_present < m.min_share * m.baseline:
+            missing = m.baseline - counted.baseline_present
+            return replace(counted, reason=f"{missing} of {m.baseline} baseline units missing or excluded")
         w, placebos = self.windows(length), self.placebos(length)
         if len(placebos) < MIN_PLACEBOS:
-            return Effect(
+            return replace(
+                counted,
                 reason=f"{len(placebos)} placebo dates {m.placebo_gap} units from every event (need {MIN_PLACEBOS})",
-                **counts,
             )
         if len(self.null_p(length)) < MIN_PLACEBOS:
-            return Effect(
+            return replace(
+                counted,
                 reason=f"{len(placebos)} placebo dates, too close together to calibrate a p-value: fewer "
                 f"than {MIN_PLACEBOS} have {MIN_PLACEBOS} others {m.placebo_gap} units away",
-                **counts,
             )
         statistic, departure = float(w.statistic[first]), float(w.departure[first])
         null = self.null_p(length)
@@ -319,7 +320,8 @@ class Calculator:
         predicted = float(np.nanmean(prep.y[first + shift : first + shift + length])) - departure
         ratio, ci_low, ci_high = (self._ratio(predicted, v) for v in (departure, departure - high_q, departure - low_q))
         nominal = float(w.nominal[first] - np.median(w.nominal[placebos]))  # centred: the series' own drift out
-        return Effect(
+        return replace(
+            counted,
             effect=departure,
             nominal=nominal,
             ratio=ratio,
@@ -328,7 +330,6 @@ class Calculator:
             p_value=p,
             shift=shift,
             placebos=len(placebos),
-            **counts,
         )
 
     def _ratio(self, predicted: float, departure: float) -> float | None:

@@ -92,7 +92,7 @@ def analyse(
     pairs = pair_outages(summary.runs, hysteresis)
     slow = degraded(wide.latency, baseline=f"{BASELINE.days}D", factor=degraded_factor, min_increase_ms=degraded_min_ms)
     if start is not None and len(slow):
-        slow = slow[slow["end"] > start].assign(start=lambda f: f["start"].clip(lower=start))
+        slow = slow[slow["end"] > start].assign(start=lambda f: f["start"].mask(f["start"] < start, start))
         slow["minutes"] = (slow["end"] - slow["start"]).dt.total_seconds() / 60
     by_path = pd.concat(
         [f for f in (path_outages(pairs), slow) if not f.empty] or [path_outages(pairs)], ignore_index=True

@@ -277,7 +277,7 @@ def _decide_suspicious(
     texts = ("failure", "failed_operation", "same_failure")
     columns = [[_none(v) for v in rows[c].astype(object)] if c in texts else rows[c].tolist() for c in EVIDENCE]
     keys = list(zip(*columns, strict=True))
-    decided: dict[tuple, tuple[str, str, str | None]] = {}
+    decided: dict[tuple[object, ...], tuple[str, str, str | None]] = {}
     for key in set(keys):
         fields = dict(zip(EVIDENCE, key, strict=True))
         fields = {k: (bool(v) if isinstance(v, (bool, np.bool_)) else v) for k, v in fields.items()}
