@@ -131,16 +131,9 @@ def path_outages(pairs: pd.DataFrame) -> pd.DataFrame:
                 current["ongoing"] = current["ongoing"] or o["ongoing"]
                 current["_minutes"][o["verdict"]] += o["minutes"]
                 continue
-            if current is not None:
-                rows.append(current)
-            current = {
-                **cast(dict[str, Any], o.to_dict()),
-                "path": path,
-                "target": "*",
-                "_minutes": Counter({o["verdict"]: o["minutes"]}),
-            }
-        if current is not None:
-            rows.append(current)
+            current = {**cast(dict[str, Any], o.to_dict()), "path": path, "target": "*"}
+            current["_minutes"] = Counter({o["verdict"]: o["minutes"]})  # which verdict held longest
+            rows.append(current)  # and grown in place while the next ones overlap it
     for row in rows:
         row["verdict"] = row.pop("_minutes").most_common(1)[0][0]
     return _frame(rows)
@@ -185,8 +178,6 @@ def degraded(
                 current["rules"] = tuple(sorted(set(current["rules"]) | set(over)))
                 current["rounds"] += 1
                 continue
-            if current is not None:
-                rows.append(current)
             current = {
                 "path": path,
                 "target": "*",
@@ -199,8 +190,7 @@ def degraded(
                 "ongoing": False,
                 "factor": float(worst[at]),
             }
-        if current is not None:
-            rows.append(current)
+            rows.append(current)  # and grown in place while the next windows follow it
     return _frame(rows)
 
 
