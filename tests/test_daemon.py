@@ -166,7 +166,7 @@ def test_reloads_do_not_push_compaction_back(tmp_path: Path, daemons: Callable[.
     config = refused_targets(tmp_path, closed_port, 2, count=1)
     config.write_text(config.read_text() + "\n[daemon]\ncompact_every_s = 3\n")
     daemon = daemons(config)
-    daemon.wait_until(lambda: "probing 1 targets" in daemon.output(), what="the daemon to start")
+    daemon.wait_until(lambda: "probing 1 target " in daemon.output(), what="the daemon to start")
     deadline = time.monotonic() + 20  # the compaction's child process takes seconds on a busy machine
     while "compaction: " not in daemon.output():
         assert time.monotonic() < deadline, daemon.output()

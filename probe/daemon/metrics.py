@@ -14,69 +14,69 @@ from prometheus_client import (
 
 from probe.model import PHASES, Measurement
 
-LABELS = ("target", "group", "path", "kind")
-LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LABELS = "target group path kind"
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # every histogram's, in seconds
+
+# Every metric: the attribute of Metrics, its type, its name (a counter's is exposed with
+# `_total`), its help and its labels. The first three are the last probe of each target
+# through each path, as blackbox_exporter has them; then rounds and the event loop
+# (probe/daemon/probing.py, watchdog.py), the store writer (writer.py) and fleet mode
+# (forwarding.py).
+METRICS: dict[str, tuple[type[Counter | Gauge | Histogram], str, str, str]] = {
+    "success": (Gauge, "probe_success", "Whether the last probe succeeded", LABELS),
+    "duration": (Gauge, "probe_duration_seconds", "How long the last probe took", LABELS),
+    "phase": (Gauge, "probe_phase_duration_seconds", "Duration of each phase of the last probe", f"{LABELS} phase"),
+    "rounds": (Counter, "tunnelwatch_rounds", "Rounds run (one target through all its paths)", "group"),
+    "skipped": (Counter, "tunnelwatch_rounds_skipped", "Rounds not run: the previous one still running (overrun) or the start too late (missed)", "group reason"),
+    "round_duration": (Histogram, "tunnelwatch_round_duration_seconds", "Duration of a round", "group"),
+    "schedule_lag": (Histogram, "tunnelwatch_schedule_lag_seconds", "How late rounds started", ""),
+    "loop_lag": (Gauge, "tunnelwatch_event_loop_lag_seconds", "Event loop lag at the last check", ""),
+    "store_write": (Histogram, "tunnelwatch_store_write_seconds", "Duration of a store write", ""),
+    "store_buffered": (Gauge, "tunnelwatch_store_buffered_measurements", "Measurements waiting to be written", ""),
+    "store_errors": (Counter, "tunnelwatch_store_write_errors", "Failed store writes", ""),
+    "store_dropped": (Counter, "tunnelwatch_store_dropped_measurements", "Measurements dropped because the buffer was full", ""),
+    "store_reopened": (Counter, "tunnelwatch_store_reopened", "Times the store file was found deleted, replaced or damaged, and the daemon went on in a store at store.path (a fresh one; a damaged file moved aside)", "reason"),
+    "forwarded": (Counter, "tunnelwatch_forwarded_measurements", "Measurements uploaded to the central store", ""),
+    "forward_errors": (Counter, "tunnelwatch_forward_errors", "Failed uploads to the central store", ""),
+    "forward_backlog": (Gauge, "tunnelwatch_forward_backlog_measurements", "Measurements in the spool not uploaded yet", ""),
+    "forward_backlog_age": (Gauge, "tunnelwatch_forward_backlog_age_seconds", "Age of the oldest measurement not uploaded yet", ""),
+    "forward_dropped": (Gauge, "tunnelwatch_forward_dropped_measurements", "Measurements never uploaded: the backlog outgrew store.spool_max_rows", ""),
+}  # fmt: skip
 
 
 class Metrics:
+    """The metrics of METRICS, on a registry of our own."""
+
+    success: Gauge
+    duration: Gauge
+    phase: Gauge
+    rounds: Counter
+    skipped: Counter
+    round_duration: Histogram
+    schedule_lag: Histogram
+    loop_lag: Gauge
+    store_write: Histogram
+    store_buffered: Gauge
+    store_errors: Counter
+    store_dropped: Counter
+    store_reopened: Counter
+    forwarded: Counter
+    forward_errors: Counter
+    forward_backlog: Gauge
+    forward_backlog_age: Gauge
+    forward_dropped: Gauge
+
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.success = Gauge("probe_success", "Whether the last probe succeeded", LABELS, registry=r)
-        self.duration = Gauge("probe_duration_seconds", "How long the last probe took", LABELS, registry=r)
-        self.phase = Gauge(
-            "probe_phase_duration_seconds", "Duration of each phase of the last probe", (*LABELS, "phase"), registry=r
-        )
-        self.rounds = Counter(
-            "tunnelwatch_rounds", "Rounds run (one target through all its paths)", ["group"], registry=r
-        )
-        self.skipped = Counter(
-            "tunnelwatch_rounds_skipped",
-            "Rounds not run: the previous one still running (overrun) or the start too late (missed)",
-            ["group", "reason"],
-            registry=r,
-        )
-        self.round_duration = Histogram(
-            "tunnelwatch_round_duration_seconds", "Duration of a round", ["group"], registry=r, buckets=LAG_BUCKETS
-        )
-        self.schedule_lag = Histogram(
-            "tunnelwatch_schedule_lag_seconds", "How late rounds started", registry=r, buckets=LAG_BUCKETS
-        )
-        self.loop_lag = Gauge("tunnelwatch_event_loop_lag_seconds", "Event loop lag at the last check", registry=r)
-        self.store_write = Histogram(
-            "tunnelwatch_store_write_seconds", "Duration of a store write", registry=r, buckets=LAG_BUCKETS
-        )
-        self.store_buffered = Gauge(
-            "tunnelwatch_store_buffered_measurements", "Measurements waiting to be written", registry=r
-        )
-        self.store_errors = Counter("tunnelwatch_store_write_errors", "Failed store writes", registry=r)
-        self.store_dropped = Counter(
-            "tunnelwatch_store_dropped_measurements", "Measurements dropped because the buffer was full", registry=r
-        )
-        self.store_reopened = Counter(
-            "tunnelwatch_store_reopened",
-            "Times the store file was found deleted, replaced or damaged, and the daemon went on in a store at "
-            "store.path (a fresh one; a damaged file moved aside)",
-            ["reason"],
-            registry=r,
-        )
+        self.registry = CollectorRegistry()
+        for attribute, (kind, name, documentation, labels) in METRICS.items():
+            metric: Counter | Gauge | Histogram
+            if kind is Histogram:
+                metric = Histogram(name, documentation, labels.split(), registry=self.registry, buckets=LAG_BUCKETS)
+            else:
+                metric = kind(name, documentation, labels.split(), registry=self.registry)
+            setattr(self, attribute, metric)
         for reason in ("deleted", "replaced", "damaged"):
             self.store_reopened.labels(reason)  # at 0 from the start, for rate() and alerts
-        # Fleet mode (probe/fleet/forwarder.py)
-        self.forwarded = Counter(
-            "tunnelwatch_forwarded_measurements", "Measurements uploaded to the central store", registry=r
-        )
-        self.forward_errors = Counter("tunnelwatch_forward_errors", "Failed uploads to the central store", registry=r)
-        self.forward_backlog = Gauge(
-            "tunnelwatch_forward_backlog_measurements", "Measurements in the spool not uploaded yet", registry=r
-        )
-        self.forward_backlog_age = Gauge(
-            "tunnelwatch_forward_backlog_age_seconds", "Age of the oldest measurement not uploaded yet", registry=r
-        )
-        self.forward_dropped = Gauge(
-            "tunnelwatch_forward_dropped_measurements",
-            "Measurements never uploaded: the backlog outgrew store.spool_max_rows",
-            registry=r,
-        )
 
     def observe(self, m: Measurement) -> None:
         labels = (m.target, m.group, m.path, m.kind)

@@ -21,13 +21,14 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from probe.daemon.backoff import Outage, retry
 from probe.daemon.metrics import Metrics
 from probe.errors import StoreError
 from probe.model import Heartbeat, Measurement
-from probe.store.sqlite import Store, StoreLost
+from probe.store.file import StoreLost
+from probe.store.sqlite import Store
 
 log = logging.getLogger(__name__)
-MAX_RETRY_S = 300.0
 
 Batch = tuple[list[Measurement], Heartbeat]
 T = TypeVar("T")
@@ -42,14 +43,12 @@ class StoreWriter:
         self._pending: deque[Batch] = deque()
         self._buffered = 0
         self._wake = asyncio.Event()
-        self._failing_since: float | None = None
+        self._outage = Outage()  # of writes
         self._paths: list[tuple[str, str, str, str | None]] = []
         self._checking: asyncio.Future[None] | None = None
         self._checked = False
         self._lost: StoreLost | None = None  # counted and logged once, until a store is back
-        self._in_flight: asyncio.Future[Any] | None = (
-            None  # the store call under way (probe/store/sqlite.py: one thread)
-        )
+        self._in_flight: asyncio.Future[Any] | None = None  # the store call under way (one thread)
 
     @property
     def buffered(self) -> int:
@@ -129,8 +128,7 @@ class StoreWriter:
             raise
         except StoreError as exc:
             self._metrics.store_errors.inc()
-            if self._failing_since is None:
-                self._failing_since = time.monotonic()
+            if self._outage.failed():
                 log.error("%s; keeping up to %d measurements in memory and retrying", exc, self._max_buffer)
             return False
         self._metrics.store_write.observe(time.perf_counter() - started)
@@ -138,13 +136,8 @@ class StoreWriter:
         while self._pending and id(self._pending[0][1]) in written:  # a full buffer may have dropped some
             self._buffered -= len(self._pending.popleft()[0])
         self._metrics.store_buffered.set(self._buffered)
-        if self._failing_since is not None:
-            log.warning(
-                "store writable again after %.0f s; wrote %d buffered measurements",
-                time.monotonic() - self._failing_since,
-                len(measurements),
-            )
-            self._failing_since = None
+        if (lasted := self._outage.recovered()) is not None:
+            log.warning("store writable again after %.0f s; wrote %d buffered measurements", lasted, len(measurements))
         return True
 
     async def _check(self) -> None:
@@ -188,12 +181,8 @@ class StoreWriter:
 
     async def run(self) -> None:
         """Write whenever rounds submit; back off while the store is failing. Cancel to stop."""
-        delay = self._retry_s
         self._wake.set()  # check the store now, not at the first round
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while not await self.flush():
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_RETRY_S)
-            delay = self._retry_s
+            await retry(self.flush, self._retry_s)
