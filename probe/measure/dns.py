@@ -14,18 +14,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import dns.exception
 import dns.name
 import dns.rcode
 import dns.rdatatype
 
-from probe.config import DNS_LINGER_S, PathSpec, Target
+from probe.config import PathSpec, ProbeSettings, Target
 from probe.errors import ProbeFailure
 from probe.measure.failures import DNS_ANSWERS_CONFLICT, dns_failure
 from probe.measure.resolver import RESOLV_CONF, Exchange, Options, ResolvConf, Server, exchange, read_resolv_conf
@@ -233,10 +233,10 @@ async def lookup(resolver: Resolver, host: str, trace: Trace) -> list[str]:
 
 
 async def probe_dns(
-    target: Target, path: PathSpec, trace: Trace, *, dns_linger_s: float = DNS_LINGER_S, **_: object
-) -> dict[str, Any]:
+    target: Target, path: PathSpec, trace: Trace, *, settings: ProbeSettings, ssl_context: ssl.SSLContext
+) -> None:
     """The target's queries for its name as written; answers and rcode are facts either way,
-    and every answer that came within `dns_linger_s` of the first."""
+    and every answer that came within `probe.dns_linger_s` of the first."""
     check_bind(path)
     resolver = resolver_for(path)
     trace.operation = RESOLVE
@@ -244,7 +244,9 @@ async def probe_dns(
     started = time.perf_counter()
     try:
         rdtypes = [dns.rdatatype.from_text(qtype) for qtype in target.qtypes]
-        outcome = await _ask(resolver.settings(), resolver.path, _name(target.host or ""), rdtypes, dns_linger_s)
+        outcome = await _ask(
+            resolver.settings(), resolver.path, _name(target.host or ""), rdtypes, settings.dns_linger_s
+        )
     except BaseException:
         trace.phase("resolve", (time.perf_counter() - started) * 1000)
         raise
@@ -255,4 +257,3 @@ async def probe_dns(
         raise ProbeFailure(DNS_ANSWERS_CONFLICT, RESOLVE, "answers differ: " + " | ".join(conflicts))
     if not outcome.addresses:
         raise outcome.failure()
-    return {}

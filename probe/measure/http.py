@@ -20,7 +20,7 @@ from typing import Any
 import httptools
 import httpx
 
-from probe.config import PathSpec, Target
+from probe.config import PathSpec, ProbeSettings, Target
 from probe.errors import ProbeFailure
 from probe.measure.conn import Conn
 from probe.measure.dns import is_ip
@@ -188,18 +188,11 @@ def _title(body: bytes) -> str | None:
 
 
 async def probe_http(
-    target: Target,
-    path: PathSpec,
-    trace: Trace,
-    *,
-    ssl_context: ssl.SSLContext,
-    user_agent: str,
-    body_cap_bytes: int,
-    **_: object,
-) -> dict[str, Any]:
+    target: Target, path: PathSpec, trace: Trace, *, settings: ProbeSettings, ssl_context: ssl.SSLContext
+) -> None:
     url = _parse(target.url or "")
     for _hop in range(MAX_REDIRECTS + 1):
-        response = await _get(url, path, trace, ssl_context, user_agent, body_cap_bytes)
+        response = await _get(url, path, trace, ssl_context, settings.user_agent, settings.body_cap_bytes)
         status, location = response.status, response.headers.get(b"location")
         if status not in REDIRECTS or location is None:
             break
@@ -207,19 +200,15 @@ async def probe_http(
     else:
         raise ProbeFailure("http_too_many_redirects", HTTP_ROUND_TRIP, f"more than {MAX_REDIRECTS} redirects")
     body = bytes(response.body)
-    facts = {
-        "status": status,
-        "final_url": str(url),
-        "body_length": len(body),
-        "body_sha256": hashlib.sha256(body).hexdigest(),
-        "title": _title(body),
-    }
-    for name, value in facts.items():
-        trace.fact(name, value)
+    title = _title(body)
+    trace.fact("status", status)
+    trace.fact("final_url", str(url))
+    trace.fact("body_length", len(body))
+    trace.fact("body_sha256", hashlib.sha256(body).hexdigest())
+    trace.fact("title", title)
     if status >= 400:
         raise ProbeFailure("http_status_error", HTTP_ROUND_TRIP, f"HTTP {status}")
-    _check_expected(target, facts["title"], body)
-    return facts
+    _check_expected(target, title, body)
 
 
 def _check_expected(target: Target, title: str | None, body: bytes) -> None:

@@ -13,7 +13,9 @@ import re
 import socket
 import ssl
 import struct
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import cast
 
 from probe.config import PathSpec
 from probe.errors import ProbeFailure
@@ -42,6 +44,7 @@ CONNECT_STATUS = {
     504: ("generic_timeout_error", CONNECT),
 }
 MAX_PROXY_HEADER = 16 * 1024
+RDNs = tuple[tuple[tuple[str, str], ...], ...]  # a certificate's subject or issuer, as getpeercert() has it
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?\r\n")
 
 
@@ -192,17 +195,21 @@ async def start_tls(conn: Conn, context: ssl.SSLContext, sni: str, trace: Trace)
     except ssl.SSLCertVerificationError:
         trace.fact("tls_verified", False)
         raise
-    tls = conn.ssl_object
-    trace.fact("tls_version", tls.version())
-    trace.fact("tls_verified", context.verify_mode == ssl.CERT_REQUIRED)
-    cert = tls.getpeercert()
-    if cert:
-        trace.fact("cert_subject", _name(cert.get("subject", ())))
-        trace.fact("cert_issuer", _name(cert.get("issuer", ())))
-        if "notAfter" in cert:
-            expiry = ssl.cert_time_to_seconds(cert["notAfter"])
-            trace.fact("cert_not_after", datetime.fromtimestamp(expiry, UTC))
+    if (tls := conn.ssl_object) is not None:  # the session the handshake set up
+        trace.fact("tls_version", tls.version())
+        trace.fact("tls_verified", context.verify_mode == ssl.CERT_REQUIRED)
+        _certificate_facts(tls.getpeercert(), trace)
 
 
-def _name(rdns: tuple[tuple[tuple[str, str], ...], ...]) -> str:
+def _certificate_facts(cert: Mapping[str, object] | None, trace: Trace) -> None:
+    """Subject, issuer and expiry of a verified certificate (getpeercert's dictionary)."""
+    if not cert:
+        return
+    trace.fact("cert_subject", _name(cast(RDNs, cert.get("subject", ()))))
+    trace.fact("cert_issuer", _name(cast(RDNs, cert.get("issuer", ()))))
+    if isinstance(not_after := cert.get("notAfter"), str):
+        trace.fact("cert_not_after", datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), UTC))
+
+
+def _name(rdns: RDNs) -> str:
     return ", ".join(f"{key}={value}" for rdn in rdns for key, value in rdn)

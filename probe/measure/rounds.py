@@ -11,15 +11,15 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import certifi
 import uvloop
 
-from probe.config import Config, PathSpec, Target
+from probe.config import Config, PathSpec, ProbeSettings, Target
 from probe.errors import ProbeFailure
 from probe.measure.dns import probe_dns
 from probe.measure.failures import classify
@@ -32,7 +32,17 @@ from probe.model import Heartbeat, Measurement, Trace
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Probe = Callable[..., Awaitable[dict[str, Any]]]
+
+class Probe(Protocol):
+    """What every probe is: `target` measured through `path`, its phases and facts recorded
+    in `trace`. A failure raises (ProbeFailure, or what the network raised); `measure` makes
+    it a value."""
+
+    def __call__(
+        self, target: Target, path: PathSpec, trace: Trace, *, settings: ProbeSettings, ssl_context: ssl.SSLContext
+    ) -> Awaitable[None]: ...
+
+
 PROBES: dict[str, Probe] = {"http": probe_http, "tls": probe_tls, "tcp": probe_tcp, "dns": probe_dns}
 ENDPOINT_GROUP = "endpoint"
 DIRECT = PathSpec(name="direct", kind="direct")
@@ -116,15 +126,7 @@ async def measure(ctx: ProbeContext, target: Target, path: PathSpec, round_id: s
     detail = ""
     try:
         async with asyncio.timeout(target.timeout_s or settings.timeout_s):
-            await PROBES[target.kind](
-                target,
-                path,
-                trace,
-                ssl_context=ctx.ssl_context,
-                user_agent=settings.user_agent,
-                body_cap_bytes=settings.body_cap_bytes,
-                dns_linger_s=settings.dns_linger_s,
-            )
+            await PROBES[target.kind](target, path, trace, settings=settings, ssl_context=ctx.ssl_context)
     except Exception as exc:  # the boundary where network failures become values
         failure = classify(exc)
         operation = exc.operation if isinstance(exc, ProbeFailure) else trace.operation

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import ssl
 
-from probe.config import PathSpec, Target
+from probe.config import PathSpec, ProbeSettings, Target
 from probe.measure.paths import open_stream
 from probe.model import Trace
 
 
-async def probe_tcp(target: Target, path: PathSpec, trace: Trace, **_: object) -> dict[str, Any]:
+async def probe_tcp(
+    target: Target, path: PathSpec, trace: Trace, *, settings: ProbeSettings, ssl_context: ssl.SSLContext
+) -> None:
     (await open_stream(path, target.host or "", target.port or 0, trace)).close()
-    return {}

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import ssl
 from datetime import UTC
-from typing import Any
 from urllib.parse import urlsplit
 
-from probe.config import PathSpec, Target
+from probe.config import PathSpec, ProbeSettings, Target
 from probe.measure.paths import open_stream, start_tls
 from probe.model import Trace
 
@@ -15,14 +14,13 @@ CERT_FAILURES = frozenset({"ssl_invalid_hostname", "ssl_unknown_authority", "ssl
 
 
 async def probe_tls(
-    target: Target, path: PathSpec, trace: Trace, *, ssl_context: ssl.SSLContext, **_: object
-) -> dict[str, Any]:
+    target: Target, path: PathSpec, trace: Trace, *, settings: ProbeSettings, ssl_context: ssl.SSLContext
+) -> None:
     conn = await open_stream(path, target.host or "", target.port or 0, trace)
     try:
         await start_tls(conn, ssl_context, target.sni or target.host or "", trace)
     finally:
         conn.close()
-    return {}
 
 
 def _endpoint(target: Target) -> tuple[str, int, str]:
