@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analysis.rollup import compact  # noqa: E402
+from analysis.compaction import compact  # noqa: E402
 from probe.config import StoreSettings  # noqa: E402
 from probe.store.sqlite import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, _insert, open_store  # noqa: E402
 

@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analysis.rollup import LAG_LIMIT_MS  # noqa: E402
+from analysis.summary import LAG_LIMIT_MS  # noqa: E402
 from bench.daemon_load import percentile  # noqa: E402
 from probe.measure.conn import SO_TIMESTAMPNS  # noqa: E402
 from tests.servers import LOOPBACK, free_port  # noqa: E402

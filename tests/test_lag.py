@@ -7,7 +7,7 @@ import time
 
 import pandas as pd
 
-from analysis.rollup import LAG_LIMIT_MS, hourly_latency
+from analysis.summary import LAG_LIMIT_MS, hourly_latency
 from probe.measure.lag import LagMonitor
 
 
