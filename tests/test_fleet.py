@@ -16,14 +16,22 @@ import pandas as pd
 import psycopg
 import pytest
 
+from analysis.compaction import compact
 from analysis.fleet import fleet_outages
-from analysis.rollup import compact
 from probe.config import PathSpec, parse_config, redact
 from probe.errors import ConfigError, StoreError
-from probe.fleet.forwarder import Forwarder, backlog
+from probe.fleet.forwarder import Forwarder
 from probe.fleet.uplink import Uplink
 from probe.model import Heartbeat, Measurement
 from probe.store.central import MIGRATIONS, CentralStore, month_bounds
+from probe.store.schema import (
+    HEARTBEAT_COLUMNS,
+    MEASUREMENT_COLUMNS,
+    PATH_COLUMNS,
+    ROLLUP_CURSOR_COLUMNS,
+    SUMMARY_TABLES,
+)
+from probe.store.spool import Spool
 from probe.store.sqlite import SQLiteStore
 from tests.analysis_data import analysis_config, realistic_week
 from tests.conftest import Proxies
@@ -75,8 +83,6 @@ def test_the_central_store_migrates_once_and_partitions_by_month(postgres: Postg
     central = CentralStore(url)  # a second open migrates nothing
     spool_with(tmp_path / "spool.db", rounds=30).close()
     with sqlite3.connect(tmp_path / "spool.db") as db:
-        from probe.store.sqlite import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS
-
         measurements = db.execute(f"SELECT {', '.join(MEASUREMENT_COLUMNS)} FROM measurements").fetchall()
         heartbeats = db.execute(f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats").fetchall()
     assert central.ingest("v1", measurements, heartbeats) == 60
@@ -96,6 +102,38 @@ def test_the_central_store_migrates_once_and_partitions_by_month(postgres: Postg
     assert months == {"measurements_y2018m03", "measurements_y2018m04"}
     assert per_month == {"measurements_y2018m03": 24, "measurements_y2018m04": 36}  # 12 rounds before midnight
     central.close()
+
+
+def test_the_central_tables_have_the_schema_columns_and_the_vantage(postgres: Postgres) -> None:
+    url = postgres.database("columns")
+    CentralStore(url).close()
+    with psycopg.connect(url) as conn:
+
+        def columns(table: str) -> tuple[str, ...]:
+            return tuple(
+                row[0]
+                for row in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = %s ORDER BY ordinal_position",
+                    [table],
+                )
+            )
+
+        assert columns("measurements") == MEASUREMENT_COLUMNS
+        assert columns("heartbeats") == HEARTBEAT_COLUMNS
+        assert columns("paths") == ("vantage", *PATH_COLUMNS)
+        assert columns("rollup_cursor") == ("vantage", *ROLLUP_CURSOR_COLUMNS)
+        for table in SUMMARY_TABLES:
+            assert columns(table.name) == ("vantage", *table.columns)
+
+
+def test_a_central_store_from_a_newer_tunnelwatch_is_refused(postgres: Postgres) -> None:
+    url = postgres.database("newer")
+    CentralStore(url).close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_version SET version = %s", [len(MIGRATIONS) + 1])
+    newer = rf"schema version {len(MIGRATIONS) + 1} is newer than this tunnelwatch knows \({len(MIGRATIONS)}\); upgrade"
+    with pytest.raises(StoreError, match=newer):
+        CentralStore(url)
 
 
 def test_month_bounds() -> None:
@@ -429,7 +467,7 @@ def test_uploads_leave_through_the_uplink_path(
 
 def backlog_of(spool: Path) -> int:
     with sqlite3.connect(spool) as db:
-        return backlog(db).measurements
+        return Spool(db).backlog().measurements
 
 
 @pytest.mark.parametrize(("store", "message"), [

@@ -16,6 +16,13 @@ import pytest
 
 from probe.errors import StoreError
 from probe.model import Heartbeat, Measurement
+from probe.store.schema import (
+    HEARTBEAT_COLUMNS,
+    MEASUREMENT_COLUMNS,
+    PATH_COLUMNS,
+    ROLLUP_CURSOR_COLUMNS,
+    SUMMARY_TABLES,
+)
 from probe.store.sqlite import MIGRATIONS, StoreDamaged, StoreLock, StoreLost, open_store
 
 
@@ -52,6 +59,22 @@ def test_new_store_is_migrated_to_the_latest_schema(tmp_path: Path) -> None:
     mode = sqlite3.connect(tmp_path / "sub" / "tw.db").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
     store.close()
+
+
+def test_the_schema_lists_are_the_columns_of_the_tables(tmp_path: Path) -> None:
+    open_store(tmp_path / "tw.db").close()
+    db = sqlite3.connect(tmp_path / "tw.db")
+
+    def columns(table: str) -> tuple[str, ...]:
+        return tuple(row[1] for row in db.execute(f"PRAGMA table_info({table})"))
+
+    assert columns("measurements") == ("id", *MEASUREMENT_COLUMNS)
+    assert columns("heartbeats") == HEARTBEAT_COLUMNS
+    assert columns("paths") == PATH_COLUMNS
+    assert columns("rollup_cursor") == ("id", *ROLLUP_CURSOR_COLUMNS)
+    for table in SUMMARY_TABLES:
+        assert columns(table.name) == table.columns
+    db.close()
 
 
 def test_measurements_round_trip(tmp_path: Path) -> None:

@@ -1,2 +1,3 @@
-"""The disk: the embedded SQLite store, the file under it and the fleet's central PostgreSQL.
-Never touches the network's measurement code."""
+"""The disk: the tables' columns (schema), a vantage point's SQLite store and the file under
+it, the spool's upload cursor, and the fleet's central PostgreSQL. Never imports measurement,
+the fleet, the daemon or analysis."""

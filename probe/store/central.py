@@ -1,15 +1,16 @@
 """The fleet's central store: PostgreSQL, written by every vantage point's forwarder.
 
-The tables mean what the SQLite store's do, with the same column names (times as Unix
-milliseconds), so one SQL dialect serves both; rows carry their vantage point. Measurements
-and heartbeats are partitioned by month of `started_at_ms` (dropping a month is how
-retention works), and a row's natural key makes an upload idempotent: a batch sent twice,
-after a forwarder died between the commit and noting it, is stored once.
+The tables mean what the SQLite store's do, with the same columns (probe/store/schema.py;
+times as Unix milliseconds), so analysis reads both with the same SQL; rows carry their
+vantage point. Measurements and heartbeats are partitioned by month of `started_at_ms`
+(dropping a month is how retention works), and a row's natural key makes an upload
+idempotent: a batch sent twice, after a forwarder died between the commit and noting it, is
+stored once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +18,17 @@ import psycopg
 
 from probe.errors import StoreError
 from probe.pgurl import mask, postgres_url_problem, redact
-from probe.store.sqlite import HEARTBEAT_COLUMNS, LATENCY_VALUES, MEASUREMENT_COLUMNS, SUMMARY_TABLES
+from probe.store.schema import (
+    HEARTBEAT_COLUMNS,
+    LATENCY_VALUES,
+    MEASUREMENT_COLUMNS,
+    PATH_COLUMNS,
+    ROLLUP_CURSOR_COLUMNS,
+    SUMMARY_TABLES,
+    from_ms,
+    migrate,
+    to_ms,
+)
 
 CONNECT_TIMEOUT_S = 5
 TCP_USER_TIMEOUT_MS = 30_000
@@ -116,10 +127,10 @@ MIGRATIONS = (
 
 def month_bounds(ms: int) -> tuple[int, int, str]:
     """The month holding `ms`: its start and end (Unix ms) and a partition suffix."""
-    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    moment = from_ms(ms)
     start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
     end = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
-    return round(start.timestamp() * 1000), round(end.timestamp() * 1000), f"y{moment:%Ym%m}"
+    return to_ms(start), to_ms(end), f"y{moment:%Ym%m}"
 
 
 class CentralStore:
@@ -142,10 +153,14 @@ class CentralStore:
                 keepalives_interval=5,
                 keepalives_count=3,
             )
-            self._migrate()
-            self._months: set[str] = set()  # partitions known to exist
+            try:
+                self._migrate()
+            except (psycopg.Error, StoreError):  # the server gone, or a schema newer than this tunnelwatch knows
+                self._db.close()
+                raise
         except psycopg.Error as exc:
             raise StoreError(f"{redact(url)}: cannot open the central store: {_first_line(exc, url)}") from None
+        self._months: set[str] = set()  # partitions known to exist
 
     def _migrate(self) -> None:
         with self._db.transaction():
@@ -155,14 +170,12 @@ class CentralStore:
             version = row[0] if row else 0
             if row is None:
                 self._db.execute("INSERT INTO schema_version VALUES (0)")
-            if version > len(MIGRATIONS):
-                raise StoreError(
-                    f"{redact(self.url)}: schema version {version} is newer than this tunnelwatch "
-                    f"knows ({len(MIGRATIONS)}); upgrade tunnelwatch"
-                )
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                self._db.execute(script)
-                self._db.execute("UPDATE schema_version SET version = %s", [number])
+            migrate(redact(self.url), version, MIGRATIONS, self._apply)
+
+    def _apply(self, number: int, script: str) -> None:
+        """One migration, in the transaction `_migrate` holds."""
+        self._db.execute(script)
+        self._db.execute("UPDATE schema_version SET version = %s", [number])
 
     def ingest(
         self,
@@ -181,14 +194,9 @@ class CentralStore:
                 )
                 added = self._copy("measurements", MEASUREMENT_COLUMNS, measurements)
                 self._copy("heartbeats", HEARTBEAT_COLUMNS, heartbeats)
-                if paths:
-                    with self._db.cursor() as cursor:
-                        cursor.executemany(
-                            "INSERT INTO paths (vantage, name, kind, label, endpoint_target) VALUES (%s, %s, %s, %s, %s) "
-                            "ON CONFLICT (vantage, name) DO UPDATE SET kind = excluded.kind, label = excluded.label, "
-                            "endpoint_target = excluded.endpoint_target",
-                            [(vantage, *p) for p in paths],
-                        )
+                self._copy(
+                    "paths", ("vantage", *PATH_COLUMNS), [(vantage, *p) for p in paths], update=("vantage", "name")
+                )
         except psycopg.Error as exc:
             raise StoreError(
                 f"{redact(self.url)}: cannot store {len(measurements)} measurements: {_first_line(exc, self.url)}"
@@ -197,25 +205,24 @@ class CentralStore:
         return added
 
     def replace_summaries(
-        self, vantage: str, since_ms: int, tables: dict[str, Sequence[tuple[Any, ...]]], cursor: tuple[int, float]
+        self, vantage: str, since_ms: int, tables: Mapping[str, Sequence[tuple[Any, ...]]], cursor: tuple[int, float]
     ) -> None:
         """A vantage point's summary rows recent as of `since_ms`, replacing those stored, and
         its cursor (until_ms, slot_s), in one transaction: sent twice, stored once."""
         try:
             with self._db.transaction():
-                for table, columns, key, recent in SUMMARY_TABLES:
-                    self._db.execute(f"DELETE FROM {table} WHERE vantage = %s AND {recent} >= %s", [vantage, since_ms])
-                    self._copy(
-                        table,
-                        ("vantage", *columns),
-                        [(vantage, *row) for row in tables[table]],
-                        update=("vantage", *key),
+                for table in SUMMARY_TABLES:
+                    self._db.execute(
+                        f"DELETE FROM {table.name} WHERE vantage = %s AND {table.recent} >= %s", [vantage, since_ms]
                     )
-                self._db.execute(
-                    "INSERT INTO rollup_cursor (vantage, until_ms, slot_s) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (vantage) DO UPDATE SET until_ms = excluded.until_ms, "
-                    "slot_s = excluded.slot_s",
-                    [vantage, *cursor],
+                    self._copy(
+                        table.name,
+                        ("vantage", *table.columns),
+                        [(vantage, *row) for row in tables[table.name]],
+                        update=("vantage", *table.key),
+                    )
+                self._copy(
+                    "rollup_cursor", ("vantage", *ROLLUP_CURSOR_COLUMNS), [(vantage, *cursor)], update=("vantage",)
                 )
         except psycopg.Error as exc:
             raise StoreError(
@@ -277,7 +284,7 @@ class CentralStore:
                         [table],
                     ).fetchall():
                         year, month = int(name[-7:-3]), int(name[-2:])
-                        _, end, _ = month_bounds(round(datetime(year, month, 1, tzinfo=UTC).timestamp() * 1000))
+                        _, end, _ = month_bounds(to_ms(datetime(year, month, 1, tzinfo=UTC)))
                         if end <= limit:
                             self._db.execute(f"DROP TABLE {name}")
                             dropped.append(name)

@@ -1,9 +1,13 @@
-"""The only persistence code: measurements and heartbeats in SQLite (WAL).
+"""The SQLite store: a vantage point's own store, one file in WAL mode, written by the daemon
+or `tunnelwatch probe` and read by the commands.
 
-One row per measurement plus one heartbeat row per round, written by a single writer in
-batches, one transaction each: a kill -9 loses at most the batch in flight. The schema is
-versioned with ``PRAGMA user_version`` and migrated forward on open. The small `Store`
-protocol is what the rest of tunnelwatch uses, so another backend can follow.
+One row per measurement plus one heartbeat row per round (their columns are in
+probe/store/schema.py), written by a single writer in batches, one transaction each: a
+kill -9 loses at most the batch in flight. The file also holds what each path is, the
+summaries compaction adds (analysis/rollup.py) and, in fleet mode, the spool's upload cursor
+(probe/store/spool.py). The schema is versioned with ``PRAGMA user_version`` and migrated
+forward on open (`MIGRATIONS`). The daemon's writer sees the store through the small `Store`
+protocol.
 
 A store is looked over when opened (`look_over`: the header, the schema's b-tree and the
 newest entry of every table and index; milliseconds, whatever the file's size), and any
@@ -29,68 +33,7 @@ from typing import Any, Protocol
 from probe.errors import StoreError
 from probe.model import Heartbeat, Measurement
 from probe.store.file import StoreDamaged, StoreLock, StoreLost, identity, look_over, quick_check, store_error
-
-MEASUREMENT_COLUMNS = (
-    "vantage",
-    "round_id",
-    "target",
-    "grp",
-    "path",
-    "kind",
-    "input",
-    "started_at_ms",
-    "ok",
-    "failure",
-    "failed_operation",
-    "resolve_ms",
-    "proxy_ms",
-    "connect_ms",
-    "tls_ms",
-    "first_byte_ms",
-    "total_ms",
-    "resolver",
-    "dns_rcode",
-    "addresses",
-    "peer_address",
-    "status",
-    "final_url",
-    "body_length",
-    "body_sha256",
-    "title",
-    "tls_version",
-    "cert_subject",
-    "cert_issuer",
-    "cert_not_after_ms",
-    "tls_verified",
-    "detail",
-    "loop_lag_ms",
-)
-HEARTBEAT_COLUMNS = (
-    "round_id",
-    "vantage",
-    "started_at_ms",
-    "finished_at_ms",
-    "probes",
-    "succeeded",
-    "config_sha256",
-    "target",
-    "scheduled_at_ms",
-)
-
-LATENCY_VALUES = tuple(f"{m}_p{q}" for m in ("connect", "first_byte", "total") for q in (10, 25, 50, 75, 90))
-# The summary tables (analysis/rollup.py) as the fleet's forwarder uploads them: (table,
-# columns, key, the column that says how recent a row is).
-SUMMARY_TABLES = (
-    (
-        "verdict_runs",
-        ("id", "target", "path", "state", "verdict", "rule", "blocking", "detail", "first_ms", "last_ms", "rounds"),
-        ("id",),
-        "last_ms",
-    ),
-    ("hourly", ("hour_ms", "grp", "path", "probes", "failing"), ("hour_ms", "grp", "path"), "hour_ms"),
-    ("hourly_latency", ("hour_ms", "path", "samples", *LATENCY_VALUES), ("hour_ms", "path"), "hour_ms"),
-    ("coverage", ("start_ms", "end_ms"), ("start_ms",), "end_ms"),
-)
+from probe.store.schema import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, PATH_COLUMNS, from_ms, migrate, to_ms
 
 # Each entry moves the schema from version i to i + 1. Never edit a shipped entry: append.
 MIGRATIONS = (
@@ -216,10 +159,6 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def _ms(moment: datetime | None) -> int | None:
-    return None if moment is None else round(moment.timestamp() * 1000)
-
-
 def _measurement_row(m: Measurement) -> tuple[Any, ...]:
     return (
         m.vantage,
@@ -229,7 +168,7 @@ def _measurement_row(m: Measurement) -> tuple[Any, ...]:
         m.path,
         m.kind,
         m.input,
-        _ms(m.started_at),
+        to_ms(m.started_at),
         int(m.ok),
         m.failure,
         m.failed_operation,
@@ -251,7 +190,7 @@ def _measurement_row(m: Measurement) -> tuple[Any, ...]:
         m.tls_version,
         m.cert_subject,
         m.cert_issuer,
-        _ms(m.cert_not_after),
+        to_ms(m.cert_not_after),
         None if m.tls_verified is None else int(m.tls_verified),
         m.detail,
         m.loop_lag_ms,
@@ -262,13 +201,13 @@ def _heartbeat_row(h: Heartbeat) -> tuple[Any, ...]:
     return (
         h.round_id,
         h.vantage,
-        _ms(h.started_at),
-        _ms(h.finished_at),
+        to_ms(h.started_at),
+        to_ms(h.finished_at),
         h.probes,
         h.succeeded,
         h.config_sha256,
         h.target,
-        _ms(h.scheduled_at),
+        to_ms(h.scheduled_at),
     )
 
 
@@ -318,7 +257,12 @@ class SQLiteStore:
                 raise StoreDamaged(self.path, problem)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            _migrate(db, self.path)
+            migrate(
+                str(self.path),
+                db.execute("PRAGMA user_version").fetchone()[0],
+                MIGRATIONS,
+                lambda number, script: db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;"),
+            )
             self._identity.update({suffix: identity(f"{self.path}{suffix}") for suffix in COMPANIONS})
         except sqlite3.Error as exc:
             db.close()
@@ -401,9 +345,8 @@ class SQLiteStore:
 
     def _upsert_paths(self, db: sqlite3.Connection) -> None:
         db.executemany(
-            "INSERT INTO paths (name, kind, label, endpoint_target) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, label = excluded.label, "
-            "endpoint_target = excluded.endpoint_target",
+            f"{_insert('paths', PATH_COLUMNS)} ON CONFLICT (name) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in PATH_COLUMNS if c != "name"),
             self._paths,
         )
 
@@ -489,7 +432,7 @@ class SQLiteStore:
         for row in self._read(query + " ORDER BY id", args):
             record = dict(zip(MEASUREMENT_COLUMNS, row, strict=True))
             record["addresses"] = json.loads(record["addresses"])
-            record["started_at"] = datetime.fromtimestamp(record.pop("started_at_ms") / 1000, UTC)
+            record["started_at"] = from_ms(record.pop("started_at_ms"))
             out.append(record)
         return out
 
@@ -519,17 +462,6 @@ class SQLiteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
-
-
-def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        raise StoreError(
-            f"{path}: schema version {version} is newer than this tunnelwatch knows ({len(MIGRATIONS)}); "
-            "upgrade tunnelwatch"
-        )
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
 
 
 def open_store(path: Path, lock: StoreLock | None = None) -> SQLiteStore:
