@@ -6,17 +6,18 @@ words where numbers should be. The header is read first, up to MAX_HEADER_BYTES 
 MAX_COLUMNS; then only the date column and the value column are parsed, CHUNK_ROWS rows at
 a time, and each chunk is summed into hours at once, so memory follows the hours the series
 spans, never its rows; no line may be longer than MAX_LINE_BYTES. What cannot be a series
-(no date column, a value that is not a number, a date that is not a date) is a ConfigError
-naming the file, the line, the column, the bad value and what would be valid.
+(no date column, a value that is not a number, a date that is not a date, a byte that is not
+UTF-8, a quote never closed) is a ConfigError naming the file, the line, the column, the bad
+value and what would be valid.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,9 @@ import pandas as pd
 from probe.errors import ConfigError
 
 from .eventcheck import hour_sums
+
+if TYPE_CHECKING:
+    from pandas._typing import ReadCsvBuffer
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_COLUMNS = 10_000
@@ -66,34 +70,20 @@ def read_series(
     if value_at == time_at:
         raise ConfigError(f"{path}: column {column!r} is the date column; the values must be in another")
     parts, first, last, line = [], None, None, 2  # the header is line 1
-    try:
-        with path.open("rb") as raw:
-            chunks = pd.read_csv(
-                _BoundedLines(raw, path),
-                header=None,
-                skiprows=1,
-                usecols=[time_at, value_at],
-                dtype={time_at: str},
-                chunksize=CHUNK_ROWS,
-                skip_blank_lines=False,
-            )
-            for chunk in chunks:
-                times, values = _parse(path, line, names[time_at], column, chunk[time_at], chunk[value_at])
-                values = values.mask(values.isin(missing))
-                line += len(chunk)
-                keep = times.notna()
-                if since is not None:
-                    keep &= times >= since
-                if until is not None:
-                    keep &= times < until
-                if keep.any():
-                    first = min(first, times[keep].min()) if first is not None else times[keep].min()
-                    last = max(last, times[keep].max()) if last is not None else times[keep].max()
-                    parts.append(hour_sums(pd.DatetimeIndex(times[keep]), values[keep]))
-    except pd.errors.EmptyDataError:
-        pass  # nothing under the header: no dated rows
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise ConfigError(f"{path}: not a CSV series: {exc}") from None
+    with path.open("rb") as raw:
+        for chunk in _chunks(path, raw, names, time_at, value_at):
+            times, values = _parse(path, line, names[time_at], column, chunk[time_at], chunk[value_at])
+            values = values.mask(values.isin(missing))
+            line += len(chunk)
+            keep = times.notna()
+            if since is not None:
+                keep &= times >= since
+            if until is not None:
+                keep &= times < until
+            if keep.any():
+                first = min(first, times[keep].min()) if first is not None else times[keep].min()
+                last = max(last, times[keep].max()) if last is not None else times[keep].max()
+                parts.append(hour_sums(pd.DatetimeIndex(times[keep]), values[keep]))
     within = "" if since is None and until is None else " in that range"
     if first is None or last is None:
         raise ConfigError(f"{path}: no dated rows{within}")
@@ -107,6 +97,64 @@ def read_series(
 def _listed(names: list[str], most: int = 20) -> str:
     shown = ", ".join(repr(n) for n in names[:most])
     return shown + (f" and {len(names) - most:,} more" if len(names) > most else "")
+
+
+def _chunks(path: Path, raw: BinaryIO, names: list[str], time_at: int, value_at: int) -> Iterator[pd.DataFrame]:
+    """The rows under the header, CHUNK_ROWS at a time, the date column as text. What the
+    parser cannot read is a ConfigError naming the line and what is wrong with it: the
+    parser's own words count rows, not lines, and quote no text."""
+    try:
+        yield from pd.read_csv(
+            cast("ReadCsvBuffer[bytes]", _BoundedLines(raw, path)),  # the C parser calls read() only
+            header=None,
+            skiprows=1,
+            usecols=[time_at, value_at],
+            dtype={time_at: str},
+            chunksize=CHUNK_ROWS,
+            skip_blank_lines=False,
+        )
+    except pd.errors.EmptyDataError:
+        return  # nothing under the header: no dated rows
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:  # the parser's: a byte that is not UTF-8, a quote never closed, a short first row
+        raise ConfigError(f"{path}: {_unreadable(path, exc, names, max(time_at, value_at))}") from None
+
+
+def _unreadable(path: Path, error: ValueError, names: list[str], needed: int) -> str:
+    """Where the parser stumbled and why, found by reading the file again line by line."""
+    example = "e.g. 2019-07-01,1234"
+    with path.open("rb") as raw:
+        lines = enumerate(iter(lambda: raw.readline(MAX_LINE_BYTES + 1), b""), start=1)
+        if isinstance(error, UnicodeDecodeError):
+            for number, line in lines:
+                try:
+                    line.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    return (
+                        f"line {number}: byte {line[exc.start]:#04x} at column {exc.start + 1} is not UTF-8 text; "
+                        "a series is a CSV file in UTF-8 (save it as CSV UTF-8)"
+                    )
+        elif isinstance(error, pd.errors.ParserError):
+            opened = None  # the line of a quote still open
+            for number, line in lines:
+                if line.count(b'"') % 2:
+                    opened = number if opened is None else None
+            if opened is not None:
+                return (
+                    f'line {opened}: a quote (") opens a field that no quote closes; valid: a field in quotes '
+                    'ends with a quote, and a quote inside it is doubled, e.g. 2019-07-01,"1,234"'
+                )
+        else:
+            for number, line in lines:
+                if number == 2:
+                    fields = next(csv.reader([line.decode("utf-8", "replace").rstrip("\r\n")]), [])
+                    return (
+                        f"line 2: {len(fields)} field{'' if len(fields) == 1 else 's'}, but the header names "
+                        f"{len(names)} ({_listed(names)}): the first row must hold a field for {names[needed]!r} "
+                        f"(empty for a missing value), {example}"
+                    )
+    return f"not a CSV series ({error}); valid: a header line, then one line a date, {example}"
 
 
 def _header(path: Path) -> list[str]:

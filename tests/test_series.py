@@ -94,7 +94,18 @@ def test_a_long_line_is_refused_where_it_is(tmp_path: Path, monkeypatch: pytest.
         ("date,users\n2019-07-01,true\n2019-07-02,false\n", "line 2: users 'True' is not a finite number"),
         ("date,users\n,5\n", "line 2: date is empty"),
         ("date,users\n1561939200,5\n", "line 2: date '1561939200' is not a date"),
-        ("date,users\n2019-07-01,5\n\xff\n", "not a CSV series: 'utf-8' codec can't decode"),
+        (
+            "date,users\n2019-07-01,5\n\xff\n",
+            "line 3: byte 0xff at column 1 is not UTF-8 text; a series is a CSV file in UTF-8",
+        ),
+        (
+            'date,users\n2019-07-01,5\n2019-07-02,"6\n2019-07-03,7\n',
+            "line 3: a quote .* opens a field that no quote closes",
+        ),
+        (
+            "date,users,note\n2019-07-01\n2019-07-02,6,x\n",
+            "line 2: 1 field, but the header names 3 .* a field for 'users'",
+        ),
         ("day,users\n2019-07-01,5\n", "column 'day' is the date column"),
     ],
 )
