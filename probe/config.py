@@ -6,11 +6,9 @@ import hashlib
 import ipaddress
 import os
 import re
-import ssl
 import tomllib
-from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -25,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from probe.errors import ConfigError
 from probe.pgurl import POSTGRES_SCHEMES, postgres_url_problem, redact
@@ -131,6 +130,8 @@ class ProbeSettings(_Frozen):
         is a config error, not a daemon that dies at start or at a reload."""
         if path is None:
             return None
+        import ssl  # here: most configs name no CA file, and every command loads this module
+
         try:
             ssl.create_default_context(cafile=path)
         except ssl.SSLError as exc:
@@ -388,6 +389,8 @@ class Config(_Frozen):
 
 
 def default_config_path() -> Path:
+    from importlib import resources
+
     return Path(str(resources.files("tunnelwatch_config").joinpath("tunnelwatch.toml")))
 
 
@@ -421,11 +424,38 @@ def _substitute_env(value: Any, where: str, source: str) -> Any:
     return value
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
+    if error["type"] == "extra_forbidden":
+        return _unknown_key(error["loc"])
     value = error.get("input")
     shown = "" if isinstance(value, dict) or error["type"] == "missing" else f" (got {value!r})"
     msg = error["msg"].removeprefix("Value error, ")
     return f"{_key_path(error['loc'])}: {msg}{shown}"
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """A key no table has: the valid keys of its table, and the nearest of them. Its value
+    is not shown: a misspelt password is still a password."""
+    table: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        field = table.model_fields.get(part) if isinstance(part, str) and table else None
+        if isinstance(part, str):
+            table = _table_in(field.annotation) if field else None
+    where = f"the keys of {_key_path(loc[:-1])} are" if loc[:-1] else "the top-level keys are"
+    if table is None:
+        return f"{_key_path(loc)}: unknown key"
+    import difflib
+
+    valid = [name for name, field in table.model_fields.items() if not field.exclude]
+    near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    return f"{_key_path(loc)}: unknown key{f' (did you mean {near[0]}?)' if near else ''}; {where} {', '.join(valid)}"
+
+
+def _table_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds (alone, in a list or optional), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((model for arg in get_args(annotation) if (model := _table_in(arg))), None)
 
 
 def _secret(loc: tuple[Any, ...]) -> bool:

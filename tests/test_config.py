@@ -74,8 +74,9 @@ BAD = [
     ('kind = "direct"', 'kind = "socks5"', "paths[0]", "needs host and port", ""),
     ('group = "blocked"', "group = 7", "targets[0].group", "string", "7"),
     ('kind = "direct"', 'kind = "direct"\nresolver = ["not-an-ip"]', "paths[0].resolver", "IP address", "not-an-ip"),
-    ('kind = "direct"', 'kind = "direct"\nport_typo = 1', "paths[0].port_typo", "Extra inputs", ""),
-]
+    ('kind = "direct"', 'kind = "direct"\nport_typo = 1', "paths[0].port_typo",
+     "unknown key (did you mean port?); the keys of paths[0] are name, kind, label, host, port,", ""),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("old", "new", "key", "valid", "value"), BAD, ids=[b[2] + "-" + b[1][:12] for b in BAD])
@@ -142,6 +143,30 @@ def test_secret_reference_to_unset_variable_names_key_and_variable(tmp_path: Pat
     result = cli("config", "check", "--config", str(path), env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert "paths[1].username" in result.stderr and "TW_TEST_USER" in result.stderr
+
+
+UNKNOWN_KEYS = [  # a key no table has: (added to MINIMAL, its path, what the message offers)
+    ("[probe]\nintervl_s = 300", "probe.intervl_s", "(did you mean interval_s?); the keys of probe are interval_s, "),
+    ("[store]\nkeep_days = 3", "store.keep_days", "(did you mean keep_raw_days?); the keys of store are path, keep_raw_days"),
+    ('[[paths]]\nname = "p"\nkind = "socks5"\nhost = "h"\nport = 1\nendpoint = { host = "e", port = 2, transprot = "tcp" }',
+     "paths[1].endpoint.transprot", "(did you mean transport?); the keys of paths[1].endpoint are host, port, transport"),
+    ("verbose = true", "verbose", "unknown key; the top-level keys are vantage, store, probe, daemon, metrics, analysis, report"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("added", "key", "valid"), UNKNOWN_KEYS, ids=[k[1] for k in UNKNOWN_KEYS])
+def test_an_unknown_key_is_named_with_the_valid_keys_of_its_table(added: str, key: str, valid: str) -> None:
+    text = MINIMAL.replace("[vantage]", added + "\n[vantage]") if added.startswith("verbose") else MINIMAL + added
+    with pytest.raises(ConfigError) as refused:
+        parse_config(text, "typo.toml")
+    assert f"typo.toml: invalid configuration:\n  {key}: unknown key" in str(refused.value)
+    assert valid in str(refused.value) and "Extra inputs" not in str(refused.value)
+
+
+def test_a_misspelt_secret_key_is_not_echoed() -> None:
+    with pytest.raises(ConfigError, match=r"paths\[0\]\.passwd: unknown key \(did you mean password\?\)") as refused:
+        parse_config(MINIMAL + 'passwd = "hunter2"\n', "typo.toml")
+    assert "hunter2" not in str(refused.value)
 
 
 def test_bad_secret_value_is_not_echoed(tmp_path: Path) -> None:
