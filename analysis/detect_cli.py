@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 
 from probe.config import Config
-from probe.console import config_option, err
+from probe.console import err
 from probe.errors import ConfigError
 
-from .cli import FORMATS, When, _configured, _events, _range, emit, events_group, store_options
 from .detect import (
     MIN_HISTORY,
     MK_WINDOW,
@@ -30,6 +29,21 @@ from .detect import (
 )
 from .eventcheck import outage_series
 from .events import CATEGORIES, select
+from .options import (
+    category_option,
+    check_range,
+    check_series,
+    configured,
+    emit,
+    events_of,
+    events_option,
+    format_option,
+    missing_option,
+    paths_targets,
+    series_options,
+    since_until,
+    store_options,
+)
 from .pipeline import analyse_config, source
 from .series import read_series
 
@@ -52,13 +66,8 @@ TABLE_COLUMNS = {
 }
 
 
-@events_group.command("detect")
-@click.option(
-    "--series",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="A daily CSV series (a date column and --column) instead of the store's outage minutes per day.",
-)
-@click.option("--column", help="The series' value column (with --series).")
+@click.command("detect")
+@series_options("A daily CSV series (a date column and --column) instead of the store's outage minutes per day.")
 @click.option(
     "--method",
     type=click.Choice(["baseline", "mann-kendall"]),
@@ -74,9 +83,7 @@ TABLE_COLUMNS = {
     "each block dated by its first (the paper uses 5 for counts; mann-kendall then charts "
     "averages).",
 )
-@click.option(
-    "--missing", type=float, multiple=True, help="This value means missing, e.g. 0 for Google Trends (repeatable)."
-)
+@missing_option("This value means missing, e.g. 0 for Google Trends (repeatable).")
 @click.option(
     "--threshold",
     type=click.FloatRange(min=0, min_open=True),
@@ -92,26 +99,14 @@ TABLE_COLUMNS = {
     show_default=True,
     help="Events this many days either side of a signal's start match it.",
 )
-@click.option(
-    "--category",
-    "categories",
-    multiple=True,
-    help=f"Only events of this category: {', '.join(CATEGORIES)} (default: all but holiday).",
+@category_option(f"Only events of this category: {', '.join(CATEGORIES)} (default: all but holiday).")
+@events_option()
+@since_until()
+@paths_targets(
+    "Only outages of this path (without --series).", "Only outages affecting this target (without --series)."
 )
-@click.option(
-    "--events",
-    "event_files",
-    multiple=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="More events (TOML or .ics).",
-)
-@click.option("--since", type=When(), help="Only data from this date.")
-@click.option("--until", type=When(), help="Only data up to this date.")
-@click.option("--path", "-p", "paths", multiple=True, help="Only outages of this path (without --series).")
-@click.option("--target", "-t", "targets", multiple=True, help="Only outages affecting this target (without --series).")
-@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@format_option
 @store_options
-@config_option
 def events_detect(
     series: Path | None,
     column: str | None,
@@ -133,11 +128,10 @@ def events_detect(
 ) -> None:
     """Where a series (or the store's outage minutes per day) departs from its local baseline,
     found without the dates, with the events near each start and the chance of such a match."""
-    _range(since, until)
-    if (series is None) != (column is None):
-        raise click.BadParameter("--series and --column go together")
-    cfg = _configured(config, store, vantage)
-    events = select(_events(cfg, event_files), categories=categories)
+    check_range(since, until)
+    check_series(series, column)
+    cfg = configured(config, store, vantage)
+    events = select(events_of(cfg, event_files), categories=categories)
     if not categories:
         events = [e for e in events if e.category != "holiday"]
     if series is not None and column is not None:

@@ -12,7 +12,7 @@ import html
 import io
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import MAXYEAR, MINYEAR, UTC, date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -24,9 +24,10 @@ from probe.errors import ConfigError
 
 from .charts import availability_heatmap, latency_smoke, outage_timeline
 from .eventcheck import Check, check_events, outage_series
-from .events import Event, load_events
+from .events import Event, load_events, overlapping
 from .eventstats import Method
-from .pipeline import Analysis, analyse_config
+from .frames import load_summary
+from .pipeline import Analysis, analyse_config, source
 
 ISO_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
 # The report holds the week and the CONTEXT_WEEKS before it: a baseline, a search and placebo
@@ -44,9 +45,7 @@ class Week:
     @property
     def previous(self) -> Week:
         start = self.start - pd.Timedelta(days=7)
-        local = start.tz_convert(self.tz)
-        year, week, _ = local.isocalendar()
-        return Week(start, self.start, self.tz, f"{year}-W{week:02d}")
+        return Week(start, self.start, self.tz, _label(start.tz_convert(self.tz).date()))
 
 
 def week(label: str | None, tz: str, today: date | None = None) -> Week:
@@ -56,16 +55,44 @@ def week(label: str | None, tz: str, today: date | None = None) -> Week:
         today = today or datetime.now(zone).date()
         monday = today - timedelta(days=today.weekday() + 7)
     else:
-        match = ISO_WEEK.match(label)
-        if not match:
-            raise ConfigError(f"--week {label!r} is not an ISO week; use e.g. 2018-W10")
-        try:
-            monday = date.fromisocalendar(int(match.group(1)), int(match.group(2)), 1)
-        except ValueError as exc:
-            raise ConfigError(f"--week {label!r}: {exc}") from None
-    start = pd.Timestamp(datetime.combine(monday, time(0), tzinfo=zone)).tz_convert("UTC")
-    year, number, _ = monday.isocalendar()
-    return Week(start, start + pd.Timedelta(days=7), tz, f"{year}-W{number:02d}")
+        monday = _monday(label)
+    start = _midnight(monday, zone)
+    return Week(start, start + pd.Timedelta(days=7), tz, _label(monday))
+
+
+def this_week(tz: str, now: datetime | None = None) -> Week:
+    """The current ISO week in the time zone, from its Monday to `now`: the week so far."""
+    zone = _zone(tz)
+    today = (now or datetime.now(UTC)).astimezone(zone).date()
+    monday = today - timedelta(days=today.weekday())
+    return Week(_midnight(monday, zone), pd.Timestamp(now or datetime.now(UTC)).tz_convert("UTC"), tz, _label(monday))
+
+
+def _midnight(day: date, zone: ZoneInfo) -> pd.Timestamp:
+    return pd.Timestamp(datetime.combine(day, time(0), tzinfo=zone)).tz_convert("UTC")
+
+
+def _monday(label: str) -> date:
+    """The Monday of an ISO week written YYYY-Www; a ConfigError saying what is valid."""
+    match = ISO_WEEK.match(label)
+    if not match:
+        raise ConfigError(f"--week {label!r} is not an ISO week; write YYYY-Www, e.g. 2018-W10")
+    year, number = int(match.group(1)), int(match.group(2))
+    if not MINYEAR <= year <= MAXYEAR:
+        raise ConfigError(
+            f"--week {label!r}: the year must be {MINYEAR:04d} to {MAXYEAR}; write YYYY-Www, e.g. 2018-W10"
+        )
+    weeks = date(year, 12, 28).isocalendar().week  # 28 December is always in the year's last week
+    if not 1 <= number <= weeks:
+        raise ConfigError(
+            f"--week {label!r}: {year} has weeks W01 to W{weeks}; write YYYY-Www, e.g. {year}-W{min(10, weeks):02d}"
+        )
+    return date.fromisocalendar(year, number, 1)
+
+
+def _label(day: date) -> str:
+    year, number, _ = day.isocalendar()
+    return f"{year}-W{number:02d}"
 
 
 def span(since: datetime, until: datetime, tz: str) -> Week:
@@ -81,16 +108,38 @@ def _zone(tz: str) -> ZoneInfo:
         raise ConfigError(f"time zone {tz!r} is unknown; use an IANA name such as Asia/Shanghai or UTC") from None
 
 
-def _analyse(cfg: Config, w: Week) -> Analysis:
+def analyse_week(cfg: Config, w: Week) -> Analysis:
+    """The week's summary and outages; its `span` is None when it holds no measurement."""
     return analyse_config(cfg, w.start.to_pydatetime(), w.end.to_pydatetime())
+
+
+def measured_weeks(cfg: Config, tz: str) -> list[str]:
+    """The weeks the store holds measurements in, as runs of consecutive weeks ("2018-W09" or
+    "2018-W09 to 2019-W08"), from the coverage of its summaries and raw rows."""
+    coverage = load_summary(source(cfg), None, None, cfg.probe.interval_s).coverage
+    mondays: set[date] = set()
+    for start, end in zip(coverage["start"], coverage["end"], strict=True):
+        first = start.tz_convert(tz).date()
+        last = (end - pd.Timedelta(microseconds=1)).tz_convert(tz).date()
+        monday = first - timedelta(days=first.weekday())
+        while monday <= last:
+            mondays.add(monday)
+            monday += timedelta(days=7)
+    runs: list[list[date]] = []
+    for monday in sorted(mondays):
+        if runs and monday - runs[-1][-1] == timedelta(days=7):
+            runs[-1].append(monday)
+        else:
+            runs.append([monday])
+    return [_label(run[0]) if len(run) == 1 else f"{_label(run[0])} to {_label(run[-1])}" for run in runs]
 
 
 def _clip(outages: pd.DataFrame, w: Week) -> pd.DataFrame:
     if outages.empty:
         return outages
     inside = outages[(outages["start"] < w.end) & (outages["end"] > w.start)].copy()
-    inside["start"] = inside["start"].clip(lower=w.start)
-    inside["end"] = inside["end"].clip(upper=w.end)
+    inside["start"] = inside["start"].mask(inside["start"] < w.start, w.start)
+    inside["end"] = inside["end"].mask(inside["end"] > w.end, w.end)
     inside["minutes"] = (inside["end"] - inside["start"]).dt.total_seconds() / 60
     return inside
 
@@ -101,7 +150,7 @@ def _within(result: Analysis, w: Week) -> Analysis:
 
 
 def weekly_figures(cfg: Config, w: Week, events: list[Event], result: Analysis | None = None) -> dict[str, Figure]:
-    result = result or _analyse(cfg, w)
+    result = result or analyse_week(cfg, w)
     s = result.summary
     paths = sorted(set(s.hourly["path"].astype(str))) if len(s.hourly) else [p.name for p in cfg.paths]
     return {
@@ -143,6 +192,7 @@ def _minutes(outages: pd.DataFrame) -> pd.Series:
 class WeeklyReport:
     html: str
     markdown: str
+    measured: bool  # the week holds a measurement
 
 
 CONTEXT_WEEKS = 8  # the event check of a weekly report looks at the weeks before it too
@@ -151,7 +201,7 @@ CONTEXT_WEEKS = 8  # the event check of a weekly report looks at the weeks befor
 def build_report(cfg: Config, w: Week) -> WeeklyReport:
     events = load_events(cfg.analysis.events)
     context = Week(w.start - pd.Timedelta(weeks=CONTEXT_WEEKS), w.end, w.tz, w.label)
-    wide = _analyse(cfg, context)  # one reading of the store serves every part of the report
+    wide = analyse_week(cfg, context)  # one reading of the store serves every part of the report
     this, before = _within(wide, w), _within(wide, w.previous)
     outages = this.paths
     figures = weekly_figures(cfg, w, events, this)
@@ -168,6 +218,7 @@ def build_report(cfg: Config, w: Week) -> WeeklyReport:
     return WeeklyReport(
         html=_html(title, w, figures, changes, outages, events, checks),
         markdown=_markdown(title, w, changes, outages, events, checks),
+        measured=this.span is not None,
     )
 
 
@@ -188,9 +239,13 @@ def _event_checks(wide: Analysis, w: Week, events: list[Event]) -> list[Check]:
     )
 
 
-def _period(w: Week) -> str:
-    last = w.end.tz_convert(w.tz) - pd.Timedelta(seconds=1)
-    return f"{w.start.tz_convert(w.tz):%a %Y-%m-%d} to {last:%a %Y-%m-%d} ({w.tz})"
+def period(w: Week) -> str:
+    """The days of the week (or span) in its time zone; with the times where one does not
+    begin or end at midnight, as the current week so far."""
+    first, end = w.start.tz_convert(w.tz), w.end.tz_convert(w.tz)
+    if first == first.normalize() and end == end.normalize():
+        return f"{first:%a %Y-%m-%d} to {end - pd.Timedelta(seconds=1):%a %Y-%m-%d} ({w.tz})"
+    return f"{first:%a %Y-%m-%d %H:%M} to {end:%a %Y-%m-%d %H:%M} ({w.tz})"
 
 
 def _local(t: pd.Timestamp, tz: str) -> str:
@@ -199,32 +254,34 @@ def _local(t: pd.Timestamp, tz: str) -> str:
 
 def _outage_rows(outages: pd.DataFrame, events: list[Event], tz: str) -> list[list[str]]:
     rows = []
-    for o in outages.sort_values("start").itertuples() if len(outages) else []:
-        overlapping = [e.id for e in events if e.window[0] < o.end and o.start < e.window[1]]
+    for o in outages.sort_values("start").to_dict("records") if len(outages) else []:
         rows.append(
             [
-                o.path,
-                _local(o.start, tz),
-                _local(o.end, tz),
-                f"{o.minutes:.0f}",
-                o.verdict,
-                ", ".join(o.targets),
-                ", ".join(overlapping),
+                str(o["path"]),
+                _local(o["start"], tz),
+                _local(o["end"], tz),
+                f"{o['minutes']:.0f}",
+                str(o["verdict"]),
+                ", ".join(o["targets"]),
+                ", ".join(overlapping(o["start"], o["end"], events)),
             ]
         )
     return rows
 
 
+def _number(value: float, unit: str) -> str:
+    return "" if pd.isna(value) else f"{value:.1f}{unit}"
+
+
 def _change_rows(changes: pd.DataFrame) -> list[list[str]]:
-    fmt = lambda v, unit: "" if pd.isna(v) else f"{v:.1f}{unit}"  # noqa: E731
     return [
         [
-            path,
-            fmt(r.availability_pct, " %"),
-            fmt(r.previous_pct, " %"),
-            fmt(r.availability_pct - r.previous_pct, " pt"),
-            fmt(r.outage_min, ""),
-            fmt(r.previous_min, ""),
+            str(path),
+            _number(r["availability_pct"], " %"),
+            _number(r["previous_pct"], " %"),
+            _number(r["availability_pct"] - r["previous_pct"], " pt"),
+            _number(r["outage_min"], ""),
+            _number(r["previous_min"], ""),
         ]
         for path, r in changes.iterrows()
     ]
@@ -276,10 +333,10 @@ def _html(
         f"<h2>{name.capitalize()}</h2><img alt='{name} chart' src='data:image/png;base64,{_png(figure)}'>"
         for name, figure in figures.items()
     )
-    period = _period(w)
+    days = period(w)
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>
-<p>{html.escape(period)}. Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.</p>
+<p>{html.escape(days)}. Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.</p>
 <h2>Against the previous week</h2>{_table(CHANGE_HEAD, _change_rows(changes), "no measurements this week")}
 <h2>Outages</h2>{_table(OUTAGE_HEAD, _outage_rows(outages, events, w.tz), "no outages this week")}
 <h2>Events in or near the week</h2>{_table(CHECK_HEAD, _check_rows(checks), "no event in or near this week")}
@@ -306,15 +363,15 @@ def _markdown(
         return "\n".join(lines + ["| " + " | ".join(map(_md, row)) + " |" for row in rows]) + "\n"
 
     return (
-        f"# {_md(title)}\n\n{_period(w)}\n\n"
+        f"# {_md(title)}\n\n{period(w)}\n\n"
         f"## Against the previous week\n\n{table(CHANGE_HEAD, _change_rows(changes), 'no measurements')}\n"
         f"## Outages\n\n{table(OUTAGE_HEAD, _outage_rows(outages, events, w.tz), 'no outages this week')}\n"
         f"## Events in or near the week\n\n{table(CHECK_HEAD, _check_rows(checks), 'none')}"
     )
 
 
-def write_report(cfg: Config, w: Week, out: Path) -> tuple[Path, Path]:
-    report = build_report(cfg, w)
+def write_report(report: WeeklyReport, out: Path) -> tuple[Path, Path]:
+    """The report's HTML at `out`, its Markdown summary beside it (.md)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.html, encoding="utf-8")
     summary = out.with_suffix(".md")
@@ -327,7 +384,7 @@ def write_weekly(cfg: Config, today: date | None = None) -> tuple[Path, Path]:
     directory, keeping the newest `report.keep` weeks."""
     w = week(None, cfg.report.timezone, today)
     directory = cfg.report.directory
-    page, summary = write_report(cfg, w, directory / f"tunnelwatch-{w.label}.html")
+    page, summary = write_report(build_report(cfg, w), directory / f"tunnelwatch-{w.label}.html")
     save_figures(weekly_figures(cfg, w, load_events(cfg.analysis.events)), directory / "charts", w.label, "png")
     _prune(directory, cfg.report.keep)
     return page, summary

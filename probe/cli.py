@@ -1,58 +1,47 @@
-"""Command line: argument parsing and output only."""
+"""The command line: `tunnelwatch` and a vantage point's commands (probe, run, status, config
+check); the analysis commands live in analysis/ and are loaded when one of them runs.
+Argument parsing and output only.
+
+Each command imports what it needs when it runs, so `tunnelwatch --help` starts at once and
+no command that needs no DataFrame loads pandas or matplotlib (tests/test_cli.py checks).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import json
 import sqlite3
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
-from probe.config import Config, load_config, redact
-from probe.console import config_option, err, out
-from probe.daemon.daemon import run_daemon
+from probe.console import LazyGroup, config_option
 from probe.errors import ConfigError, StoreError, TunnelwatchError
-from probe.fleet.forwarder import backlog
 from probe.logs import setup_logging
-from probe.measure.rounds import ProbeContext, path_rows, plan, run_loop, run_round
-from probe.model import PHASES, Measurement
-from probe.store.file import is_damage
-from probe.store.sqlite import open_store, store_error
+from probe.model import PHASES
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from probe.config import Config
+    from probe.model import Measurement
+
+# The analysis commands: where each lives, and its short help (its docstring's first sentence).
+ANALYSIS = {
+    "outages": (
+        "analysis.outages_cli:outages",
+        "Outage intervals with their verdict, duration and the events they overlap.",
+    ),
+    "events": ("analysis.cli:events_group", "The event calendar, and whether outages lined up with it."),
+    "chart": ("analysis.cli:chart_group", "Charts of the measurements."),
+    "report": ("analysis.cli:report_group", "Reports of the measurements."),
+    "store": ("analysis.cli:store_group", "Look after the store."),
+}
 
 
-class LazyGroup(click.Group):
-    """Subcommands whose modules load only when asked for: the daemon and the probe never
-    import pandas and matplotlib."""
-
-    LAZY = {
-        "outages": "analysis.cli:outages",
-        "events": "analysis.cli:events_group",
-        "chart": "analysis.cli:chart_group",
-        "report": "analysis.cli:report_group",
-        "store": "analysis.cli:store_group",
-    }
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self.LAZY])
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.LAZY:
-            module, attribute = self.LAZY[name].split(":")
-            return getattr(importlib.import_module(module), attribute)  # type: ignore[no-any-return]
-        return super().get_command(ctx, name)
-
-
-@click.group(name="tunnelwatch", cls=LazyGroup)
+@click.group(name="tunnelwatch", cls=LazyGroup, lazy=ANALYSIS)
 def app() -> None:
     """Measure disruptions of the open Internet and of the tunnels used to reach it."""
 
@@ -71,11 +60,18 @@ def _check_names(kind: str, asked: Sequence[str], known: Sequence[str], source: 
         raise ConfigError(f"{source}: no {kind} named {', '.join(map(repr, unknown))}; valid: {', '.join(known)}")
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _ms(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
 def _table(measurements: Sequence[Measurement]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=f"round {measurements[0].round_id}" if measurements else "no probes")
     for name in ("target", "path", "ok", "failure", "operation"):
         table.add_column(name)
@@ -101,6 +97,14 @@ def _table(measurements: Sequence[Measurement]) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per measurement.")
 def probe(target: tuple[str, ...], path: tuple[str, ...], config: Path | None, no_store: bool, as_json: bool) -> None:
     """Run one round now: every target through every path. Exit 0 if all succeeded, else 1."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from probe.config import load_config
+    from probe.console import out
+    from probe.measure.rounds import ProbeContext, path_rows, plan, run_loop, run_round
+    from probe.store.sqlite import open_store
+
     cfg = load_config(config)
     _check_names("target", target or [], [t.name for t in cfg.targets], cfg.source)
     _check_names("path", path or [], [p.name for p in cfg.paths], cfg.source)
@@ -137,8 +141,16 @@ def _masked(cfg: Config) -> dict[str, Any]:
 @config_option
 def config_check(config: Path | None) -> None:
     """Validate the config and print it resolved, secrets masked."""
+    import json
+
+    from rich.text import Text
+
+    from probe.config import load_config
+    from probe.console import err, out
+
     cfg = load_config(config)
-    err.print(Text.assemble(("ok", "green"), f": {cfg.source}: {len(cfg.targets)} targets, {len(cfg.paths)} paths"))
+    counts = f"{_count(len(cfg.targets), 'target')}, {_count(len(cfg.paths), 'path')}"
+    err.print(Text.assemble(("ok", "green"), f": {cfg.source}: {counts}"))
     out.print_json(json.dumps(_masked(cfg)))
 
 
@@ -147,6 +159,8 @@ def config_check(config: Path | None) -> None:
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 def run(config: Path | None, log_json: bool) -> None:
     """Run the daemon in the foreground: probe on schedule until SIGTERM or SIGINT."""
+    from probe.daemon.daemon import run_daemon
+
     setup_logging(as_json=log_json)
     sys.exit(run_daemon(config))
 
@@ -165,39 +179,41 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
+FAILURES_S = 6 * 3600  # status shows each pair's newest failure in the hours before the newest measurement
+
+
 @app.command()
 @config_option
 def status(config: Path | None) -> None:
     """What the store says now: last heartbeat, each path's state, the last failures."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from probe.config import load_config
+    from probe.console import out
+    from probe.store.latest import read_latest
+
     cfg = load_config(config)
     if not cfg.store.path.exists():
         raise StoreError(f"{cfg.store.path}: no store yet; start the daemon with `tunnelwatch run`")
-    store = open_store(cfg.store.path)
-    try:
-        beat, latest, failures = store.last_heartbeat(), store.latest_per_pair(), store.latest_per_pair(True)
-    finally:
-        store.close()
+    # "Now" is every pair's newest measurement within two of its rounds: a round's worth of rows
+    # (or two) before the newest, whatever the store's size.
+    cycle_s = max([cfg.probe.interval_s, *cfg.probe.group_intervals_s.values()])
+    failures_s = max(FAILURES_S, 2 * cycle_s)
+    latest = read_latest(cfg.store.path, now_ms=round(2 * cycle_s * 1000), failures_ms=round(failures_s * 1000))
     now = datetime.now(UTC)
-    if beat is None:
+    if latest.heartbeat is None:
         out.print("no round stored yet")
         return
+    beat = latest.heartbeat
     out.print(f"last heartbeat: {_when(beat['finished_at_ms'], now)}, round {beat['round_id']}")
     if cfg.store.url is not None:
-        try:
-            with contextlib.closing(sqlite3.connect(cfg.store.path)) as spool:
-                queued = backlog(spool)
-        except sqlite3.Error as exc:
-            raise store_error(cfg.store.path, exc, "read the spool's backlog") from None
-        out.print(
-            f"central store {escape(redact(cfg.store.url.get_secret_value()))}: {queued.measurements} measurements "
-            f"not uploaded yet{f', the oldest from {_when(queued.oldest_ms, now)}' if queued.oldest_ms else ''}"
-            f"{f'; {queued.dropped} given up over store.spool_max_rows' if queued.dropped else ''}"
-        )
+        out.print(_backlog(cfg.store.path, cfg.store.url.get_secret_value(), now))
     paths = Table(title="paths now (newest measurement of each target)")
     for name in ("path", "state", "targets ok"):
         paths.add_column(name)
     by_path: dict[str, list[dict[str, Any]]] = {}
-    for row in latest:
+    for row in latest.pairs:
         by_path.setdefault(row["path"], []).append(row)
     for name, rows in by_path.items():
         ok = sum(r["ok"] for r in rows)
@@ -206,11 +222,12 @@ def status(config: Path | None) -> None:
         )
         paths.add_row(Text(name), state, f"{ok}/{len(rows)}")
     out.print(paths)
-    last_failure = {(r["target"], r["path"]): r for r in failures}
-    pairs = Table(title="targets and paths")
+    last_failure = {(r["target"], r["path"]): r for r in latest.failures}
+    news = [r for r in latest.pairs if not r["ok"] or (r["target"], r["path"]) in last_failure]
+    pairs = Table(title=f"targets and paths failing now or in the past {_age(failures_s)}")
     for name in ("target", "group", "path", "now", "last failure", "failure", "operation"):
         pairs.add_column(name)
-    for row in latest:
+    for row in news:
         failed = last_failure.get((row["target"], row["path"]), {})
         pairs.add_row(
             Text(row["target"]),
@@ -221,7 +238,33 @@ def status(config: Path | None) -> None:
             Text(failed.get("failure") or ""),
             Text(failed.get("failed_operation") or ""),
         )
-    out.print(pairs)
+    if news:
+        out.print(pairs)
+    if quiet := len(latest.pairs) - len(news):
+        which = _count(quiet, "other pair") if news else f"{'all ' if quiet > 1 else ''}{_count(quiet, 'pair')}"
+        out.print(f"{which}: ok, no failure in the past {_age(failures_s)}")
+
+
+def _backlog(spool_path: Path, url: str, now: datetime) -> str:
+    """The spool's line in `status`: what the central store at `url` does not have yet."""
+    import contextlib
+
+    from rich.markup import escape
+
+    from probe.pgurl import redact
+    from probe.store.file import store_error
+    from probe.store.spool import Spool
+
+    try:
+        with contextlib.closing(sqlite3.connect(spool_path)) as spool:
+            queued = Spool(spool).backlog()
+    except sqlite3.Error as exc:
+        raise store_error(spool_path, exc, "read the spool's backlog") from None
+    return (
+        f"central store {escape(redact(url))}: {queued.measurements} measurements "
+        f"not uploaded yet{f', the oldest from {_when(queued.oldest_ms, now)}' if queued.oldest_ms else ''}"
+        f"{f'; {queued.dropped} given up over store.spool_max_rows' if queued.dropped else ''}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -229,12 +272,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = app.main(args=argv, prog_name="tunnelwatch", standalone_mode=False)
     except TunnelwatchError as exc:
-        err.print(Text.assemble(("error", "red"), f": {exc}"))
+        _error(str(exc))
         sys.exit(exc.exit_code)
     except sqlite3.DatabaseError as exc:  # every store read maps its errors: this is the net under them
+        from probe.store.file import is_damage
+
         if not is_damage(exc):
             raise
-        err.print(Text.assemble(("error", "red"), f": a store is damaged ({exc})"))
+        _error(f"a store is damaged ({exc})")
         sys.exit(2)
     except click.ClickException as exc:  # usage errors: exit 2
         exc.show()
@@ -242,3 +287,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (click.Abort, KeyboardInterrupt):
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error(message: str) -> None:
+    from rich.text import Text
+
+    from probe.console import err
+
+    err.print(Text.assemble(("error", "red"), f": {message}"))

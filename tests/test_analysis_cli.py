@@ -197,6 +197,7 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "wide.csv").write_text("date,users," + ",".join(f"c{i}" for i in range(19_998)) + "\n2019-07-01,5\n")
     (tmp / "long.csv").write_text("date,users," + "x" * (2 * MIB) + "\n2019-07-01,5,6\n")
     (tmp / "endless.csv").write_text("date,users\n2019-07-01,5\n2019-07-02," + "9" * (2 * MIB) + "\n")
+    (tmp / "quote.csv").write_text('date,users\n2019-07-01,5\n2019-07-02,"6\n2019-07-03,7\n')
     return tmp
 
 
@@ -232,6 +233,11 @@ BAD = [
      "long.csv: line 1: the header is longer than 1,048,576 bytes"),
     (["events", "check", "--series", "{tmp}/endless.csv", "--column", "users"],
      "endless.csv: line 3: longer than 1,048,576 bytes"),
+    (["events", "check", "--series", "{tmp}/quote.csv", "--column", "users"],
+     'quote.csv: line 3: a quote (") opens a field that no quote closes; valid: a field in quotes ends with a quote'),
+    (["chart", "weekly", "--week", "2018-W99"], "--week '2018-W99': 2018 has weeks W01 to W52; write YYYY-Www, e.g. 2018-W10"),
+    (["report", "weekly", "--week", "2021-W53"], "--week '2021-W53': 2021 has weeks W01 to W52; write YYYY-Www"),
+    (["chart", "weekly", "--week", "2018-10"], "--week '2018-10' is not an ISO week; write YYYY-Www, e.g. 2018-W10"),
 ]  # fmt: skip
 
 
@@ -240,6 +246,51 @@ def test_bad_input_exits_2_with_a_clear_message(bad_inputs: Path, store: Path, a
     result = cli(*[a.format(tmp=bad_inputs) for a in args], "--config", str(store))
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
+
+
+def _week_label(day: datetime) -> str:
+    year, week, _ = day.isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+@pytest.fixture(scope="module")
+def this_week_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store as `make run` leaves it: rounds from this week's Monday (UTC) or 3 hours ago,
+    whichever is later, up to now; nothing in the last complete week."""
+    tmp = tmp_path_factory.mktemp("new")
+    now = datetime.now(UTC)
+    monday = datetime.combine((now - timedelta(days=now.weekday())).date(), datetime.min.time(), UTC)
+    start = max(monday, now - timedelta(hours=3))
+    rounds = int((now - start) / timedelta(minutes=5))
+    build_store(tmp / "tw.db", [(i, everything()) for i in range(rounds + 1)], start=start)
+    return analysis_config(tmp, tmp / "tw.db", '[report]\ntimezone = "UTC"')
+
+
+def test_weekly_charts_and_report_of_a_new_store_show_this_week_and_say_so(
+    this_week_only: Path, tmp_path: Path
+) -> None:
+    """The last complete week holds no measurement: the current week so far is drawn, and
+    standard error says which week and why."""
+    now = datetime.now(UTC)
+    this, last = _week_label(now), _week_label(now - timedelta(days=7))
+    monday = now - timedelta(days=now.weekday())
+    said = f"{last}, the last complete week, holds no measurement: the current week so far instead"
+    charts = cli("chart", "weekly", "--config", str(this_week_only), "--out", str(tmp_path / "charts"))
+    assert charts.returncode == 0, charts.stderr
+    assert said in charts.stderr and f"{this}: Mon {monday:%Y-%m-%d} 00:00 to " in charts.stderr
+    assert (tmp_path / "charts" / f"availability-{this}.png").exists()
+    report = cli("report", "weekly", "--config", str(this_week_only), "--out", str(tmp_path / "week.html"))
+    assert report.returncode == 0, report.stderr
+    assert said in report.stderr and f"tunnelwatch weekly report {this}" in (tmp_path / "week.html").read_text()
+
+
+def test_a_week_without_measurements_names_the_weeks_with_them(this_week_only: Path, tmp_path: Path) -> None:
+    result = cli("chart", "weekly", "--config", str(this_week_only), "--week", "2018-W10", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "2018-W10: Mon 2018-03-05 to Sun 2018-03-11 (UTC): no measurement; the store holds measurements in "
+        f"{_week_label(datetime.now(UTC))} (choose a week with --week)"
+    ) in result.stderr
 
 
 def test_store_compact_then_the_same_answers(store: Path, tmp_path: Path) -> None:
