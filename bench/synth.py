@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.compaction import compact  # noqa: E402
 from probe.config import StoreSettings  # noqa: E402
-from probe.store.sqlite import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, _insert, open_store  # noqa: E402
+from probe.store.schema import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS  # noqa: E402
+from probe.store.sqlite import _insert, open_store  # noqa: E402
 
 PATHS = [
     ("direct", "direct", "", None),

@@ -34,7 +34,8 @@ import pytest
 
 from probe.model import Heartbeat, Measurement
 from probe.store.central import CentralStore
-from probe.store.sqlite import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, SQLiteStore
+from probe.store.schema import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS
+from probe.store.sqlite import SQLiteStore
 from tests.daemonproc import TUNNELWATCH
 from tests.postgres import cluster
 from tests.servers import LOOPBACK, need
