@@ -15,27 +15,10 @@ import pandas as pd
 from probe.console import err
 from probe.errors import ConfigError
 
+from . import options
 from .eventcheck import Check, binned_series, check_events, outage_series
 from .events import select
 from .eventstats import Method
-from .options import (
-    Duration,
-    apply,
-    category_option,
-    check_range,
-    check_series,
-    configured,
-    duration_option,
-    emit,
-    events_of,
-    events_option,
-    format_option,
-    missing_option,
-    paths_targets,
-    series_options,
-    since_until,
-    store_options,
-)
 from .pipeline import analyse_config, source
 from .series import read_series
 
@@ -83,15 +66,15 @@ METHOD_OPTIONS = (
 
 @click.command("check")
 @click.option("--event", "ids", multiple=True, help="Only this event id (repeatable).")
-@category_option()
-@paths_targets("Only outages of this path (repeatable).", "Only outages affecting this target (repeatable).")
-@duration_option("--before", "0", "Widen each window this much before (e.g. 3d).", show_default=False)
-@duration_option("--after", "0", "Widen each window this much after (e.g. 2d).", show_default=False)
-@duration_option("--unit", "1d", UNIT_HELP)
-@apply(*(duration_option(name, default, help) for name, default, help in METHOD_OPTIONS))
+@options.category_option()
+@options.paths_targets("Only outages of this path (repeatable).", "Only outages affecting this target (repeatable).")
+@options.duration_option("--before", "0", "Widen each window this much before (e.g. 3d).", show_default=False)
+@options.duration_option("--after", "0", "Widen each window this much after (e.g. 2d).", show_default=False)
+@options.duration_option("--unit", "1d", UNIT_HELP)
+@options.apply(*(options.duration_option(name, default, help) for name, default, help in METHOD_OPTIONS))
 @click.option(
     "--seasonal",
-    type=Duration(),
+    type=options.Duration(),
     multiple=True,
     help="Remove a cycle of this period first (statsmodels MSTL), e.g. 7d for a weekly one (repeatable).",
 )
@@ -102,13 +85,13 @@ METHOD_OPTIONS = (
     show_default=True,
     help="auto: log when every value is positive (a series), linear otherwise (outage shares).",
 )
-@missing_option("This value of --series means missing, e.g. 0 for Google Trends (repeatable).")
+@options.missing_option("This value of --series means missing, e.g. 0 for Google Trends (repeatable).")
 @click.option("--pool", is_flag=True, help="Add a row per category: its events as a whole.")
-@since_until()
-@series_options("Test an external daily or hourly CSV series instead of the store's outages.")
-@events_option()
-@format_option
-@store_options
+@options.since_until()
+@options.series_options("Test an external daily or hourly CSV series instead of the store's outages.")
+@options.events_option()
+@options.format_option
+@options.store_options
 def events_check(
     ids: tuple[str, ...],
     categories: tuple[str, ...],
@@ -139,8 +122,8 @@ def events_check(
     """For each event window: its departure from the local baseline, the ratio with a 95 %
     interval, a p-value from the series' own ordinary dates, q-values across the events,
     and the lead or lag of the first outage."""
-    check_range(since, until)
-    check_series(series, column)
+    options.check_range(since, until)
+    options.check_series(series, column)
     if missing and series is None:
         raise click.BadParameter("--missing is for --series: the store's outage series has no stand-in values")
     if unit <= pd.Timedelta(0):
@@ -154,8 +137,8 @@ def events_check(
         scale=scale,
         two_sided=series is not None,
     )
-    cfg = configured(config, store, vantage)
-    every = events_of(cfg, event_files)
+    cfg = options.configured(config, store, vantage)
+    every = options.events_of(cfg, event_files)
     chosen = select(every, ids=ids, categories=categories)
     if series is not None and column is not None:
         hours = read_series(
@@ -195,7 +178,7 @@ def events_check(
     except ValueError as exc:  # a log scale asked of values at or below 0; too little data for --seasonal
         raise ConfigError(f"{series or source(cfg)}: {exc}") from None
     what = f"{series.name}: mean of {column}" if series else "outage minutes per measured minute"
-    emit(
+    options.emit(
         _rows(checks, series is not None),
         COLUMNS if fmt == "table" else COLUMNS + MORE_COLUMNS,
         fmt,

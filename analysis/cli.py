@@ -18,19 +18,8 @@ from probe.console import LazyGroup, config_option, err
 from probe.errors import ConfigError
 from probe.pgurl import POSTGRES_SCHEMES
 
+from . import options
 from .events import select
-from .options import (
-    When,
-    category_option,
-    check_range,
-    checked_store,
-    configured,
-    emit,
-    events_of,
-    events_option,
-    format_option,
-    store_options,
-)
 
 if TYPE_CHECKING:
     from probe.config import Config
@@ -60,18 +49,18 @@ def events_group() -> None:
 
 @events_group.command("list")
 @click.option("--year", type=int, help="Only events in this year.")
-@category_option()
-@events_option()
-@format_option
+@options.category_option()
+@options.events_option()
+@options.format_option
 @config_option
 def events_list(
     year: int | None, categories: tuple[str, ...], event_files: tuple[Path, ...], fmt: str, config: Path | None
 ) -> None:
     """List known events."""
     cfg = load_config(config)
-    chosen = select(events_of(cfg, event_files), categories=categories, year=year)
+    chosen = select(options.events_of(cfg, event_files), categories=categories, year=year)
     rows = [{**e.model_dump(), "start": str(e.start), "end": str(e.end)} for e in chosen]
-    emit(
+    options.emit(
         rows,
         ["id", "category", "start", "end", "confidence", "title", "source"],
         fmt,
@@ -98,7 +87,7 @@ def _week(
     if since or until:
         if label or not (since and until):
             raise click.BadParameter("give --week, or both --since and --until")
-        check_range(since, until)
+        options.check_range(since, until)
         chosen = span(since, until, zone)
     else:
         chosen = week(label, zone)
@@ -125,12 +114,12 @@ def chart_group() -> None:
 
 @chart_group.command("weekly")
 @click.option("--week", "label", help="ISO week, e.g. 2018-W10 (default: last complete week).")
-@click.option("--since", type=When(), help="Instead of a week: from this date.")
-@click.option("--until", type=When(), help="Instead of a week: up to this date.")
+@click.option("--since", type=options.When(), help="Instead of a week: from this date.")
+@click.option("--until", type=options.When(), help="Instead of a week: up to this date.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("charts"), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["png", "svg"]), default="png", show_default=True)
 @click.option("--tz", help="Time zone of the axes (default: report.timezone).")
-@store_options
+@options.store_options
 def chart_weekly(
     label: str | None,
     since: datetime | None,
@@ -145,9 +134,9 @@ def chart_weekly(
     """Availability heatmap, latency smoke and outage timeline of one week."""
     from .report import analyse_week, save_figures, weekly_figures
 
-    cfg = configured(config, store, vantage)
+    cfg = options.configured(config, store, vantage)
     w, result = _week(cfg, label, since, until, tz, lambda w: analyse_week(cfg, w), lambda r: r.span is not None)
-    for path in save_figures(weekly_figures(cfg, w, events_of(cfg), result), out, w.label, fmt):
+    for path in save_figures(weekly_figures(cfg, w, options.events_of(cfg), result), out, w.label, fmt):
         err.print(f"wrote {path}")
 
 
@@ -166,7 +155,7 @@ def report_group() -> None:
     help="What the daemon runs on Mondays: last week's report and charts "
     "into report.directory, keeping the newest report.keep.",
 )
-@store_options
+@options.store_options
 def report_weekly(
     label: str | None,
     out: Path | None,
@@ -179,7 +168,7 @@ def report_weekly(
     """A self-contained HTML report of one week, and a Markdown summary beside it."""
     from .report import build_report, write_report, write_weekly
 
-    cfg = configured(config, store, vantage)
+    cfg = options.configured(config, store, vantage)
     if scheduled:
         page, summary = write_weekly(cfg)
         err.print(f"wrote {page} and {summary}")
@@ -227,7 +216,7 @@ def store_retire(keep_months: int, store: str | None, config: Path | None) -> No
     from probe.store.central import CentralStore
 
     cfg = load_config(config)
-    url = checked_store(store) if store else (cfg.store.url.get_secret_value() if cfg.store.url else None)
+    url = options.checked_store(store) if store else (cfg.store.url.get_secret_value() if cfg.store.url else None)
     if not url or not url.startswith(POSTGRES_SCHEMES):
         raise ConfigError(
             f"{cfg.source}: store.url: no central store to retire months of; set it or give --store postgresql://..."

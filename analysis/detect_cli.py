@@ -16,6 +16,7 @@ from probe.config import Config
 from probe.console import err
 from probe.errors import ConfigError
 
+from . import options
 from .detect import (
     MIN_HISTORY,
     MK_WINDOW,
@@ -29,21 +30,6 @@ from .detect import (
 )
 from .eventcheck import outage_series
 from .events import CATEGORIES, select
-from .options import (
-    category_option,
-    check_range,
-    check_series,
-    configured,
-    emit,
-    events_of,
-    events_option,
-    format_option,
-    missing_option,
-    paths_targets,
-    series_options,
-    since_until,
-    store_options,
-)
 from .pipeline import analyse_config, source
 from .series import read_series
 
@@ -67,7 +53,9 @@ TABLE_COLUMNS = {
 
 
 @click.command("detect")
-@series_options("A daily CSV series (a date column and --column) instead of the store's outage minutes per day.")
+@options.series_options(
+    "A daily CSV series (a date column and --column) instead of the store's outage minutes per day."
+)
 @click.option(
     "--method",
     type=click.Choice(["baseline", "mann-kendall"]),
@@ -83,7 +71,7 @@ TABLE_COLUMNS = {
     "each block dated by its first (the paper uses 5 for counts; mann-kendall then charts "
     "averages).",
 )
-@missing_option("This value means missing, e.g. 0 for Google Trends (repeatable).")
+@options.missing_option("This value means missing, e.g. 0 for Google Trends (repeatable).")
 @click.option(
     "--threshold",
     type=click.FloatRange(min=0, min_open=True),
@@ -99,14 +87,14 @@ TABLE_COLUMNS = {
     show_default=True,
     help="Events this many days either side of a signal's start match it.",
 )
-@category_option(f"Only events of this category: {', '.join(CATEGORIES)} (default: all but holiday).")
-@events_option()
-@since_until()
-@paths_targets(
+@options.category_option(f"Only events of this category: {', '.join(CATEGORIES)} (default: all but holiday).")
+@options.events_option()
+@options.since_until()
+@options.paths_targets(
     "Only outages of this path (without --series).", "Only outages affecting this target (without --series)."
 )
-@format_option
-@store_options
+@options.format_option
+@options.store_options
 def events_detect(
     series: Path | None,
     column: str | None,
@@ -128,10 +116,10 @@ def events_detect(
 ) -> None:
     """Where a series (or the store's outage minutes per day) departs from its local baseline,
     found without the dates, with the events near each start and the chance of such a match."""
-    check_range(since, until)
-    check_series(series, column)
-    cfg = configured(config, store, vantage)
-    events = select(events_of(cfg, event_files), categories=categories)
+    options.check_range(since, until)
+    options.check_series(series, column)
+    cfg = options.configured(config, store, vantage)
+    events = select(options.events_of(cfg, event_files), categories=categories)
     if not categories:
         events = [e for e in events if e.category != "holiday"]
     if series is not None and column is not None:
@@ -156,7 +144,7 @@ def events_detect(
     first, last = values.index[0].date(), values.index[-1].date()
     rate = base_rate(first, last, events, within_days)
     rows = [_row(s, events_near(s.start.date(), events, within_days), within_days, rate) for s in signals]
-    emit(
+    options.emit(
         rows,
         COLUMNS if fmt != "table" else TABLE_COLUMNS[method],
         fmt,
