@@ -19,6 +19,7 @@ import pandas as pd
 
 from probe.store.file import store_error
 from probe.store.schema import COVERAGE, HOURLY, HOURLY_LATENCY, LATENCY_VALUES, VERDICT_RUNS, SummaryTable, to_ms
+from probe.store.spool import Spool
 from probe.store.sqlite import SQLiteStore
 
 from .frames import first_raw_hour, frame_columns, read_cursor, summarise_raw, utc_times
@@ -182,11 +183,11 @@ def _insert(table: SummaryTable, on_conflict: str | None = None) -> str:
 def delete_raw(db: Path, before: pd.Timestamp, keep_unforwarded: bool = False) -> int:
     """Delete raw rows that started before `before`, a day per transaction so the daemon's
     writer is never kept waiting long. In fleet mode (`keep_unforwarded`) rows the forwarder
-    has not uploaded yet stay (probe/fleet/forwarder.py)."""
+    has not uploaded yet stay (probe/store/spool.py)."""
     measurements, heartbeats = "", ""
     if keep_unforwarded:
-        measurements = " AND id <= (SELECT coalesce(max(measurement_id), 0) FROM forward_cursor)"
-        heartbeats = " AND rowid <= (SELECT coalesce(max(heartbeat_rowid), 0) FROM forward_cursor)"
+        measurements = f" AND {Spool.uploaded('measurements')}"
+        heartbeats = f" AND {Spool.uploaded('heartbeats')}"
     conn = _writable(db)
     deleted = 0
     try:
