@@ -1,8 +1,8 @@
 """Every benchmark, one after the other, and bench/RESULTS.md rewritten with every figure,
-the command that produced it, the machine and the date. `make bench` runs this (about 50
+the command that produced it, the machine and the date. `make bench` runs this (about 65
 minutes). Nothing here is a test: targets are written beside the figures, never asserted.
 
-Usage: .venv/bin/python bench/run.py [--quick] [--only probe-rate timing daemon year fleet events]
+Usage: .venv/bin/python bench/run.py [--quick] [--only probe-rate timing daemon year fleet events startup]
   --quick: shorter runs (a month instead of a year, 1 run each, 10 ordinary dates a series)
            to try the harness.
   --only: run these sections and keep the others' figures from the existing file; every
@@ -27,9 +27,10 @@ from bench.daemon_load import measure_daemon  # noqa: E402
 from bench.events import measure_events  # noqa: E402
 from bench.fleet_load import measure_fleet  # noqa: E402
 from bench.probe_rate import measure_all  # noqa: E402
+from bench.startup import measure_startup  # noqa: E402
 from bench.timing_truth import measure_truth  # noqa: E402
 
-SECTIONS = ("probe-rate", "timing", "daemon", "year", "fleet", "events")
+SECTIONS = ("probe-rate", "timing", "daemon", "year", "fleet", "events", "startup")
 
 
 def _machine() -> str:
@@ -85,6 +86,11 @@ def main() -> None:
             "Events check and detect: CPU beyond start-up, and false positives on real series (issue 13)",
             f"bench/events.py --days {30 if q else 365} --runs {1 if q else 3}{' --placebo-limit 10' if q else ''}",
             lambda: measure_events(30 if q else 365, 1 if q else 3, placebo_limit=10 if q else None),
+        ),
+        "startup": (
+            "The command line's start-up: --help, config check, events list, status (issue 14)",
+            f"bench/startup.py --days {30 if q else 365} --runs {3 if q else 7}",
+            lambda: measure_startup(30 if q else 365, 3 if q else 7),
         ),
     }
     kept = _sections(args.out.read_text()) if args.out.exists() else {}
