@@ -166,7 +166,7 @@ and the same commands against it (`--store postgresql://... --vantage bench`):
 {chr(10).join(central)}
 
 Targets (issues 4 and 5), over a year: `outages` and `events check` under 10 s and 2 GB;
-weekly chart and report under 3 s. How: analysis reads summaries (analysis/rollup.py) kept by
+weekly chart and report under 3 s. How: analysis reads summaries (analysis/summary.py, written by analysis/compaction.py) kept by
 the daemon's hourly compaction, plus the raw rows after the cursor, summarised by the same code.
 For comparison, Uptime Kuma users report 6-10 GB databases at about 100 monitors.
 """

@@ -6,7 +6,7 @@ daemon is stopped for 6 hours on the 15th of every month; 0.5 % of probes fail a
 connect times are log-normal per path. Rows are filled as the daemon fills them for an https
 page (final URL, body hash, title, TLS version and certificate) and go in with executemany.
 With --compact, the store is compacted after every batch, as the daemon does every hour
-(analysis/rollup.py): raw rows older than --keep-raw-days go, summaries stay.
+(analysis/compaction.py): raw rows older than --keep-raw-days go, summaries stay.
 
 Usage: .venv/bin/python bench/synth.py OUT.db [--days 30] [--targets 100] [--start 2018-01-01]
        [--compact [--keep-raw-days 14]]

@@ -5,7 +5,7 @@ late they are inflated by about as much.
 A sampler sleeps PERIOD_S at a time and notes how much later than asked it woke, into
 10-ms buckets of a ring; `worst(since)` is the largest lateness noted since then. A
 measurement carries it as `loop_lag_ms`, and analysis leaves the total time of one taken
-while the loop was more than analysis.rollup.LAG_LIMIT_MS late out of its latency figures.
+while the loop was more than analysis.summary.LAG_LIMIT_MS late out of its latency figures.
 """
 
 from __future__ import annotations

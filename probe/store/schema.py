@@ -80,7 +80,7 @@ ROLLUP_CURSOR_COLUMNS = ("until_ms", "slot_s")
 
 @dataclass(frozen=True, slots=True)
 class SummaryTable:
-    """A table compaction writes (analysis/rollup.py), as a vantage point's store holds it;
+    """A table compaction writes (analysis/compaction.py), as a vantage point's store holds it;
     the central store adds `vantage` to its columns and to its key."""
 
     name: str

@@ -4,7 +4,7 @@ or `tunnelwatch probe` and read by the commands.
 One row per measurement plus one heartbeat row per round (their columns are in
 probe/store/schema.py), written by a single writer in batches, one transaction each: a
 kill -9 loses at most the batch in flight. The file also holds what each path is, the
-summaries compaction adds (analysis/rollup.py) and, in fleet mode, the spool's upload cursor
+summaries compaction adds (analysis/compaction.py) and, in fleet mode, the spool's upload cursor
 (probe/store/spool.py). The schema is versioned with ``PRAGMA user_version`` and migrated
 forward on open (`MIGRATIONS`). The daemon's writer sees the store through the small `Store`
 protocol.
