@@ -74,7 +74,8 @@ class Series:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Check:
-    """One event's result, or a category's (`event` = "category:<name>", `pooled` events)."""
+    """One event's result, or a category's (`event` = "category:<name>", `pooled` events): a
+    row of `events check`."""
 
     event: str
     title: str
