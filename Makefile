@@ -7,7 +7,7 @@ CONFIG ?= config/tunnelwatch.toml
 DEBIAN_TEST_PACKAGES := nginx-light dnsmasq-base microsocks shadowsocks-libev tinyproxy iptables chromium wireguard-go wireguard-tools postgresql strace
 DEBIAN_BENCH_PACKAGES := nginx-light microsocks prometheus-blackbox-exporter wrk postgresql
 
-.PHONY: run test venv test-deps bench clean
+.PHONY: run test lint venv test-deps bench clean
 
 $(BIN)/tunnelwatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,14 @@ run: venv
 test-deps:
 	@scripts/install-debian-packages $(DEBIAN_TEST_PACKAGES)
 
-test: venv test-deps
+# The style and the architecture first (seconds), then every test.
+lint: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: lint test-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Every benchmark, about 30 minutes; rewrites bench/RESULTS.md. Not part of `make test`.
