@@ -152,21 +152,21 @@ def measure_startup(days: int, runs: int, store: Path | None = None) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     plan_lines = "\n".join(f"- `{plan}`" for plan in plans)
-    return f"""The synthetic year (bench/synth.py: {days} days of 100 targets x 4 paths at 5-minute rounds from
-{START:%Y-%m-%d}, compacted as the daemon does, raw rows kept {KEEP_RAW_DAYS:g} days; {size / 1e6:,.0f} MB{built}).
-Each command as a user runs it (`.venv/bin/tunnelwatch ARGS --config STORE.toml`, cwd the repo, output to
-/dev/null, bytecode caches written and read), once untimed, then {runs} runs interleaved with the floors; medians (ratios: medians of the per-run ratios of
-wall times). Load average (1, 5, 15 min) {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} before and
-{load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f} after: the target is for an idle machine,
-so read the ratios to the floors, measured in the same run, beside the wall times.
+    return f"""The synthetic year (bench/synth.py: {days} days of 100 targets x 4 paths at 5-minute rounds
+from {START:%Y-%m-%d}, compacted as the daemon does, raw rows kept {KEEP_RAW_DAYS:g} days; {size / 1e6:,.0f} MB{built}).
+Each command as a user runs it (`.venv/bin/tunnelwatch ARGS --config STORE.toml`, cwd the repo,
+output to /dev/null, bytecode caches written and read), once untimed, then {runs} runs interleaved
+with the floors; medians (ratios: medians of the per-run ratios of wall times). Load average (1, 5,
+15 min) {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} before and {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f} after: the target is for an idle
+machine, so read the ratios to the floors, measured in the same run, beside the wall times.
 Data-frame libraries: which of {", ".join(DATAFRAME_LIBRARIES)} the command had loaded at exit.
 
 | command | wall | CPU | vs `python -c pass` | vs `import click` | data-frame libraries | under {TARGET_S} s | |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows_out)}
 
-`status` reads each pair's newest rows by the started_at indexes (probe/store/latest.py): the plans of
-its queries on this store (`EXPLAIN QUERY PLAN`), none a scan of a table:
+`status` reads each pair's newest rows by the started_at indexes (probe/store/latest.py): the
+plans of its queries on this store (`EXPLAIN QUERY PLAN`), none a scan of a table:
 
 {plan_lines}
 """
