@@ -9,17 +9,19 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeGuard, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, get_args
 from zoneinfo import ZoneInfo
 
-import icalendar
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from probe.errors import ConfigError
+
+if TYPE_CHECKING:  # loaded when used: listing the calendar needs neither
+    import icalendar
+    import pandas as pd
 
 BEIJING = ZoneInfo("Asia/Shanghai")
 Category = Literal["npc", "cppcc", "party-congress", "policy", "blocking-wave", "anniversary", "holiday", "other"]
@@ -52,14 +54,22 @@ class Event(BaseModel):
             value = getattr(self, name)
             if isinstance(value, datetime) and value.tzinfo is None:
                 raise ValueError(f"{name} {value.isoformat()} has a time but no offset; write e.g. +08:00")
-        if self.window[1] <= self.window[0]:
+        if self.span[1] <= self.span[0]:
             raise ValueError(f"end {self.end} is not after start {self.start}")
         return self
 
     @property
-    def window(self) -> tuple[pd.Timestamp, pd.Timestamp]:
+    def span(self) -> tuple[datetime, datetime]:
         """[start, end) in UTC."""
         return _instant(self.start, end=False), _instant(self.end, end=True)
+
+    @property
+    def window(self) -> tuple[pd.Timestamp, pd.Timestamp]:
+        """[start, end) in UTC, as pandas timestamps."""
+        import pandas as pd
+
+        start, end = self.span
+        return pd.Timestamp(start).tz_convert("UTC"), pd.Timestamp(end).tz_convert("UTC")
 
 
 def overlapping(start: pd.Timestamp, end: pd.Timestamp, events: Iterable[Event]) -> tuple[str, ...]:
@@ -67,11 +77,11 @@ def overlapping(start: pd.Timestamp, end: pd.Timestamp, events: Iterable[Event])
     return tuple(e.id for e in events if e.window[0] < end and start < e.window[1])
 
 
-def _instant(value: datetime | date, end: bool) -> pd.Timestamp:
+def _instant(value: datetime | date, end: bool) -> datetime:
     if isinstance(value, datetime):
-        return pd.Timestamp(value).tz_convert("UTC")
+        return value.astimezone(UTC)
     day = value + timedelta(days=1) if end else value
-    return pd.Timestamp(datetime.combine(day, time(0), tzinfo=BEIJING)).tz_convert("UTC")
+    return datetime.combine(day, time(0), tzinfo=BEIJING).astimezone(UTC)
 
 
 def shipped_events_path() -> Path:
@@ -180,6 +190,8 @@ def _is_category(name: str) -> TypeGuard[Category]:
 
 
 def _from_ics(path: Path) -> list[Event]:
+    import icalendar
+
     try:
         data = path.read_bytes()
         calendar = icalendar.Calendar.from_ical(data)
@@ -247,7 +259,7 @@ def load_events(files: Sequence[Path] = (), shipped: bool = True) -> list[Event]
             if event.id in events:
                 raise ConfigError(f"{path}: event id {event.id!r} is already defined in {events[event.id].origin}")
             events[event.id] = event
-    return sorted(events.values(), key=lambda e: (e.window[0], e.id))
+    return sorted(events.values(), key=lambda e: (e.span[0], e.id))
 
 
 def select(
@@ -263,5 +275,5 @@ def select(
         raise ConfigError(f"no category {', '.join(map(repr, bad))}; valid: {', '.join(CATEGORIES)}")
     chosen = [e for e in events if (not ids or e.id in ids) and (not categories or e.category in categories)]
     if year is not None:
-        chosen = [e for e in chosen if e.window[0].year <= year <= e.window[1].year]
+        chosen = [e for e in chosen if e.span[0].year <= year <= e.span[1].year]
     return chosen
