@@ -21,7 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.query
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,14 +37,53 @@ from tests.servers import LOOPBACK, free_port, running  # noqa: E402
 PATHS = 4
 
 
-def nginx_conf(tmp: Path, port: int) -> str:
+def nginx_conf(tmp: Path, port: int, tls: tuple[int, Path, Path] | None = None) -> str:
+    """One worker answering every path with a small page; with `tls` (port, certificate chain,
+    key) a second server answering the same over TLS."""
     temp = " ".join(f"{k}_temp_path {tmp / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     user = "user root;" if os.geteuid() == 0 else ""
+    page = 'location / { return 200 "<title>bench</title>ok"; }'
+    https = ""
+    if tls:
+        tls_port, chain, key = tls
+        https = (
+            f"server {{ listen {LOOPBACK}:{tls_port} ssl backlog=4096; ssl_certificate {chain}; "
+            f"ssl_certificate_key {key}; {page} }}"
+        )
     return f"""{user} daemon off; worker_processes 1; pid {tmp / "nginx.pid"}; error_log {tmp / "error.log"};
 events {{ worker_connections 4096; }}
 http {{ access_log off; {temp}
-  server {{ listen {LOOPBACK}:{port} backlog=4096; location / {{ return 200 "<title>bench</title>ok"; }} }} }}
+  server {{ listen {LOOPBACK}:{port} backlog=4096; {page} }} {https} }}
 """
+
+
+@contextmanager
+def dnsmasq(tmp: Path, address: str, port: int, *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A dnsmasq on `address`:`port` answering from its options alone (no resolv.conf, no
+    hosts file) and caching nothing, once it answers."""
+    args = [
+        shutil.which("dnsmasq") or "/usr/sbin/dnsmasq",
+        "--keep-in-foreground",
+        f"--port={port}",
+        f"--listen-address={address}",
+        "--bind-interfaces",
+        "--no-resolv",
+        "--no-hosts",
+        "--pid-file=",
+        "--cache-size=0",
+        *options,
+    ]
+    with running(args, tmp / f"dnsmasq-{port}.log") as proc:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                dns.query.udp(dns.message.make_query("probe.test", "A"), address, port=port, timeout=0.2)
+                break
+            except (dns.exception.Timeout, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log = (tmp / f"dnsmasq-{port}.log").read_text(errors="replace")
+                    raise RuntimeError(f"dnsmasq did not answer on {address}:{port}: {log}") from None
+        yield proc
 
 
 def config(tmp: Path, targets: int, web: int, socks: int, metrics: int) -> Path:
