@@ -1,13 +1,16 @@
 """Daemon under load: 10,000 probes a minute against loopback servers for 5 minutes.
 
-Starts nginx and microsocks on loopback, writes a config of TARGETS http targets x 4 paths
-(direct, two bind addresses, SOCKS5) at a 60 s interval, runs `tunnelwatch run` as a
-subprocess, and reports from the store and /proc:
+Starts nginx, microsocks and a dnsmasq on loopback, writes a config of TARGETS http targets x
+4 paths (direct, two bind addresses, SOCKS5) at a 60 s interval, runs `tunnelwatch run` as a
+subprocess, and reports from the store and /proc. Each target has a name of its own
+(http://tN.site.test:P/N), resolved by every probe through the path's resolver, the dnsmasq
+(no cache; on the SOCKS5 path too: `remote_dns = false`); `--ip-literals` probes
+http://127.0.0.1:P/N instead, as before issue 15. Reported:
 - p50/p99/max start lateness of rounds (heartbeat started_at - scheduled_at; target p99 < 1 s)
 - missed rounds: expected on the schedule minus those run (target 0)
 - CPU seconds per minute and peak RSS of the daemon (target < 200 MB)
 
-Usage: .venv/bin/python bench/daemon_load.py [--minutes 5] [--targets 2500]
+Usage: .venv/bin/python bench/daemon_load.py [--minutes 5] [--targets 2500] [--ip-literals]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from tests.servers import LOOPBACK, free_port, running  # noqa: E402
 
 PATHS = 4
+ZONE = "site.test"
 
 
 def nginx_conf(tmp: Path, port: int, tls: tuple[int, Path, Path] | None = None) -> str:
@@ -86,7 +90,9 @@ def dnsmasq(tmp: Path, address: str, port: int, *options: str) -> Iterator[subpr
         yield proc
 
 
-def config(tmp: Path, targets: int, web: int, socks: int, metrics: int) -> Path:
+def config(tmp: Path, targets: int, web: int, socks: int, metrics: int, resolver: int | None = None) -> Path:
+    """With `resolver` (the dnsmasq's port on loopback) every target has a name of its own,
+    resolved there on every path; without, IP literals."""
     lines = [
         '[vantage]\nname = "bench"\n',
         f'[store]\npath = "{tmp / "bench.db"}"\n',
@@ -94,13 +100,14 @@ def config(tmp: Path, targets: int, web: int, socks: int, metrics: int) -> Path:
         f'[metrics]\nlisten = "{LOOPBACK}:{metrics}"\n',
     ]
     for i in range(targets):
-        lines.append(
-            f'[[targets]]\nname = "t{i}"\ngroup = "blocked"\nkind = "http"\nurl = "http://{LOOPBACK}:{web}/{i}"\n'
-        )
-    lines.append('[[paths]]\nname = "direct"\nkind = "direct"\n')
-    lines.append('[[paths]]\nname = "bind2"\nkind = "bind"\naddress = "127.0.0.2"\n')
-    lines.append('[[paths]]\nname = "bind3"\nkind = "bind"\naddress = "127.0.0.3"\n')
-    lines.append(f'[[paths]]\nname = "socks"\nkind = "socks5"\nhost = "{LOOPBACK}"\nport = {socks}\n')
+        host = f"t{i}.{ZONE}" if resolver else LOOPBACK
+        lines.append(f'[[targets]]\nname = "t{i}"\ngroup = "blocked"\nkind = "http"\nurl = "http://{host}:{web}/{i}"\n')
+    own = f'resolver = ["{LOOPBACK}:{resolver}"]\n' if resolver else ""
+    lines.append(f'[[paths]]\nname = "direct"\nkind = "direct"\n{own}')
+    lines.append(f'[[paths]]\nname = "bind2"\nkind = "bind"\naddress = "127.0.0.2"\n{own}')
+    lines.append(f'[[paths]]\nname = "bind3"\nkind = "bind"\naddress = "127.0.0.3"\n{own}')
+    socks_dns = "remote_dns = false\n" if resolver else ""
+    lines.append(f'[[paths]]\nname = "socks"\nkind = "socks5"\nhost = "{LOOPBACK}"\nport = {socks}\n{own}{socks_dns}')
     path = tmp / "bench.toml"
     path.write_text("\n".join(lines))
     return path
@@ -121,13 +128,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def measure_daemon(minutes: float, targets: int) -> str:
+def measure_daemon(minutes: float, targets: int, names: bool = True) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="tw-bench-"))
-    web, socks, metrics = free_port(), free_port(), free_port()
+    web, socks, metrics, resolver = free_port(), free_port(), free_port(), free_port()
     (tmp / "nginx.conf").write_text(nginx_conf(tmp, web))
-    cfg = config(tmp, targets, web, socks, metrics)
+    cfg = config(tmp, targets, web, socks, metrics, resolver if names else None)
     nginx = [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)]
+    load_before = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
     with (
+        dnsmasq(tmp, LOOPBACK, resolver, f"--address=/{ZONE}/{LOOPBACK}"),
         running(nginx, tmp / "nginx.out", web),
         running(["microsocks", "-i", LOOPBACK, "-p", str(socks)], tmp / "socks.out", socks),
     ):
@@ -160,9 +169,19 @@ def measure_daemon(minutes: float, targets: int) -> str:
     run = sum(1 for _, _, sched, _ in beats if sched <= end_ms - 30_000)
     rate = probes[0] / (wall / 60)
     shutil.rmtree(tmp, ignore_errors=True)
+    load_after = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    if names:
+        urls = (
+            f"URLs name a host each (http://tN.{ZONE}:P/N), resolved by every probe (A and AAAA) through "
+            "the path's resolver, a dnsmasq on loopback caching nothing (`--cache-size=0`); the SOCKS5 "
+            "path resolves here too (`remote_dns = false`)."
+        )
+    else:
+        urls = "URLs are IP literals (http://127.0.0.1:P/N): no probe resolves a name."
     return f"""Load: {targets} http targets x {PATHS} paths (direct, bind 127.0.0.2, bind 127.0.0.3, microsocks
 SOCKS5) every 60 s against nginx on loopback, for {wall / 60:.1f} minutes, `tunnelwatch run` as a
-subprocess; figures from the store and /proc.
+subprocess; figures from the store and /proc. {urls} Load average (1, 5, 15 min) {load_before}
+before and {load_after} after.
 
 | figure | value | target |
 |---|---|---|
@@ -175,8 +194,7 @@ subprocess; figures from the store and /proc.
 | daemon CPU | {cpu / (wall / 60):.1f} s per minute ({100 * cpu / wall:.0f} % of one core) | |
 | daemon peak RSS | {rss:.0f} MB | < 200 MB |
 
-URLs are IP literals, so no probe resolves a name: the cost of a fresh c-ares channel per
-lookup is not in these figures. Failures: {", ".join(f"{f}: {n}" for f, n in failures) or "none"}.
+Failures: {", ".join(f"{f}: {n}" for f, n in failures) or "none"}.
 """
 
 
@@ -184,8 +202,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5)
     parser.add_argument("--targets", type=int, default=2500)
+    parser.add_argument("--ip-literals", action="store_true", help="probe IP literals, resolving no name")
     args = parser.parse_args()
-    print(measure_daemon(args.minutes, args.targets))
+    print(measure_daemon(args.minutes, args.targets, names=not args.ip_literals))
 
 
 if __name__ == "__main__":

@@ -58,17 +58,17 @@ def main() -> None:
     q = args.quick
     plan = {
         "probe-rate": (
-            "Probe rate and CPU cost (issue 7)",
-            f"bench/probe_rate.py --seconds {5 if q else 10} --runs {1 if q else 3} --in-flight 50 200",
-            lambda: measure_all(5 if q else 10, 1 if q else 3, [50, 200]),
+            "Probe rate and CPU cost on the probe mix: http and https, IP literals and names (issues 7, 15)",
+            f"bench/probe_rate.py --seconds {3 if q else 6} --runs {1 if q else 3} --in-flight 100",
+            lambda: measure_all(3 if q else 6, 1 if q else 3, [100]),
         ),
         "timing": (
-            "Timing truth under load (issue 7)",
+            "Timing truth under load: connect, first byte and resolve (issues 7, 15)",
             f"bench/timing_truth.py --seconds {5 if q else 10}",
             lambda: measure_truth(5 if q else 10, [1, 100, 500]),
         ),
         "daemon": (
-            "The daemon at 10,000 probes a minute (issue 3)",
+            "The daemon at 10,000 probes a minute, every target a name (issues 3, 15)",
             f"bench/daemon_load.py --minutes {1 if q else 5} --targets 2500",
             lambda: measure_daemon(1 if q else 5, 2500),
         ),
