@@ -318,7 +318,7 @@ def _table(
         f"Against nginx on loopback (1 worker; TLS 1.3 with a trustme CA's ECDSA certificate for {NAME} and "
         f"{LOOPBACK}), a fresh connection per probe; names ({NAME}) answered by a dnsmasq on {RESOLVER}:53 "
         f"(`--cache-size=0`), asked afresh by every probe. {seconds:g} s per client after 1 s of warm-up, "
-        f"{runs} interleaved runs, medians (ratios: median of the per-run ratios). Load average (1, 5, 15 min) "
+        f"{runs} interleaved run{'s' if runs > 1 else ''}, medians (ratios: median of the per-run ratios). Load average (1, 5, 15 min) "
         f"{loads[0]} before and {loads[1]} after. Targets (issues 7 and 15): tunnelwatch at least 2x "
         "blackbox_exporter's rate (with names too) and 0.3x the raw floor on http, at most 0.5 ms CPU per "
         "http probe; CPU per resolved probe at most 1.25x the IP literal's; https at least 0.9x the raw TLS "
