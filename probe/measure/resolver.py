@@ -2,16 +2,21 @@
 
 A stub resolver (glibc's, c-ares) hides what a measurement needs: c-ares keeps answers in a
 cache and a thread per channel, and every stub takes the first answer and drops the rest.
-Here the queries for a name (A and AAAA, as glibc sends them) go out together on a non-blocking
-UDP socket, bound as the path's other sockets are, and their answers are read with their kernel
-arrival times by the same code that reads a TCP connection (probe/measure/conn.py): the resolve phase
-runs from the send to the kernel's arrival of the answer, however late the event loop gets to
-it. An answer with the TC bit is asked again over TCP. Nothing is cached; dnspython writes and
-reads the messages.
+Here the queries for a name (A and AAAA, as glibc sends them) go out together on one
+non-blocking UDP socket, bound as the path's other sockets are, and their answers are read with
+the kernel's arrival time (`SO_TIMESTAMPNS`), as probe/measure/conn.py reads a TCP connection:
+the resolve phase runs from the send to the kernel's arrival of the answer, however late the
+event loop gets to it. An answer with the TC bit is asked again over TCP. Nothing is cached;
+dnspython writes and reads the messages.
+
+A name is resolved on every probe, so its cost is kept near the rest of a probe's: dnspython
+renders one query per name (the others differ only in their id and question type, bytes set
+in a copy of it) and reads each answer once; the socket has one reader for its whole life,
+which drains the datagrams as they come, rather than one wait per answer.
 
 After the first answer, the socket is read a while longer (`linger_s`): an injector on the
 path answers before the real server, so a second, different answer to one query is the trace
-of a forgery.
+of a forgery. The linger is a wait with one deadline; lookups for a connection do not linger.
 
 Retries follow glibc's res_send: `attempts` rounds over at most three servers, server i
 waited for `timeout << i` seconds, divided by the number of servers when i > 0 (at least 1);
@@ -26,6 +31,7 @@ import os
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +41,12 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
+import dns.rrset
 
 from probe.config import PathSpec
-from probe.measure.conn import SO_TIMESTAMPNS, Conn
+from probe.measure.conn import ANCILLARY_BYTES, READ_BYTES, SO_TIMESTAMPNS, TIMESPEC, Conn
 from probe.measure.sockets import bound_socket
 
 RESOLV_CONF = "/etc/resolv.conf"
@@ -49,6 +57,9 @@ RETRY_RCODES = frozenset({dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSE
 # RES_MAXRETRY, RES_MAXNDOTS; MAXNS servers.
 TIMEOUT_S, ATTEMPTS, NDOTS = 5, 2, 1
 MAX_TIMEOUT_S, MAX_ATTEMPTS, MAX_NDOTS, MAX_SERVERS = 30, 5, 15, 3
+HEADER_BYTES = 12  # a message's fixed header; the question's name follows it
+QTYPE = struct.Struct("!H")  # the id (bytes 0-1) and the question's type (after its name)
+DRAIN_DATAGRAMS = 64  # read at once when the socket is readable; a flood must not hold the loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,16 +235,73 @@ def _socket(family: int, kind: int, path: PathSpec | None) -> socket.socket:
     return bound_socket(family, path, kind)
 
 
-def _udp(server: Server, path: PathSpec | None) -> Conn:
-    """A connected UDP socket: Conn sends and reads one datagram at a time, with kernel times."""
-    sock = _socket(server.family, socket.SOCK_DGRAM, path)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        sock.connect((server.host, server.port))
-    except BaseException:
-        sock.close()
-        raise
-    return Conn(sock, server.host)
+class _Datagrams:
+    """A connected UDP socket whose datagrams are read as they arrive, each with the kernel's
+    arrival time (CLOCK_REALTIME ns): one reader for the socket's life drains them into a
+    queue, so an answer costs one `recvmsg`, not a wait set up and torn down for it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._arrived: deque[tuple[bytes, int]] = deque()
+        self._error: OSError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    @classmethod
+    def open(cls, server: Server, path: PathSpec | None) -> _Datagrams:
+        sock = _socket(server.family, socket.SOCK_DGRAM, path)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sock.connect((server.host, server.port))
+            return cls(sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _readable(self) -> None:
+        for _ in range(DRAIN_DATAGRAMS):
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(READ_BYTES, ANCILLARY_BYTES)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # ECONNREFUSED: the ICMP port unreachable of a query sent
+                self._error = exc
+                break
+            received_ns = time.time_ns()  # unless the kernel says when, below
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    seconds, nanoseconds = TIMESPEC.unpack(payload)
+                    received_ns = seconds * 1_000_000_000 + nanoseconds
+            self._arrived.append((data, received_ns))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def send(self, data: bytes) -> int:
+        """Send one datagram; the time its send started (ns)."""
+        sent_ns = time.time_ns()
+        try:
+            self.sock.send(data)
+        except BlockingIOError:  # the socket's buffer is full: wait for room
+            await self._loop.sock_sendall(self.sock, data)
+        return sent_ns
+
+    async def receive(self) -> tuple[bytes, int]:
+        """The next datagram and its arrival time; the socket's error, in its turn."""
+        while not self._arrived:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._arrived.popleft()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 def _parse(data: bytes) -> dns.message.Message | None:
@@ -248,21 +316,39 @@ def _parse(data: bytes) -> dns.message.Message | None:
 
 @dataclass(slots=True)
 class _Query:
-    message: dns.message.Message
+    message: dns.message.Message  # its id, flags and question: what an answer must match
     wire: bytes
     result: Exchange
     first_ns: int = 0  # the kernel's arrival time of the first answer over UDP
 
 
-async def _next_reply(conn: Conn, queries: Sequence[_Query]) -> tuple[_Query, Reply]:
+def _queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) -> list[_Query]:
+    """One query per type, each with its own random id, recursion desired and EDNS0.
+    dnspython renders the first; the others differ from it only in the id and the question's
+    type, so they are its wire with those two fields set."""
+    first = dns.message.make_query(name, rdtypes[0], use_edns=0, payload=EDNS_PAYLOAD)
+    wire = first.to_wire()
+    type_at = HEADER_BYTES + len(name.to_digestable())  # the name, uncompressed
+    queries = [_Query(first, wire, Exchange(name, rdtypes[0]))]
+    for rdtype in rdtypes[1:]:
+        message = dns.message.QueryMessage()  # a random id
+        message.flags = first.flags
+        message.question = [dns.rrset.RRset(name, dns.rdataclass.IN, rdtype)]
+        other = QTYPE.pack(message.id) + wire[2:type_at] + QTYPE.pack(rdtype) + wire[type_at + 2 :]
+        queries.append(_Query(message, other, Exchange(name, rdtype)))
+    return queries
+
+
+async def _next_reply(link: _Datagrams, queries: Sequence[_Query]) -> tuple[_Query, Reply]:
     """The next datagram that answers one of `queries` (same id and question), and which."""
     while True:
-        message = _parse(await conn.recv())
+        data, received_ns = await link.receive()
+        message = _parse(data)
         if message is None:
             continue
         for query in queries:
             if query.message.is_response(message):
-                return query, Reply.of(message, conn.received_ns)
+                return query, Reply.of(message, received_ns)
 
 
 async def _over_tcp(query: _Query, server: Server, path: PathSpec | None) -> tuple[Reply, float]:
@@ -289,15 +375,17 @@ def _settled(query: _Query) -> bool:
     return query.result.reply is not None and query.result.reply.rcode not in RETRY_RCODES
 
 
-async def _ask(conn: Conn, server: Server, queries: list[_Query], waiting: list[_Query], path: PathSpec | None) -> None:
+async def _ask(
+    link: _Datagrams, server: Server, queries: list[_Query], waiting: list[_Query], path: PathSpec | None
+) -> None:
     """Send every waiting query to `server` and read until each has an answer (a second answer
     to a query already answered is kept: see _linger)."""
     for query in waiting:
-        await conn.send(query.wire)
-        query.result.started_ns = query.result.started_ns or conn.sent_ns
+        sent_ns = await link.send(query.wire)
+        query.result.started_ns = query.result.started_ns or sent_ns
     unanswered = list(waiting)
     while unanswered:
-        query, reply = await _next_reply(conn, queries)
+        query, reply = await _next_reply(link, queries)
         if query not in unanswered:
             query.result.later.append(reply)
             continue
@@ -311,14 +399,14 @@ async def _ask(conn: Conn, server: Server, queries: list[_Query], waiting: list[
         result.network_ms = (query.first_ns - result.started_ns) / 1e6 + tcp_ms
 
 
-async def _linger(conn: Conn, queries: list[_Query], linger_ns: int) -> None:
+async def _linger(link: _Datagrams, queries: list[_Query], linger_ns: int) -> None:
     """Read on until `linger_ns` after the last first answer; exchange() keeps what came within
     `linger_ns` of each query's own first answer."""
     deadline_ns = max(q.first_ns for q in queries) + linger_ns
     try:
         async with asyncio.timeout(max(deadline_ns - time.time_ns(), 0) / 1e9):
             while True:
-                query, reply = await _next_reply(conn, queries)
+                query, reply = await _next_reply(link, queries)
                 query.result.later.append(reply)
     except (TimeoutError, OSError):
         pass
@@ -335,22 +423,19 @@ async def exchange(
     """Ask `servers` for `name`, one query per type, all on one socket per server, as glibc
     asks for A and AAAA. Never raises for a server that does not answer (each Exchange says
     why), only for a socket the path cannot bind."""
-    queries = []
-    for rdtype in rdtypes:
-        message = dns.message.make_query(name, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
-        queries.append(_Query(message, message.to_wire(), Exchange(name, rdtype)))
+    queries = _queries(name, rdtypes)
     waiting = queries
-    conns: dict[Server, Conn] = {}
+    links: dict[Server, _Datagrams] = {}
     try:
         for _attempt in range(options.attempts):
             for index, server in enumerate(servers):
                 if not waiting:
                     break
                 try:
-                    if server not in conns:  # one socket per server, kept over the attempts, as glibc does
-                        conns[server] = _udp(server, path)
+                    if server not in links:  # one socket per server, kept over the attempts, as glibc does
+                        links[server] = _Datagrams.open(server, path)
                     async with asyncio.timeout(options.wait_s(index, len(servers))):
-                        await _ask(conns[server], server, queries, waiting, path)
+                        await _ask(links[server], server, queries, waiting, path)
                 except (OSError, EOFError) as exc:  # TimeoutError included; ECONNREFUSED: ICMP port unreachable
                     for query in waiting:
                         query.result.error = exc  # an answer from an earlier server still counts first
@@ -366,11 +451,11 @@ async def exchange(
         }
         if linger_ns and answered:
             await asyncio.gather(
-                *(_linger(conns[server], asked, linger_ns) for server, asked in answered.items() if server is not None)
+                *(_linger(links[server], asked, linger_ns) for server, asked in answered.items() if server is not None)
             )
     finally:
-        for conn in conns.values():
-            conn.close()
+        for link in links.values():
+            link.close()
     for query in queries:
         query.result.later = [r for r in query.result.later if r.received_ns <= query.first_ns + linger_ns]
     return tuple(q.result for q in queries)
