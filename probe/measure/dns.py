@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+import os
 import ssl
 import time
 from collections.abc import Sequence
@@ -81,19 +82,33 @@ def is_ip(host: str) -> bool:
     return True
 
 
+def parse_hosts(text: str) -> dict[str, list[str]]:
+    """Each name (lower case) and alias of a hosts file, with its addresses in the file's order."""
+    names: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and is_ip(fields[0]):
+            for name in dict.fromkeys(f.lower() for f in fields[1:]):
+                names.setdefault(name, []).append(fields[0])
+    return names
+
+
+_hosts: dict[str, tuple[tuple[int, int, int], dict[str, list[str]]]] = {}
+
+
 def hosts_file(host: str, path: str = HOSTS) -> list[str]:
-    """What the system's hosts file says of a name, as the system resolver would look first."""
+    """What the system's hosts file says of a name, as the system resolver would look first. The
+    file is read again whenever it changed (its inode, size or mtime), as resolv.conf is."""
     try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        stat = os.stat(path)
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        known = _hosts.get(path)
+        if known is None or known[0] != key:
+            known = key, parse_hosts(Path(path).read_text(encoding="utf-8", errors="replace"))
+            _hosts[path] = known
     except OSError:
         return []
-    name = host.lower().rstrip(".")
-    found = []
-    for line in lines:
-        fields = line.split("#", 1)[0].split()
-        if len(fields) >= 2 and name in (f.lower() for f in fields[1:]) and is_ip(fields[0]):
-            found.append(fields[0])
-    return found
+    return list(known[1].get(host.lower().rstrip("."), ()))
 
 
 @dataclass(frozen=True, slots=True)

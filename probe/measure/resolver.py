@@ -347,7 +347,7 @@ async def _next_reply(link: _Datagrams, queries: Sequence[_Query]) -> tuple[_Que
         if message is None:
             continue
         for query in queries:
-            if query.message.is_response(message):
+            if query.message.id == message.id and query.message.is_response(message):
                 return query, Reply.of(message, received_ns)
 
 
