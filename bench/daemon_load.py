@@ -172,16 +172,17 @@ def measure_daemon(minutes: float, targets: int, names: bool = True) -> str:
     load_after = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
     if names:
         urls = (
-            f"URLs name a host each (http://tN.{ZONE}:P/N), resolved by every probe (A and AAAA) through "
-            "the path's resolver, a dnsmasq on loopback caching nothing (`--cache-size=0`); the SOCKS5 "
+            f"URLs name a host each (http://tN.{ZONE}:P/N), resolved by every probe (A and AAAA) through\n"
+            "the path's resolver, a dnsmasq on loopback caching nothing (`--cache-size=0`); the SOCKS5\n"
             "path resolves here too (`remote_dns = false`)."
         )
     else:
         urls = "URLs are IP literals (http://127.0.0.1:P/N): no probe resolves a name."
     return f"""Load: {targets} http targets x {PATHS} paths (direct, bind 127.0.0.2, bind 127.0.0.3, microsocks
 SOCKS5) every 60 s against nginx on loopback, for {wall / 60:.1f} minutes, `tunnelwatch run` as a
-subprocess; figures from the store and /proc. {urls} Load average (1, 5, 15 min) {load_before}
-before and {load_after} after.
+subprocess; figures from the store and /proc.
+{urls}
+Load average (1, 5, 15 min) {load_before} before and {load_after} after.
 
 | figure | value | target |
 |---|---|---|
