@@ -9,10 +9,10 @@ the resolve phase runs from the send to the kernel's arrival of the answer, howe
 event loop gets to it. An answer with the TC bit is asked again over TCP. Nothing is cached;
 dnspython writes and reads the messages.
 
-A name is resolved on every probe, so its cost is kept near the rest of a probe's: dnspython
-renders one query per name (the others differ only in their id and question type, bytes set
-in a copy of it) and reads each answer once; the socket has one reader for its whole life,
-which drains the datagrams as they come, rather than one wait per answer.
+A name is resolved on every probe, so a lookup does little besides: dnspython renders one
+query per name (the others differ only in their id and question type, bytes set in a copy of
+it) and reads each answer once (most of a lookup's CPU); the socket has one reader for its
+whole life, which drains the datagrams as they come, rather than one wait per answer.
 
 After the first answer, the socket is read a while longer (`linger_s`): an injector on the
 path answers before the real server, so a second, different answer to one query is the trace
