@@ -377,6 +377,32 @@ def test_the_forwarding_loop_backs_off_while_the_central_store_fails(
     assert metrics.registry.get_sample_value("tunnelwatch_forward_backlog_measurements") == 3
 
 
+def test_the_forwarding_waits_five_minutes_at_most_after_a_failure(
+    tmp_path: Path, closed_port: int, waits: list[float]
+) -> None:
+    url = f"postgresql://tunnelwatch@{LOOPBACK}:{free_port()}/fleet"
+    config = load_config(
+        config_with(tmp_path, tcp_targets(closed_port, "t0") + DIRECT, store=f'url = "{url}"\nforward_every_s = 200')
+    )
+    _spool_with_rounds(config, 1)
+
+    async def scenario() -> None:
+        waits.clear()
+        async with forwarding(config, Metrics()) as uploads:
+            assert uploads is not None
+            loop = asyncio.ensure_future(uploads.run())
+            while len(asked()) < 3:
+                await asyncio.sleep(0.001)  # (in waits too)
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+
+    def asked() -> list[float]:
+        return [wait for wait in waits if wait != 0.001]
+
+    asyncio.run(scenario())
+    assert asked()[:3] == [200, 300, 300]  # twice 200 s is over the bound of five minutes
+
+
 def test_the_forwarding_logs_an_outage_once_and_its_end(
     tmp_path: Path, closed_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:

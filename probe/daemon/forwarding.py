@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from probe.config import Config
-from probe.daemon.backoff import Outage, retry
+from probe.daemon.backoff import MAX_WAIT_S, Outage, retry
 from probe.daemon.metrics import Metrics
 from probe.errors import StoreError
 from probe.fleet.forwarder import Forwarder
@@ -29,10 +29,10 @@ class Forwarding:
 
     async def run(self) -> None:
         """Upload every `every_s`; after a failure, again after twice that, then twice as
-        long each time. Cancel to stop."""
+        long each time, five minutes at most. Cancel to stop."""
         while True:
             await asyncio.sleep(self._every_s)
-            await retry(self.once, 2 * self._every_s)
+            await retry(self.once, min(2 * self._every_s, MAX_WAIT_S))
 
     async def once(self, final: bool = False) -> bool:
         """One upload of the whole backlog; whether the central store took it. `final`, at
