@@ -7,7 +7,7 @@ matplotlib. Argument parsing and output only; the work is in the analysis module
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -90,10 +90,11 @@ def _week(
         options.check_range(since, until)
         chosen = span(since, until, zone)
     else:
-        chosen = week(label, zone)
+        # One reading of the clock for both weeks: at Monday 00:00 they must stay neighbours.
+        current = this_week(zone, datetime.now(UTC))
+        chosen = week(label, zone, today=current.start.tz_convert(zone).date())
     result = measure(chosen)
     if not measured(result) and label is None and since is None:
-        current = this_week(zone)
         now = measure(current)
         if measured(now):
             err.print(f"{chosen.label}, the last complete week, holds no measurement: the current week so far instead")

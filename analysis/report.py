@@ -63,9 +63,10 @@ def week(label: str | None, tz: str, today: date | None = None) -> Week:
 def this_week(tz: str, now: datetime | None = None) -> Week:
     """The current ISO week in the time zone, from its Monday to `now`: the week so far."""
     zone = _zone(tz)
-    today = (now or datetime.now(UTC)).astimezone(zone).date()
+    now = now or datetime.now(UTC)
+    today = now.astimezone(zone).date()
     monday = today - timedelta(days=today.weekday())
-    return Week(_midnight(monday, zone), pd.Timestamp(now or datetime.now(UTC)).tz_convert("UTC"), tz, _label(monday))
+    return Week(_midnight(monday, zone), pd.Timestamp(now).tz_convert("UTC"), tz, _label(monday))
 
 
 def _midnight(day: date, zone: ZoneInfo) -> pd.Timestamp:

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import typing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -282,6 +283,37 @@ def test_weekly_charts_and_report_of_a_new_store_show_this_week_and_say_so(
     report = cli("report", "weekly", "--config", str(this_week_only), "--out", str(tmp_path / "week.html"))
     assert report.returncode == 0, report.stderr
     assert said in report.stderr and f"tunnelwatch weekly report {this}" in (tmp_path / "week.html").read_text()
+
+
+def test_the_default_week_and_the_current_week_are_read_from_one_clock(
+    this_week_only: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sunday 23:59:59 when the last complete week is chosen, Monday 00:00:01 when the current
+    one is: still the week that just ended is drawn, never a new week of one second."""
+    import analysis.cli
+    import analysis.report
+    from analysis.cli import _week
+    from probe.config import load_config
+
+    readings = iter([datetime(2026, 11, 29, 23, 59, 59, tzinfo=UTC), datetime(2026, 11, 30, 0, 0, 1, tzinfo=UTC)])
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: typing.Any = None) -> Clock:
+            return typing.cast(Clock, next(readings).astimezone(tz))
+
+    monkeypatch.setattr(analysis.cli, "datetime", Clock)
+    monkeypatch.setattr(analysis.report, "datetime", Clock)
+    monkeypatch.setattr(analysis.report, "measured_weeks", lambda cfg, tz: [])
+    asked: list[str] = []
+
+    def measure(w: analysis.report.Week) -> str:
+        asked.append(w.label)
+        return w.label
+
+    chosen, _ = _week(load_config(this_week_only), None, None, None, "UTC", measure, lambda label: label == "2026-W48")
+    assert asked == ["2026-W47", "2026-W48"]  # the last complete week, then the week so far
+    assert chosen.label == "2026-W48"
 
 
 def test_a_week_without_measurements_names_the_weeks_with_them(this_week_only: Path, tmp_path: Path) -> None:
