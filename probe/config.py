@@ -84,7 +84,7 @@ class Vantage(_Frozen):
 
 class StoreSettings(_Frozen):
     path: Path = Path("data/tunnelwatch.db")
-    # Raw rows older than this go once summarised (analysis/rollup.py).
+    # Raw rows older than this go once summarised (analysis/compaction.py).
     keep_raw_days: Annotated[float, _between(1, 3650, "days")] = 14
     # Fleet mode: the central PostgreSQL (postgresql://user:${PASSWORD}@host/db); `path` is
     # then the local spool the forwarder uploads from (probe/fleet/forwarder.py).
