@@ -13,7 +13,6 @@ spool cannot fill the disk.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,12 +24,6 @@ if TYPE_CHECKING:
     from probe.store.central import CentralStore
 
 log = logging.getLogger(__name__)
-
-
-def backlog(spool: sqlite3.Connection) -> Backlog:
-    """What the spool holds that the central store does not have yet. For probe/cli.py until
-    it calls `Spool(spool).backlog()` itself."""
-    return Spool(spool).backlog()
 
 
 class Forwarder:
