@@ -440,21 +440,6 @@ class SQLiteStore:
         rows = self._read(f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats ORDER BY started_at_ms")
         return [dict(zip(HEARTBEAT_COLUMNS, row, strict=True)) for row in rows]
 
-    def last_heartbeat(self) -> dict[str, Any] | None:
-        rows = self._read(f"SELECT {', '.join(HEARTBEAT_COLUMNS)} FROM heartbeats ORDER BY finished_at_ms DESC LIMIT 1")
-        return dict(zip(HEARTBEAT_COLUMNS, rows[0], strict=True)) if rows else None
-
-    def latest_per_pair(self, failures_only: bool = False) -> list[dict[str, Any]]:
-        """The newest measurement (or the newest failure) of every (target, path)."""
-        where = "WHERE ok = 0" if failures_only else ""
-        columns = ("target", "path", "grp", "ok", "failure", "failed_operation", "started_at_ms")
-        rows = self._read(
-            f"SELECT {', '.join('m.' + c for c in columns)} FROM measurements m JOIN "
-            f"(SELECT MAX(id) AS id FROM measurements {where} GROUP BY target, path) newest ON m.id = newest.id "
-            "ORDER BY m.grp, m.target, m.path"
-        )
-        return [dict(zip(columns, row, strict=True)) for row in rows]
-
     def integrity_check(self) -> str:
         return str(self._read("PRAGMA integrity_check")[0][0])
 
