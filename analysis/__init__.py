@@ -2,7 +2,8 @@
 reports.
 
 The store is read by frames.py alone (read-only) and written by compaction.py alone (hourly
-summaries, the deletion of summarised raw rows). Between them the work is pure, over
+summaries, the deletion of summarised raw rows); `store retire` (cli.py) drops the central
+store's old monthly partitions through probe/store/central.py. Between them the work is pure, over
 DataFrames: summary.py (verdict runs, hourly counts and latency, coverage), verdicts.py,
 outages.py, fleet.py, events.py, eventstats.py with eventcheck.py, detect.py; pipeline.py
 joins the reading to the answers. Files are read by events.py (calendars) and series.py
