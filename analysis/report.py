@@ -12,7 +12,7 @@ import html
 import io
 import re
 from dataclasses import dataclass
-from datetime import MAXYEAR, MINYEAR, UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -30,6 +30,8 @@ from .frames import load_summary
 from .pipeline import Analysis, analyse_config, source
 
 ISO_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
+# The years whose weeks, with the weeks a report looks at around them, pandas' timestamps hold.
+FIRST_YEAR, LAST_YEAR = pd.Timestamp.min.year + 1, pd.Timestamp.max.year - 1
 # The report holds the week and the CONTEXT_WEEKS before it: a baseline, a search and placebo
 # dates that fit in them (`tunnelwatch events check` takes months by default).
 REPORT_METHOD = Method(baseline=14, gap=2, shifts=(-1, 3), placebo_gap=5, two_sided=False)
@@ -79,9 +81,9 @@ def _monday(label: str) -> date:
     if not match:
         raise ConfigError(f"--week {label!r} is not an ISO week; write YYYY-Www, e.g. 2018-W10")
     year, number = int(match.group(1)), int(match.group(2))
-    if not MINYEAR <= year <= MAXYEAR:
+    if not FIRST_YEAR <= year <= LAST_YEAR:
         raise ConfigError(
-            f"--week {label!r}: the year must be {MINYEAR:04d} to {MAXYEAR}; write YYYY-Www, e.g. 2018-W10"
+            f"--week {label!r}: the year must be {FIRST_YEAR} to {LAST_YEAR}; write YYYY-Www, e.g. 2018-W10"
         )
     weeks = date(year, 12, 28).isocalendar().week  # 28 December is always in the year's last week
     if not 1 <= number <= weeks:

@@ -239,6 +239,7 @@ BAD = [
     (["chart", "weekly", "--week", "2018-W99"], "--week '2018-W99': 2018 has weeks W01 to W52; write YYYY-Www, e.g. 2018-W10"),
     (["report", "weekly", "--week", "2021-W53"], "--week '2021-W53': 2021 has weeks W01 to W52; write YYYY-Www"),
     (["chart", "weekly", "--week", "2018-10"], "--week '2018-10' is not an ISO week; write YYYY-Www, e.g. 2018-W10"),
+    (["chart", "weekly", "--week", "1000-W10"], "--week '1000-W10': the year must be 1678 to 2261; write YYYY-Www"),
 ]  # fmt: skip
 
 
