@@ -19,7 +19,7 @@ import click
 
 from probe.console import LazyGroup, config_option
 from probe.errors import ConfigError, StoreError, TunnelwatchError
-from probe.logs import setup_logging
+from probe.logs import counted, setup_logging
 from probe.model import PHASES
 
 if TYPE_CHECKING:
@@ -58,10 +58,6 @@ def _check_names(kind: str, asked: Sequence[str], known: Sequence[str], source: 
     unknown = [name for name in asked if name not in known]
     if unknown:
         raise ConfigError(f"{source}: no {kind} named {', '.join(map(repr, unknown))}; valid: {', '.join(known)}")
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _ms(value: float | None) -> str:
@@ -149,7 +145,7 @@ def config_check(config: Path | None) -> None:
     from probe.console import err, out
 
     cfg = load_config(config)
-    counts = f"{_count(len(cfg.targets), 'target')}, {_count(len(cfg.paths), 'path')}"
+    counts = f"{counted(len(cfg.targets), 'target')}, {counted(len(cfg.paths), 'path')}"
     err.print(Text.assemble(("ok", "green"), f": {cfg.source}: {counts}"))
     out.print_json(json.dumps(_masked(cfg)))
 
@@ -241,8 +237,17 @@ def status(config: Path | None) -> None:
     if news:
         out.print(pairs)
     if quiet := len(latest.pairs) - len(news):
-        which = _count(quiet, "other pair") if news else f"{'all ' if quiet > 1 else ''}{_count(quiet, 'pair')}"
+        which = counted(quiet, "other pair") if news else f"{'all ' if quiet > 1 else ''}{counted(quiet, 'pair')}"
         out.print(f"{which}: ok, no failure in the past {_age(failures_s)}")
+    measured = {row["target"] for row in latest.pairs}
+    if unmeasured := [target.name for target in cfg.targets if target.name not in measured]:
+        out.print(
+            Text(
+                f"no measurement in the {_age(2 * cycle_s)} before the newest: {', '.join(unmeasured)} "
+                "(new to the config, or its rounds overran or stopped)",
+                "yellow",
+            )
+        )
 
 
 def _backlog(spool_path: Path, url: str, now: datetime) -> str:

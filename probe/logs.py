@@ -46,3 +46,8 @@ def setup_logging(as_json: bool = False, level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def counted(count: int, noun: str) -> str:
+    """`1 path`, `2 paths`: a count and its noun, singular for one."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -172,6 +172,21 @@ def test_status_shows_the_newest_rows(recent_store: Path) -> None:
     assert "12 other pairs: ok, no failure in the past 6.0 h" in result.stdout
 
 
+def test_status_names_the_targets_it_has_no_recent_measurement_of(recent_store: Path, tmp_path: Path) -> None:
+    """A target the store has no row of near the newest (new to the config, or its rounds
+    stopped) is named, not silently left out."""
+    config = tmp_path / "more.toml"
+    config.write_text(
+        recent_store.read_text() + '[[targets]]\nname = "newcomer"\ngroup = "control"\nkind = "tcp"\n'
+        'host = "127.0.0.1"\nport = 9\n'
+    )
+    result = subprocess.run([*TUNNELWATCH, "status", "--config", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "before the newest: newcomer (new to the config" in result.stdout, result.stdout
+    plain = subprocess.run([*TUNNELWATCH, "status", "--config", str(recent_store)], capture_output=True, text=True)
+    assert "no measurement in the" not in plain.stdout
+
+
 def test_status_reads_the_newest_rows_by_index(recent_store: Path) -> None:
     """No query of `status` scans a table: its cost does not grow with the store."""
     db = sqlite3.connect(load_config(recent_store).store.path)

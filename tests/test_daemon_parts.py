@@ -25,11 +25,12 @@ from probe.daemon.daemon import serve
 from probe.daemon.forwarding import forwarding
 from probe.daemon.jobs import ERROR_LINES, ChildJobs, outcome
 from probe.daemon.metrics import METRICS, Metrics
-from probe.daemon.probing import Rounds, counted
+from probe.daemon.probing import Rounds
 from probe.daemon.reload import Reloader
 from probe.daemon.schedule import COMPACT, WEEKLY_REPORT, Schedule, Unit, build_units
 from probe.daemon.watchdog import watch_loop
 from probe.daemon.writer import StoreWriter
+from probe.logs import counted
 from probe.measure.rounds import ProbeContext
 from probe.store.file import StoreLock
 from probe.store.sqlite import open_store

@@ -22,13 +22,14 @@ from probe.config import Config, load_config
 from probe.daemon.forwarding import Forwarding, forwarding
 from probe.daemon.jobs import ChildJobs
 from probe.daemon.metrics import Metrics
-from probe.daemon.probing import Rounds, counted
+from probe.daemon.probing import Rounds
 from probe.daemon.reload import Reloader
 from probe.daemon.schedule import Schedule
 from probe.daemon.systemd import notify
 from probe.daemon.watchdog import watch_loop
 from probe.daemon.writer import StoreWriter
 from probe.errors import ConfigError
+from probe.logs import counted
 from probe.measure.rounds import ProbeContext, path_rows, run_loop
 from probe.store.file import StoreLock
 from probe.store.sqlite import open_store

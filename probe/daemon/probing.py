@@ -14,15 +14,11 @@ from typing import Any
 from probe.daemon.metrics import Metrics
 from probe.daemon.schedule import Unit
 from probe.daemon.writer import StoreWriter
+from probe.logs import counted
 from probe.measure.rounds import ProbeContext, run_round
 from probe.model import Measurement
 
 log = logging.getLogger("tunnelwatch.daemon")
-
-
-def counted(count: int, noun: str) -> str:
-    """`1 path`, `2 paths`: a count and its noun, singular for one."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class Rounds:

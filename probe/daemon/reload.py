@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from probe.config import Config, load_config
-from probe.daemon.probing import counted
 from probe.errors import TunnelwatchError
+from probe.logs import counted
 from probe.measure.rounds import ProbeContext
 
 log = logging.getLogger("tunnelwatch.daemon")
