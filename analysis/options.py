@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(d|h|min|m|s)$")
 FORMATS = click.Choice(["table", "csv", "json"])
+# The years pandas' nanosecond timestamps hold whole (pd.Timestamp.min.year + 1 to max.year - 1;
+# tests/test_analysis_cli.py checks they agree): the analysis cannot reach outside them.
+FIRST_YEAR, LAST_YEAR = 1678, 2261
 
 
 class When(click.ParamType[datetime]):
@@ -46,6 +49,8 @@ class When(click.ParamType[datetime]):
             moment = datetime.fromisoformat(value)
         except ValueError:
             self.fail(f"{value!r} is not a date; use 2018-03-31 or 2018-03-31T08:00+08:00", param, ctx)
+        if not FIRST_YEAR <= moment.year <= LAST_YEAR:
+            self.fail(f"{value!r}: the year must be {FIRST_YEAR} to {LAST_YEAR}", param, ctx)
         return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 

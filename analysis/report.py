@@ -27,11 +27,11 @@ from .eventcheck import Check, check_events, outage_series
 from .events import Event, load_events, overlapping
 from .eventstats import Method
 from .frames import load_summary
+from .options import FIRST_YEAR, LAST_YEAR
 from .pipeline import Analysis, analyse_config, source
 
 ISO_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
 # The years whose weeks, with the weeks a report looks at around them, pandas' timestamps hold.
-FIRST_YEAR, LAST_YEAR = pd.Timestamp.min.year + 1, pd.Timestamp.max.year - 1
 # The report holds the week and the CONTEXT_WEEKS before it: a baseline, a search and placebo
 # dates that fit in them (`tunnelwatch events check` takes months by default).
 REPORT_METHOD = Method(baseline=14, gap=2, shifts=(-1, 3), placebo_gap=5, two_sided=False)

@@ -240,7 +240,17 @@ BAD = [
     (["report", "weekly", "--week", "2021-W53"], "--week '2021-W53': 2021 has weeks W01 to W52; write YYYY-Www"),
     (["chart", "weekly", "--week", "2018-10"], "--week '2018-10' is not an ISO week; write YYYY-Www, e.g. 2018-W10"),
     (["chart", "weekly", "--week", "1000-W10"], "--week '1000-W10': the year must be 1678 to 2261; write YYYY-Www"),
+    (["outages", "--since", "1000-01-01"], "'1000-01-01': the year must be 1678 to 2261"),
+    (["events", "check", "--until", "9999-12-31"], "'9999-12-31': the year must be 1678 to 2261"),
 ]  # fmt: skip
+
+
+def test_the_years_the_analysis_takes_are_those_pandas_holds() -> None:
+    import pandas as pd
+
+    from analysis.options import FIRST_YEAR, LAST_YEAR
+
+    assert (FIRST_YEAR, LAST_YEAR) == (pd.Timestamp.min.year + 1, pd.Timestamp.max.year - 1)
 
 
 @pytest.mark.parametrize(("args", "message"), BAD, ids=[b[1][:30] for b in BAD])
