@@ -1,2 +1,2 @@
 """Network measurement: sockets, names, paths through tunnels, the TCP, TLS, HTTP and DNS
-probes and a round of them. Never touches the disk (import contracts in pyproject.toml)."""
+probes and a round of them. Never touches the store (import contracts in pyproject.toml); it reads only resolv.conf, the hosts file and CA bundles."""
