@@ -345,14 +345,21 @@ def _spool_with_rounds(config: Config, count: int) -> None:
     asyncio.run(rounds())
 
 
-def test_the_forwarding_loop_backs_off_while_the_central_store_fails(
-    tmp_path: Path, closed_port: int, waits: list[float], caplog: pytest.LogCaptureFixture
-) -> None:
+def _forwarding_waits(
+    tmp_path: Path, closed_port: int, waits: list[float], every_s: float, count: int
+) -> tuple[list[float], Metrics]:
+    """The first `count` waits of the forwarding loop (every `every_s`) against a central
+    store that is not there, and its metrics."""
     url = f"postgresql://tunnelwatch@{LOOPBACK}:{free_port()}/fleet"
     config = load_config(
-        config_with(tmp_path, tcp_targets(closed_port, "t0") + DIRECT, store=f'url = "{url}"\nforward_every_s = 2')
+        config_with(
+            tmp_path, tcp_targets(closed_port, "t0") + DIRECT, store=f'url = "{url}"\nforward_every_s = {every_s}'
+        )
     )
     _spool_with_rounds(config, 3)
+
+    def asked() -> list[float]:
+        return [wait for wait in waits if wait != 0.001]
 
     async def scenario() -> Metrics:
         metrics = Metrics()
@@ -360,18 +367,22 @@ def test_the_forwarding_loop_backs_off_while_the_central_store_fails(
         async with forwarding(config, metrics) as uploads:
             assert uploads is not None
             loop = asyncio.ensure_future(uploads.run())
-            while len(asked()) < 4:
+            while len(asked()) < count:
                 await asyncio.sleep(0.001)  # (in waits too)
             loop.cancel()
             await asyncio.gather(loop, return_exceptions=True)
         return metrics
 
-    def asked() -> list[float]:
-        return [wait for wait in waits if wait != 0.001]
+    metrics = asyncio.run(scenario())
+    return asked()[:count], metrics
 
+
+def test_the_forwarding_loop_backs_off_while_the_central_store_fails(
+    tmp_path: Path, closed_port: int, waits: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, DAEMON_LOG):
-        metrics = asyncio.run(scenario())
-    assert asked()[:4] == [2, 4, 8, 16]  # every forward_every_s, then twice as long after each failure
+        asked, metrics = _forwarding_waits(tmp_path, closed_port, waits, every_s=2, count=4)
+    assert asked == [2, 4, 8, 16]  # every forward_every_s, then twice as long after each failure
     errors = metrics.registry.get_sample_value("tunnelwatch_forward_errors_total")
     assert errors is not None and errors >= 3
     assert caplog.text.count("measurements stay in the spool") == 1  # one line for the outage
@@ -381,27 +392,8 @@ def test_the_forwarding_loop_backs_off_while_the_central_store_fails(
 def test_the_forwarding_waits_five_minutes_at_most_after_a_failure(
     tmp_path: Path, closed_port: int, waits: list[float]
 ) -> None:
-    url = f"postgresql://tunnelwatch@{LOOPBACK}:{free_port()}/fleet"
-    config = load_config(
-        config_with(tmp_path, tcp_targets(closed_port, "t0") + DIRECT, store=f'url = "{url}"\nforward_every_s = 200')
-    )
-    _spool_with_rounds(config, 1)
-
-    async def scenario() -> None:
-        waits.clear()
-        async with forwarding(config, Metrics()) as uploads:
-            assert uploads is not None
-            loop = asyncio.ensure_future(uploads.run())
-            while len(asked()) < 3:
-                await asyncio.sleep(0.001)  # (in waits too)
-            loop.cancel()
-            await asyncio.gather(loop, return_exceptions=True)
-
-    def asked() -> list[float]:
-        return [wait for wait in waits if wait != 0.001]
-
-    asyncio.run(scenario())
-    assert asked()[:3] == [200, 300, 300]  # twice 200 s is over the bound of five minutes
+    asked, _ = _forwarding_waits(tmp_path, closed_port, waits, every_s=200, count=3)
+    assert asked == [200, 300, 300]  # twice 200 s is over the bound of five minutes
 
 
 def test_the_forwarding_logs_an_outage_once_and_its_end(
