@@ -38,6 +38,10 @@ ANALYSIS = {
     "chart": ("analysis.cli:chart_group", "Charts of the measurements."),
     "report": ("analysis.cli:report_group", "Reports of the measurements."),
     "store": ("analysis.cli:store_group", "Look after the store."),
+    "alerts": (
+        "probe.alerts_cli:alerts_group",
+        "Alerts: outages as the daemon finds them, and the messages it sends about them.",
+    ),
 }
 
 

@@ -215,6 +215,41 @@ class MetricsSettings(_Frozen):
         return host.strip("[]"), int(port)
 
 
+ALERT_KINDS = ("blocked", "tunnel_down", "local_outage", "site_down", "degraded", "inconclusive")
+
+
+class AlertSettings(_Frozen):
+    """Who hears about which outages (analysis/alerts.py decides, probe/daemon/notifier.py sends)."""
+
+    # Apprise URLs, one per destination (mailto://, json://, ntfy://, tgram://, ...); ${ENV} for secrets.
+    urls: list[SecretStr] = []
+    kinds: list[Literal[ALERT_KINDS]] = ["blocked", "tunnel_down", "local_outage", "site_down", "degraded"]  # type: ignore[valid-type]
+    paths: list[str] = []  # only these paths; empty: every path
+    groups: list[str] = []  # only targets of these groups; empty: every group
+    min_duration_s: Annotated[float, _between(0, 7 * 86400, "seconds")] = 0  # shorter outages are never announced
+    group_s: Annotated[float, _between(0, 86400, "seconds")] = 0  # gather changes this long; 0: one message a round
+    via: str | None = None  # a path's name: notifications leave through it
+    retry_s: Annotated[float, _between(1, 3600, "seconds")] = 30  # the first retry; doubled up to retry_max_s
+    retry_max_s: Annotated[float, _between(1, 86400, "seconds")] = 3600
+
+    @field_validator("urls")
+    @classmethod
+    def _known_services(cls, urls: list[SecretStr]) -> list[SecretStr]:
+        if not urls:
+            return urls
+        import apprise
+
+        for i, url in enumerate(urls):
+            if apprise.Apprise.instantiate(url.get_secret_value()) is None:
+                scheme = url.get_secret_value().partition("://")[0] or "(none)"
+                raise ValueError(
+                    f"[{i}]: Apprise does not know the scheme {scheme!r} or cannot read this URL; "
+                    "see https://github.com/caronc/apprise/wiki for mailto://, json://, ntfy://, tgram://, "
+                    "slack://, matrix://, gotify://, discord:// and the rest"
+                )
+        return urls
+
+
 def _check_resolver_server(server: str) -> str:
     host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
     host = host or server
@@ -358,6 +393,7 @@ class Config(_Frozen):
     metrics: MetricsSettings = MetricsSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     report: ReportSettings = ReportSettings()
+    alerts: AlertSettings = AlertSettings()
     targets: list[Target] = Field(min_length=1)
     paths: list[PathSpec] = Field(min_length=1)
     source: str = Field("", exclude=True)
@@ -374,6 +410,14 @@ class Config(_Frozen):
         names = [p.name for p in self.paths]
         if self.store.uplink is not None and self.store.uplink not in names:
             raise ValueError(f"store.uplink: {self.store.uplink!r} is not a path; use one of {', '.join(names)}")
+        if self.alerts.via is not None and self.alerts.via not in names:
+            raise ValueError(f"alerts.via: {self.alerts.via!r} is not a path; use one of {', '.join(names)}")
+        for key, asked, known in (
+            ("alerts.paths", self.alerts.paths, names),
+            ("alerts.groups", self.alerts.groups, sorted({t.group for t in self.targets})),
+        ):
+            if unknown := [a for a in asked if a not in known]:
+                raise ValueError(f"{key}: {', '.join(map(repr, unknown))} unknown; use some of {', '.join(known)}")
         if self.store.uplink is not None and self.store.url is None:
             raise ValueError("store.uplink: set store.url too; the uplink carries uploads to the central store")
         return self
@@ -459,7 +503,9 @@ def _table_in(annotation: Any) -> type[BaseModel] | None:
 
 
 def _secret(loc: tuple[Any, ...]) -> bool:
-    return bool(loc) and (loc[-1] in ("username", "password") or loc[:2] in (("store", "url"), ("analysis", "store")))
+    return bool(loc) and (
+        loc[-1] in ("username", "password") or loc[:2] in (("store", "url"), ("analysis", "store"), ("alerts", "urls"))
+    )
 
 
 def parse_config(text: str, source: str) -> Config:

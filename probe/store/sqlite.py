@@ -142,6 +142,46 @@ MIGRATIONS = (
         summaries_ms INTEGER                 -- rollup_cursor.until_ms when summaries were last uploaded
     );
     """,
+    """
+    -- Alerts (analysis/alerts.py): the outages `tunnelwatch outages --by target` lists, as the
+    -- daemon found them round by round, and what has been said about each.
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL,
+        target TEXT NOT NULL,                -- a target, or '*' for the path (degradation)
+        grp TEXT NOT NULL,                   -- the target's group, '' for the path
+        verdict TEXT NOT NULL,
+        rules TEXT NOT NULL,                 -- JSON list of rule ids
+        blocking TEXT NOT NULL DEFAULT '',
+        failure TEXT NOT NULL DEFAULT '',    -- the failure string of its last failing round
+        detail TEXT NOT NULL DEFAULT '',
+        start_ms INTEGER NOT NULL,           -- the outage's start
+        end_ms INTEGER,                      -- its end; NULL while it is open
+        announced TEXT NOT NULL DEFAULT '',  -- '' (held back or filtered), 'down', 'back'
+        announced_verdict TEXT NOT NULL DEFAULT '',
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX alerts_open ON alerts (path, target) WHERE end_ms IS NULL;
+    CREATE INDEX alerts_start ON alerts (start_ms);
+    CREATE TABLE alerts_cursor (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        evaluated_ms INTEGER NOT NULL        -- the rounds up to here have been judged
+    );
+    -- One message to one destination (a hash of its URL: the URL may hold a secret); sent or
+    -- retried with back-off by the daemon (probe/daemon/notifier.py).
+    CREATE TABLE notifications (
+        id INTEGER PRIMARY KEY,
+        created_ms INTEGER NOT NULL,
+        destination TEXT NOT NULL,
+        title TEXT NOT NULL,
+        body TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_try_ms INTEGER NOT NULL,
+        sent_ms INTEGER,
+        error TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX notifications_due ON notifications (next_try_ms) WHERE sent_ms IS NULL;
+    """,
 )
 
 
