@@ -3,7 +3,8 @@
 The parts, each with one job: the store writer (writer.py), the rounds (probing.py), the
 schedule and its child jobs (schedule.py, jobs.py), reloads (reload.py), the upload to the
 fleet's central store (forwarding.py), the loop-lag watch and systemd's watchdog
-(watchdog.py). They are built before the daemon starts and closed in reverse order after it
+(watchdog.py), the alerts' evaluation after each stored round (evaluations.py) and the
+notifier that sends their messages (notifier.py). They are built before the daemon starts and closed in reverse order after it
 stops, by one exit stack. Signal handlers only set flags; the work happens on the event loop.
 """
 
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from probe.config import Config, load_config
+from probe.daemon.evaluations import Evaluations
 from probe.daemon.forwarding import Forwarding, forwarding
 from probe.daemon.jobs import ChildJobs
 from probe.daemon.metrics import Metrics
+from probe.daemon.notifier import Notifier
 from probe.daemon.probing import Rounds
 from probe.daemon.reload import Reloader
 from probe.daemon.schedule import Schedule
@@ -53,6 +56,8 @@ class Daemon:
         reloader: Reloader,
         forwarding: Forwarding | None,
         stopping: asyncio.Event,
+        notifier: Notifier,
+        evaluations: Evaluations,
     ) -> None:
         self._config = config
         self._metrics = metrics
@@ -61,6 +66,8 @@ class Daemon:
         self._schedule = schedule
         self._reloader = reloader
         self._forwarding = forwarding
+        self._notifier = notifier
+        self._evaluations = evaluations
         self._stopping = stopping  # shared with the rounds: none starts once it is set
         self._signals = 0
         self._exit_code = 0  # 1 when a helper died and stopped the daemon
@@ -75,6 +82,8 @@ class Daemon:
             self._helper(self._writer.run(), "the store writer"),
             self._helper(watch_loop(self._metrics), "the loop watch"),
             self._helper(self._reloader.run(self._apply), "the reloader"),
+            self._helper(self._evaluations.run(), "the alerts' evaluation"),
+            self._helper(self._notifier.run(), "the notifier"),
         ]
         if self._forwarding is not None:
             helpers.append(self._helper(self._forwarding.run(), "the forwarding"))
@@ -132,6 +141,8 @@ class Daemon:
         self._metrics.forget_probes()
         self._writer.submit_paths(path_rows(config))
         self._schedule.apply(config)
+        self._evaluations.apply(config)
+        self._notifier.apply(config)
         self._status()
 
     def _status(self) -> None:
@@ -167,7 +178,13 @@ async def serve(config: Config, config_path: Path | None) -> int:
                 ) from None
             stack.callback(server.server_close)
             stack.callback(server.shutdown)
-        writer = StoreWriter(store, metrics, config.daemon.store_buffer, config.daemon.store_retry_s)
+        notifier = Notifier(config, metrics)
+        stack.push_async_callback(notifier.close)
+        jobs = ChildJobs(config_path)
+        evaluations = Evaluations(config, jobs, notifier.wake)
+        writer = StoreWriter(
+            store, metrics, config.daemon.store_buffer, config.daemon.store_retry_s, evaluations.round_stored
+        )
         uploads = await stack.enter_async_context(forwarding(config, metrics))
         rounds = Rounds(ctx, writer, metrics, stopping)
         daemon = Daemon(
@@ -175,9 +192,11 @@ async def serve(config: Config, config_path: Path | None) -> int:
             metrics=metrics,
             writer=writer,
             rounds=rounds,
-            schedule=Schedule(config, rounds.run, ChildJobs(config_path), metrics),
+            schedule=Schedule(config, rounds.run, jobs, metrics),
             reloader=Reloader(config_path, config, ctx),
             forwarding=uploads,
             stopping=stopping,
+            notifier=notifier,
+            evaluations=evaluations,
         )
         return await daemon.run()

@@ -28,8 +28,13 @@ class ChildJobs:
         """Summarise the last complete hours and delete raw rows past store.keep_raw_days."""
         await self.run("compaction", "store", "compact")
 
-    async def run(self, what: str, *args: str) -> bool:
-        """`tunnelwatch ARGS --config FILE`, logged as `what`; whether it succeeded."""
+    async def evaluate_alerts(self) -> None:
+        """Judge the latest rounds, save the alerts and queue their messages (after each round: quiet when it works)."""
+        await self.run("alerts evaluation", "alerts", "evaluate", quiet=True)
+
+    async def run(self, what: str, *args: str, quiet: bool = False) -> bool:
+        """`tunnelwatch ARGS --config FILE`, logged as `what` (at debug level when it succeeded
+        and `quiet`); whether it succeeded."""
         command = [*self._command, *args]
         if self._config_path is not None:
             command += ["--config", str(self._config_path)]
@@ -38,7 +43,7 @@ class ChildJobs:
         )
         _, stderr = await child.communicate()
         level, message = outcome(what, child.returncode, stderr)
-        log.log(level, "%s", message)
+        log.log(logging.DEBUG if quiet and child.returncode == 0 else level, "%s", message)
         return child.returncode == 0
 
 

@@ -20,8 +20,8 @@ LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60) 
 # Every metric: the attribute of Metrics, its type, its name (a counter's is exposed with
 # `_total`), its help and its labels. The first three are the last probe of each target
 # through each path, as blackbox_exporter has them; then rounds and the event loop
-# (probe/daemon/probing.py, watchdog.py), the store writer (writer.py) and fleet mode
-# (forwarding.py).
+# (probe/daemon/probing.py, watchdog.py), the store writer (writer.py), fleet mode
+# (forwarding.py) and alerts (notifier.py).
 METRICS: dict[str, tuple[type[Counter | Gauge | Histogram], str, str, str]] = {
     "success": (Gauge, "probe_success", "Whether the last probe succeeded", LABELS),
     "duration": (Gauge, "probe_duration_seconds", "How long the last probe took", LABELS),
@@ -41,6 +41,11 @@ METRICS: dict[str, tuple[type[Counter | Gauge | Histogram], str, str, str]] = {
     "forward_backlog": (Gauge, "tunnelwatch_forward_backlog_measurements", "Measurements in the spool not uploaded yet", ""),
     "forward_backlog_age": (Gauge, "tunnelwatch_forward_backlog_age_seconds", "Age of the oldest measurement not uploaded yet", ""),
     "forward_dropped": (Gauge, "tunnelwatch_forward_dropped_measurements", "Measurements never uploaded: the backlog outgrew store.spool_max_rows", ""),
+    "notifications_sent": (Counter, "tunnelwatch_notifications_sent", "Alert messages sent, one per destination", ""),
+    "notifications_failed": (Counter, "tunnelwatch_notifications_failed", "Failed attempts to send an alert message (each is retried)", ""),
+    "notifications_dropped": (Counter, "tunnelwatch_notifications_dropped", "Unsent alert messages dropped: their destination is no longer in alerts.urls", ""),
+    "notifications_pending": (Gauge, "tunnelwatch_notifications_pending", "Alert messages not sent yet", ""),
+    "alerts_open": (Gauge, "tunnelwatch_alerts_open", "Alerts open now (outages not over)", ""),
 }  # fmt: skip
 
 
@@ -65,6 +70,11 @@ class Metrics:
     forward_backlog: Gauge
     forward_backlog_age: Gauge
     forward_dropped: Gauge
+    notifications_sent: Counter
+    notifications_failed: Counter
+    notifications_dropped: Counter
+    notifications_pending: Gauge
+    alerts_open: Gauge
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

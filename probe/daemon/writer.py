@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from probe.daemon.backoff import Outage, retry
@@ -35,8 +35,16 @@ T = TypeVar("T")
 
 
 class StoreWriter:
-    def __init__(self, store: Store, metrics: Metrics, max_buffer: int, retry_s: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        max_buffer: int,
+        retry_s: float,
+        on_written: Callable[[], None] = lambda: None,
+    ) -> None:
         self._store = store
+        self._on_written = on_written  # told after each write of rounds (the alerts' evaluation)
         self._metrics = metrics
         self._max_buffer = max_buffer
         self._retry_s = retry_s
@@ -138,6 +146,7 @@ class StoreWriter:
         self._metrics.store_buffered.set(self._buffered)
         if (lasted := self._outage.recovered()) is not None:
             log.warning("store writable again after %.0f s; wrote %d buffered measurements", lasted, len(measurements))
+        self._on_written()
         return True
 
     async def _check(self) -> None:

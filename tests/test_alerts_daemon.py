@@ -1,0 +1,303 @@
+"""Alerts end to end: the daemon (a real `tunnelwatch run`) probes nginx directly and through
+a microsocks tunnel, the tunnel is stopped for a while, and real receivers (an SMTP server
+and a JSON webhook, tests/receivers.py) must each get one "down" and one "back" message, in
+order, also when they were down meanwhile, through `alerts.via` when it is set, and never a
+second "down" from a daemon restarted during the outage. Plus `tunnelwatch alerts test` and
+bad alert settings."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_config
+from tests.daemonproc import TUNNELWATCH, Daemon, scrape
+from tests.receivers import Mail, Received, Webhook
+from tests.servers import LOOPBACK, Web, free_port, need, running
+
+DOWN = re.compile(r"^tunnelwatch test-vantage: \d+ down$")
+BACK = re.compile(r"^tunnelwatch test-vantage: \d+ back$")
+EXIT_ADDRESS = "127.0.0.77"  # the via tunnel's microsocks connects out from here
+
+
+class Socks:
+    """A microsocks on loopback that a test stops and starts again on the same port."""
+
+    def __init__(self, tmp: Path, bind: str | None = None) -> None:
+        self.port = free_port()
+        self._args = [need("microsocks"), "-i", LOOPBACK, "-p", str(self.port), *(["-b", bind] if bind else [])]
+        self._log = tmp / f"microsocks-{self.port}.log"
+        self._stack: ExitStack | None = None
+
+    def start(self) -> Socks:
+        self._stack = ExitStack()
+        self._stack.enter_context(running(self._args, self._log, self.port))
+        return self
+
+    def stop(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+
+@pytest.fixture
+def socks(tmp_path: Path) -> Iterator[Callable[..., Socks]]:
+    started: list[Socks] = []
+
+    def start(bind: str | None = None) -> Socks:
+        proxy = Socks(tmp_path, bind).start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def receivers() -> Iterator[tuple[Webhook, Mail]]:
+    hook, mail = Webhook().start(), Mail().start()
+    yield hook, mail
+    hook.stop()
+    mail.stop()
+
+
+def alerts_config(tmp_path: Path, web: Web, tunnel: Socks, urls: list[str], extra: str = "") -> Path:
+    """Two targets on nginx, probed every 2 s directly and through the `tunnel` microsocks."""
+    quoted = ", ".join(f'"{u}"' for u in urls)
+    body = f"""
+[analysis]
+open_after = 2
+close_after = 2
+
+[alerts]
+urls = [{quoted}]
+retry_s = 1
+retry_max_s = 2
+{extra}
+
+[[targets]]
+name = "site"
+group = "blocked"
+kind = "http"
+url = "http://{LOOPBACK}:{web.http}/"
+
+[[targets]]
+name = "control-site"
+group = "control"
+kind = "http"
+url = "http://{LOOPBACK}:{web.http}/"
+
+[[paths]]
+name = "direct"
+kind = "direct"
+
+[[paths]]
+name = "tunnel"
+kind = "socks5"
+host = "{LOOPBACK}"
+port = {tunnel.port}
+"""
+    config = write_config(tmp_path, body)
+    config.write_text(config.read_text().replace("[probe]", "[probe]\ninterval_s = 2"))
+    return config
+
+
+def evaluated_ms(daemon: Daemon) -> int:
+    try:
+        conn = sqlite3.connect(daemon.db)
+        try:
+            row = conn.execute("SELECT evaluated_ms FROM alerts_cursor").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.OperationalError:  # no store or no table yet
+        return 0
+    return 0 if row is None else int(row[0])
+
+
+def evaluated_after(daemon: Daemon, seconds: float, timeout_s: float = 90) -> None:
+    """Until an evaluation has judged the rounds up to `seconds` from now."""
+    until = (time.time() + seconds) * 1000
+    daemon.wait_until(lambda: evaluated_ms(daemon) > until, timeout_s, f"an evaluation {seconds} s from now")
+
+
+def outbox(daemon: Daemon) -> list[tuple[object, ...]]:
+    """The notifications table, for a failure's message."""
+    conn = sqlite3.connect(daemon.db)
+    try:
+        return conn.execute("SELECT * FROM notifications ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def downs(got: list[Received]) -> list[Received]:
+    return [m for m in got if DOWN.match(m.title)]
+
+
+def backs(got: list[Received]) -> list[Received]:
+    return [m for m in got if BACK.match(m.title)]
+
+
+def assert_told_once(got: list[Received], peer: str = LOOPBACK) -> None:
+    """One "down" then one "back", both about the tunnel being down, from `peer`."""
+    assert [bool(DOWN.match(m.title)) for m in got] == [True, False], got
+    down, back = got
+    assert BACK.match(back.title), got
+    assert down.body.startswith("tunnel DOWN since ") and ": tunnel_down (" in down.body, down.body
+    assert "2 targets: control-site, site" in down.body, down.body
+    assert back.body.startswith("tunnel back after ") and "(tunnel_down, down since " in back.body, back.body
+    assert {m.peer for m in got} == {peer}, got
+
+
+def test_an_outage_is_told_once_down_and_once_back_across_a_restart(
+    tmp_path: Path,
+    web: Web,
+    socks: Callable[..., Socks],
+    receivers: tuple[Webhook, Mail],
+    daemons: Callable[..., Daemon],
+) -> None:
+    hook, mail = receivers
+    tunnel = socks()
+    config = alerts_config(tmp_path, web, tunnel, [hook.url, mail.url])
+    daemon = daemons(config)
+    evaluated_after(daemon, 6)  # a clean start: rounds judged, nothing to tell
+    assert hook.messages() == [] and mail.messages() == []
+
+    tunnel.stop()  # the outage
+    for receiver in receivers:
+        receiver.wait_for(lambda got: len(downs(got)) == 1, what="the down message")
+    assert daemon.stop() == 0, daemon.output()
+    daemon = daemons(config)  # restarted while the outage is open
+    evaluated_after(daemon, 8)
+    assert [len(r.messages()) for r in receivers] == [1, 1], daemon.output()
+
+    tunnel.start()  # over
+    for receiver in receivers:
+        receiver.wait_for(lambda got: len(backs(got)) == 1, what="the back message")
+    evaluated_after(daemon, 10)  # a clean period after it: nothing more
+    for receiver in receivers:
+        assert_told_once(receiver.messages())
+    metrics = scrape(config)
+    assert metrics[("tunnelwatch_notifications_sent_total", ())] == 2  # this daemon's: the two "back"
+    assert metrics[("tunnelwatch_notifications_failed_total", ())] == 0
+    assert metrics[("tunnelwatch_notifications_pending", ())] == 0
+    assert metrics[("tunnelwatch_alerts_open", ())] == 0
+    assert daemon.stop() == 0, daemon.output()
+    assert "Traceback" not in daemon.output() and "ERROR" not in daemon.output(), daemon.output()
+
+
+def test_a_receiver_down_meanwhile_gets_every_message_in_order_through_via(
+    tmp_path: Path,
+    web: Web,
+    socks: Callable[..., Socks],
+    receivers: tuple[Webhook, Mail],
+    daemons: Callable[..., Daemon],
+) -> None:
+    """alerts.via = a second tunnel whose microsocks connects out from EXIT_ADDRESS: the
+    receivers see the messages come from there. The webhook is down for the whole outage."""
+    hook, mail = receivers
+    tunnel, exit_tunnel = socks(), socks(EXIT_ADDRESS)
+    extra = 'via = "exit"\n'
+    config = alerts_config(tmp_path, web, tunnel, [hook.url, mail.url], extra)
+    config.write_text(
+        config.read_text()
+        + f'\n[[paths]]\nname = "exit"\nkind = "socks5"\nhost = "{LOOPBACK}"\nport = {exit_tunnel.port}\n'
+    )
+    daemon = daemons(config)
+    evaluated_after(daemon, 4)
+    hook.stop()
+
+    tunnel.stop()
+    mail.wait_for(lambda got: len(downs(got)) == 1, what="the down message")
+    daemon.wait_until(lambda: "notification to json://" in daemon.output(), 60, "the failure logged")
+    tunnel.start()
+    mail.wait_for(lambda got: len(backs(got)) == 1, what="the back message")
+    daemon.wait_until(lambda: scrape(config)[("tunnelwatch_notifications_failed_total", ())] >= 3, 60, "retries")
+    daemon.wait_until(  # the webhook's two wait; the mail's are sent (marked just after the receiver got them)
+        lambda: scrape(config)[("tunnelwatch_notifications_pending", ())] == 2, 30, f"2 pending: {outbox(daemon)}"
+    )
+    assert hook.messages() == []
+
+    hook.start()  # back: both messages, down first
+    hook.wait_for(lambda got: len(got) == 2, what="both messages after the webhook is back")
+    evaluated_after(daemon, 6)
+    assert_told_once(hook.messages(), EXIT_ADDRESS)
+    assert_told_once(mail.messages(), EXIT_ADDRESS)
+    assert hook.rejected == []
+    metrics = scrape(config)
+    assert metrics[("tunnelwatch_notifications_sent_total", ())] == 4
+    assert metrics[("tunnelwatch_notifications_pending", ())] == 0
+    assert daemon.stop() == 0, daemon.output()
+    log = daemon.output()
+    assert log.count("notification to json://") == 1, log  # once per failing streak
+    assert log.count("sent again, after") == 1, log
+    assert f"json://{LOOPBACK}:{hook.port}/..." in log and "/hook" not in log, log  # the URL masked
+
+
+def alerts_test(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TUNNELWATCH, "alerts", "test", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_alerts_test_sends_to_every_url_and_names_the_one_that_failed(
+    tmp_path: Path, web: Web, socks: Callable[..., Socks], receivers: tuple[Webhook, Mail]
+) -> None:
+    hook, mail = receivers
+    config = alerts_config(tmp_path, web, socks(), [hook.url, mail.url])
+    done = alerts_test(config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for receiver in receivers:
+        assert receiver.titles() == ["tunnelwatch test-vantage: test"]
+    assert f"sent  json://{LOOPBACK}:{hook.port}/..." in done.stdout
+    assert f"sent  mailto://{LOOPBACK}:{mail.port}/..." in done.stdout
+
+    hook.stop()
+    done = alerts_test(config)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"failed  json://{LOOPBACK}:{hook.port}/...: " in done.stdout, done.stdout
+    assert "Connection refused" in done.stdout, done.stdout  # Apprise's reason
+    assert f"sent  mailto://{LOOPBACK}:{mail.port}/..." in done.stdout
+    assert len(mail.messages()) == 2 and "Traceback" not in done.stderr
+
+
+SECRET = "not-a-bot-token-s3cr3t"
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("foo://x", "Apprise does not know the scheme 'foo'"),
+        ("json://tw:${TW_TEST_MISSING}@127.0.0.1:9/hook", "environment variable TW_TEST_MISSING is not set"),
+        ("tgram://${TW_TEST_TOKEN}/12345", "Apprise does not know the scheme 'tgram' or cannot read this URL"),
+        (  # a misspelt scheme, the secret in the path and the query: Apprise logs the URL it refuses, masked
+            "tgarm://hooks.example/${TW_TEST_TOKEN}?token=${TW_TEST_TOKEN}",
+            "Apprise does not know the scheme 'tgarm'",
+        ),
+    ],
+)
+def test_bad_alert_urls_are_refused_naming_the_key_without_the_secret(
+    tmp_path: Path, web: Web, socks: Callable[..., Socks], url: str, said: str
+) -> None:
+    config = alerts_config(tmp_path, web, socks(), [url])
+    env = {**os.environ, "TW_TEST_TOKEN": SECRET}
+    env.pop("TW_TEST_MISSING", None)
+    for command in (["alerts", "test"], ["run"], ["config", "check"]):
+        done = subprocess.run(
+            [*TUNNELWATCH, *command, "--config", str(config)], capture_output=True, text=True, timeout=60, env=env
+        )
+        assert done.returncode == 2, (command, done.stdout, done.stderr)
+        assert "alerts.urls" in done.stderr and said in done.stderr, (command, done.stderr)
+        assert "Traceback" not in done.stderr and SECRET not in done.stdout + done.stderr, done.stderr
