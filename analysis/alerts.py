@@ -119,22 +119,29 @@ def evaluate(cfg: Config, now: datetime) -> list[Change]:
 
 @dataclass(frozen=True, slots=True)
 class _Facts:
-    """What the verdict runs do not hold: each pair's last failure and each target's group."""
+    """What the verdict runs do not hold: each pair's failures and each target's group."""
 
-    failures: dict[tuple[str, str], tuple[str, str]]  # (target, path) -> (failure, failed operation)
+    failures: dict[tuple[str, str], list[tuple[int, str]]]  # (target, path) -> [(ms, "failure at operation")]
     groups: dict[str, str]
 
     @classmethod
     def read(cls, conn: sqlite3.Connection, since_ms: int, until_ms: int) -> _Facts:
         rows = conn.execute(
-            "SELECT target, path, failure, failed_operation, max(started_at_ms) FROM measurements "
-            "WHERE started_at_ms >= ? AND started_at_ms <= ? AND ok = 0 GROUP BY target, path",
+            "SELECT target, path, started_at_ms, failure, failed_operation FROM measurements "
+            "WHERE started_at_ms >= ? AND started_at_ms <= ? AND ok = 0 ORDER BY started_at_ms",
             [since_ms, until_ms],
-        ).fetchall()
+        )
+        failures: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+        for target, path, ms, failure, operation in rows:
+            failures[(target, path)].append((ms, f"{failure or ''}{f' at {operation}' if operation else ''}"))
         groups = conn.execute(
             "SELECT target, grp FROM measurements WHERE started_at_ms >= ? GROUP BY target", [since_ms]
         ).fetchall()
-        return cls({(t, p): (f or "", o or "") for t, p, f, o, _ in rows}, dict(groups))
+        return cls(failures, dict(groups))
+
+    def last_failure(self, target: str, path: str, until_ms: int) -> str | None:
+        before = [text for ms, text in self.failures.get((target, path), []) if ms < until_ms]
+        return before[-1] if before else None
 
 
 class _Judge:
@@ -172,17 +179,19 @@ class _Judge:
 
     def _seen(self, alert: Alert, o: pd.Series) -> Alert:
         target, path = alert.target, alert.path
-        failure, operation = self.facts.failures.get((target, path), (alert.failure, ""))
+        end = to_ms(o["end"])
         runs = self._runs.get((target, path))
         detail = alert.detail
-        if runs is not None and len(failing := runs[runs["state"] == FAILING]):
-            detail = str(failing["detail"].iloc[-1] or "")
+        if runs is not None:  # what the outage's latest failing rounds said of the tunnel's server port
+            failing = runs[(runs["state"] == FAILING) & (runs["first"] < o["end"]) & (runs["last"] >= o["start"])]
+            details = [d for d in failing["detail"] if d]
+            detail = str(details[-1]) if details else detail
         return alert.changed(
             detail=detail,
             verdict=o["verdict"],
-            rules=tuple(o["rules"]),
+            rules=tuple(sorted({*alert.rules, *o["rules"]})),  # every rule of the outage so far
             blocking=_blocking(o["rules"]),
-            failure=failure if not operation else f"{failure} at {operation}",
+            failure=self.facts.last_failure(target, path, end) or alert.failure,
             updated_ms=max(alert.updated_ms, to_ms(o["end"])),
         )
 

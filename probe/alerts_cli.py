@@ -49,8 +49,11 @@ def evaluate_command(config: Path | None, now: datetime | None) -> None:
 @click.option(
     "--days", type=click.FloatRange(min=0), default=7.0, show_default=True, help="Alerts that ended this recently."
 )
-def list_command(config: Path | None, days: float) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per alert.")
+def list_command(config: Path | None, days: float, as_json: bool) -> None:
     """Open alerts and those of the last days."""
+    import json
+
     from rich.table import Table
     from rich.text import Text
 
@@ -60,6 +63,12 @@ def list_command(config: Path | None, days: float) -> None:
     cfg = load_config(config)
     now = datetime.now(UTC)
     alerts = read_alerts(cfg.store.path, round((now.timestamp() - days * 86400) * 1000))
+    if as_json:
+        for a in alerts:
+            fields = {f: getattr(a, f) for f in ("path", "target", "grp", "verdict", "blocking", "failure", "detail")}
+            times = {"start": _iso(a.start_ms), "end": _iso(a.end_ms) if a.end_ms is not None else None}
+            out.print_json(json.dumps({**fields, "rules": list(a.rules), **times, "told": a.announced}), indent=None)
+        return
     table = Table(title=f"alerts open or ended in the last {days:g} days")
     for name in ("path", "target", "verdict", "since (UTC)", "until (UTC)", "told", "why"):
         table.add_column(name)
@@ -115,6 +124,10 @@ def read_alerts(path: Path, since_ms: int) -> list[Alert]:
             return recent_alerts(db, since_ms)
     except sqlite3.Error as exc:
         raise store_error(path, exc, "read the alerts") from None
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def _utc(ms: int) -> str:
