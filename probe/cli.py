@@ -222,6 +222,7 @@ def status(config: Path | None) -> None:
         )
         paths.add_row(Text(name), state, f"{ok}/{len(rows)}")
     out.print(paths)
+    _open_alerts(cfg.store.path, now)
     last_failure = {(r["target"], r["path"]): r for r in latest.failures}
     news = [r for r in latest.pairs if not r["ok"] or (r["target"], r["path"]) in last_failure]
     pairs = Table(title=f"targets and paths failing now or in the past {_age(failures_s)}")
@@ -252,6 +253,31 @@ def status(config: Path | None) -> None:
                 "yellow",
             )
         )
+
+
+OPEN_ALERTS_SHOWN = 20
+
+
+def _open_alerts(store: Path, now: datetime) -> None:
+    """The open alerts (probe/store/alerts.py): what the daemon has found down and not back yet."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from probe.alerts_cli import read_alerts
+    from probe.console import out
+
+    opened = [a for a in read_alerts(store, 2**62) if a.open]
+    if not opened:
+        return
+    table = Table(title=f"open alerts ({len(opened)})")
+    for name in ("path", "target", "verdict", "since", "why"):
+        table.add_column(name)
+    for a in opened[:OPEN_ALERTS_SHOWN]:
+        why = "; ".join(p for p in (",".join(a.rules), a.detail, a.failure) if p)
+        table.add_row(Text(a.path), Text(a.target), Text(a.verdict, "red"), _when(a.start_ms, now), Text(why))
+    out.print(table)
+    if len(opened) > OPEN_ALERTS_SHOWN:
+        out.print(f"and {len(opened) - OPEN_ALERTS_SHOWN} more: tunnelwatch alerts list")
 
 
 def _backlog(spool_path: Path, url: str, now: datetime) -> str:

@@ -225,3 +225,8 @@ def test_alerts_list_and_evaluate_from_the_command_line(tmp_path: Path) -> None:
         (alert,) = open_alerts(conn)
     assert json.loads(json.dumps(alert.rules)) == ["tunnel-own-step"]
     assert alert.failure == "connection_refused at proxy_connect"
+    status = subprocess.run(
+        [*TUNNELWATCH, "status", "--config", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert status.returncode == 0, status.stderr
+    assert "open alerts (1)" in status.stdout and "tunnel-own-step" in status.stdout
