@@ -55,7 +55,7 @@ class Resolver:
         """Servers (those the bound address can reach), search domains and options. A path's
         own servers are asked with glibc's default options and no search domains."""
         if self.servers:
-            conf = ResolvConf(servers=tuple(map(Server.parse, self.servers)), search=(), options=Options())
+            conf = _own(self.servers)
         else:
             conf = read_resolv_conf(self.resolv_conf)
         if self.path is None or not self.path.address:
@@ -66,6 +66,11 @@ class Resolver:
             servers = ", ".join(map(str, conf.servers))
             raise ProbeFailure("address_not_available", BIND, f"no resolver of {address}'s family in {servers}")
         return dataclasses.replace(conf, servers=reachable)
+
+
+@functools.lru_cache(maxsize=256)  # a path's own servers, parsed once (settings are asked on every lookup)
+def _own(servers: tuple[str, ...]) -> ResolvConf:
+    return ResolvConf(servers=tuple(map(Server.parse, servers)), search=(), options=Options())
 
 
 def resolver_for(path: PathSpec) -> Resolver:
@@ -123,7 +128,7 @@ class Outcome:
 
     @property
     def later_addresses(self) -> list[str]:
-        return [address for e in self.exchanges for r in e.later for address in r.addresses(e.rdtype)]
+        return [address for e in self.exchanges for r in e.later for address in r.addresses]
 
     @property
     def failing(self) -> Exchange | None:
@@ -165,6 +170,7 @@ class Outcome:
         return failing.error
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every lookup, of a few names; a bad name is not kept
 def _name(text: str) -> dns.name.Name:
     try:
         return dns.name.from_text(text)
@@ -239,9 +245,9 @@ async def lookup(resolver: Resolver, host: str, trace: Trace) -> list[str]:
             trace.phase("resolve", (time.perf_counter() - started) * 1000)  # no answer: the time seen from here
             raise
         trace.phase("resolve", network_ms)
-        if not outcome.addresses:
-            raise outcome.failure()
         addresses = outcome.addresses
+        if not addresses:
+            raise outcome.failure()
     ordered = sorted(dict.fromkeys(addresses), key=lambda a: ":" in a)[:MAX_ANSWERS]
     trace.fact("addresses", tuple(ordered))
     return ordered

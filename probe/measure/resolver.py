@@ -9,14 +9,21 @@ the resolve phase runs from the send to the kernel's arrival of the answer, howe
 event loop gets to it. An answer with the TC bit is asked again over TCP. Nothing is cached;
 dnspython writes and reads the messages.
 
-A name is resolved on every probe, so a lookup does little besides: dnspython renders one
-query per name (the others differ only in their id and question type, bytes set in a copy of
-it) and reads each answer once (most of a lookup's CPU); the socket has one reader for its
-whole life, which drains the datagrams as they come, rather than one wait per answer.
+A name is resolved on every probe, so a lookup does little besides. dnspython renders a query
+for a name once in the process (a query holds nothing the network said; every query is that
+rendering with its own random id and question type set). An answer is read with dnspython's
+wire parser without building a Message (most of a lookup's CPU was that): the header and the
+question (repeated as sent) are matched to a query, the addresses of the type asked are read
+as dnspython's A and AAAA rdata read them, and every other record is stepped over by its
+length, as glibc's stub does; an answer of any other shape (truncated, the question written
+otherwise, OPT or TSIG out of place, bytes left over) is read by dnspython whole. The socket
+has one callback for its whole life, which reads each datagram as it comes and hands it to
+its lookup, so a lookup waits once, for all of its answers.
 
 After the first answer, the socket is read a while longer (`linger_s`): an injector on the
 path answers before the real server, so a second, different answer to one query is the trace
-of a forgery. The linger is a wait with one deadline; lookups for a connection do not linger.
+of a forgery. The linger is one timer, the callback keeps what comes meanwhile; lookups for a
+connection do not linger.
 
 Retries follow glibc's res_send: `attempts` rounds over at most three servers, server i
 waited for `timeout << i` seconds, divided by the number of servers when i > 0 (at least 1);
@@ -26,24 +33,26 @@ an answer of SERVFAIL, NOTIMP or REFUSED moves on to the next server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import socket
 import struct
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import dns.exception
 import dns.flags
+import dns.ipv4
+import dns.ipv6
 import dns.message
 import dns.name
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
-import dns.rrset
+import dns.wire
 
 from probe.config import PathSpec
 from probe.measure.conn import ANCILLARY_BYTES, READ_BYTES, SO_TIMESTAMPNS, TIMESPEC, Conn
@@ -58,7 +67,17 @@ RETRY_RCODES = frozenset({dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSE
 TIMEOUT_S, ATTEMPTS, NDOTS = 5, 2, 1
 MAX_TIMEOUT_S, MAX_ATTEMPTS, MAX_NDOTS, MAX_SERVERS = 30, 5, 15, 3
 HEADER_BYTES = 12  # a message's fixed header; the question's name follows it
-QTYPE = struct.Struct("!H")  # the id (bytes 0-1) and the question's type (after its name)
+HEADER = struct.Struct("!HHHHHH")  # id, flags, then the four sections' record counts
+HEADER_START = struct.Struct("!HHH")  # id, flags, questions
+RR_HEADER = "!HHIH"  # a record's type, class, TTL and data length, after its owner name
+U16 = struct.Struct("!H")  # the id (bytes 0-1), the question's type (after its name), a TCP length
+QR, QR_OPCODE = int(dns.flags.QR), 0xF800  # the flags' QR bit, and with the opcode: an answer to a standard query
+ANSWER, AUTHORITY, ADDITIONAL = range(3)  # the sections after the question
+# An address record's data as text: what dnspython's A and AAAA rdata classes read it with
+# (their `address`), without building the rdata object around it.
+ADDRESS_TEXT = {dns.rdatatype.A: dns.ipv4.inet_ntoa, dns.rdatatype.AAAA: dns.ipv6.inet_ntoa}
+ROOT_LABELS = dns.name.root.labels  # an OPT record's owner
+IN, OPT, TSIG = int(dns.rdataclass.IN), int(dns.rdatatype.OPT), int(dns.rdatatype.TSIG)
 DRAIN_DATAGRAMS = 64  # read at once when the socket is readable; a flood must not hold the loop
 
 
@@ -172,20 +191,12 @@ def read_resolv_conf(path: str = RESOLV_CONF) -> ResolvConf:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    message: dns.message.Message
-    received_ns: int  # the kernel's arrival time (CLOCK_REALTIME)
+    """One answer to a query: its rcode, TC bit and the addresses of the query's type it holds."""
+
     rcode: dns.rcode.Rcode
-
-    @classmethod
-    def of(cls, message: dns.message.Message, received_ns: int) -> Reply:
-        return cls(message, received_ns, message.rcode())
-
-    @property
-    def truncated(self) -> bool:
-        return bool(self.message.flags & dns.flags.TC)
-
-    def addresses(self, rdtype: dns.rdatatype.RdataType) -> list[str]:
-        return [rdata.address for rrset in self.message.answer if rrset.rdtype == rdtype for rdata in rrset]
+    truncated: bool
+    addresses: tuple[str, ...]  # the answer section's addresses of the type asked, in order, once each
+    received_ns: int  # the kernel's arrival time (CLOCK_REALTIME)
 
 
 @dataclass(slots=True)
@@ -202,8 +213,8 @@ class Exchange:
     error: Exception | None = None  # why the last server tried gave no answer
 
     @property
-    def addresses(self) -> list[str]:
-        return self.reply.addresses(self.rdtype) if self.reply else []
+    def addresses(self) -> tuple[str, ...]:
+        return self.reply.addresses if self.reply else ()
 
     @property
     def conflicting(self) -> bool:
@@ -211,16 +222,13 @@ class Exchange:
         if self.reply is None:
             return False
         first = set(self.addresses)
-        return any(
-            r.rcode != self.reply.rcode or (not r.truncated and set(r.addresses(self.rdtype)) != first)
-            for r in self.later
-        )
+        return any(r.rcode != self.reply.rcode or (not r.truncated and set(r.addresses) != first) for r in self.later)
 
     def describe(self) -> str:
         """Every answer with its time after the first send, for the measurement's detail."""
         replies = [self.reply, *self.later] if self.reply else []
         answers = "; ".join(
-            f"{dns.rcode.to_text(r.rcode)} [{', '.join(r.addresses(self.rdtype))}] at "
+            f"{dns.rcode.to_text(r.rcode)} [{', '.join(r.addresses)}] at "
             f"{(r.received_ns - self.started_ns) / 1e6:.1f} ms"
             for r in replies
         )
@@ -235,26 +243,148 @@ def _socket(family: int, kind: int, path: PathSpec | None) -> socket.socket:
     return bound_socket(family, path, kind)
 
 
-class _Datagrams:
-    """A connected UDP socket whose datagrams are read as they arrive, each with the kernel's
-    arrival time (CLOCK_REALTIME ns): one reader for the socket's life drains them into a
-    queue, so an answer costs one `recvmsg`, not a wait set up and torn down for it."""
+@functools.lru_cache(maxsize=4096)
+def _rendering(name: dns.name.Name) -> tuple[bytes, int]:
+    """dnspython's wire form of a query for `name` (type A, recursion desired, EDNS0) and where
+    its question's type is: the bytes of every query for the name but the id and the type.
+    Kept per name, as a query says nothing of what the network answers."""
+    wire = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, payload=EDNS_PAYLOAD).to_wire()
+    return wire, HEADER_BYTES + len(name.to_digestable())  # the name, uncompressed
 
-    def __init__(self, sock: socket.socket) -> None:
+
+@dataclass(slots=True, eq=False)
+class _Query:
+    id: int
+    wire: bytes
+    question: bytes  # the question as sent (name, type, class), lower case: what an answer repeats
+    result: Exchange
+    pending: bool = False  # sent to the server asked now and not yet answered by it
+    first_ns: int = 0  # the kernel's arrival time of the first answer over UDP
+    answered_by: _Link | None = None  # the socket of that first answer: its later answers are kept
+    truncated: Reply | None = None  # a first answer with the TC bit, to ask again over TCP
+
+    def message(self) -> dns.message.Message:
+        """The query as dnspython's message, for answers read the slow way (see _answer)."""
+        message = dns.message.make_query(self.result.name, self.result.rdtype, use_edns=0, payload=EDNS_PAYLOAD)
+        message.id = self.id
+        return message
+
+
+def _queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) -> list[_Query]:
+    """One query per type, each with its own random id, recursion desired and EDNS0:
+    dnspython's rendering for the name with the id and the question's type set."""
+    wire, type_at = _rendering(name)
+    ids = os.urandom(2 * len(rdtypes))  # random ids, as dnspython's, from one read of the system's source
+    queries = []
+    for index, rdtype in enumerate(rdtypes):
+        query_id = U16.unpack_from(ids, 2 * index)[0]
+        other = U16.pack(query_id) + wire[2:type_at] + U16.pack(rdtype) + wire[type_at + 2 :]
+        queries.append(_Query(query_id, other, other[HEADER_BYTES : type_at + 4].lower(), Exchange(name, rdtype)))
+    return queries
+
+
+class _Slow(Exception):
+    """An answer the quick reading does not take: dnspython reads the whole message."""
+
+
+def _quick(data: bytes, query: _Query, received_ns: int) -> Reply:
+    """An answer whose header and question match `query`, read with dnspython's wire parser
+    without building a message: each record's owner name and header are read, the data of an
+    address record of the type asked is read as dnspython's A and AAAA rdata read it, every
+    other record is stepped over by its length (as glibc's stub does), and the OPT record gives
+    the extended rcode. What dnspython would read otherwise (a truncated answer, OPT or TSIG out
+    of place, bytes left over) raises _Slow."""
+    _, flags, _, answers, authority, additional = HEADER.unpack_from(data)
+    if flags & dns.flags.TC:
+        raise _Slow
+    rdtype = query.result.rdtype
+    text = ADDRESS_TEXT[rdtype]
+    parser = dns.wire.Parser(data)
+    parser.seek(HEADER_BYTES + len(query.question))
+    addresses: list[str] = []
+    ednsflags = None
+    for section, count in enumerate((answers, authority, additional)):
+        for _ in range(count):
+            owner = parser.get_name(decompress=True)
+            kind, rdclass, ttl, length = parser.get_struct(RR_HEADER)
+            if section == ANSWER and kind == rdtype and rdclass == IN:
+                addresses.append(text(parser.get_bytes(length)))
+            elif kind == OPT and section == ADDITIONAL and ednsflags is None and owner.labels == ROOT_LABELS:
+                ednsflags = ttl
+                parser.seek(parser.current + length)
+            elif kind in (OPT, TSIG):
+                raise _Slow
+            else:
+                parser.seek(parser.current + length)
+    if parser.remaining():
+        raise _Slow
+    return Reply(dns.rcode.from_flags(flags, ednsflags or 0), False, tuple(dict.fromkeys(addresses)), received_ns)
+
+
+def _slow(data: bytes, queries: Sequence[_Query]) -> tuple[_Query, dns.rcode.Rcode, bool, tuple[str, ...]] | None:
+    """dnspython's whole reading of a message and its is_response (a truncated one too)."""
+    try:
+        message = dns.message.from_wire(data, raise_on_truncation=True)
+    except dns.message.Truncated as cut:
+        message = cut.message()  # type: ignore[no-untyped-call]  # unannotated in dnspython
+    except dns.exception.DNSException:
+        return None  # not a DNS message: ignored, as every stub does
+    for query in queries:
+        if query.id == message.id and query.message().is_response(message):
+            rdtype = query.result.rdtype
+            addresses = (
+                str(rdata.address)
+                for rrset in message.answer
+                if rrset.rdtype == rdtype and rrset.rdclass == dns.rdataclass.IN
+                for rdata in rrset
+            )
+            truncated = bool(message.flags & dns.flags.TC)
+            return query, message.rcode(), truncated, tuple(dict.fromkeys(addresses))
+    return None
+
+
+def _answer(data: bytes, received_ns: int, queries: Sequence[_Query]) -> tuple[_Query, Reply] | None:
+    """The query `data` answers (its id and question) and the answer; None for a datagram that
+    answers none of them (another id, not a DNS message), ignored as every stub does. The
+    common answer (the question repeated as sent) is read quickly; any other by dnspython whole."""
+    if len(data) < HEADER_BYTES:
+        return None
+    query_id, flags, questions = HEADER_START.unpack_from(data)
+    if flags & QR_OPCODE != QR or not any(q.id == query_id for q in queries):
+        return None  # not an answer to a standard query of ours: no need to read it
+    for query in queries:
+        if (
+            query.id == query_id
+            and questions == 1
+            and data[HEADER_BYTES : HEADER_BYTES + len(query.question)].lower() == query.question
+        ):
+            try:
+                return query, _quick(data, query, received_ns)
+            except (_Slow, dns.exception.DNSException, ValueError):
+                break
+    found = _slow(data, queries)
+    return None if found is None else (found[0], Reply(*found[1:], received_ns))
+
+
+class _Link:
+    """A connected UDP socket to one server, its datagrams read as they arrive, each with the
+    kernel's arrival time (CLOCK_REALTIME ns), by one callback for the socket's life that hands
+    each answer to its lookup at once: no wait is set up and torn down per answer."""
+
+    def __init__(self, sock: socket.socket, server: Server, lookup: _Lookup) -> None:
         self.sock = sock
+        self.server = server
+        self._lookup = lookup
         self._loop = asyncio.get_running_loop()
-        self._arrived: deque[tuple[bytes, int]] = deque()
-        self._error: OSError | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self._loop.add_reader(sock.fileno(), self._readable)
 
     @classmethod
-    def open(cls, server: Server, path: PathSpec | None) -> _Datagrams:
+    def open(cls, server: Server, path: PathSpec | None, lookup: _Lookup) -> _Link:
         sock = _socket(server.family, socket.SOCK_DGRAM, path)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.connect((server.host, server.port))
-            return cls(sock)
+            return cls(sock, server, lookup)
         except BaseException:
             sock.close()
             raise
@@ -266,89 +396,106 @@ class _Datagrams:
             except BlockingIOError:
                 break
             except OSError as exc:  # ECONNREFUSED: the ICMP port unreachable of a query sent
-                self._error = exc
+                self._lookup.failed(self, exc)
                 break
-            received_ns = time.time_ns()  # unless the kernel says when, below
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    seconds, nanoseconds = TIMESPEC.unpack(payload)
-                    received_ns = seconds * 1_000_000_000 + nanoseconds
-            self._arrived.append((data, received_ns))
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def send(self, data: bytes) -> int:
-        """Send one datagram; the time its send started (ns)."""
-        sent_ns = time.time_ns()
-        try:
-            self.sock.send(data)
-        except BlockingIOError:  # the socket's buffer is full: wait for room
-            await self._loop.sock_sendall(self.sock, data)
-        return sent_ns
-
-    async def receive(self) -> tuple[bytes, int]:
-        """The next datagram and its arrival time; the socket's error, in its turn."""
-        while not self._arrived:
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._arrived.popleft()
+            if ancillary and ancillary[0][1] == SO_TIMESTAMPNS:
+                seconds, nanoseconds = TIMESPEC.unpack(ancillary[0][2])
+                received_ns = seconds * 1_000_000_000 + nanoseconds
+            else:
+                received_ns = time.time_ns()  # the kernel did not say when
+            self._lookup.arrived(self, data, received_ns)
 
     def close(self) -> None:
         self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
 
-def _parse(data: bytes) -> dns.message.Message | None:
-    try:
-        return dns.message.from_wire(data, raise_on_truncation=True)
-    except dns.message.Truncated as truncated:
-        partial: dns.message.Message = truncated.message()  # type: ignore[no-untyped-call]  # unannotated in dnspython
-        return partial
-    except dns.exception.DNSException:
-        return None  # not a DNS message: ignored, as every stub does
+class _Lookup:
+    """The queries for one name, the server asked now and the answers as they arrive: the
+    first answer of each query from that server, then every later answer from the server that
+    gave a query its first one (see exchange's linger)."""
+
+    def __init__(self, queries: list[_Query]) -> None:
+        self.queries = queries
+        self.asking: _Link | None = None
+        self._waiting = 0
+        self._done: asyncio.Future[None] | None = None
+        self._error: OSError | None = None
+
+    def arrived(self, link: _Link, data: bytes, received_ns: int) -> None:
+        found = _answer(data, received_ns, self.queries)
+        if found is None:
+            return
+        query, reply = found
+        if query.pending and link is self.asking:
+            query.pending = False
+            query.first_ns, query.answered_by = received_ns, link
+            query.result.later.clear()
+            if reply.truncated:
+                query.truncated = reply
+            else:
+                _settle(query, link.server, reply, 0.0)
+            self._waiting -= 1
+            if not self._waiting:
+                self._wake()
+        elif query.answered_by is link:
+            query.result.later.append(reply)
+
+    def failed(self, link: _Link, error: OSError) -> None:
+        if link is self.asking and self._waiting:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _expire(self) -> None:
+        self._error = TimeoutError()
+        self._wake()
+
+    async def ask(self, link: _Link, waiting: list[_Query], path: PathSpec | None, wait_s: float) -> None:
+        """Send every waiting query to `link`'s server and wait up to `wait_s` until each has
+        an answer from it; a truncated one is asked again over TCP within that time. Raises
+        the socket's error, or TimeoutError."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        self.asking, self._waiting, self._error = link, len(waiting), None
+        for query in waiting:
+            query.pending, query.truncated = True, None
+        try:
+            for query in waiting:
+                sent_ns = time.time_ns()
+                try:
+                    link.sock.send(query.wire)
+                except BlockingIOError:  # the socket's buffer is full: wait for room
+                    async with asyncio.timeout_at(deadline):
+                        await loop.sock_sendall(link.sock, query.wire)
+                query.result.started_ns = query.result.started_ns or sent_ns
+            if self._waiting:
+                self._done = loop.create_future()
+                timer = loop.call_at(deadline, self._expire)  # one timer, no task or context per wait
+                try:
+                    await self._done
+                finally:
+                    timer.cancel()
+            if self._error is not None:
+                raise self._error
+        finally:
+            self.asking, self._done = None, None
+            for query in waiting:
+                query.pending = False
+        for query in waiting:
+            if query.truncated is not None:
+                async with asyncio.timeout_at(deadline):
+                    reply, tcp_ms = await _over_tcp(query, link.server, path)
+                _settle(query, link.server, reply, tcp_ms)
 
 
-@dataclass(slots=True)
-class _Query:
-    message: dns.message.Message  # its id, flags and question: what an answer must match
-    wire: bytes
-    result: Exchange
-    first_ns: int = 0  # the kernel's arrival time of the first answer over UDP
-
-
-def _queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) -> list[_Query]:
-    """One query per type, each with its own random id, recursion desired and EDNS0.
-    dnspython renders the first; the others differ from it only in the id and the question's
-    type, so they are its wire with those two fields set."""
-    first = dns.message.make_query(name, rdtypes[0], use_edns=0, payload=EDNS_PAYLOAD)
-    wire = first.to_wire()
-    type_at = HEADER_BYTES + len(name.to_digestable())  # the name, uncompressed
-    queries = [_Query(first, wire, Exchange(name, rdtypes[0]))]
-    for rdtype in rdtypes[1:]:
-        message = dns.message.QueryMessage()  # a random id
-        message.flags = first.flags
-        message.question = [dns.rrset.RRset(name, dns.rdataclass.IN, rdtype)]
-        other = QTYPE.pack(message.id) + wire[2:type_at] + QTYPE.pack(rdtype) + wire[type_at + 2 :]
-        queries.append(_Query(message, other, Exchange(name, rdtype)))
-    return queries
-
-
-async def _next_reply(link: _Datagrams, queries: Sequence[_Query]) -> tuple[_Query, Reply]:
-    """The next datagram that answers one of `queries` (same id and question), and which."""
-    while True:
-        data, received_ns = await link.receive()
-        message = _parse(data)
-        if message is None:
-            continue
-        for query in queries:
-            if query.message.id == message.id and query.message.is_response(message):
-                return query, Reply.of(message, received_ns)
+def _settle(query: _Query, server: Server, reply: Reply, tcp_ms: float) -> None:
+    result = query.result
+    result.server, result.reply, result.error = server, reply, None
+    result.network_ms = (query.first_ns - result.started_ns) / 1e6 + tcp_ms
 
 
 async def _over_tcp(query: _Query, server: Server, path: PathSpec | None) -> tuple[Reply, float]:
@@ -360,12 +507,12 @@ async def _over_tcp(query: _Query, server: Server, path: PathSpec | None) -> tup
         sock.close()
         raise
     try:
-        await conn.send(struct.pack("!H", len(query.wire)) + query.wire)
-        (size,) = struct.unpack("!H", await conn.readexactly(2))
-        message = _parse(await conn.readexactly(size))
-        if message is None or not query.message.is_response(message):
+        await conn.send(U16.pack(len(query.wire)) + query.wire)
+        (size,) = U16.unpack(await conn.readexactly(2))
+        found = _answer(await conn.readexactly(size), conn.received_ns, [query])
+        if found is None:
             raise EOFError(f"{server} answered the query over TCP with something else")
-        return Reply.of(message, conn.received_ns), handshake_ms + conn.answer_ms()
+        return found[1], handshake_ms + conn.answer_ms()
     finally:
         conn.close()
 
@@ -373,43 +520,6 @@ async def _over_tcp(query: _Query, server: Server, path: PathSpec | None) -> tup
 def _settled(query: _Query) -> bool:
     """Answered, by an rcode that does not send it on to the next server."""
     return query.result.reply is not None and query.result.reply.rcode not in RETRY_RCODES
-
-
-async def _ask(
-    link: _Datagrams, server: Server, queries: list[_Query], waiting: list[_Query], path: PathSpec | None
-) -> None:
-    """Send every waiting query to `server` and read until each has an answer (a second answer
-    to a query already answered is kept: see _linger)."""
-    for query in waiting:
-        sent_ns = await link.send(query.wire)
-        query.result.started_ns = query.result.started_ns or sent_ns
-    unanswered = list(waiting)
-    while unanswered:
-        query, reply = await _next_reply(link, queries)
-        if query not in unanswered:
-            query.result.later.append(reply)
-            continue
-        unanswered.remove(query)
-        query.result.later.clear()
-        query.first_ns, tcp_ms = reply.received_ns, 0.0
-        if reply.truncated:
-            reply, tcp_ms = await _over_tcp(query, server, path)
-        result = query.result
-        result.server, result.reply, result.error = server, reply, None
-        result.network_ms = (query.first_ns - result.started_ns) / 1e6 + tcp_ms
-
-
-async def _linger(link: _Datagrams, queries: list[_Query], linger_ns: int) -> None:
-    """Read on until `linger_ns` after the last first answer; exchange() keeps what came within
-    `linger_ns` of each query's own first answer."""
-    deadline_ns = max(q.first_ns for q in queries) + linger_ns
-    try:
-        async with asyncio.timeout(max(deadline_ns - time.time_ns(), 0) / 1e9):
-            while True:
-                query, reply = await _next_reply(link, queries)
-                query.result.later.append(reply)
-    except (TimeoutError, OSError):
-        pass
 
 
 async def exchange(
@@ -424,8 +534,9 @@ async def exchange(
     asks for A and AAAA. Never raises for a server that does not answer (each Exchange says
     why), only for a socket the path cannot bind."""
     queries = _queries(name, rdtypes)
+    lookup = _Lookup(queries)
     waiting = queries
-    links: dict[Server, _Datagrams] = {}
+    links: dict[Server, _Link] = {}
     try:
         for _attempt in range(options.attempts):
             for index, server in enumerate(servers):
@@ -433,9 +544,8 @@ async def exchange(
                     break
                 try:
                     if server not in links:  # one socket per server, kept over the attempts, as glibc does
-                        links[server] = _Datagrams.open(server, path)
-                    async with asyncio.timeout(options.wait_s(index, len(servers))):
-                        await _ask(links[server], server, queries, waiting, path)
+                        links[server] = _Link.open(server, path, lookup)
+                    await lookup.ask(links[server], waiting, path, options.wait_s(index, len(servers)))
                 except (OSError, EOFError) as exc:  # TimeoutError included; ECONNREFUSED: ICMP port unreachable
                     for query in waiting:
                         query.result.error = exc  # an answer from an earlier server still counts first
@@ -444,15 +554,9 @@ async def exchange(
             if query.result.reply is None and query.result.started_ns:
                 query.result.network_ms = (time.time_ns() - query.result.started_ns) / 1e6
         linger_ns = int(linger_s * 1e9)
-        answered = {
-            q.result.server: [p for p in queries if p.result.server == q.result.server and p.first_ns]
-            for q in queries
-            if q.first_ns
-        }
-        if linger_ns and answered:
-            await asyncio.gather(
-                *(_linger(links[server], asked, linger_ns) for server, asked in answered.items() if server is not None)
-            )
+        last_ns = max((q.first_ns for q in queries), default=0)
+        if linger_ns and last_ns:  # the answering sockets' callbacks keep what comes meanwhile
+            await asyncio.sleep(max(last_ns + linger_ns - time.time_ns(), 0) / 1e9)
     finally:
         for link in links.values():
             link.close()
