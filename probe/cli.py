@@ -38,9 +38,15 @@ ANALYSIS = {
     "chart": ("analysis.cli:chart_group", "Charts of the measurements."),
     "report": ("analysis.cli:report_group", "Reports of the measurements."),
     "store": ("analysis.cli:store_group", "Look after the store."),
+    "export": ("analysis.ooni.cli:export", "Write the store's measurements as OONI measurements, CSV or Parquet."),
+    "import": ("analysis.ooni.cli:import_group", "Read other tools' measurements into a store."),
     "alerts": (
         "probe.alerts_cli:alerts_group",
         "Alerts: outages as the daemon finds them, and the messages it sends about them.",
+    ),
+    "serve": (
+        "analysis.web.serve_cli:serve",
+        "Serve the dashboard (Now, History, Outages, Events, Reports; each page also as JSON) from a store, read-only.",
     ),
 }
 

@@ -1,0 +1,271 @@
+"""The dashboard's Starlette application: a route per page, each page's facts from pages.py
+shown through a Jinja2 template or served as JSON (`?format=json` or `Accept:
+application/json`), read-only.
+
+Endpoints are plain functions: Starlette runs them in its thread pool, so the pandas work of
+one page never holds up the server's loop. A page's facts are kept until the store changes
+(its files' modification times; a minute for the central store), so reloading a page over a
+year of data costs nothing after the first time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import click
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.templating import Jinja2Templates
+
+from probe.config import Config
+from probe.errors import ConfigError, TunnelwatchError
+
+from ..options import When
+from ..pipeline import store_of
+from . import pages
+from .figures import CHARTS, history_figures, png, svg
+
+TEMPLATES = Path(__file__).parent / "templates"
+REFRESH_S = 60  # the Now page reloads itself this often
+CENTRAL_FRESH_S = 60  # the central store's pages are kept this long (no file to watch)
+KEEP = 32  # pages kept
+NAV = [("/", "Now"), ("/history", "History"), ("/outages", "Outages"), ("/events", "Events"), ("/reports", "Reports")]
+
+
+class Pages:
+    """Each page's facts, made once per state of the store (a few dozen kept, the oldest dropped)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._kept: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _state(self) -> tuple[int, ...]:
+        location = store_of(self.cfg).location
+        if isinstance(location, str):
+            return (int(time.monotonic() // CENTRAL_FRESH_S),)
+        return tuple(
+            Path(f"{location}{suffix}").stat().st_mtime_ns if Path(f"{location}{suffix}").exists() else 0
+            for suffix in ("", "-wal")
+        )
+
+    def get(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        full = (*key, self._state())
+        with self._lock:
+            if full in self._kept:
+                self._kept.move_to_end(full)
+                return self._kept[full]
+        value = make()  # outside the lock: pages are made side by side; a race makes one twice
+        with self._lock:
+            self._kept[full] = value
+            while len(self._kept) > KEEP:
+                self._kept.popitem(last=False)
+        return value
+
+
+def _when(value: str | None, param: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return When().convert(value, None, None)
+    except click.BadParameter as exc:
+        raise HTTPException(400, f"{param}: {exc.message}") from None
+
+
+def _wants_json(request: Request) -> bool:
+    if request.query_params.get("format") == "json":
+        return True
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and "text/html" not in accept
+
+
+def _time(value: str | None, seconds: bool = False) -> str:
+    """An ISO time as the pages show it: UTC, to the minute (or second)."""
+    if not value:
+        return ""
+    moment = datetime.fromisoformat(value)
+    return f"{moment:%Y-%m-%d %H:%M{':%S' if seconds else ''}}Z"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    if isinstance(value, str) and len(value) >= 19 and value[10] == "T" and value[4] == "-":
+        return _time(value)
+    return str(value)
+
+
+def build_app(cfg: Config, *, credentials: tuple[str, str] | None = None) -> Starlette:
+    """The dashboard over `cfg`'s store (analysis.store or store.path, as the analysis
+    commands read); with `credentials`, every page asks for them (HTTP basic)."""
+    templates = Jinja2Templates(directory=TEMPLATES)
+    templates.env.filters["when"] = _time
+    templates.env.filters["cell"] = _cell
+    kept = Pages(cfg)
+
+    def show(request: Request, template: str, data: dict[str, Any], **more: Any) -> Response:
+        if _wants_json(request):
+            return JSONResponse(data)
+        context = {"page": data, "nav": NAV, "here": request.url.path, "vantage": cfg.vantage.name, **more}
+        return templates.TemplateResponse(request, template, context)
+
+    def now(request: Request) -> Response:
+        data = kept.get(("now",), lambda: pages.now_page(cfg))
+        return show(request, "now.html", data, refresh_s=REFRESH_S)
+
+    def history(request: Request) -> Response:
+        since, until = (
+            _when(request.query_params.get("since"), "since"),
+            _when(request.query_params.get("until"), "until"),
+        )
+        path = request.query_params.get("path") or None
+        chosen = pages.default_range(cfg, since, until, pages.HISTORY_DAYS)
+        if chosen is None:
+            return show(request, "history.html", {"since": None, "until": None, "path": path, "outages": []}, charts={})
+
+        def make() -> tuple[dict[str, str], dict[str, Any]]:
+            figures, facts = history_figures(cfg, chosen, path)
+            return {name: svg(figure) for name, figure in figures.items()}, facts
+
+        charts, facts = kept.get(("history", chosen.since, chosen.until, path), make)
+        query = urlencode(
+            {"since": chosen.since.isoformat(), "until": chosen.until.isoformat(), **({"path": path} if path else {})}
+        )
+        facts = {**facts, "charts": {name: f"/history/{name}.svg?{query}" for name in CHARTS}}
+        return show(request, "history.html", facts, charts=charts)
+
+    def chart(request: Request) -> Response:
+        name, fmt = request.path_params["name"], request.path_params["fmt"]
+        if name not in CHARTS or fmt not in ("svg", "png"):
+            raise HTTPException(404, f"no chart {name}.{fmt}; the charts: {', '.join(CHARTS)} as .svg or .png")
+        since, until = (
+            _when(request.query_params.get("since"), "since"),
+            _when(request.query_params.get("until"), "until"),
+        )
+        path = request.query_params.get("path") or None
+        chosen = pages.default_range(cfg, since, until, pages.HISTORY_DAYS)
+        if chosen is None:
+            raise HTTPException(404, "no measurements stored yet")
+        figure = history_figures(cfg, chosen, path)[0][name]
+        if fmt == "png":
+            return Response(png(figure), media_type="image/png")
+        return Response(svg(figure), media_type="image/svg+xml")
+
+    def outages(request: Request) -> Response:
+        since, until = (
+            _when(request.query_params.get("since"), "since"),
+            _when(request.query_params.get("until"), "until"),
+        )
+        path = request.query_params.get("path") or None
+        data = kept.get(("outages", since, until, path), lambda: pages.outages_page(cfg, since, until, path))
+        return show(request, "outages.html", _sorted(data, request))
+
+    def rounds(request: Request) -> Response:
+        since = _when(request.query_params.get("since"), "since")
+        if since is None:
+            raise HTTPException(400, "since: the start of the round's slot is needed, e.g. ?since=2018-03-06T02:00Z")
+        path = request.query_params.get("path") or None
+        data = kept.get(("rounds", since, path), lambda: pages.round_page(cfg, since, path))
+        return show(request, "rounds.html", data)
+
+    def events(request: Request) -> Response:
+        since, until = (
+            _when(request.query_params.get("since"), "since"),
+            _when(request.query_params.get("until"), "until"),
+        )
+        data = kept.get(("events", since, until), lambda: pages.events_page(cfg, since, until))
+        return show(request, "events.html", _sorted(data, request))
+
+    def reports(request: Request) -> Response:
+        return show(request, "reports.html", pages.reports_page(cfg))
+
+    def report(request: Request) -> Response:
+        name = request.path_params["name"]
+        for file in pages.report_files(cfg):
+            if file.name == name:  # only the listed files: a name is never a path
+                return FileResponse(file)
+        raise HTTPException(404, f"no report {name!r} in {cfg.report.directory}")
+
+    async def failed(request: Request, exc: Exception) -> Response:
+        status, message = (exc.status_code, exc.detail) if isinstance(exc, HTTPException) else (503, str(exc))
+        if isinstance(exc, ConfigError):
+            status = 400  # a range or a name asked for that cannot be
+        if _wants_json(request):
+            return JSONResponse({"error": message}, status_code=status)
+        context = {"page": {"error": message}, "nav": NAV, "here": request.url.path, "vantage": cfg.vantage.name}
+        return templates.TemplateResponse(request, "error.html", context, status_code=status)
+
+    middleware = [Middleware(BaseHTTPMiddleware, dispatch=_basic_auth(credentials))] if credentials else []
+    return Starlette(
+        routes=[
+            Route("/", now),
+            Route("/history", history),
+            Route("/history/{name}.{fmt}", chart),
+            Route("/outages", outages),
+            Route("/rounds", rounds),
+            Route("/events", events),
+            Route("/reports", reports),
+            Route("/reports/{name}", report),
+        ],
+        middleware=middleware,
+        exception_handlers={HTTPException: failed, TunnelwatchError: failed},
+    )
+
+
+SORT_BY = {"duration": "minutes"}  # a column shown as text, ordered by the number beside it
+
+
+def _sorted(data: dict[str, Any], request: Request) -> dict[str, Any]:
+    """The table's rows ordered by ?sort=COLUMN (&desc=1), empty cells last."""
+    column = request.query_params.get("sort")
+    if not column or column not in data.get("columns", ()):
+        return data
+    desc = request.query_params.get("desc") == "1"
+    filled = [r for r in data["rows"] if r.get(column) is not None]
+    empty = [r for r in data["rows"] if r.get(column) is None]
+    by = SORT_BY.get(column, column)
+    filled.sort(key=lambda r: _cell(r[by]) if not isinstance(r[by], (int, float)) else r[by], reverse=desc)
+    return {**data, "rows": filled + empty, "sort": column, "desc": desc}
+
+
+def _basic_auth(
+    credentials: tuple[str, str],
+) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
+    expected = (credentials[0].encode(), credentials[1].encode())
+
+    async def check(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            user = password = b""
+        # both compared, always: the time taken says nothing about which one was wrong
+        user_ok = secrets.compare_digest(user, expected[0])
+        if scheme.lower() == "basic" and secrets.compare_digest(password, expected[1]) and user_ok:
+            return await call_next(request)
+        return Response(
+            "authentication required\n", 401, {"WWW-Authenticate": 'Basic realm="tunnelwatch", charset="UTF-8"'}
+        )
+
+    return check

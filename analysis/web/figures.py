@@ -1,0 +1,87 @@
+"""The History page's charts: `tunnelwatch chart weekly`'s figures (report.py weekly_figures,
+charts.py) for any range, as SVG to inline in the page or as PNG.
+
+The figures are the weekly charts' own; over ranges longer than a fortnight two things are
+changed on them before they are drawn: the time axis gets date ticks that fit the range (a
+tick a day is unreadable over a year, and matplotlib refuses more than 1000), and the dense
+artists (the heatmap's hours, the latency lines) are drawn as an image inside the SVG, so a
+year is one picture rather than a hundred thousand vector shapes.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+import matplotlib
+import matplotlib.dates as mdates
+import pandas as pd
+from matplotlib.collections import LineCollection, PolyCollection, QuadMesh
+from matplotlib.figure import Figure
+
+from probe.config import Config
+
+from ..events import load_events
+from ..pipeline import analyse_config
+from ..report import span, weekly_figures
+from .pages import Range, outage_rows
+from .pages import facts as facts_of
+
+LONG = pd.Timedelta(days=15)
+CHARTS = ("availability", "latency", "outages")
+
+
+def history_figures(cfg: Config, chosen: Range, path: str | None) -> tuple[dict[str, Figure], dict[str, Any]]:
+    """The three weekly charts over the range, and the facts the page states beside them."""
+    w = span(chosen.since.to_pydatetime(), chosen.until.to_pydatetime(), cfg.report.timezone)
+    result = analyse_config(cfg, w.start.to_pydatetime(), w.end.to_pydatetime(), paths=(path,) if path else ())
+    events = load_events(cfg.analysis.events)
+    figures = weekly_figures(cfg, w, events, result)
+    if w.end - w.start > LONG:
+        for figure in figures.values():
+            _long_range(figure)
+    hourly = result.summary.hourly
+    sums = hourly.groupby("path", observed=True)[["probes", "failing"]].sum() if len(hourly) else None
+    availability = (
+        {}
+        if sums is None
+        else {str(p): round(100 * (1 - r["failing"] / r["probes"]), 3) for p, r in sums.iterrows() if r["probes"]}
+    )
+    facts = {
+        "since": chosen.since,
+        "until": chosen.until,
+        "timezone": cfg.report.timezone,
+        "path": path,
+        "availability_pct": availability,
+        "outages": outage_rows(result, events),
+    }
+    return figures, facts_of(facts)
+
+
+def _long_range(figure: Figure) -> None:
+    for ax in figure.axes:
+        locator = mdates.AutoDateLocator(maxticks=14)  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+        ax.xaxis.set_minor_locator(mdates.AutoDateLocator(maxticks=60))  # type: ignore[no-untyped-call]
+        for artist in ax.get_children():
+            if isinstance(artist, (QuadMesh, LineCollection, PolyCollection)):
+                artist.set_rasterized(True)
+
+
+SVG_HEAD = re.compile(r"^.*?(?=<svg)", re.DOTALL)
+
+
+def svg(figure: Figure) -> str:
+    """The figure as an <svg> element to put in a page (no XML prologue, no DOCTYPE)."""
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text: selectable, found by a search
+        figure.savefig(buffer, format="svg")
+    return SVG_HEAD.sub("", buffer.getvalue(), count=1)
+
+
+def png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -1,0 +1,304 @@
+"""`tunnelwatch serve` in a real browser: Playwright driving Debian's chromium (never a
+downloaded one) against the command serving stores of known outages on loopback.
+
+Each page is loaded as a person would, every request it makes recorded (none may leave the
+served origin), its facts read off the page and compared with its JSON form and with what
+`tunnelwatch outages --format json` prints. Screenshots go to /tmp/dashboard-*.png.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Request, sync_playwright
+
+from tests.analysis_data import analysis_config, build_store, everything, fail, realistic_week
+
+TUNNELWATCH = [sys.executable, "-m", "probe"]
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's: scripts/install-debian-packages chromium
+HOST = "127.0.9.65"  # the dashboard tests' own loopback address
+START_S = 90  # a cold start imports pandas and matplotlib: generous on a loaded machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Served:
+    origin: str
+    config: Path
+    process: subprocess.Popen[str]
+    log: Path
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+        request = urllib.request.Request(self.origin + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                return answer.status, answer.headers.get("content-type", ""), answer.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get("content-type", ""), exc.read()
+
+    def json(self, path: str) -> Any:
+        status, kind, body = self.get(path, {"Accept": "application/json"})
+        assert status == 200 and kind.startswith("application/json"), (status, body[:300])
+        return json.loads(body)
+
+
+def serve(config: Path, log: Path, *more: str) -> Iterator[Served]:
+    port = free_port()
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*TUNNELWATCH, "serve", "--config", str(config), "--listen", f"{HOST}:{port}", *more],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    served = Served(f"http://{HOST}:{port}", config, process, log)
+    deadline = time.monotonic() + START_S
+    try:
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                with socket.create_connection((HOST, port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, f"serve did not listen in {START_S} s: {log.read_text()}"
+                time.sleep(0.2)
+        yield served
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def week(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """realistic_week: the tunnel crackdown (Tuesday 10:00 to Wednesday 02:00 Beijing), DNS
+    poisoning, throttling, the daemon stopped; and a weekly report in report.directory."""
+    tmp = tmp_path_factory.mktemp("week")
+    realistic_week(tmp / "week.db")
+    reports = tmp / "reports"
+    reports.mkdir()
+    (reports / "tunnelwatch-2018-W10.html").write_text("<!doctype html><title>report W10</title><h1>W10</h1>")
+    (reports / "tunnelwatch-2018-W09.html").write_text("<!doctype html><title>report W09</title><h1>W09</h1>")
+    config = analysis_config(tmp, tmp / "week.db", f'[report]\ndirectory = "{reports}"')
+    yield from serve(config, tmp / "serve.log")
+
+
+LAST = 24 * 12  # a day of 5-minute rounds
+TUNNEL_FAILS = range(LAST - 24, LAST)  # the last two hours: the tunnel is down, now
+
+
+@pytest.fixture(scope="module")
+def now(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A day in which the blocked sites fail directly throughout and the tunnel (vpn) has
+    failed for the last two hours, its endpoint unreachable: vpn down, direct degraded
+    (blocked), wg up."""
+    tmp = tmp_path_factory.mktemp("now")
+    blocked = {(t, "direct"): fail("connection_reset", "tls_handshake") for t in ("news", "search")}
+    tunnel = {(t, "vpn"): fail("eof_error", "http_round_trip") for t in ("news", "search", "portal", "shop")}
+    tunnel[("vpn-endpoint", "direct")] = fail("generic_timeout_error", "connect")
+    rounds = [(i, everything({**blocked, **(tunnel if i in TUNNEL_FAILS else {})})) for i in range(LAST)]
+    build_store(tmp / "now.db", rounds)
+    yield from serve(analysis_config(tmp, tmp / "now.db"), tmp / "serve.log")
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    assert CHROMIUM.exists(), f"{CHROMIUM} missing: scripts/install-debian-packages chromium"
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+    yield browser
+    browser.close()
+
+
+@dataclass
+class Visit:
+    page: Page
+    requests: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def visit(browser: Browser) -> Iterator[Visit]:
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    seen = Visit(page)
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            seen.errors.append(message.text)
+
+    def on_request(request: Request) -> None:
+        seen.requests.append(request.url)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: seen.errors.append(str(exc)))
+    page.on("request", on_request)
+    yield seen
+    context.close()
+
+
+def load(visit: Visit, served: Served, path: str, shot: str | None = None) -> Page:
+    """The page at `path`, loaded whole; every request it made to the served origin, no error."""
+    answer = visit.page.goto(served.origin + path, wait_until="load", timeout=120_000)
+    assert answer is not None and answer.status == 200, (answer and answer.status, path)
+    assert visit.errors == []
+    outside = [url for url in visit.requests if not url.startswith(served.origin + "/")]
+    assert outside == [], f"{path} made requests away from {served.origin}: {outside}"
+    if shot:
+        visit.page.screenshot(path=f"/tmp/dashboard-{shot}.png", full_page=True)
+    return visit.page
+
+
+def texts(page: Page, selector: str) -> list[str]:
+    return [t.strip() for t in page.locator(selector).all_inner_texts()]
+
+
+def test_now_cards_show_each_paths_state(now: Served, visit: Visit) -> None:
+    page = load(visit, now, "/", "now")
+    states = {c.get_attribute("data-path"): c.get_attribute("data-state") for c in page.locator(".card").all()}
+    assert states == {"direct": "degraded", "vpn": "down", "wg": "up"}
+    vpn = page.locator(".card[data-path=vpn]").inner_text()
+    assert "tunnel_down" in vpn and "since 2018-03-01 22:00Z" in vpn  # the first failing round of the last two hours
+    assert "blocked" in page.locator(".card[data-path=direct]").inner_text()
+    row = page.locator("#targets tr", has_text="portal")
+    assert "eof_error" in row.inner_text() and "http_round_trip" in row.inner_text()
+    assert page.locator("meta[http-equiv=refresh]").count() == 1
+    # the JSON form says the same
+    facts = now.json("/")
+    assert {c["path"]: c["state"] for c in facts["paths"]} == states
+    vpn_card = next(c for c in facts["paths"] if c["path"] == "vpn")
+    assert (vpn_card["verdict"], vpn_card["since"]) == ("tunnel_down", "2018-03-01T22:00:00.001000+00:00")
+    portal = next(t for t in facts["targets"] if t["target"] == "portal")
+    assert portal["paths"]["vpn"]["failure"] == "eof_error" and portal["paths"]["wg"]["ok"] is True
+
+
+def outages_json(served: Served, since: str, until: str) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [
+            *TUNNELWATCH,
+            "outages",
+            "--config",
+            str(served.config),
+            "--format",
+            "json",
+            "--since",
+            since,
+            "--until",
+            until,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_outages_lists_the_crackdown_and_links_to_its_round(week: Served, visit: Visit) -> None:
+    page = load(visit, week, "/outages", "outages")
+    crackdown = page.locator("table.outages tbody tr[data-path=vpn]")
+    assert crackdown.count() == 1
+    cells = texts(crackdown, "td")
+    assert cells[5] == "tunnel_down" and cells[2:5] == ["2018-03-06 02:00Z", "2018-03-06 18:10Z", "16:10:00"]
+    # the same rows as `tunnelwatch outages --format json` over the page's range
+    facts = week.json("/outages")
+    assert facts["rows"] == outages_json(week, facts["since"], facts["until"])
+    assert len(facts["rows"]) == page.locator("table.outages tbody tr").count()
+    shown = [(r.get_attribute("data-path"), r.get_attribute("data-verdict")) for r in page.locator("tbody tr").all()]
+    assert shown == [(r["path"], r["verdict"]) for r in facts["rows"]]
+    crackdown.locator("a.round").click()
+    page.wait_for_load_state("load")
+    assert page.url.startswith(week.origin + "/rounds?")
+    visit.page.screenshot(path="/tmp/dashboard-rounds.png", full_page=True)
+    vpn_rows = page.locator("#measurements tbody tr[data-path=vpn]")
+    assert vpn_rows.count() == 4  # the four sites' rounds of that slot, through the tunnel
+    assert all("eof_error" in t and "http_round_trip" in t for t in vpn_rows.all_inner_texts())
+    headers = texts(page, "#measurements th")
+    assert {"resolve", "proxy", "connect", "tls", "first byte", "total"} <= set(headers)
+    assert page.locator("#measurements tbody tr[data-path=wg][data-ok=true]").count() == 4
+    assert [u for u in visit.requests if not u.startswith(week.origin + "/")] == []
+
+
+def test_outages_sort_by_a_column(week: Served, visit: Visit) -> None:
+    page = load(visit, week, "/outages?sort=duration&desc=1")
+    durations = texts(page, "table.outages tbody tr td:nth-child(5)")
+    assert durations == ["5 days 03:00:00", "1 days 15:00:00", "16:10:00", "04:00:00", "00:10:00"]
+
+
+def test_history_shows_the_weekly_charts_inline(week: Served, visit: Visit) -> None:
+    page = load(visit, week, "/history", "history")
+    for name in ("availability", "latency", "outages"):
+        chart = page.locator(f"#chart-{name} > svg")
+        assert chart.count() == 1, name
+        box = chart.bounding_box()
+        assert box is not None and box["width"] > 800 and box["height"] > 150, (name, box)
+    assert "Availability per hour" in page.locator("#chart-availability").inner_text()
+    facts = week.json("/history")
+    assert (facts["since"], facts["until"]) == ("2018-03-04T16:00:00+00:00", "2018-03-11T16:00:00+00:00")
+    assert [(o["path"], o["verdict"]) for o in facts["outages"]] == [
+        (r.get_attribute("data-path"), r.get_attribute("data-verdict")) for r in page.locator("tbody tr").all()
+    ]
+    assert 85 < facts["availability_pct"]["vpn"] < 95  # 16 hours of 7 days down, and some noise
+    status, kind, body = week.get(facts["charts"]["latency"].replace("svg?", "png?"))
+    assert status == 200 and kind == "image/png" and body.startswith(b"\x89PNG")
+
+
+def test_history_of_one_path(week: Served, visit: Visit) -> None:
+    page = load(visit, week, "/history?since=2018-03-06&until=2018-03-07&path=vpn")
+    assert {r.get_attribute("data-path") for r in page.locator("tbody tr").all()} == {"vpn"}
+    assert page.locator(".chart > svg").count() == 3
+
+
+def test_events_page_says_what_events_check_says(week: Served, visit: Visit) -> None:
+    page = load(visit, week, "/events", "events")
+    facts = week.json("/events")
+    assert facts["rows"] == [] and "the baseline alone needs 35" in facts["message"]
+    assert page.locator("#message").inner_text() == facts["message"]
+
+
+def test_reports_newest_first_and_served(week: Served, visit: Visit) -> None:
+    page = load(visit, week, "/reports", "reports")
+    assert texts(page, "#reports tbody td:first-child") == ["2018-W10", "2018-W09"]
+    assert week.json("/reports")["reports"][0]["name"] == "tunnelwatch-2018-W10.html"
+    page.locator("#reports a", has_text="W10").click()
+    page.wait_for_load_state("load")
+    assert page.locator("h1").inner_text() == "W10"
+    status, _, _ = week.get("/reports/..%2Ftunnelwatch.toml")
+    assert status == 404
+
+
+def test_every_page_as_json_by_query_or_header(week: Served) -> None:
+    for path in ("/", "/history", "/outages", "/events", "/reports"):
+        by_header = week.json(path)
+        status, kind, body = week.get(path + ("&" if "?" in path else "?") + "format=json")
+        assert status == 200 and kind.startswith("application/json")
+        assert json.loads(body) == by_header, path
+        status, kind, _ = week.get(path, {"Accept": "text/html,application/json;q=0.9"})
+        assert status == 200 and kind.startswith("text/html"), path
+
+
+def test_bad_input_is_a_400_not_a_traceback(week: Served) -> None:
+    status, _, body = week.get("/outages?since=yesterday")
+    assert status == 400 and b"not a date" in body
+    status, _, body = week.get("/outages?since=2018-03-08&until=2018-03-01", {"Accept": "application/json"})
+    assert status == 400 and "not before" in json.loads(body)["error"]
