@@ -230,3 +230,37 @@ def test_alerts_list_and_evaluate_from_the_command_line(tmp_path: Path) -> None:
     )
     assert status.returncode == 0, status.stderr
     assert "open alerts (1)" in status.stdout and "tunnel-own-step" in status.stdout
+
+
+def test_the_daemon_evaluates_once_per_interval_not_once_per_target_round(tmp_path: Path) -> None:
+    """Each target is a round of its own: 40 rounds stored within a second make one evaluation
+    at once (the first) and the next only an interval after it."""
+    import asyncio
+
+    from probe.daemon.evaluations import Evaluations
+
+    class Jobs:
+        runs = 0
+
+        async def evaluate_alerts(self) -> None:
+            Jobs.runs += 1
+
+    db = tmp_path / "tw.db"
+    build_store(db, [(0, everything())])
+    cfg = config(tmp_path, db).model_copy(
+        update={"probe": config(tmp_path, db).probe.model_copy(update={"interval_s": 60})}
+    )
+    woken = []
+
+    async def main() -> None:
+        evaluations = Evaluations(cfg, Jobs(), lambda: woken.append(1))  # type: ignore[arg-type]
+        task = asyncio.create_task(evaluations.run())
+        for _ in range(40):
+            evaluations.round_stored()
+            await asyncio.sleep(0.025)
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert Jobs.runs == 1 and woken == [1]
