@@ -200,6 +200,15 @@ class ReportSettings(_Frozen):
 class MetricsSettings(_Frozen):
     enabled: bool = True
     listen: str = "127.0.0.1:9464"
+    # The dashboard's basic authentication (analysis/web/), both or neither; "${ENV}" for the password.
+    username: str | None = None
+    password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _both(self) -> MetricsSettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together: set both, or neither")
+        return self
 
     @field_validator("listen")
     @classmethod

@@ -8,7 +8,9 @@ served origin), its facts read off the page and compared with its JSON form and 
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -43,9 +45,10 @@ class Served:
     config: Path
     process: subprocess.Popen[str]
     log: Path
+    headers: dict[str, str] = field(default_factory=dict)
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
-        request = urllib.request.Request(self.origin + path, headers=headers or {})
+        request = urllib.request.Request(self.origin + path, headers={**self.headers, **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=120) as answer:
                 return answer.status, answer.headers.get("content-type", ""), answer.read()
@@ -58,14 +61,15 @@ class Served:
         return json.loads(body)
 
 
-def serve(config: Path, log: Path, *more: str) -> Iterator[Served]:
+def serve(config: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[Served]:
     port = free_port()
     with log.open("w") as out:
         process = subprocess.Popen(
-            [*TUNNELWATCH, "serve", "--config", str(config), "--listen", f"{HOST}:{port}", *more],
+            [*TUNNELWATCH, "serve", "--config", str(config), "--listen", f"{HOST}:{port}"],
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, **(env or {})},
         )
     served = Served(f"http://{HOST}:{port}", config, process, log)
     deadline = time.monotonic() + START_S
@@ -302,3 +306,99 @@ def test_bad_input_is_a_400_not_a_traceback(week: Served) -> None:
     assert status == 400 and b"not a date" in body
     status, _, body = week.get("/outages?since=2018-03-08&until=2018-03-01", {"Accept": "application/json"})
     assert status == 400 and "not before" in json.loads(body)["error"]
+
+
+PASSWORD = "correct horse battery staple"
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A store served with metrics.username and metrics.password (the password a ${...} secret)."""
+    tmp = tmp_path_factory.mktemp("guarded")
+    build_store(tmp / "g.db", [(i, everything()) for i in range(24)])
+    extra = '[metrics]\nusername = "watcher"\npassword = "${TW_TEST_DASHBOARD_PASSWORD}"'
+    config = analysis_config(tmp, tmp / "g.db", extra)
+    yield from serve(config, tmp / "serve.log", {"TW_TEST_DASHBOARD_PASSWORD": PASSWORD})
+
+
+def test_basic_authentication_guards_every_page(guarded: Served, browser: Browser) -> None:
+    for path in ("/", "/history", "/outages", "/events", "/reports", "/history/latency.svg", "/reports/x.html"):
+        status, _, _ = guarded.get(path)
+        assert status == 401, path
+    status, _, _ = guarded.get("/", basic("watcher", "wrong"))
+    assert status == 401
+    status, _, _ = guarded.get("/", basic("someone", PASSWORD))
+    assert status == 401
+    guarded.headers = basic("watcher", PASSWORD)
+    try:
+        assert {c["path"]: c["state"] for c in guarded.json("/")["paths"]} == {"direct": "up", "vpn": "up", "wg": "up"}
+    finally:
+        guarded.headers = {}
+    context = browser.new_context(http_credentials={"username": "watcher", "password": PASSWORD})
+    try:
+        seen = Visit(context.new_page())
+        seen.page.on("request", lambda r: seen.requests.append(r.url))
+        page = load(seen, guarded, "/")
+        assert page.locator(".card[data-state=up]").count() == 3
+    finally:
+        context.close()
+    assert PASSWORD not in guarded.log.read_text()
+
+
+def test_a_warning_when_served_off_loopback_without_a_password(tmp_path: Path) -> None:
+    """Bound to every address of a network namespace of the test's own (only its loopback
+    is up there): the warning is logged, and not when a password is set."""
+    build_store(tmp_path / "w.db", [(i, everything()) for i in range(3)])
+    logs = {}
+    for name, extra in (("open", ""), ("guarded", '[metrics]\nusername = "u"\npassword = "p"')):
+        (tmp_path / name).mkdir()
+        config = analysis_config(tmp_path / name, tmp_path / "w.db", extra)
+        log = tmp_path / f"{name}.log"
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                [
+                    "unshare",
+                    "--net",
+                    "sh",
+                    "-c",
+                    'ip link set lo up && exec "$@"',
+                    "sh",
+                    *TUNNELWATCH,
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--listen",
+                    "0.0.0.0:9465",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + START_S
+            while "tunnelwatch serve:" not in log.read_text():
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)  # the warning comes before this line
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        logs[name] = log.read_text()
+    assert "WARNING" in logs["open"] and "without a password" in logs["open"], logs["open"]
+    assert "without a password" not in logs["guarded"], logs["guarded"]
+
+
+def test_a_username_without_a_password_is_refused(tmp_path: Path) -> None:
+    build_store(tmp_path / "w.db", [(0, everything())])
+    config = analysis_config(tmp_path, tmp_path / "w.db", '[metrics]\nusername = "watcher"')
+    result = subprocess.run(
+        [*TUNNELWATCH, "serve", "--config", str(config), "--listen", f"{HOST}:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "metrics" in result.stderr and "username and password go together" in result.stderr, result.stderr

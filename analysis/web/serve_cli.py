@@ -51,7 +51,8 @@ def serve(listen: str, unix: Path | None, store: str | None, vantage: str | None
 
     host, port = host_port(listen)
     cfg = options.configured(config, store, vantage)
-    credentials = None
+    username, password = cfg.metrics.username, cfg.metrics.password
+    credentials = (username, password.get_secret_value()) if username and password else None
     if unix is None and credentials is None and not loopback(host):
         log.warning(
             "serving the dashboard on %s without a password: anyone who reaches it reads the store; "
