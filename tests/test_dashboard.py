@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Request, sync_playwright
 
+from probe.config import load_config
 from tests.analysis_data import analysis_config, build_store, everything, fail, realistic_week
+from tests.daemonproc import Daemon, fast, scrape
 
 TUNNELWATCH = [sys.executable, "-m", "probe"]
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's: scripts/install-debian-packages chromium
@@ -402,3 +404,60 @@ def test_a_username_without_a_password_is_refused(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "metrics" in result.stderr and "username and password go together" in result.stderr, result.stderr
+
+
+def serve_children(pid: int) -> list[int]:
+    """The `tunnelwatch serve` processes whose parent is `pid` (from /proc; the daemon has other
+    children now and then: the alerts' evaluation, the compaction)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if parent == pid and b"\0serve\0--unix\0" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def loaded(pid: int, library: str) -> bool:
+    """Whether the process has a file of `library` (a site-packages folder) mapped."""
+    return f"/site-packages/{library}/" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_daemon_serves_the_pages_beside_its_metrics(
+    config_file: Path, daemons: Callable[..., Daemon], browser: Browser
+) -> None:
+    """metrics.listen answers /metrics as before and the pages through a `tunnelwatch serve`
+    child started with the first page: the daemon never loads pandas; the page follows the
+    rounds; the child stops with the daemon."""
+    daemon = daemons(fast(config_file))
+    daemon.wait_until(lambda: sum(h["target"] == "down" for h in daemon.heartbeats()) >= 2, what="2 rounds")
+    samples = scrape(config_file)
+    down = (("group", "control"), ("kind", "tcp"), ("path", "direct"), ("target", "down"))
+    assert samples[("probe_success", down)] == 0
+    assert serve_children(daemon.proc.pid) == []  # no page asked for yet: no child
+    served = Served(f"http://{load_config(config_file).metrics.listen}", config_file, daemon.proc, daemon.log)
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        seen = Visit(context.new_page())
+        seen.page.on("request", lambda r: seen.requests.append(r.url))
+        page = load(seen, served, "/", "daemon-now")
+        states = {c.get_attribute("data-path"): c.get_attribute("data-state") for c in page.locator(".card").all()}
+        assert set(states) == {"direct", "shadowsocks"}
+        assert "connection_refused" in page.locator("#targets tr", has_text="down").inner_text()
+        first = served.json("/")["newest"]
+        rounds = len(daemon.heartbeats())
+        daemon.wait_until(lambda: len(daemon.heartbeats()) > rounds, what="the next round")
+        assert served.json("/")["newest"] > first  # the page follows the store
+        page.reload()
+        assert "Now" in page.locator("h1").inner_text()
+        assert load(seen, served, "/outages").locator("h1").inner_text() == "Outages"
+    finally:
+        context.close()
+    (child,) = serve_children(daemon.proc.pid)
+    assert loaded(child, "pandas") and not loaded(daemon.proc.pid, "pandas")
+    assert scrape(config_file) != {}  # /metrics unchanged beside the pages
+    assert daemon.stop() == 0, daemon.output()
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]

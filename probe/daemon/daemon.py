@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from probe.config import Config, load_config
+from probe.daemon.dashboard import Dashboard, listen
 from probe.daemon.evaluations import Evaluations
 from probe.daemon.forwarding import Forwarding, forwarding
 from probe.daemon.jobs import ChildJobs
@@ -171,7 +172,7 @@ async def serve(config: Config, config_path: Path | None) -> int:
         if config.metrics.enabled:
             host, port = config.metrics.host_port
             try:
-                server = metrics.serve(host, port)
+                server = listen(metrics.registry, host, port, stack.enter_context(Dashboard(config, config_path)))
             except OSError as exc:
                 raise ConfigError(
                     f"{config.source}: metrics.listen: cannot listen on {config.metrics.listen}: {exc}"
