@@ -119,7 +119,9 @@ def now(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tunnel[("vpn-endpoint", "direct")] = fail("generic_timeout_error", "connect")
     rounds = [(i, everything({**blocked, **(tunnel if i in TUNNEL_FAILS else {})})) for i in range(LAST)]
     build_store(tmp / "now.db", rounds)
-    yield from serve(analysis_config(tmp, tmp / "now.db"), tmp / "serve.log")
+    # fleet mode (store.url): the store is a spool, nothing of it uploaded (the URL is never used)
+    spool = 'url = "postgresql://tunnelwatch@127.0.9.66:9/fleet"'
+    yield from serve(analysis_config(tmp, tmp / "now.db", spool), tmp / "serve.log")
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +188,10 @@ def test_now_cards_show_each_paths_state(now: Served, visit: Visit) -> None:
     vpn = page.locator(".card[data-path=vpn]").inner_text()
     assert "tunnel_down" in vpn and "since 2018-03-01 22:00Z" in vpn  # the first failing round of the last two hours
     assert "blocked" in page.locator(".card[data-path=direct]").inner_text()
+    assert "UP since 2018-03-01 00:00Z" in page.locator(".card[data-path=wg]").inner_text()  # the first round
+    assert page.locator("#late").inner_text() == "0.0 s"  # every round on its schedule
+    measured = LAST * (4 * 3 + 1)
+    assert page.locator("#backlog").inner_text().startswith(f"{measured} measurements not uploaded yet")
     row = page.locator("#targets tr", has_text="portal")
     assert "eof_error" in row.inner_text() and "http_round_trip" in row.inner_text()
     assert page.locator("meta[http-equiv=refresh]").count() == 1
@@ -194,6 +200,8 @@ def test_now_cards_show_each_paths_state(now: Served, visit: Visit) -> None:
     assert {c["path"]: c["state"] for c in facts["paths"]} == states
     vpn_card = next(c for c in facts["paths"] if c["path"] == "vpn")
     assert (vpn_card["verdict"], vpn_card["since"]) == ("tunnel_down", "2018-03-01T22:00:00.001000+00:00")
+    assert facts["backlog"] == {"measurements": measured, "oldest": "2018-03-01T00:00:00+00:00", "dropped": 0}
+    assert facts["heartbeat"]["late_max_s"] == 0.0
     portal = next(t for t in facts["targets"] if t["target"] == "portal")
     assert portal["paths"]["vpn"]["failure"] == "eof_error" and portal["paths"]["wg"]["ok"] is True
 

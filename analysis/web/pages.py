@@ -26,6 +26,7 @@ from probe.errors import ConfigError
 from probe.model import PHASES
 from probe.store.alerts import open_alerts
 from probe.store.file import store_error
+from probe.store.spool import Spool
 
 from ..check_cli import COLUMNS as CHECK_COLUMNS
 from ..check_cli import _rows as check_rows
@@ -112,7 +113,9 @@ def now_page(cfg: Config) -> dict[str, Any]:
             }
         else:
             ended = outages[outages["verdict"] != DEGRADED]["end"]
-            card |= {"state": "up", "since": ended.max() if len(ended) else None, "since_at_least": since}
+            first = result.span[0] if result.span else since  # up since the first round, if it is that recent
+            card |= {"state": "up", "since": ended.max() if len(ended) else (first if first > since else None)}
+            card["since_at_least"] = since
         cards.append(card)
     targets: dict[str, dict[str, Any]] = {}
     for row in pairs.sort_values(["group", "target", "path"]).to_dict("records"):
@@ -129,13 +132,43 @@ def now_page(cfg: Config) -> dict[str, Any]:
             "newest": last,
             "heartbeat": None
             if beat is None
-            else {"round_id": beat["round_id"], "started_at": beat["started_at"], "finished_at": beat["finished_at"]},
+            else {
+                "round_id": beat["round_id"],
+                "started_at": beat["started_at"],
+                "finished_at": beat["finished_at"],
+                # how late the rounds of the last two cycles started against their schedule
+                "late_s": _late_s(beat),
+                "late_max_s": max((_late_s(b) or 0.0 for _, b in beats.iterrows()), default=None),
+            },
+            "backlog": backlog(cfg),
             "paths": cards,
             "path_names": sorted(set(pairs["path"].astype(str))),
             "targets": list(targets.values()),
             "alerts": open_alert_rows(db),
         }
     )
+
+
+def _late_s(beat: pd.Series) -> float | None:
+    scheduled = beat["scheduled_at"]
+    return None if pd.isna(scheduled) else round((beat["started_at"] - scheduled).total_seconds(), 3)
+
+
+def backlog(cfg: Config) -> dict[str, Any] | None:
+    """In fleet mode (store.url), what the spool holds that the central store has not yet
+    (`tunnelwatch status` says the same); None otherwise or when serving another store."""
+    db = source(cfg).location
+    if cfg.store.url is None or db != cfg.store.path or not isinstance(db, Path):
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'forward_cursor'").fetchone():
+                return None
+            queued = Spool(conn).backlog()
+    except sqlite3.Error as exc:
+        raise store_error(db, exc, "read the spool's backlog") from None
+    oldest = None if queued.oldest_ms is None else pd.Timestamp(queued.oldest_ms, unit="ms", tz="UTC")
+    return {"measurements": queued.measurements, "oldest": oldest, "dropped": queued.dropped}
 
 
 def open_alert_rows(db: Store) -> list[dict[str, Any]]:
