@@ -33,7 +33,7 @@ from ..check_cli import _rows as check_rows
 from ..eventcheck import check_events, outage_series
 from ..events import load_events, overlapping
 from ..eventstats import Method
-from ..frames import MEASUREMENT_DTYPES, Store, _frame, _query, _where, load_heartbeats, load_measurements
+from ..frames import MEASUREMENT_DTYPES, Source, Store, _frame, _query, _where, load_heartbeats, load_measurements
 from ..outages_cli import COLUMNS as OUTAGE_COLUMNS
 from ..pipeline import Analysis, analyse_config, source
 from ..verdicts import DEGRADED, LOCAL_OUTAGE, TUNNEL_DOWN
@@ -157,7 +157,8 @@ def _late_s(beat: pd.Series) -> float | None:
 def backlog(cfg: Config) -> dict[str, Any] | None:
     """In fleet mode (store.url), what the spool holds that the central store has not yet
     (`tunnelwatch status` says the same); None otherwise or when serving another store."""
-    db = source(cfg).location
+    chosen = source(cfg)
+    db = chosen.location if isinstance(chosen, Source) else chosen
     if cfg.store.url is None or db != cfg.store.path or not isinstance(db, Path):
         return None
     try:
