@@ -123,7 +123,7 @@ def evaluated_ms(daemon: Daemon) -> int:
     return 0 if row is None else int(row[0])
 
 
-def evaluated_after(daemon: Daemon, seconds: float, timeout_s: float = 90) -> None:
+def evaluated_after(daemon: Daemon, seconds: float, timeout_s: float = 120) -> None:
     """Until an evaluation has judged the rounds up to `seconds` from now."""
     until = (time.time() + seconds) * 1000
     daemon.wait_until(lambda: evaluated_ms(daemon) > until, timeout_s, f"an evaluation {seconds} s from now")
@@ -136,6 +136,22 @@ def outbox(daemon: Daemon) -> list[tuple[object, ...]]:
         return conn.execute("SELECT * FROM notifications ORDER BY id").fetchall()
     finally:
         conn.close()
+
+
+def alerts(daemon: Daemon) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(daemon.db)
+    try:
+        return conn.execute("SELECT * FROM alerts ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def told(daemon: Daemon, receiver: Webhook | Mail, condition: Callable[[list[Received]], bool], what: str) -> None:
+    """Until the receiver got what `condition` wants (the daemon's log, alerts and outbox if never)."""
+    try:
+        receiver.wait_for(condition, 120, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nalerts: {alerts(daemon)}\noutbox: {outbox(daemon)}\n{daemon.output()}") from None
 
 
 def downs(got: list[Received]) -> list[Received]:
@@ -173,7 +189,7 @@ def test_an_outage_is_told_once_down_and_once_back_across_a_restart(
 
     tunnel.stop()  # the outage
     for receiver in receivers:
-        receiver.wait_for(lambda got: len(downs(got)) == 1, what="the down message")
+        told(daemon, receiver, lambda got: len(downs(got)) == 1, "the down message")
     assert daemon.stop() == 0, daemon.output()
     daemon = daemons(config)  # restarted while the outage is open
     evaluated_after(daemon, 8)
@@ -181,7 +197,7 @@ def test_an_outage_is_told_once_down_and_once_back_across_a_restart(
 
     tunnel.start()  # over
     for receiver in receivers:
-        receiver.wait_for(lambda got: len(backs(got)) == 1, what="the back message")
+        told(daemon, receiver, lambda got: len(backs(got)) == 1, "the back message")
     evaluated_after(daemon, 10)  # a clean period after it: nothing more
     for receiver in receivers:
         assert_told_once(receiver.messages())
@@ -216,18 +232,18 @@ def test_a_receiver_down_meanwhile_gets_every_message_in_order_through_via(
     hook.stop()
 
     tunnel.stop()
-    mail.wait_for(lambda got: len(downs(got)) == 1, what="the down message")
-    daemon.wait_until(lambda: "notification to json://" in daemon.output(), 60, "the failure logged")
+    told(daemon, mail, lambda got: len(downs(got)) == 1, "the down message")
+    daemon.wait_until(lambda: "notification to json://" in daemon.output(), 120, "the failure logged")
     tunnel.start()
-    mail.wait_for(lambda got: len(backs(got)) == 1, what="the back message")
-    daemon.wait_until(lambda: scrape(config)[("tunnelwatch_notifications_failed_total", ())] >= 3, 60, "retries")
+    told(daemon, mail, lambda got: len(backs(got)) == 1, "the back message")
+    daemon.wait_until(lambda: scrape(config)[("tunnelwatch_notifications_failed_total", ())] >= 3, 120, "retries")
     daemon.wait_until(  # the webhook's two wait; the mail's are sent (marked just after the receiver got them)
         lambda: scrape(config)[("tunnelwatch_notifications_pending", ())] == 2, 30, f"2 pending: {outbox(daemon)}"
     )
     assert hook.messages() == []
 
     hook.start()  # back: both messages, down first
-    hook.wait_for(lambda got: len(got) == 2, what="both messages after the webhook is back")
+    told(daemon, hook, lambda got: len(got) == 2, "both messages after the webhook is back")
     evaluated_after(daemon, 6)
     assert_told_once(hook.messages(), EXIT_ADDRESS)
     assert_told_once(mail.messages(), EXIT_ADDRESS)

@@ -166,14 +166,14 @@ def _smtp_through(proxy: str) -> None:
             target = f"[{to_host}]:{to_port}" if ":" in to_host else f"{to_host}:{to_port}"
             sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
             answer = b""
-            while b"\r\n\r\n" not in answer:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    raise OSError(f"the proxy closed the connection to {target}")
-                answer += chunk
-            status, _, rest = answer.partition(b"\r\n")
+            while not answer.endswith(b"\r\n\r\n"):  # byte by byte: the server's greeting follows at once
+                byte = sock.recv(1)
+                if not byte:
+                    raise OSError(f"the proxy closed the connection to {target}: {answer.decode(errors='replace')}")
+                answer += byte
+            status = answer.partition(b"\r\n")[0]
             if status.split(b" ")[1:2] != [b"200"]:
-                why = rest.partition(b"\r\n\r\n")[2].decode(errors="replace")
+                why = sock.recv(4096).decode(errors="replace")  # the relay says why in a short body
                 raise OSError(f"proxy: {status.decode(errors='replace')}: {why}")
             return sock
         except BaseException:

@@ -10,6 +10,8 @@
   row, so a restarted daemon goes on where it was. A destination's failing streak is logged
   when it begins and when it ends (the first failure of a message, the send after failures).
 - Messages for a destination no longer in alerts.urls are dropped, and said so.
+- A message is marked sent once Apprise says it went; at stop the sends under way get
+  STOP_WAIT_S to finish. A daemon killed between the two sends it again (at least once).
 - With alerts.via, messages leave through that path: Apprise runs in a child process whose
   HTTP(S) and SMTP connections go to a loopback proxy (probe/daemon/relay.py) that carries
   them through the path.
@@ -42,6 +44,7 @@ log = logging.getLogger("tunnelwatch.daemon")
 T = TypeVar("T")
 IDLE_S = 30.0  # the longest wait between two looks at the store (the gauges)
 SENDERS = 8  # threads sending at once (one per destination at a time)
+STOP_WAIT_S = 10.0  # at stop, how long the sends under way may take to finish
 
 
 class Notifier:
@@ -54,6 +57,7 @@ class Notifier:
         self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="tunnelwatch-notify")
         self._relay: ProxyRelay | None = None
         self._store_outage = Outage()
+        self._stopping = False  # no new send starts
 
     def wake(self) -> None:
         """Look at the store now (an evaluation may have queued messages)."""
@@ -72,8 +76,11 @@ class Notifier:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait_s)
                 self._wake.clear()
-        finally:
+        finally:  # at stop: the sends under way may finish and be marked (else they go again after a restart)
+            self._stopping = True
             sending = list(self._sending.values())
+            if sending:
+                await asyncio.wait(sending, timeout=STOP_WAIT_S)
             for task in sending:
                 task.cancel()
             await asyncio.gather(*sending, return_exceptions=True)
@@ -119,7 +126,7 @@ class Notifier:
         """Send a destination's due messages in order, until none is left or one fails."""
         try:
             while (message := await self._store(outbox.head, destination)) is not None:
-                if message.next_try_ms > _now_ms():
+                if message.next_try_ms > _now_ms() or self._stopping:
                     return
                 if not await self._send(message, url):
                     return
