@@ -190,17 +190,16 @@ def emit(rows: Sequence[dict[str, Any]], columns: list[str], fmt: str, title: st
         frame = pd.DataFrame([{c: _jsonable(row.get(c)) for c in columns} for row in rows], columns=columns)
         frame.to_csv(sys.stdout, index=False)
     else:
-        from rich.table import Table
         from rich.text import Text
 
         from probe.console import out
+        from probe.tables import Cell, table
 
-        table = Table(title=Text(title))  # Text: what users wrote (titles, file names) is never markup
-        for column in columns:
-            table.add_column(column.replace("_", " "))
+        # Text and cells: what users wrote (titles, file names) is never markup.
+        grid = table(Text(title), [column.replace("_", " ") for column in columns])
         for row in rows:
-            table.add_row(*(Text(_cell(row.get(c))) for c in columns))
-        out.print(table)
+            grid.add_row(*(Cell(_cell(row.get(c))) for c in columns))
+        out.print(grid)
 
 
 def _cell(value: Any) -> str:

@@ -20,7 +20,6 @@ import click
 from probe.console import LazyGroup, config_option
 from probe.errors import ConfigError, StoreError, TunnelwatchError
 from probe.logs import counted, setup_logging
-from probe.model import PHASES
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -61,9 +60,6 @@ def config_app() -> None:
     """Inspect the configuration."""
 
 
-PHASE_COLUMNS = tuple(f"{phase}_ms" for phase in (*PHASES, "total"))
-
-
 def _check_names(kind: str, asked: Sequence[str], known: Sequence[str], source: str) -> None:
     unknown = [name for name in asked if name not in known]
     if unknown:
@@ -78,10 +74,13 @@ def _table(measurements: Sequence[Measurement]) -> Table:
     from rich.table import Table
     from rich.text import Text
 
+    from probe.model import PHASES  # here: only `probe` draws the phases (probe.model is 6 ms to load)
+
+    phase_columns = tuple(f"{phase}_ms" for phase in (*PHASES, "total"))
     table = Table(title=f"round {measurements[0].round_id}" if measurements else "no probes")
     for name in ("target", "path", "ok", "failure", "operation"):
         table.add_column(name)
-    for name in PHASE_COLUMNS:
+    for name in phase_columns:
         table.add_column(name.removesuffix("_ms").replace("_", " ") + " ms", justify="right")
     for m in measurements:
         table.add_row(  # names and failures as text: a [bracket] in them is never markup
@@ -90,7 +89,7 @@ def _table(measurements: Sequence[Measurement]) -> Table:
             Text("yes", "green") if m.ok else Text("no", "red"),
             Text(m.failure or ""),
             Text(m.failed_operation or ""),
-            *(_ms(getattr(m, column)) for column in PHASE_COLUMNS),
+            *(_ms(getattr(m, column)) for column in phase_columns),
         )
     return table
 
@@ -192,12 +191,12 @@ FAILURES_S = 6 * 3600  # status shows each pair's newest failure in the hours be
 @config_option
 def status(config: Path | None) -> None:
     """What the store says now: last heartbeat, each path's state, the last failures."""
-    from rich.table import Table
     from rich.text import Text
 
     from probe.config import load_config
     from probe.console import out
     from probe.store.latest import read_latest
+    from probe.tables import Cell, table
 
     cfg = load_config(config)
     if not cfg.store.path.exists():
@@ -215,35 +214,34 @@ def status(config: Path | None) -> None:
     out.print(f"last heartbeat: {_when(beat['finished_at_ms'], now)}, round {beat['round_id']}")
     if cfg.store.url is not None:
         out.print(_backlog(cfg.store.path, cfg.store.url.get_secret_value(), now))
-    paths = Table(title="paths now (newest measurement of each target)")
-    for name in ("path", "state", "targets ok"):
-        paths.add_column(name)
+    paths = table("paths now (newest measurement of each target)", ("path", "state", "targets ok"))
     by_path: dict[str, list[dict[str, Any]]] = {}
     for row in latest.pairs:
         by_path.setdefault(row["path"], []).append(row)
     for name, rows in by_path.items():
         ok = sum(r["ok"] for r in rows)
         state = (
-            Text("up", "green") if ok == len(rows) else Text("down", "red") if ok == 0 else Text("partial", "yellow")
+            Cell("up", "green") if ok == len(rows) else Cell("down", "red") if ok == 0 else Cell("partial", "yellow")
         )
-        paths.add_row(Text(name), state, f"{ok}/{len(rows)}")
+        paths.add_row(Cell(name), state, Cell(f"{ok}/{len(rows)}"))
     out.print(paths)
     _open_alerts(cfg.store.path, now)
     last_failure = {(r["target"], r["path"]): r for r in latest.failures}
     news = [r for r in latest.pairs if not r["ok"] or (r["target"], r["path"]) in last_failure]
-    pairs = Table(title=f"targets and paths failing now or in the past {_age(failures_s)}")
-    for name in ("target", "group", "path", "now", "last failure", "failure", "operation"):
-        pairs.add_column(name)
+    pairs = table(
+        f"targets and paths failing now or in the past {_age(failures_s)}",
+        ("target", "group", "path", "now", "last failure", "failure", "operation"),
+    )
     for row in news:
         failed = last_failure.get((row["target"], row["path"]), {})
         pairs.add_row(
-            Text(row["target"]),
-            Text(row["grp"]),
-            Text(row["path"]),
-            Text("ok", "green") if row["ok"] else Text(str(row["failure"]), "red"),
-            _when(failed.get("started_at_ms"), now),
-            Text(failed.get("failure") or ""),
-            Text(failed.get("failed_operation") or ""),
+            Cell(row["target"]),
+            Cell(row["grp"]),
+            Cell(row["path"]),
+            Cell("ok", "green") if row["ok"] else Cell(str(row["failure"]), "red"),
+            Cell(_when(failed.get("started_at_ms"), now)),
+            Cell(failed.get("failure") or ""),
+            Cell(failed.get("failed_operation") or ""),
         )
     if news:
         out.print(pairs)

@@ -3,7 +3,9 @@ servers; what each command loads before it starts."""
 
 from __future__ import annotations
 
+import io
 import json
+import random
 import sqlite3
 import subprocess
 import sys
@@ -12,12 +14,16 @@ from pathlib import Path
 
 import click
 import pytest
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from analysis.cli import events_group
 from probe.cli import app
 from probe.config import default_config_path, load_config
 from probe.console import LazyGroup
 from probe.store.latest import latest
+from probe.tables import Cell, table
 from tests.analysis_data import analysis_config, build_store, everything, fail
 from tests.conftest import DNS, PAGE_TITLE, rows
 from tests.servers import LOOPBACK
@@ -200,3 +206,41 @@ def test_status_reads_the_newest_rows_by_index(recent_store: Path) -> None:
         scans = [step for step in plan if step.split()[:2] in (["SCAN", "measurements"], ["SCAN", "heartbeats"])]
         assert not scans and not [step for step in plan if step.startswith("SCAN m")], (statement, plan)
     db.close()
+
+
+# What a cell may hold: words, spaces, a tab, a new line, a bell, a CR, wide and combined
+# characters, an emoji, markup and an emoji code (never read as such), nothing at all.
+PIECES = ("a", "bc", "-", ".", " ", "  ", "字", "é", "\t", "\n", "\x07", "\r", "😀", "\u200d", "[red]", ":smile:", "")
+HEADERS = ("target", "path", "ok", "last failure", "x")
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["file", "terminal"])
+def test_tables_of_cells_draw_as_rich_draws_text(terminal: bool) -> None:
+    """probe/tables.py: a table of Cells draws, byte for byte and colours included, what a
+    rich Table of Text draws, for tables that fit, that wrap and that are squeezed hard."""
+    choose = random.Random(14)
+    for _ in range(300):
+        headers = choose.choices(HEADERS, k=choose.randint(1, 7))
+        title = choose.choice([None, "title", Text("events [x]")])
+        cells = [
+            [
+                ("".join(choose.choices(PIECES, k=choose.randint(0, 8))), choose.choice(["", "green", "red"]))
+                for _ in headers
+            ]
+            for _ in range(choose.randint(0, 10))
+        ]
+        width = choose.randint(5, 220)
+        plain = Table(title=title)
+        for name in headers:
+            plain.add_column(name)
+        quick = table(title, headers)
+        for row in cells:
+            plain.add_row(*(Text(text, style) for text, style in row))
+            quick.add_row(*(Cell(text, style) for text, style in row))
+        drawn = []
+        for grid in (plain, quick):
+            buffer = io.StringIO()
+            color = "truecolor" if terminal else None
+            Console(file=buffer, width=width, force_terminal=terminal, color_system=color).print(grid)
+            drawn.append(buffer.getvalue())
+        assert drawn[0] == drawn[1], (width, title, headers, cells)
