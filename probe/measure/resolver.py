@@ -72,6 +72,7 @@ HEADER_START = struct.Struct("!HHH")  # id, flags, questions
 RR_HEADER = "!HHIH"  # a record's type, class, TTL and data length, after its owner name
 U16 = struct.Struct("!H")  # the id (bytes 0-1), the question's type (after its name), a TCP length
 QR, QR_OPCODE = int(dns.flags.QR), 0xF800  # the flags' QR bit, and with the opcode: an answer to a standard query
+TC = int(dns.flags.TC)
 ANSWER, AUTHORITY, ADDITIONAL = range(3)  # the sections after the question
 # An address record's data as text: what dnspython's A and AAAA rdata classes read it with
 # (their `address`), without building the rdata object around it.
@@ -283,6 +284,9 @@ def _queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) ->
     return queries
 
 
+_rcode = functools.lru_cache(maxsize=1024)(dns.rcode.from_flags)  # of the few flags servers answer with
+
+
 class _Slow(Exception):
     """An answer the quick reading does not take: dnspython reads the whole message."""
 
@@ -295,7 +299,7 @@ def _quick(data: bytes, query: _Query, received_ns: int) -> Reply:
     the extended rcode. What dnspython would read otherwise (a truncated answer, OPT or TSIG out
     of place, bytes left over) raises _Slow."""
     _, flags, _, answers, authority, additional = HEADER.unpack_from(data)
-    if flags & dns.flags.TC:
+    if flags & TC:
         raise _Slow
     rdtype = query.result.rdtype
     text = ADDRESS_TEXT[rdtype]
@@ -318,7 +322,12 @@ def _quick(data: bytes, query: _Query, received_ns: int) -> Reply:
                 parser.seek(parser.current + length)
     if parser.remaining():
         raise _Slow
-    return Reply(dns.rcode.from_flags(flags, ednsflags or 0), False, tuple(dict.fromkeys(addresses)), received_ns)
+    return Reply(
+        _rcode(flags, ednsflags or 0),
+        False,
+        tuple(dict.fromkeys(addresses)),
+        received_ns,
+    )
 
 
 def _slow(data: bytes, queries: Sequence[_Query]) -> tuple[_Query, dns.rcode.Rcode, bool, tuple[str, ...]] | None:
@@ -536,16 +545,16 @@ async def exchange(
     queries = _queries(name, rdtypes)
     lookup = _Lookup(queries)
     waiting = queries
-    links: dict[Server, _Link] = {}
+    links: dict[int, _Link] = {}  # by the server's index
     try:
         for _attempt in range(options.attempts):
             for index, server in enumerate(servers):
                 if not waiting:
                     break
                 try:
-                    if server not in links:  # one socket per server, kept over the attempts, as glibc does
-                        links[server] = _Link.open(server, path, lookup)
-                    await lookup.ask(links[server], waiting, path, options.wait_s(index, len(servers)))
+                    if index not in links:  # one socket per server, kept over the attempts, as glibc does
+                        links[index] = _Link.open(server, path, lookup)
+                    await lookup.ask(links[index], waiting, path, options.wait_s(index, len(servers)))
                 except (OSError, EOFError) as exc:  # TimeoutError included; ECONNREFUSED: ICMP port unreachable
                     for query in waiting:
                         query.result.error = exc  # an answer from an earlier server still counts first
