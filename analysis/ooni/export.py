@@ -153,9 +153,9 @@ def _judged(frame: pd.DataFrame, paths: pd.DataFrame, slot_s: float) -> pd.DataF
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """The rows as dicts of Python values, None where pandas has NaN or NA."""
-    return [
-        {str(k): v for k, v in r.items()} for r in frame.astype(object).where(frame.notna(), None).to_dict("records")
-    ]
+    columns = [str(c) for c in frame.columns]
+    values = [frame[c].astype(object).where(frame[c].notna(), None).tolist() for c in frame.columns]
+    return [dict(zip(columns, row, strict=True)) for row in zip(*values, strict=True)]
 
 
 def _verdict(row: dict[str, Any]) -> dict[str, Any] | None:
@@ -273,7 +273,7 @@ def open_text(path: Path | None) -> IO[str]:
         return sys.stdout
     try:
         if path.name.endswith(".gz"):
-            return gzip.open(path, "wt", encoding="utf-8", newline="\n")
+            return gzip.open(path, "wt", compresslevel=6, encoding="utf-8", newline="\n")
         return path.open("w", encoding="utf-8", newline="\n")
     except OSError as exc:
         raise StoreError(f"{path}: cannot write the export: {exc.strerror or exc}") from None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,7 +83,7 @@ def _host_port(kind: str, stored: str) -> tuple[str, int | None]:
     return host.strip("[]"), int(number) if number.isdigit() else None
 
 
-@cache
+@lru_cache(maxsize=4096)  # bounded: an export of a year must not keep every round
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -92,6 +92,7 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+@lru_cache(maxsize=4096)  # bounded: an export of a year must not keep every round
 def report_id(vantage: str, round_id: str, round_start_ms: int, probe: Probe) -> str:
     """A round's report id in OONI's form (time, test, country, AS, a token), the same at every
     export: the token is a hash of the vantage point and the round id."""
@@ -235,6 +236,11 @@ def test_keys(row: dict[str, Any], addresses: list[str], verdict: dict[str, Any]
     }
 
 
+@lru_cache(maxsize=4096)  # bounded: an export of a year must not keep every round
+def _utc(ms: int) -> str:
+    return from_ms(ms).strftime(TIME_FORMAT)
+
+
 def measurement(
     row: dict[str, Any],
     *,
@@ -265,7 +271,7 @@ def measurement(
         "data_format_version": DATA_FORMAT_VERSION,
         "extensions": {"dnst": 0, "httpt": 0, "tcpconnect": 0, "tlshandshake": 0},
         "input": ooni_input(row["kind"], row["input"]),
-        "measurement_start_time": from_ms(row["started_at_ms"]).strftime(TIME_FORMAT),
+        "measurement_start_time": _utc(row["started_at_ms"] - row["started_at_ms"] % 1000),
         "options": [],
         "probe_asn": probe.asn,
         "probe_cc": probe.cc,
@@ -278,6 +284,6 @@ def measurement(
         "test_keys": test_keys(row, addresses, verdict),
         "test_name": TEST_NAME,
         "test_runtime": round(runtime_ms / 1000, 6),
-        "test_start_time": from_ms(round_start_ms).strftime(TIME_FORMAT),
+        "test_start_time": _utc(round_start_ms - round_start_ms % 1000),
         "test_version": TEST_VERSION,
     }
