@@ -33,7 +33,8 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_COLUMNS = 10_000
 MAX_LINE_BYTES = 1 << 20
 CHUNK_ROWS = 500_000
-TIME_COLUMNS = ("date", "day", "datetime", "time", "timestamp")
+# measurement_start_day: the day column of OONI's aggregation API (CSV with axis_x=measurement_start_day)
+TIME_COLUMNS = ("date", "day", "datetime", "time", "timestamp", "measurement_start_day")
 VALID_DATES = (
     "an ISO 8601 date or time, e.g. 2019-07-01, 2019-07-01 13:00 or 2019-07-01T13:00+08:00 "
     "(UTC unless it has an offset)"

@@ -297,3 +297,39 @@ def test_outages_of_an_imported_ooni_series(tmp_path: Path) -> None:
     (outage,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert (outage["path"], outage["targets"], outage["start"]) == ("tor", ["vanilla_tor"], "2018-03-03T00:00:00+00:00")
     assert outage["end"] == "2018-03-06T00:00:00+00:00" and outage["verdict"] == "inconclusive"
+
+
+def test_oonis_daily_aggregate_csv_is_a_series(tmp_path: Path) -> None:
+    """The CSV OONI's aggregation API gives per day (axis_x=measurement_start_day), read as
+    --series reads a series: a jump in anomalies 5-9 June 2019 is found without the dates."""
+    days = pd.date_range("2019-01-01", "2019-09-30", freq="D")
+    counts = []
+    for i, day in enumerate(days):
+        measured = 1000 + (i * 37) % 90
+        anomalies = 40 + (i * 13) % 11 + (400 if pd.Timestamp("2019-06-05") <= day <= pd.Timestamp("2019-06-09") else 0)
+        counts.append((day.date().isoformat(), anomalies, 3, 20 + i % 5, measured - anomalies - 3, measured))
+    frame = pd.DataFrame(
+        counts,
+        columns=[
+            "measurement_start_day",
+            "anomaly_count",
+            "confirmed_count",
+            "failure_count",
+            "ok_count",
+            "measurement_count",
+        ],
+    )
+    frame.to_csv(tmp_path / "aggregation.csv", index=False)
+    result = cli(
+        "events",
+        "detect",
+        "--series",
+        str(tmp_path / "aggregation.csv"),
+        "--column",
+        "anomaly_count",
+        "--format",
+        "json",
+    )
+    assert result.returncode == 0, result.stderr
+    signals = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(s["start"], s["kind"]) for s in signals] == [("2019-06-05", "above")]
