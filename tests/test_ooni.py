@@ -333,3 +333,34 @@ def test_oonis_daily_aggregate_csv_is_a_series(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     signals = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(s["start"], s["kind"]) for s in signals] == [("2019-06-05", "above")]
+
+
+def test_psiphon_as_its_spec_describes_it(tmp_path: Path) -> None:
+    """No real psiphon measurement is in the shared data: ts-015-psiphon's conclusions table."""
+    base = json.loads((OONI / "vanilla_tor.json").read_text())
+    cases = {  # bootstrap_time, failure -> ok, failed_operation
+        "2021-05-01 10:00:00": (0, "generic_timeout_error", 0, "tunnel_bootstrap"),  # error in bootstrapping
+        "2021-05-01 11:00:00": (6.1, "connection_reset", 0, None),  # error in using Psiphon
+        "2021-05-01 12:00:00": (6.1, None, 1, None),  # working
+    }
+    lines = [
+        json.dumps(
+            dict(
+                base,
+                test_name="psiphon",
+                report_id=f"psiphon-{when}",
+                measurement_start_time=when,
+                test_keys={"bootstrap_time": seconds, "failure": failure, "max_runtime": 60},
+            )
+        )
+        for when, (seconds, failure, _, _) in cases.items()
+    ]
+    (tmp_path / "psiphon.jsonl").write_text("\n".join(lines))
+    db = tmp_path / "store.db"
+    assert import_files([tmp_path / "psiphon.jsonl"], db).measurements == 3
+    stored = rows(db)
+    assert [(r["target"], r["path"], r["grp"]) for r in stored] == [("psiphon", "psiphon", "psiphon")] * 3
+    assert [(r["ok"], r["failure"], r["failed_operation"]) for r in stored] == [
+        (ok, failure, operation) for _, failure, ok, operation in cases.values()
+    ]
+    assert [r["proxy_ms"] for r in stored] == [None, 6100.0, 6100.0]
