@@ -364,3 +364,16 @@ def test_psiphon_as_its_spec_describes_it(tmp_path: Path) -> None:
         (ok, failure, operation) for _, failure, ok, operation in cases.values()
     ]
     assert [r["proxy_ms"] for r in stored] == [None, 6100.0, 6100.0]
+
+
+def test_imported_measurements_export_where_they_were_measured(imported: Path) -> None:
+    result = cli("export", "--store", str(imported), "--vantage", "ooni-cn-as17623")
+    assert result.returncode == 0, result.stderr
+    (m,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert (m["probe_cc"], m["probe_asn"], m["measurement_start_time"]) == ("CN", "AS17623", "2022-08-02 21:55:29")
+    assert (m["test_keys"]["failure"], m["test_keys"]["failed_operation"]) == (
+        "generic_timeout_error",
+        "tunnel_bootstrap",
+    )
+    assert m["annotations"]["tunnelwatch_path"] == "tor" and m["annotations"]["tunnelwatch_tunnel"] == "tor"
+    assert m["test_keys"]["x_verdict"]["verdict"] == "inconclusive"  # one path: nothing to compare with

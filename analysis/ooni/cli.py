@@ -73,7 +73,7 @@ def export(
     config: Path | None,
 ) -> None:
     """Write the store's measurements as OONI measurements, CSV or Parquet."""
-    from ..frames import Source
+    from ..frames import Source, read_cursor
     from ..pipeline import source
     from .export import Counts, open_text, windows, write_csv, write_ooni, write_parquet
     from .record import Probe
@@ -102,12 +102,13 @@ def export(
                 stream.close()
             else:
                 stream.flush()
-    raw = f"; its raw rows begin {counts.raw_since:%Y-%m-%d %H:%M} UTC" if counts.raw_since is not None else ""
-    err.print(
-        f"exported {counts.written:,} measurements from {where}{raw} "
-        "(older rounds are kept as summaries only, which hold no measurements to export)"
-        + (f" to {out}" if out else "")
-    )
+    said = f"exported {counts.written:,} measurements from {where}" + (f" to {out}" if out else "")
+    if read_cursor(where) is not None and counts.raw_since is not None and (since is None or since < counts.raw_since):
+        said += (
+            f"; rounds before {counts.raw_since:%Y-%m-%d %H:%M} UTC are kept as summaries only (store compact), "
+            "which hold no measurements to export"
+        )
+    err.print(said)
 
 
 @click.group(name="import")

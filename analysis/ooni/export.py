@@ -191,7 +191,7 @@ def write_ooni(
                 json.dumps(
                     measurement(
                         row,
-                        probe=probes.get(row["vantage"], Probe()),
+                        probe=probes.get(row["vantage"]) or Probe.named(row["vantage"]),
                         path=counts.paths.get(row["path"], PathInfo()),
                         round_start_ms=int(row["round_start_ms"]),
                         verdict=_verdict(row),

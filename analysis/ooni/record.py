@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -34,6 +35,7 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 EXCHANGE = frozenset({RESOLVE, CONNECT, TLS_HANDSHAKE, HTTP_ROUND_TRIP})
 # What OONI's web_connectivity says of a page's blocking, by our verdict: none, or unknown.
 NOT_BLOCKED = frozenset({"ok", "site_down"})
+IMPORTED = re.compile(r"ooni-([a-z]{2})-(as\d+)")
 TOR_INFO = {"exit_ip": None, "exit_name": None, "is_tor": False}
 
 
@@ -51,6 +53,12 @@ class Probe:
         if asn and not asn.startswith("AS"):
             asn = f"AS{asn}"
         return cls((labels.get("cc") or "ZZ").strip().upper(), asn or "AS0", labels.get("isp", ""))
+
+    @classmethod
+    def named(cls, vantage: str) -> Probe:
+        """A vantage point `tunnelwatch import ooni` named (ooni-<cc>-<asn>) is where it says."""
+        match = IMPORTED.fullmatch(vantage)
+        return cls(match.group(1).upper(), match.group(2).upper()) if match else cls()
 
 
 @dataclass(frozen=True, slots=True)
