@@ -7,6 +7,8 @@ bad alert settings."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
 import re
 import sqlite3
@@ -15,9 +17,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
+from probe.config import Config, load_config
+from probe.daemon.metrics import Metrics
+from probe.daemon.notifier import Notifier
+from probe.daemon.relay import ProxyRelay
+from probe.store.outbox import destination_id, enqueue
+from probe.store.sqlite import SQLiteStore
 from tests.conftest import write_config
 from tests.daemonproc import TUNNELWATCH, Daemon, scrape
 from tests.receivers import Mail, Received, Webhook
@@ -317,3 +326,133 @@ def test_bad_alert_urls_are_refused_naming_the_key_without_the_secret(
         assert done.returncode == 2, (command, done.stdout, done.stderr)
         assert "alerts.urls" in done.stderr and said in done.stderr, (command, done.stderr)
         assert "Traceback" not in done.stderr and SECRET not in done.stdout + done.stderr, done.stderr
+
+
+def notifier_config(tmp_path: Path, urls: list[str]) -> Config:
+    quoted = ", ".join(f'"{u}"' for u in urls)
+    body = f"""
+[alerts]
+urls = [{quoted}]
+retry_s = 1
+retry_max_s = 2
+
+[[targets]]
+name = "t"
+group = "control"
+kind = "tcp"
+host = "{LOOPBACK}"
+port = 9
+
+[[paths]]
+name = "direct"
+kind = "direct"
+"""
+    config = load_config(write_config(tmp_path, body))
+    SQLiteStore(config.store.path).close()  # the schema, with the outbox
+    return config
+
+
+def queue(config: Config, title: str, urls: list[str]) -> None:
+    with sqlite3.connect(config.store.path) as conn:
+        enqueue(conn, title, f"{title}: body", [destination_id(u) for u in urls], round(time.time() * 1000))
+
+
+def rows_of(config: Config, url: str) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(config.store.path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(
+            "SELECT * FROM notifications WHERE destination = ? ORDER BY id", [destination_id(url)]
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def test_the_notifier_sends_in_order_retries_and_drops_what_has_no_destination(
+    tmp_path: Path, receivers: tuple[Webhook, Mail], silent_port: int
+) -> None:
+    """In process: a webhook that is down, one that never answers and the mail server.
+    The mail gets its messages at once, whatever the others do; the down webhook's first
+    message is retried with back-off (kept in its row), and both arrive in order once it is
+    back; a message for a URL no longer configured is dropped and counted."""
+    hook, mail = receivers
+    hanging = f"json://{LOOPBACK}:{silent_port}/hook?rto=60"
+    config = notifier_config(tmp_path, [hook.url, hanging, mail.url])
+    hook.stop()
+    queue(config, "first", [hook.url, hanging, mail.url, "json://127.0.0.1:9/gone"])
+    queue(config, "second", [hook.url, hanging, mail.url])
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        notifier = Notifier(config, metrics)
+        task = asyncio.create_task(notifier.run())
+        try:
+            await until(lambda: mail.titles() == ["first", "second"], "the mail, while the others fail or hang")
+            assert rows_of(config, hanging)[0]["attempts"] == 0  # still hanging, holding up no one
+            await until(lambda: rows_of(config, hook.url)[0]["attempts"] >= 3, "three failed attempts")
+            first, second = rows_of(config, hook.url)
+            assert "Connection refused" in first["error"], first["error"]
+            assert first["next_try_ms"] <= time.time() * 1000 + 2000 + 500  # retry_max_s, not doubled on
+            assert second["attempts"] == 0 and second["sent_ms"] is None  # waits behind the first
+            assert metrics.notifications_pending._value.get() == 4  # type: ignore[attr-defined]
+            hook.start()
+            notifier.wake()
+            await until(lambda: hook.titles() == ["first", "second"], "both, in order, once the webhook is back")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await notifier.close()
+
+    asyncio.run(scenario())
+    assert not any(row["destination"] == destination_id("json://127.0.0.1:9/gone") for row in all_rows(config))
+    assert metrics.notifications_dropped._value.get() == 1  # type: ignore[attr-defined]
+    assert metrics.notifications_sent._value.get() == 4  # type: ignore[attr-defined]
+    assert metrics.notifications_failed._value.get() >= 3  # type: ignore[attr-defined]
+
+
+def all_rows(config: Config) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(config.store.path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute("SELECT * FROM notifications").fetchall()
+    finally:
+        conn.close()
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+def test_the_relay_carries_only_requests_with_its_password(tmp_path: Path, receivers: tuple[Webhook, Mail]) -> None:
+    """alerts.via's loopback proxy: another program on the machine cannot use it."""
+    hook, _ = receivers
+    config = notifier_config(tmp_path, [hook.url])
+
+    async def ask(proxy_url: str | None, relay: ProxyRelay) -> bytes:
+        port = int(relay.proxy_url.rpartition(":")[2])
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        auth = b""
+        if proxy_url is not None:
+            parts = urlsplit(proxy_url)
+            auth = b"Proxy-Authorization: Basic " + base64.b64encode(f"{parts.username}:{parts.password}".encode())
+            auth += b"\r\n"
+        writer.write(f"CONNECT {LOOPBACK}:{hook.port} HTTP/1.1\r\nHost: x\r\n".encode() + auth + b"\r\n")
+        answer = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        return answer.partition(b"\r\n")[0]
+
+    async def scenario() -> tuple[bytes, bytes, bytes]:
+        relay = ProxyRelay(config.path("direct"))
+        url = await relay.start()
+        try:
+            wrong = url.replace(urlsplit(url).password or "", "guessed")
+            return await ask(None, relay), await ask(wrong, relay), await ask(url, relay)
+        finally:
+            await relay.close()
+
+    none, wrong, right = asyncio.run(scenario())
+    assert none == wrong == b"HTTP/1.1 407 Proxy Authentication Required"
+    assert right == b"HTTP/1.1 200 Connection established"

@@ -16,6 +16,7 @@ secret parts before it is stored or logged.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -108,8 +109,8 @@ def _cause(message: str) -> str:
 
 
 async def send(url: str, title: str, body: str, executor: Executor, proxy: str | None) -> tuple[bool, str]:
-    """`deliver` off the event loop: in `executor`'s thread, or through `proxy` (host:port of
-    a ProxyRelay) in a child process."""
+    """`deliver` off the event loop: in `executor`'s thread, or through `proxy` (a
+    ProxyRelay's URL) in a child process."""
     if proxy is None:
         return await asyncio.get_running_loop().run_in_executor(executor, deliver, url, title, body)
     return await _in_child(url, title, body, proxy)
@@ -119,7 +120,7 @@ def proxy_environment(proxy: str, base: Mapping[str, str]) -> dict[str, str]:
     """The child's environment: every HTTP(S) request to the relay, none bypassing it."""
     env = {k: v for k, v in base.items() if k.upper() not in PROXY_VARIABLES}
     for name in ("HTTP_PROXY", "HTTPS_PROXY"):
-        env[name] = env[name.lower()] = f"http://{proxy}"
+        env[name] = env[name.lower()] = proxy
     env[RELAY_VARIABLE] = proxy
     return env
 
@@ -155,16 +156,23 @@ async def _in_child(url: str, title: str, body: str, proxy: str) -> tuple[bool, 
 
 
 def _smtp_through(proxy: str) -> None:
-    """smtplib's connections opened with a CONNECT through the HTTP proxy at `proxy`."""
+    """smtplib's connections opened with a CONNECT through the HTTP proxy at `proxy` (a URL
+    with the proxy's user and password)."""
     import smtplib
 
-    host, _, port = proxy.rpartition(":")
+    relay = urlsplit(proxy)
+    credentials = base64.b64encode(f"{unquote(relay.username or '')}:{unquote(relay.password or '')}".encode())
 
     def get_socket(self: smtplib.SMTP, to_host: str, to_port: int, timeout: float) -> socket.socket:
-        sock = socket.create_connection((host, int(port)), timeout)
+        sock = socket.create_connection((relay.hostname or "", relay.port or 80), timeout)
         try:
             target = f"[{to_host}]:{to_port}" if ":" in to_host else f"{to_host}:{to_port}"
-            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            sock.sendall(
+                f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n".encode()
+                + b"Proxy-Authorization: Basic "
+                + credentials
+                + b"\r\n\r\n"
+            )
             answer = b""
             while not answer.endswith(b"\r\n\r\n"):  # byte by byte: the server's greeting follows at once
                 byte = sock.recv(1)

@@ -176,7 +176,7 @@ class Notifier:
         return False
 
     async def _proxy(self) -> str | None:
-        """The relay's host:port for alerts.via (started, or restarted for another path), or None."""
+        """The relay's URL for alerts.via (started, or restarted for another path), or None."""
         via = self._config.alerts.via
         if self._relay is not None and (via is None or self._relay.path != self._config.path(via)):
             await self._relay.close()
@@ -187,7 +187,7 @@ class Notifier:
             relay = ProxyRelay(self._config.path(via))
             await relay.start()
             self._relay = relay
-        return self._relay.address
+        return self._relay.proxy_url
 
     async def _store(self, work: Callable[..., T], *args: object) -> T:
         """`work(db, *args)` on a short connection to the store, in the store thread; the
@@ -238,7 +238,7 @@ async def _send_test(cfg: Config) -> list[tuple[str, bool, str]]:
             if cfg.alerts.via is not None:
                 relay = ProxyRelay(cfg.path(cfg.alerts.via))
                 await relay.start()
-            proxy = relay.address if relay is not None else None
+            proxy = relay.proxy_url if relay is not None else None
             outcomes = await asyncio.gather(*(send(url, title, body, senders, proxy) for url in urls))
         finally:
             if relay is not None:

@@ -6,14 +6,19 @@ SOCKS (without PySocks) nor a bind address; the proxy here takes `CONNECT host:p
 and SMTP: probe/daemon/delivery.py) and plain `GET http://host/...` requests (HTTP), and
 carries each connection through the path (probe/measure/paths.py), as the fleet's uplink does
 (probe/fleet/uplink.py). Names are resolved by the path (a SOCKS proxy's remote DNS included),
-not on the vantage point. It listens on 127.0.0.1 only, on a port of the kernel's choice.
+not on the vantage point. It listens on 127.0.0.1 only, on a port of the kernel's choice,
+and takes only requests that carry its random password (`proxy_url`): another program on
+the machine cannot use it to reach the world through the tunnel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hmac
 import logging
+import secrets
 import socket
 from urllib.parse import urlsplit
 
@@ -27,19 +32,23 @@ RELAY_HOST = "127.0.0.1"
 CONNECT_TIMEOUT_S = 30.0
 MAX_HEAD = 64 * 1024
 HOP_BY_HOP = (b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive")
+USER = "tunnelwatch"
 
 
 class ProxyRelay:
     def __init__(self, path: PathSpec) -> None:
         self.path = path
         self._server: asyncio.Server | None = None
-        self.address = ""  # host:port once started
+        self._password = secrets.token_urlsafe(18)
+        self._credentials = b"Basic " + base64.b64encode(f"{USER}:{self._password}".encode())
+        self.proxy_url = ""  # http://user:password@host:port once started
 
     async def start(self) -> str:
-        """Listen; the proxy's host:port."""
+        """Listen; the proxy's URL, with its password."""
         self._server = await asyncio.start_server(self._serve, RELAY_HOST, 0, limit=MAX_HEAD)
-        self.address = f"{RELAY_HOST}:{self._server.sockets[0].getsockname()[1]}"
-        return self.address
+        port = self._server.sockets[0].getsockname()[1]
+        self.proxy_url = f"http://{USER}:{self._password}@{RELAY_HOST}:{port}"
+        return self.proxy_url
 
     async def close(self) -> None:
         if self._server is not None:
@@ -55,6 +64,9 @@ class ProxyRelay:
             host, port, first = _destination(method, target.decode("ascii"), version, headers)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, UnicodeDecodeError):
             await _answer(writer, b"400 Bad Request", "not a proxy request")
+            return
+        if not hmac.compare_digest(_header(headers, b"proxy-authorization"), self._credentials):
+            await _answer(writer, b"407 Proxy Authentication Required", "the notifier's password, please")
             return
         try:
             conn = await asyncio.wait_for(open_stream(self.path, host, port, Trace()), CONNECT_TIMEOUT_S)
@@ -103,10 +115,19 @@ def _destination(method: bytes, target: str, version: bytes, headers: bytes) -> 
     return url.hostname, url.port or 80, first + b"\r\n\r\n"
 
 
+def _header(headers: bytes, name: bytes) -> bytes:
+    for line in headers.split(b"\r\n"):
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return b""
+
+
 async def _answer(writer: asyncio.StreamWriter, status: bytes, why: str) -> None:
     body = why.encode(errors="replace")
     writer.write(
         b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+        b'Proxy-Authenticate: Basic realm="tunnelwatch"\r\n'
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     with contextlib.suppress(OSError):
