@@ -146,6 +146,7 @@ def test_malformed_lines_are_reported_and_the_rest_imported(tmp_path: Path) -> N
     good = json.loads((OONI / "vanilla_tor.json").read_text())
     other = dict(good, report_id="another-report", measurement_start_time="2022-08-03 21:55:29")
     lines = [
+        '{"test_name": "vanilla_tor", }',
         json.dumps(good),
         "{not json",
         json.dumps(["a", "list"]),
@@ -162,12 +163,12 @@ def test_malformed_lines_are_reported_and_the_rest_imported(tmp_path: Path) -> N
     db = tmp_path / "store.db"
     result = cli("import", "ooni", str(path), str(tmp_path / "empty.json"), "--store", str(db))
     assert result.returncode == 2
-    assert f"{path}:2: not JSON" in result.stderr
-    assert f"{path}:3: a JSON list, not a measurement object" in result.stderr
+    assert f"{path}:1: not JSON" in result.stderr and f"{path}:3: not JSON" in result.stderr
+    assert f"{path}:4: a JSON list, not a measurement object" in result.stderr
     assert (
-        f"{path}:4: not an OONI measurement: no measurement_start_time, probe_cc, probe_asn, test_keys" in result.stderr
+        f"{path}:5: not an OONI measurement: no measurement_start_time, probe_cc, probe_asn, test_keys" in result.stderr
     )
-    assert f"{path}:6: measurement_start_time 'yesterday'" in result.stderr
+    assert f"{path}:7: measurement_start_time 'yesterday'" in result.stderr
     assert "skipped 1 of tests not read: ndt (1)" in result.stderr
     assert "imported 2 measurements" in result.stderr
     assert [r["started_at_ms"] for r in rows(db)] == [1659477329000, 1659563729000]

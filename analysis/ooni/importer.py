@@ -99,8 +99,12 @@ def read(path: Path) -> Iterator[tuple[int, Any]]:
             value = json.loads(first)
         except json.JSONDecodeError:
             value = None
-        if isinstance(value, dict):
-            yield first_line, value
+        whole_line = first.strip().startswith("{") and first.strip().endswith("}")
+        if isinstance(value, dict) or whole_line:  # JSON lines, the first maybe malformed
+            yield (
+                first_line,
+                value if isinstance(value, dict) else Malformed("not JSON: an object not closed as written"),
+            )
             for number, line in enumerate(text, start=first_line + 1):
                 if not line.strip():
                     continue
