@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Request, sync_playwright
 
+from analysis.web.cache import Pages
 from probe.config import load_config
 from tests.analysis_data import analysis_config, build_store, everything, fail, realistic_week
 from tests.daemonproc import Daemon, fast, scrape
@@ -273,6 +274,8 @@ def test_history_shows_the_weekly_charts_inline(week: Served, visit: Visit) -> N
         (r.get_attribute("data-path"), r.get_attribute("data-verdict")) for r in page.locator("tbody tr").all()
     ]
     assert 85 < facts["availability_pct"]["vpn"] < 95  # 16 hours of 7 days down, and some noise
+    status, kind, body = week.get(facts["charts"]["latency"])
+    assert status == 200 and kind == "image/svg+xml" and body.startswith(b"<svg") and b"Latency (connect)" in body
     status, kind, body = week.get(facts["charts"]["latency"].replace("svg?", "png?"))
     assert status == 200 and kind == "image/png" and body.startswith(b"\x89PNG")
 
@@ -458,7 +461,8 @@ def test_the_daemon_serves_the_pages_beside_its_metrics(
         first = served.json("/")["newest"]
         rounds = len(daemon.heartbeats())
         daemon.wait_until(lambda: len(daemon.heartbeats()) > rounds, what="the next round")
-        assert served.json("/")["newest"] > first  # the page follows the store
+        # the page follows the store (made again in the background, served meanwhile as it was)
+        daemon.wait_until(lambda: served.json("/")["newest"] > first, timeout_s=60, what="the page's next round")
         page.reload()
         assert "Now" in page.locator("h1").inner_text()
         assert load(seen, served, "/outages").locator("h1").inner_text() == "Outages"
@@ -469,3 +473,32 @@ def test_the_daemon_serves_the_pages_beside_its_metrics(
     assert scrape(config_file) != {}  # /metrics unchanged beside the pages
     assert daemon.stop() == 0, daemon.output()
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+def test_pages_are_kept_until_the_store_changes_then_made_again(tmp_path: Path) -> None:
+    """cache.Pages: a page made once while the store stays as it was; after a new round, the
+    kept page is served while it is made again in the background (or made at once, when
+    it is older than stale_s)."""
+    db = tmp_path / "c.db"
+    build_store(db, [(i, everything()) for i in range(3)])
+    cfg = load_config(analysis_config(tmp_path, db))
+    made: list[int] = []
+
+    def make() -> int:
+        made.append(len(made))
+        return len(made)
+
+    kept, at_once = Pages(cfg), Pages(cfg, stale_s=0)
+    try:
+        assert [kept.get(("p",), make), kept.get(("p",), make), at_once.get(("p",), make)] == [1, 1, 2]
+        build_store(db, [(3, everything())])  # the next round
+        assert kept.get(("p",), make) == 1  # served as it was, made again meanwhile
+        deadline = time.monotonic() + 60
+        while kept.get(("p",), make) == 1:
+            assert time.monotonic() < deadline, "the page was not made again"
+            time.sleep(0.05)
+        assert kept.get(("p",), make) == 3 and at_once.get(("p",), make) == 4
+        assert len(made) == 4
+    finally:
+        kept.close()
+        at_once.close()

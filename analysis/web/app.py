@@ -3,20 +3,18 @@ shown through a Jinja2 template or served as JSON (`?format=json` or `Accept:
 application/json`), read-only.
 
 Endpoints are plain functions: Starlette runs them in its thread pool, so the pandas work of
-one page never holds up the server's loop. A page's facts are kept until the store changes
-(its files' modification times; a minute for the central store), so reloading a page over a
-year of data costs nothing after the first time.
+one page never holds up the server's loop. A page's facts are kept (cache.py) until the store
+changes and made again in the background after, so a page over a year of data costs the
+analysis once, not at every request; the pages without parameters are made as it starts.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import secrets
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,46 +34,13 @@ from probe.config import Config
 from probe.errors import ConfigError, TunnelwatchError
 
 from ..options import When
-from ..pipeline import store_of
 from . import pages
+from .cache import Pages
 from .figures import CHARTS, history_figures, png, svg
 
 TEMPLATES = Path(__file__).parent / "templates"
 REFRESH_S = 60  # the Now page reloads itself this often
-CENTRAL_FRESH_S = 60  # the central store's pages are kept this long (no file to watch)
-KEEP = 32  # pages kept
 NAV = [("/", "Now"), ("/history", "History"), ("/outages", "Outages"), ("/events", "Events"), ("/reports", "Reports")]
-
-
-class Pages:
-    """Each page's facts, made once per state of the store (a few dozen kept, the oldest dropped)."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self._kept: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _state(self) -> tuple[int, ...]:
-        location = store_of(self.cfg).location
-        if isinstance(location, str):
-            return (int(time.monotonic() // CENTRAL_FRESH_S),)
-        return tuple(
-            Path(f"{location}{suffix}").stat().st_mtime_ns if Path(f"{location}{suffix}").exists() else 0
-            for suffix in ("", "-wal")
-        )
-
-    def get(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
-        full = (*key, self._state())
-        with self._lock:
-            if full in self._kept:
-                self._kept.move_to_end(full)
-                return self._kept[full]
-        value = make()  # outside the lock: pages are made side by side; a race makes one twice
-        with self._lock:
-            self._kept[full] = value
-            while len(self._kept) > KEEP:
-                self._kept.popitem(last=False)
-        return value
 
 
 def _when(value: str | None, param: str) -> datetime | None:
@@ -116,9 +81,10 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def build_app(cfg: Config, *, credentials: tuple[str, str] | None = None) -> Starlette:
+def build_app(cfg: Config, *, credentials: tuple[str, str] | None = None, warm: bool = True) -> Starlette:
     """The dashboard over `cfg`'s store (analysis.store or store.path, as the analysis
-    commands read); with `credentials`, every page asks for them (HTTP basic)."""
+    commands read); with `credentials`, every page asks for them (HTTP basic). With `warm`,
+    the pages without parameters are made in the background as the server starts."""
     templates = Jinja2Templates(directory=TEMPLATES)
     templates.env.filters["when"] = _time
     templates.env.filters["cell"] = _cell
@@ -130,6 +96,25 @@ def build_app(cfg: Config, *, credentials: tuple[str, str] | None = None) -> Sta
         context = {"page": data, "nav": NAV, "here": request.url.path, "vantage": cfg.vantage.name, **more}
         return templates.TemplateResponse(request, template, context)
 
+    def make_history(since: datetime | None, until: datetime | None, path: str | None) -> dict[str, Any]:
+        chosen = pages.default_range(cfg, since, until, pages.HISTORY_DAYS)
+        if chosen is None:
+            return {"facts": {"since": None, "until": None, "path": path, "outages": []}, "charts": {}}
+        figures, facts = history_figures(cfg, chosen, path)
+        query = urlencode(
+            {"since": chosen.since.isoformat(), "until": chosen.until.isoformat(), **({"path": path} if path else {})}
+        )
+        facts = {**facts, "charts": {name: f"/history/{name}.svg?{query}" for name in CHARTS}}
+        return {"facts": facts, "charts": {name: svg(figure) for name, figure in figures.items()}}
+
+    # the pages without parameters, made in the background as the server starts
+    defaults: list[tuple[tuple[Any, ...], Callable[[], Any]]] = [
+        (("now",), lambda: pages.now_page(cfg)),
+        (("outages", None, None, None), lambda: pages.outages_page(cfg, None, None, None)),
+        (("history", None, None, None), lambda: make_history(None, None, None)),
+        (("events", None, None), lambda: pages.events_page(cfg, None, None)),
+    ]
+
     def now(request: Request) -> Response:
         data = kept.get(("now",), lambda: pages.now_page(cfg))
         return show(request, "now.html", data, refresh_s=REFRESH_S)
@@ -140,20 +125,8 @@ def build_app(cfg: Config, *, credentials: tuple[str, str] | None = None) -> Sta
             _when(request.query_params.get("until"), "until"),
         )
         path = request.query_params.get("path") or None
-        chosen = pages.default_range(cfg, since, until, pages.HISTORY_DAYS)
-        if chosen is None:
-            return show(request, "history.html", {"since": None, "until": None, "path": path, "outages": []}, charts={})
-
-        def make() -> tuple[dict[str, str], dict[str, Any]]:
-            figures, facts = history_figures(cfg, chosen, path)
-            return {name: svg(figure) for name, figure in figures.items()}, facts
-
-        charts, facts = kept.get(("history", chosen.since, chosen.until, path), make)
-        query = urlencode(
-            {"since": chosen.since.isoformat(), "until": chosen.until.isoformat(), **({"path": path} if path else {})}
-        )
-        facts = {**facts, "charts": {name: f"/history/{name}.svg?{query}" for name in CHARTS}}
-        return show(request, "history.html", facts, charts=charts)
+        made = kept.get(("history", since, until, path), lambda: make_history(since, until, path))
+        return show(request, "history.html", made["facts"], charts=made["charts"])
 
     def chart(request: Request) -> Response:
         name, fmt = request.path_params["name"], request.path_params["fmt"]
@@ -164,13 +137,15 @@ def build_app(cfg: Config, *, credentials: tuple[str, str] | None = None) -> Sta
             _when(request.query_params.get("until"), "until"),
         )
         path = request.query_params.get("path") or None
+        if fmt == "svg":  # the History page's own, kept
+            made = kept.get(("history", since, until, path), lambda: make_history(since, until, path))
+            if name not in made["charts"]:
+                raise HTTPException(404, "no measurements stored yet")
+            return Response(made["charts"][name], media_type="image/svg+xml")
         chosen = pages.default_range(cfg, since, until, pages.HISTORY_DAYS)
         if chosen is None:
             raise HTTPException(404, "no measurements stored yet")
-        figure = history_figures(cfg, chosen, path)[0][name]
-        if fmt == "png":
-            return Response(png(figure), media_type="image/png")
-        return Response(svg(figure), media_type="image/svg+xml")
+        return Response(png(history_figures(cfg, chosen, path)[0][name]), media_type="image/png")
 
     def outages(request: Request) -> Response:
         since, until = (
@@ -216,8 +191,17 @@ def build_app(cfg: Config, *, credentials: tuple[str, str] | None = None) -> Sta
         context = {"page": {"error": message}, "nav": NAV, "here": request.url.path, "vantage": cfg.vantage.name}
         return templates.TemplateResponse(request, "error.html", context, status_code=status)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if warm:
+            for key, make in defaults:
+                kept.refresh(key, make)
+        yield
+        kept.close()
+
     middleware = [Middleware(BaseHTTPMiddleware, dispatch=_basic_auth(credentials))] if credentials else []
     return Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/", now),
             Route("/history", history),

@@ -1,0 +1,100 @@
+"""Pages kept between requests: the analysis of a long range takes seconds, a page must not.
+
+A page's facts are kept with the state of the store they were made from: the newest round's
+start and the summaries' cursor (two indexed reads, a millisecond), which change when the
+daemon stores a round or compacts. While the store has not changed, the kept facts are
+served. When it has, facts made less than STALE_S ago are still served, and made again in the
+background (one page at a time), so a page on a live store costs a request nothing and lags
+the store by at most a round or two; older ones are made again while the request waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from probe.config import Config
+
+from ..frames import read_cursor
+from ..pipeline import source
+from .pages import newest
+
+log = logging.getLogger("tunnelwatch.serve")
+STALE_S = 120.0
+KEEP = 32  # pages kept; the least recently asked for goes first
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    state: tuple[Any, ...]
+    value: Any
+    made: float  # time.monotonic()
+
+
+class Pages:
+    """Each page's facts, by key (the page and its parameters)."""
+
+    def __init__(self, cfg: Config, stale_s: float = STALE_S) -> None:
+        self.cfg = cfg
+        self.stale_s = stale_s
+        self._kept: OrderedDict[tuple[Any, ...], Kept] = OrderedDict()
+        self._making: dict[tuple[Any, ...], Future[None]] = {}
+        self._lock = threading.Lock()
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="pages")
+
+    def state(self) -> tuple[Any, ...]:
+        db = source(self.cfg)
+        return newest(self.cfg), read_cursor(db)
+
+    def get(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        state = self.state()
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None:
+                self._kept.move_to_end(key)
+        if kept is None:
+            with self._lock:
+                under_way = self._making.get(key)
+            if under_way is not None:  # being made in the background (the start's warming): wait for it
+                under_way.result()
+                with self._lock:
+                    kept = self._kept.get(key)
+        if kept is not None and kept.state == state:
+            return kept.value
+        if kept is not None and time.monotonic() - kept.made < self.stale_s:
+            self.refresh(key, make)
+            return kept.value
+        return self._make(key, make, state)
+
+    def refresh(self, key: tuple[Any, ...], make: Callable[[], Any]) -> None:
+        """Make the page again in the background, unless that is under way."""
+        with self._lock:
+            if key not in self._making:
+                self._making[key] = self._background.submit(self._quietly, key, make)
+
+    def _quietly(self, key: tuple[Any, ...], make: Callable[[], Any]) -> None:
+        try:
+            self._make(key, make, self.state())
+        except Exception:  # a background page's failure is the next request's to report
+            log.exception("making the page %s in the background", key[0])
+        finally:
+            with self._lock:
+                self._making.pop(key, None)
+
+    def _make(self, key: tuple[Any, ...], make: Callable[[], Any], state: tuple[Any, ...]) -> Any:
+        value = make()  # outside the lock: pages are made side by side
+        with self._lock:
+            self._kept[key] = Kept(state, value, time.monotonic())
+            self._kept.move_to_end(key)
+            while len(self._kept) > KEEP:
+                self._kept.popitem(last=False)
+        return value
+
+    def close(self) -> None:
+        self._background.shutdown(wait=False, cancel_futures=True)
