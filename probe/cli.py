@@ -156,7 +156,9 @@ def config_check(config: Path | None) -> None:
     cfg = load_config(config)
     counts = f"{counted(len(cfg.targets), 'target')}, {counted(len(cfg.paths), 'path')}"
     err.print(Text.assemble(("ok", "green"), f": {cfg.source}: {counts}"))
-    out.print_json(json.dumps(_masked(cfg)))
+    # Highlighting is colour only: without a colour system (not a terminal) it would draw the
+    # same bytes, after some 8 ms of matching.
+    out.print_json(json.dumps(_masked(cfg)), highlight=out.color_system is not None)
 
 
 @app.command()
