@@ -429,10 +429,14 @@ class _Lookup:
         self.asking: _Link | None = None
         self._waiting = 0
         self._done: asyncio.Future[None] | None = None
-        self._error: OSError | None = None
+        self._error: Exception | None = None  # ends the wait: raised by ask()
 
     def arrived(self, link: _Link, data: bytes, received_ns: int) -> None:
-        found = _answer(data, received_ns, self.queries)
+        try:
+            found = _answer(data, received_ns, self.queries)
+        except Exception as exc:  # not a message dnspython refuses (those are None): the lookup fails with it
+            self.failed(link, exc)
+            return
         if found is None:
             return
         query, reply = found
@@ -450,7 +454,7 @@ class _Lookup:
         elif query.answered_by is link:
             query.result.later.append(reply)
 
-    def failed(self, link: _Link, error: OSError) -> None:
+    def failed(self, link: _Link, error: Exception) -> None:
         if link is self.asking and self._waiting:
             self._error = error
             self._wake()
