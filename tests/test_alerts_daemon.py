@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from probe.config import Config, load_config
+from probe.daemon.evaluations import Evaluations
+from probe.daemon.jobs import ChildJobs
 from probe.daemon.metrics import Metrics
 from probe.daemon.notifier import Notifier
 from probe.daemon.relay import ProxyRelay
@@ -456,3 +458,59 @@ def test_the_relay_carries_only_requests_with_its_password(tmp_path: Path, recei
     none, wrong, right = asyncio.run(scenario())
     assert none == wrong == b"HTTP/1.1 407 Proxy Authentication Required"
     assert right == b"HTTP/1.1 200 Connection established"
+
+
+def test_evaluations_run_one_at_a_time_and_rounds_meanwhile_make_one_more(tmp_path: Path) -> None:
+    """The evaluation is a child process (here a shell that notes its start and takes 2 s,
+    longer than the 1 s interval): five rounds stored while one runs make one more run, not
+    five; the notifier is woken after each."""
+    config = notifier_config(tmp_path, [])
+    config = config.model_copy(update={"probe": config.probe.model_copy(update={"interval_s": 1})})
+    started = tmp_path / "started"
+    jobs = ChildJobs(None, ("sh", "-c", f'echo "$1 $2" >> {started}; sleep 2', "sh"))
+    woken: list[float] = []
+
+    async def scenario() -> None:
+        evaluations = Evaluations(config, jobs, lambda: woken.append(time.monotonic()))
+        task = asyncio.create_task(evaluations.run())
+        try:
+            evaluations.round_stored()
+            await until(lambda: started.exists(), "the first evaluation to start")
+            for _ in range(5):
+                evaluations.round_stored()
+            await until(lambda: len(woken) == 2, "two evaluations")
+            await asyncio.sleep(3)  # would-be extra runs have had their time
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert started.read_text().splitlines() == ["alerts evaluate", "alerts evaluate"]
+    assert len(woken) == 2
+
+
+def test_with_group_s_the_daemon_evaluates_on_its_clock_not_after_each_round(
+    tmp_path: Path, web: Web, socks: Callable[..., Socks], daemons: Callable[..., Daemon]
+) -> None:
+    """At a 60 s interval the rounds come once at start: after each round means one
+    evaluation; alerts.group_s = 2 means one every 2 s."""
+    for extra, evaluations in (("", 1), ("group_s = 2\n", 3)):
+        config = alerts_config(tmp_path, web, socks(), [], extra)
+        config.write_text(config.read_text().replace("interval_s = 2", "interval_s = 60"))
+        daemon = daemons(config)
+        seen: set[int] = set()
+
+        def evaluated(count: int = evaluations, daemon: Daemon = daemon, seen: set[int] = seen) -> bool:
+            seen.add(evaluated_ms(daemon))
+            return len(seen - {0}) >= count
+
+        daemon.wait_until(evaluated, 120, f"{evaluations} evaluations")
+        started = len(seen - {0})
+        if evaluations == 1:  # and no second one: no round was stored since
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                evaluated()
+                time.sleep(0.2)
+            assert len(seen - {0}) == started == 1, seen
+        assert daemon.stop() == 0, daemon.output()
+        daemon.db.unlink()
