@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -502,3 +503,53 @@ def test_pages_are_kept_until_the_store_changes_then_made_again(tmp_path: Path) 
     finally:
         kept.close()
         at_once.close()
+
+
+CRACKDOWN = range(9 * 24 + 2, 9 * 24 + 10)  # 2018-03-10 02:00-10:00 UTC: the tunnel is down
+MONTH_EVENTS = """
+[[events]]
+id = "test-crackdown"
+title = "A crackdown on tunnels"
+category = "blocking-wave"
+start = 2018-03-10
+end = 2018-03-10
+confidence = "confirmed"
+source = "the test"
+"""
+
+
+@pytest.fixture(scope="module")
+def month(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """40 days of hourly rounds with one crackdown on the tunnel, and an event on its day:
+    enough data for `events check`'s defaults (a 28-day baseline, a 7-day gap)."""
+    tmp = tmp_path_factory.mktemp("month")
+    down = {(t, "vpn"): fail("connection_refused", "proxy_connect") for t in ("news", "search", "portal", "shop")}
+    start = datetime(2018, 2, 1, tzinfo=UTC)
+    build_store(
+        tmp / "m.db",
+        [(i, everything(down if i in CRACKDOWN else {})) for i in range(40 * 24)],
+        start,
+        timedelta(hours=1),
+    )
+    (tmp / "events.toml").write_text(MONTH_EVENTS)
+    assert (start + timedelta(hours=CRACKDOWN[0])).day == 10
+    extra = f'[probe]\ninterval_s = 3600\n[analysis]\nevents = ["{tmp / "events.toml"}"]'
+    yield from serve(analysis_config(tmp, tmp / "m.db", extra), tmp / "serve.log")
+
+
+def test_events_page_shows_what_events_check_prints(month: Served, visit: Visit) -> None:
+    page = load(visit, month, "/events", "events-month")
+    facts = month.json("/events")
+    result = subprocess.run(
+        [*TUNNELWATCH, "events", "check", "--config", str(month.config), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [{k: row.get(k) for k in printed[0]} for row in facts["rows"]] == printed
+    assert "test-crackdown" in [row["event"] for row in printed]
+    shown = [texts(row, "td") for row in page.locator("#checks tbody tr").all()]
+    assert [cells[0] for cells in shown] == [row["event"] for row in printed]
+    assert [cells[-1] for cells in shown] == [row["verdict"] for row in printed]
