@@ -371,12 +371,13 @@ def rows_of(config: Config, url: str) -> list[sqlite3.Row]:
 
 
 def test_the_notifier_sends_in_order_retries_and_drops_what_has_no_destination(
-    tmp_path: Path, receivers: tuple[Webhook, Mail], silent_port: int
+    tmp_path: Path, receivers: tuple[Webhook, Mail], silent_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """In process: a webhook that is down, one that never answers and the mail server.
     The mail gets its messages at once, whatever the others do; the down webhook's first
     message is retried with back-off (kept in its row), and both arrive in order once it is
-    back; a message for a URL no longer configured is dropped and counted."""
+    back; a message for a URL no longer configured is dropped and counted, one queued since
+    the notifier read its config is kept (its URL may come with the next reload)."""
     hook, mail = receivers
     hanging = f"json://{LOOPBACK}:{silent_port}/hook?rto=60"
     config = notifier_config(tmp_path, [hook.url, hanging, mail.url])
@@ -398,15 +399,19 @@ def test_the_notifier_sends_in_order_retries_and_drops_what_has_no_destination(
             assert second["attempts"] == 0 and second["sent_ms"] is None  # waits behind the first
             assert metrics.notifications_pending._value.get() == 4  # type: ignore[attr-defined]
             hook.start()
+            queue(config, "late", ["json://127.0.0.1:9/not-yet"])  # the config file changed, not reloaded yet
             notifier.wake()
             await until(lambda: hook.titles() == ["first", "second"], "both, in order, once the webhook is back")
+            await until(lambda: "not in this daemon's alerts.urls" in caplog.text, "the stranger said")
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await notifier.close()
 
     asyncio.run(scenario())
-    assert not any(row["destination"] == destination_id("json://127.0.0.1:9/gone") for row in all_rows(config))
+    destinations = [row["destination"] for row in all_rows(config)]
+    assert destination_id("json://127.0.0.1:9/gone") not in destinations
+    assert destination_id("json://127.0.0.1:9/not-yet") in destinations  # kept for the reload
     assert metrics.notifications_dropped._value.get() == 1  # type: ignore[attr-defined]
     assert metrics.notifications_sent._value.get() == 4  # type: ignore[attr-defined]
     assert metrics.notifications_failed._value.get() >= 3  # type: ignore[attr-defined]

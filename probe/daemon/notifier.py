@@ -9,7 +9,9 @@
   alerts.retry_max_s; the attempts, the reason and the next try are kept in the message's
   row, so a restarted daemon goes on where it was. A destination's failing streak is logged
   when it begins and when it ends (the first failure of a message, the send after failures).
-- Messages for a destination no longer in alerts.urls are dropped, and said so.
+- Messages for a destination no longer in alerts.urls are dropped, and said so. Those
+  queued after the daemon read its config are kept: the evaluation (a child process) reads
+  the config file, which may name a destination the daemon learns of at its next reload.
 - A message is marked sent once Apprise says it went; at stop the sends under way get
   STOP_WAIT_S to finish. A daemon killed between the two sends it again (at least once).
 - With alerts.via, messages leave through that path: Apprise runs in a child process whose
@@ -58,6 +60,8 @@ class Notifier:
         self._relay: ProxyRelay | None = None
         self._store_outage = Outage()
         self._stopping = False  # no new send starts
+        self._config_ms = _now_ms()  # when the daemon (re)read its config
+        self._strangers: set[str] = set()  # destinations seen queued but not configured here, said once
 
     def wake(self) -> None:
         """Look at the store now (an evaluation may have queued messages)."""
@@ -66,6 +70,8 @@ class Notifier:
     def apply(self, config: Config) -> None:
         """A reloaded config: its URLs, retry settings and via from the next look on."""
         self._config = config
+        self._config_ms = _now_ms()
+        self._strangers.clear()
         self._wake.set()
 
     async def run(self) -> None:
@@ -97,7 +103,7 @@ class Notifier:
         the next one is."""
         urls = {destination_id(u.get_secret_value()): u.get_secret_value() for u in self._config.alerts.urls}
         try:
-            heads, dropped = await self._store(_look, list(urls))
+            heads, dropped = await self._store(_look, list(urls), self._config_ms)
         except sqlite3.Error as exc:
             if self._store_outage.failed():
                 log.error("notifications: cannot read the store (%s); will retry", exc)
@@ -112,6 +118,13 @@ class Notifier:
         now_ms = _now_ms()
         wait_s = IDLE_S
         for message in heads:
+            if message.destination not in urls and message.destination not in self._strangers:
+                self._strangers.add(message.destination)
+                log.warning(
+                    "notifications queued for destination %s, which is not in this daemon's alerts.urls: "
+                    "kept until a reload (SIGHUP) brings the config file's URLs in",
+                    message.destination,
+                )
             if message.destination in self._sending or message.destination not in urls:
                 continue
             if message.next_try_ms <= now_ms:
@@ -208,8 +221,8 @@ def _with_store(path: Path, metrics: Metrics, work: Callable[..., T], args: tupl
     return result
 
 
-def _look(db: sqlite3.Connection, destinations: list[str]) -> tuple[list[Message], dict[str, int]]:
-    dropped = outbox.drop_unknown(db, destinations)
+def _look(db: sqlite3.Connection, destinations: list[str], before_ms: int) -> tuple[list[Message], dict[str, int]]:
+    dropped = outbox.drop_unknown(db, destinations, before_ms)
     return outbox.heads(db), dropped
 
 

@@ -81,19 +81,20 @@ def mark_failed(db: sqlite3.Connection, message_id: int, error: str, next_try_ms
         )
 
 
-def drop_unknown(db: sqlite3.Connection, destinations: Sequence[str]) -> dict[str, int]:
-    """Delete the unsent messages of destinations not in `destinations` (no longer configured);
-    how many went, per destination."""
+def drop_unknown(db: sqlite3.Connection, destinations: Sequence[str], before_ms: int) -> dict[str, int]:
+    """Delete the unsent messages queued before `before_ms` for destinations not in
+    `destinations` (no longer configured); how many went, per destination."""
     known = ", ".join("?" * len(destinations))
-    where = f"sent_ms IS NULL AND destination NOT IN ({known})"
+    where = f"sent_ms IS NULL AND created_ms < ? AND destination NOT IN ({known})"
     with db:
         gone = dict(
             db.execute(
-                f"SELECT destination, count(*) FROM notifications WHERE {where} GROUP BY destination", [*destinations]
+                f"SELECT destination, count(*) FROM notifications WHERE {where} GROUP BY destination",
+                [before_ms, *destinations],
             ).fetchall()
         )
         if gone:
-            db.execute(f"DELETE FROM notifications WHERE {where}", [*destinations])
+            db.execute(f"DELETE FROM notifications WHERE {where}", [before_ms, *destinations])
     return gone
 
 
