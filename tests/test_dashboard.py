@@ -553,3 +553,13 @@ def test_events_page_shows_what_events_check_prints(month: Served, visit: Visit)
     shown = [texts(row, "td") for row in page.locator("#checks tbody tr").all()]
     assert [cells[0] for cells in shown] == [row["event"] for row in printed]
     assert [cells[-1] for cells in shown] == [row["verdict"] for row in printed]
+
+
+def test_history_over_a_long_range_draws_dense_parts_as_images(week: Served) -> None:
+    """Past a fortnight the hours are drawn as pictures inside the SVG, on every path's axes
+    (they share their time axis), so a year stays a page's size."""
+    facts = week.json("/history?since=2018-02-15&until=2018-03-12")
+    status, _, body = week.get(facts["charts"]["latency"])
+    assert status == 200 and body.count(b"<image") >= 3, body.count(b"<image")  # direct, vpn, wg
+    status, _, body = week.get(facts["charts"]["availability"])
+    assert status == 200 and body.count(b"<image") >= 1 and b"1970" not in body  # the colour bar kept its own axis

@@ -60,9 +60,10 @@ def history_figures(cfg: Config, chosen: Range, path: str | None) -> tuple[dict[
 
 
 def _long_range(figure: Figure) -> None:
-    for ax in figure.axes:
-        if not isinstance(ax.xaxis.get_major_locator(), mdates.DayLocator):
-            continue  # not a time axis (the heatmap's colour bar)
+    # the time axes (not the heatmap's colour bar), found before any is changed: axes that
+    # share their x axis share its locator
+    timed = [ax for ax in figure.axes if isinstance(ax.xaxis.get_major_locator(), mdates.DayLocator)]
+    for ax in timed:
         locator = mdates.AutoDateLocator(maxticks=14)  # type: ignore[no-untyped-call]
         ax.xaxis.set_major_locator(locator)
         ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
