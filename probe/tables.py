@@ -38,16 +38,20 @@ class Cell:
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
         max_width = options.max_width
-        if not self.text.isprintable() or max_width - 2 * PAD < 1:
+        text = self.text
+        if not text.isprintable() or max_width - 2 * PAD < 1:
             return self._padded().__rich_measure__(console, options)
-        # Text.__rich_measure__ (the longest word, the longest line), as Measurement.get
-        # bounds it, then Padding's sides.
-        words = self.text.split()
-        longest = cell_len(self.text)
-        inner = Measurement(max(map(cell_len, words)) if words else longest, longest)
-        inner = inner.normalize().with_maximum(max_width)
-        inner = inner.normalize() if inner.maximum >= 1 else Measurement(0, 0)
-        return Measurement(inner.minimum + 2 * PAD, inner.maximum + 2 * PAD).with_maximum(max_width)
+        # Text.__rich_measure__: the longest word, the line (printable text is one line; in
+        # ASCII a character is a cell). Measurement.get bounds it by the width, then
+        # Padding adds its sides.
+        width = len if text.isascii() else cell_len
+        words = text.split()
+        line = width(text)
+        word = min(max(map(width, words)) if words else line, max_width)
+        line = min(line, max_width)
+        if line < 1:
+            word = line = 0
+        return Measurement(min(word + 2 * PAD, max_width), min(line + 2 * PAD, max_width))
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width - 2 * PAD  # Padding expands to the column
@@ -58,7 +62,7 @@ class Cell:
             or options.height is not None
             or not text.isprintable()  # tabs, new lines, control characters
             or text != text.strip()
-            or (used := cell_len(text)) > width
+            or (used := len(text) if text.isascii() else cell_len(text)) > width
         ):
             yield self._padded()
             return
