@@ -471,6 +471,8 @@ def test_the_daemon_serves_the_pages_beside_its_metrics(
         context.close()
     (child,) = serve_children(daemon.proc.pid)
     assert loaded(child, "pandas") and not loaded(daemon.proc.pid, "pandas")
+    nice = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    assert nice == 10  # the pages yield the CPU to the probing
     assert scrape(config_file) != {}  # /metrics unchanged beside the pages
     assert daemon.stop() == 0, daemon.output()
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]

@@ -3,9 +3,10 @@ as before; every other path is forwarded to `tunnelwatch serve` (analysis/web/),
 process on a unix socket of its own.
 
 The pages are made in the child, so the daemon never loads pandas; the forwarding runs in
-the metrics server's request threads, never on the event loop, so a page never delays a
-probe. The child starts with the first page asked for (a daemon nobody looks at pays
-nothing), is started again if it died, and stops with the daemon.
+the metrics server's request threads, never on the event loop, and the child runs at a lower
+CPU priority (nice 10), so a page never delays a probe. The child starts with the first page
+asked for (a daemon nobody looks at pays nothing), is started again if it died, and stops
+with the daemon.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from probe.daemon.jobs import TUNNELWATCH
 log = logging.getLogger("tunnelwatch.daemon")
 START_S = 60  # the child's start: it imports pandas and matplotlib
 PAGE_S = 120  # a page over a year of data, the first time
+NICE = 10  # the pages' analysis yields the CPU to the probing
 METRICS = ("/metrics", "/metrics/")
 # hop-by-hop headers (RFC 9110 7.6.1): never forwarded, and wsgiref refuses them in a response
 HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-connection", "te", "trailer", "transfer-encoding"}
@@ -93,7 +95,7 @@ class Dashboard:
     def _start(self) -> None:
         self._starts += 1
         self._socket = self._dir / f"serve-{self._starts}.sock"
-        command = [*self._command, "serve", "--unix", str(self._socket)]
+        command = ["nice", "-n", str(NICE), *self._command, "serve", "--unix", str(self._socket)]
         if self._config_path is not None:
             command += ["--config", str(self._config_path)]
         output = self._dir / "serve.log"
