@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Request, sync_playwright
 
 from analysis.web.cache import Pages
@@ -176,6 +177,9 @@ def load(visit: Visit, served: Served, path: str, shot: str | None = None) -> Pa
     assert outside == [], f"{path} made requests away from {served.origin}: {outside}"
     if shot:
         visit.page.screenshot(path=f"/tmp/dashboard-{shot}.png", full_page=True)
+        with Image.open(f"/tmp/dashboard-{shot}.png") as image:  # not blank: many colours, drawn past the header
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50, shot
+            assert image.height >= 400, shot
     return visit.page
 
 
