@@ -545,6 +545,22 @@ def test_a_timeline_of_injected_censorship_comes_back_as_outages(lab: Path) -> N
         assert abs(start - truth[window][0]) <= slack, (key, start - truth[window][0])
         assert abs(end - truth[window][1]) <= slack, (key, end - truth[window][1])
 
+    # The daemon judged the rounds as they came (`alerts evaluate` each interval): its alerts are
+    # these outages, each opened and closed, at the same times.
+    listed = subprocess.run(
+        [sys.executable, "-m", "probe", "alerts", "list", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert listed.returncode == 0, listed.stderr
+    alerts = [a for a in map(json.loads, listed.stdout.splitlines()) if a["target"] != "shop"]
+    by_key = {(a["target"], a["path"], a["verdict"]): a for a in alerts}
+    assert set(by_key) == set(expected) and len(alerts) == len(expected), alerts
+    for key, alert in by_key.items():
+        assert alert["end"] is not None and alert["told"] == "back", alert
+        for edge in ("start", "end"):
+            assert abs(pd.Timestamp(alert[edge]) - pd.Timestamp(found[key][edge])) < pd.Timedelta(milliseconds=2)
+
     # Events placed on the two injected windows, and one on a clean period.
     def at(t: float) -> str:
         return pd.Timestamp(t, unit="s", tz="UTC").isoformat()
