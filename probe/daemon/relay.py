@@ -58,11 +58,11 @@ class ProxyRelay:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CONNECT_TIMEOUT_S)
             request, _, headers = head.partition(b"\r\n")
             method, target, version = request.split(b" ", 2)
             host, port, first = _destination(method, target.decode("ascii"), version, headers)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, UnicodeDecodeError):
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError, UnicodeDecodeError):
             await _answer(writer, b"400 Bad Request", "not a proxy request")
             return
         if not hmac.compare_digest(_header(headers, b"proxy-authorization"), self._credentials):
