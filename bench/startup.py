@@ -12,6 +12,11 @@ pandas, matplotlib, scipy and statsmodels must not be among them. `status` reads
 newest rows by the started_at indexes (probe/store/latest.py): its queries' plans on the
 store are shown, none a scan of a table.
 
+Wall times on a shared machine move with its load; the instructions a command executes do
+not. When valgrind is installed, each command and floor also runs once under callgrind
+(PYTHONHASHSEED=0) and its instruction count is shown beside the wall times: the measure to
+compare runs by, and to read the wall times of a loaded machine against.
+
 The synthetic year is bench/synth.py's store as bench/analysis_load.py builds it (100
 targets x 4 paths, 5-minute rounds from 2018-03-01, compacted as the daemon does); building
 it takes some 15 minutes (more on a busy machine); `--store` reuses one built by
@@ -84,6 +89,23 @@ def _run(argv: list[str]) -> Sample:
     return Sample(wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, code)
 
 
+def _instructions(argv: list[str]) -> float | None:
+    """Millions of instructions `argv` executes (callgrind's Ir), or None without valgrind."""
+    if shutil.which("valgrind") is None:
+        return None
+    result = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+        cwd=ROOT,
+        env={**ENV, "PYTHONHASHSEED": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    counted = [line.split()[-1] for line in result.stderr.splitlines() if "Collected :" in line]
+    return int(counted[-1]) / 1e6 if counted else None
+
+
 def _loaded(command: list[str], tmp: Path) -> list[str]:
     """The data-frame libraries the command had loaded at exit."""
     out = tmp / "modules.json"
@@ -131,6 +153,7 @@ def measure_startup(days: int, runs: int, store: Path | None = None) -> str:
             for name, argv in argvs.items():
                 samples[name].append(_run(argv))
         load_after = os.getloadavg()
+        instructions = {name: _instructions(argv) for name, argv in argvs.items()}
         rows_out = []
         for name, taken in samples.items():
             wall = statistics.median(s.wall for s in taken)
@@ -143,8 +166,10 @@ def measure_startup(days: int, runs: int, store: Path | None = None) -> str:
             command = argvs[name][1:] if name.startswith("tunnelwatch") else []
             libraries = (", ".join(_loaded(command, tmp)) or "none") if command else ""
             target = "" if not command else ("**yes**" if wall < TARGET_S else "no")
+            counted, floor = instructions[name], instructions["python -c pass"]
+            executed = f"{counted:,.0f} M ({counted / floor:.1f}x)" if counted and floor else "n/a"
             rows_out.append(
-                f"| `{name}` | {wall:.3f} s | {cpu:.3f} s | {ratios[0]:.1f}x | {ratios[1]:.1f}x | "
+                f"| `{name}` | {wall:.3f} s | {cpu:.3f} s | {ratios[0]:.1f}x | {ratios[1]:.1f}x | {executed} | "
                 f"{libraries} | {target} | {'exit ' + str(failed[0]) if failed else 'ok'} |"
             )
         plans = _plans(store, 300)
@@ -159,10 +184,12 @@ output to /dev/null, bytecode caches written and read), once untimed, then {runs
 with the floors; medians (ratios: medians of the per-run ratios of wall times). Load average (1, 5,
 15 min) {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} before and {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f} after: the target is for an idle
 machine, so read the ratios to the floors, measured in the same run, beside the wall times.
-Data-frame libraries: which of {", ".join(DATAFRAME_LIBRARIES)} the command had loaded at exit.
+Instructions: millions executed in one run under callgrind (valgrind), whatever the load, and their
+ratio to `python -c pass`'s. Data-frame libraries: which of {", ".join(DATAFRAME_LIBRARIES)} the
+command had loaded at exit.
 
-| command | wall | CPU | vs `python -c pass` | vs `import click` | data-frame libraries | under {TARGET_S} s | |
-|---|---|---|---|---|---|---|---|
+| command | wall | CPU | vs `python -c pass` | vs `import click` | instructions | data-frame libraries | under {TARGET_S} s | |
+|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows_out)}
 
 `status` reads each pair's newest rows by the started_at indexes (probe/store/latest.py): the
