@@ -246,16 +246,23 @@ class AlertSettings(_Frozen):
     def _known_services(cls, urls: list[SecretStr]) -> list[SecretStr]:
         if not urls:
             return urls
+        import logging
+
         import apprise
 
-        for i, url in enumerate(urls):
-            if apprise.Apprise.instantiate(url.get_secret_value()) is None:
-                scheme = url.get_secret_value().partition("://")[0] or "(none)"
-                raise ValueError(
-                    f"[{i}]: Apprise does not know the scheme {scheme!r} or cannot read this URL; "
-                    "see https://github.com/caronc/apprise/wiki for mailto://, json://, ntfy://, tgram://, "
-                    "slack://, matrix://, gotify://, discord:// and the rest"
-                )
+        said = logging.getLogger("apprise")
+        was, said.disabled = said.disabled, True  # Apprise logs the URL it refuses, secret and all
+        try:
+            for i, url in enumerate(urls):
+                if apprise.Apprise.instantiate(url.get_secret_value()) is None:
+                    scheme = url.get_secret_value().partition("://")[0] or "(none)"
+                    raise ValueError(
+                        f"[{i}]: Apprise cannot read this {scheme}:// URL (an unknown scheme, or a token, host or "
+                        "key it does not accept); see https://github.com/caronc/apprise/wiki for mailto://, json://, "
+                        "ntfy://, tgram://, slack://, matrix://, gotify://, discord:// and the rest"
+                    )
+        finally:
+            said.disabled = was
         return urls
 
 
