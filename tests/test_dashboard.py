@@ -467,7 +467,7 @@ def test_the_daemon_serves_the_pages_beside_its_metrics(
         rounds = len(daemon.heartbeats())
         daemon.wait_until(lambda: len(daemon.heartbeats()) > rounds, what="the next round")
         # the page follows the store (made again in the background, served meanwhile as it was)
-        daemon.wait_until(lambda: served.json("/")["newest"] > first, timeout_s=60, what="the page's next round")
+        daemon.wait_until(lambda: served.json("/")["newest"] > first, timeout_s=120, what="the page's next round")
         page.reload()
         assert "Now" in page.locator("h1").inner_text()
         assert load(seen, served, "/outages").locator("h1").inner_text() == "Outages"
@@ -484,8 +484,8 @@ def test_the_daemon_serves_the_pages_beside_its_metrics(
 
 def test_pages_are_kept_until_the_store_changes_then_made_again(tmp_path: Path) -> None:
     """cache.Pages: a page made once while the store stays as it was; after a new round, the
-    kept page is served while it is made again in the background (or made at once, when
-    it is older than stale_s)."""
+    kept page is served while it is made again in the background (made at once when it is
+    older than stale_s; served as it is while younger than fresh_s)."""
     db = tmp_path / "c.db"
     build_store(db, [(i, everything()) for i in range(3)])
     cfg = load_config(analysis_config(tmp_path, db))
@@ -495,7 +495,7 @@ def test_pages_are_kept_until_the_store_changes_then_made_again(tmp_path: Path) 
         made.append(len(made))
         return len(made)
 
-    kept, at_once = Pages(cfg), Pages(cfg, stale_s=0)
+    kept, at_once, fresh = Pages(cfg, fresh_s=0), Pages(cfg, stale_s=0, fresh_s=0), Pages(cfg)
     try:
         assert [kept.get(("p",), make), kept.get(("p",), make), at_once.get(("p",), make)] == [1, 1, 2]
         build_store(db, [(3, everything())])  # the next round
@@ -506,9 +506,13 @@ def test_pages_are_kept_until_the_store_changes_then_made_again(tmp_path: Path) 
             time.sleep(0.05)
         assert kept.get(("p",), make) == 3 and at_once.get(("p",), make) == 4
         assert len(made) == 4
+        assert fresh.get(("p",), make) == 5  # a page younger than fresh_s is served though the store changed
+        build_store(db, [(4, everything())])
+        assert fresh.get(("p",), make) == 5 and len(made) == 5
     finally:
         kept.close()
         at_once.close()
+        fresh.close()
 
 
 CRACKDOWN = range(9 * 24 + 2, 9 * 24 + 10)  # 2018-03-10 02:00-10:00 UTC: the tunnel is down

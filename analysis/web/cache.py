@@ -3,9 +3,11 @@
 A page's facts are kept with the state of the store they were made from: the newest round's
 start and the summaries' cursor (two indexed reads, a millisecond), which change when the
 daemon stores a round or compacts. While the store has not changed, the kept facts are
-served. When it has, facts made less than STALE_S ago are still served, and made again in the
-background (one page at a time), so a page on a live store costs a request nothing and lags
-the store by at most a round or two; older ones are made again while the request waits.
+served. When it has, facts made less than FRESH_S ago are still served as they are (a live
+store changes with every target's round: without this, a page read often would be made over
+and over); facts made less than STALE_S ago are served and made again in the background (one
+page at a time); older ones are made again while the request waits. A page on a live store
+thus lags it by FRESH_S and the time to make it, at most.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from ..pipeline import source
 from .pages import newest
 
 log = logging.getLogger("tunnelwatch.serve")
-STALE_S = 120.0
+FRESH_S = 20.0  # a page this young is served even though the store has changed since
+STALE_S = 120.0  # one this old is made again while the request waits
 KEEP = 32  # pages kept; the least recently asked for goes first
 
 
@@ -40,9 +43,9 @@ class Kept:
 class Pages:
     """Each page's facts, by key (the page and its parameters)."""
 
-    def __init__(self, cfg: Config, stale_s: float = STALE_S) -> None:
+    def __init__(self, cfg: Config, stale_s: float = STALE_S, fresh_s: float = FRESH_S) -> None:
         self.cfg = cfg
-        self.stale_s = stale_s
+        self.stale_s, self.fresh_s = stale_s, fresh_s
         self._kept: OrderedDict[tuple[Any, ...], Kept] = OrderedDict()
         self._making: dict[tuple[Any, ...], Future[None]] = {}
         self._lock = threading.Lock()
@@ -67,7 +70,10 @@ class Pages:
                     kept = self._kept.get(key)
         if kept is not None and kept.state == state:
             return kept.value
-        if kept is not None and time.monotonic() - kept.made < self.stale_s:
+        age = time.monotonic() - kept.made if kept is not None else None
+        if kept is not None and age is not None and age < self.fresh_s:
+            return kept.value  # a live store changes every round: a page is made at most this often
+        if kept is not None and age is not None and age < self.stale_s:
             self.refresh(key, make)
             return kept.value
         return self._make(key, make, state)
