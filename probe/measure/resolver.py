@@ -7,18 +7,13 @@ non-blocking UDP socket, bound as the path's other sockets are, and their answer
 the kernel's arrival time (`SO_TIMESTAMPNS`), as probe/measure/conn.py reads a TCP connection:
 the resolve phase runs from the send to the kernel's arrival of the answer, however late the
 event loop gets to it. An answer with the TC bit is asked again over TCP. Nothing is cached;
-dnspython writes and reads the messages.
+dnspython writes and reads the messages (probe/measure/answers.py).
 
-A name is resolved on every probe, so a lookup does little besides. dnspython renders a query
-for a name once in the process (a query holds nothing the network said; every query is that
-rendering with its own random id and question type set). An answer is read with dnspython's
-wire parser without building a Message (most of a lookup's CPU was that): the header and the
-question (repeated as sent) are matched to a query, the addresses of the type asked are read
-as dnspython's A and AAAA rdata read them, and every other record is stepped over by its
-length, as glibc's stub does; an answer of any other shape (truncated, the question written
-otherwise, OPT or TSIG out of place, bytes left over) is read by dnspython whole. The socket
-has one callback for its whole life, which reads each datagram as it comes and hands it to
-its lookup, so a lookup waits once, for all of its answers.
+A name is resolved on every probe, so a lookup does little besides: the queries are one
+rendering per name with their ids and types set, the answers are read without building
+dnspython Messages (answers.py), and the socket has one callback for its whole life, which
+reads each datagram as it comes and hands it to its lookup, so a lookup waits once, for all
+of its answers.
 
 After the first answer, the socket is read a while longer (`linger_s`): an injector on the
 path answers before the real server, so a second, different answer to one query is the trace
@@ -33,52 +28,30 @@ an answer of SERVFAIL, NOTIMP or REFUSED moves on to the next server.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import os
 import socket
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dns.exception
-import dns.flags
-import dns.ipv4
-import dns.ipv6
-import dns.message
 import dns.name
 import dns.rcode
-import dns.rdataclass
 import dns.rdatatype
-import dns.wire
 
 from probe.config import PathSpec
+from probe.measure.answers import U16, Query, Reply, make_queries, read
 from probe.measure.conn import ANCILLARY_BYTES, READ_BYTES, SO_TIMESTAMPNS, TIMESPEC, Conn
 from probe.measure.sockets import bound_socket
 
 RESOLV_CONF = "/etc/resolv.conf"
 DNS_PORT = 53
-EDNS_PAYLOAD = 1232  # the 2020 DNS flag day's size: no fragmented answers
 RETRY_RCODES = frozenset({dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED})
 # glibc's defaults and bounds (resolv.h): RES_TIMEOUT, RES_DFLRETRY, ndots 1; RES_MAXRETRANS,
 # RES_MAXRETRY, RES_MAXNDOTS; MAXNS servers.
 TIMEOUT_S, ATTEMPTS, NDOTS = 5, 2, 1
 MAX_TIMEOUT_S, MAX_ATTEMPTS, MAX_NDOTS, MAX_SERVERS = 30, 5, 15, 3
-HEADER_BYTES = 12  # a message's fixed header; the question's name follows it
-HEADER = struct.Struct("!HHHHHH")  # id, flags, then the four sections' record counts
-HEADER_START = struct.Struct("!HHH")  # id, flags, questions
-RR_HEADER = "!HHIH"  # a record's type, class, TTL and data length, after its owner name
-U16 = struct.Struct("!H")  # the id (bytes 0-1), the question's type (after its name), a TCP length
-QR, QR_OPCODE = int(dns.flags.QR), 0xF800  # the flags' QR bit, and with the opcode: an answer to a standard query
-TC = int(dns.flags.TC)
-ANSWER, AUTHORITY, ADDITIONAL = range(3)  # the sections after the question
-# An address record's data as text: what dnspython's A and AAAA rdata classes read it with
-# (their `address`), without building the rdata object around it.
-ADDRESS_TEXT = {dns.rdatatype.A: dns.ipv4.inet_ntoa, dns.rdatatype.AAAA: dns.ipv6.inet_ntoa}
-ROOT_LABELS = dns.name.root.labels  # an OPT record's owner
-IN, OPT, TSIG = int(dns.rdataclass.IN), int(dns.rdatatype.OPT), int(dns.rdatatype.TSIG)
 DRAIN_DATAGRAMS = 64  # read at once when the socket is readable; a flood must not hold the loop
 
 
@@ -190,16 +163,6 @@ def read_resolv_conf(path: str = RESOLV_CONF) -> ResolvConf:
     return conf
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One answer to a query: its rcode, TC bit and the addresses of the query's type it holds."""
-
-    rcode: dns.rcode.Rcode
-    truncated: bool
-    addresses: tuple[str, ...]  # the answer section's addresses of the type asked, in order, once each
-    received_ns: int  # the kernel's arrival time (CLOCK_REALTIME)
-
-
 @dataclass(slots=True)
 class Exchange:
     """One query: the answer it got, the answers that came after it, and its network time."""
@@ -244,135 +207,18 @@ def _socket(family: int, kind: int, path: PathSpec | None) -> socket.socket:
     return bound_socket(family, path, kind)
 
 
-@functools.lru_cache(maxsize=4096)
-def _rendering(name: dns.name.Name) -> tuple[bytes, int]:
-    """dnspython's wire form of a query for `name` (type A, recursion desired, EDNS0) and where
-    its question's type is: the bytes of every query for the name but the id and the type.
-    Kept per name, as a query says nothing of what the network answers."""
-    wire = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, payload=EDNS_PAYLOAD).to_wire()
-    return wire, HEADER_BYTES + len(name.to_digestable())  # the name, uncompressed
-
-
 @dataclass(slots=True, eq=False)
 class _Query:
-    id: int
-    wire: bytes
-    question: bytes  # the question as sent (name, type, class), lower case: what an answer repeats
+    sent: Query
     result: Exchange
     pending: bool = False  # sent to the server asked now and not yet answered by it
     first_ns: int = 0  # the kernel's arrival time of the first answer over UDP
     answered_by: _Link | None = None  # the socket of that first answer: its later answers are kept
     truncated: Reply | None = None  # a first answer with the TC bit, to ask again over TCP
 
-    def message(self) -> dns.message.Message:
-        """The query as dnspython's message, for answers read the slow way (see _answer)."""
-        message = dns.message.make_query(self.result.name, self.result.rdtype, use_edns=0, payload=EDNS_PAYLOAD)
-        message.id = self.id
-        return message
-
 
 def _queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) -> list[_Query]:
-    """One query per type, each with its own random id, recursion desired and EDNS0:
-    dnspython's rendering for the name with the id and the question's type set."""
-    wire, type_at = _rendering(name)
-    ids = os.urandom(2 * len(rdtypes))  # random ids, as dnspython's, from one read of the system's source
-    queries = []
-    for index, rdtype in enumerate(rdtypes):
-        query_id = U16.unpack_from(ids, 2 * index)[0]
-        other = U16.pack(query_id) + wire[2:type_at] + U16.pack(rdtype) + wire[type_at + 2 :]
-        queries.append(_Query(query_id, other, other[HEADER_BYTES : type_at + 4].lower(), Exchange(name, rdtype)))
-    return queries
-
-
-_rcode = functools.lru_cache(maxsize=1024)(dns.rcode.from_flags)  # of the few flags servers answer with
-
-
-class _Slow(Exception):
-    """An answer the quick reading does not take: dnspython reads the whole message."""
-
-
-def _quick(data: bytes, query: _Query, received_ns: int) -> Reply:
-    """An answer whose header and question match `query`, read with dnspython's wire parser
-    without building a message: each record's owner name and header are read, the data of an
-    address record of the type asked is read as dnspython's A and AAAA rdata read it, every
-    other record is stepped over by its length (as glibc's stub does), and the OPT record gives
-    the extended rcode. What dnspython would read otherwise (a truncated answer, OPT or TSIG out
-    of place, bytes left over) raises _Slow."""
-    _, flags, _, answers, authority, additional = HEADER.unpack_from(data)
-    if flags & TC:
-        raise _Slow
-    rdtype = query.result.rdtype
-    text = ADDRESS_TEXT[rdtype]
-    parser = dns.wire.Parser(data)
-    parser.seek(HEADER_BYTES + len(query.question))
-    addresses: list[str] = []
-    ednsflags = None
-    for section, count in enumerate((answers, authority, additional)):
-        for _ in range(count):
-            owner = parser.get_name(decompress=True)
-            kind, rdclass, ttl, length = parser.get_struct(RR_HEADER)
-            if section == ANSWER and kind == rdtype and rdclass == IN:
-                addresses.append(text(parser.get_bytes(length)))
-            elif kind == OPT and section == ADDITIONAL and ednsflags is None and owner.labels == ROOT_LABELS:
-                ednsflags = ttl
-                parser.seek(parser.current + length)
-            elif kind in (OPT, TSIG):
-                raise _Slow
-            else:
-                parser.seek(parser.current + length)
-    if parser.remaining():
-        raise _Slow
-    return Reply(
-        _rcode(flags, ednsflags or 0),
-        False,
-        tuple(dict.fromkeys(addresses)),
-        received_ns,
-    )
-
-
-def _slow(data: bytes, queries: Sequence[_Query]) -> tuple[_Query, dns.rcode.Rcode, bool, tuple[str, ...]] | None:
-    """dnspython's whole reading of a message and its is_response (a truncated one too)."""
-    try:
-        message = dns.message.from_wire(data, raise_on_truncation=True)
-    except dns.message.Truncated as cut:
-        message = cut.message()  # type: ignore[no-untyped-call]  # unannotated in dnspython
-    except dns.exception.DNSException:
-        return None  # not a DNS message: ignored, as every stub does
-    for query in queries:
-        if query.id == message.id and query.message().is_response(message):
-            rdtype = query.result.rdtype
-            addresses = (
-                str(rdata.address)
-                for rrset in message.answer
-                if rrset.rdtype == rdtype and rrset.rdclass == dns.rdataclass.IN
-                for rdata in rrset
-            )
-            truncated = bool(message.flags & dns.flags.TC)
-            return query, message.rcode(), truncated, tuple(dict.fromkeys(addresses))
-    return None
-
-
-def _answer(data: bytes, received_ns: int, queries: Sequence[_Query]) -> tuple[_Query, Reply] | None:
-    """The query `data` answers (its id and question) and the answer; None for a datagram that
-    answers none of them (another id, not a DNS message), ignored as every stub does. The
-    common answer (the question repeated as sent) is read quickly; any other by dnspython whole."""
-    if len(data) < HEADER_BYTES:
-        return None
-    query_id, flags, questions = HEADER_START.unpack_from(data)
-    if flags & QR_OPCODE != QR or not any(q.id == query_id for q in queries):
-        return None  # not an answer to a standard query of ours: no need to read it
-    for query in queries:
-        if (
-            query.id == query_id
-            and questions == 1
-            and data[HEADER_BYTES : HEADER_BYTES + len(query.question)].lower() == query.question
-        ):
-            try:
-                return query, _quick(data, query, received_ns)
-            except (_Slow, dns.exception.DNSException, ValueError):
-                break
-    found = _slow(data, queries)
-    return None if found is None else (found[0], Reply(*found[1:], received_ns))
+    return [_Query(sent, Exchange(name, sent.rdtype)) for sent in make_queries(name, rdtypes)]
 
 
 class _Link:
@@ -426,6 +272,7 @@ class _Lookup:
 
     def __init__(self, queries: list[_Query]) -> None:
         self.queries = queries
+        self._sent = [query.sent for query in queries]
         self.asking: _Link | None = None
         self._waiting = 0
         self._done: asyncio.Future[None] | None = None
@@ -433,13 +280,13 @@ class _Lookup:
 
     def arrived(self, link: _Link, data: bytes, received_ns: int) -> None:
         try:
-            found = _answer(data, received_ns, self.queries)
+            found = read(data, received_ns, self._sent)
         except Exception as exc:  # not a message dnspython refuses (those are None): the lookup fails with it
             self.failed(link, exc)
             return
         if found is None:
             return
-        query, reply = found
+        query, reply = self.queries[found[0]], found[1]
         if query.pending and link is self.asking:
             query.pending = False
             query.first_ns, query.answered_by = received_ns, link
@@ -480,10 +327,10 @@ class _Lookup:
             for query in waiting:
                 sent_ns = time.time_ns()
                 try:
-                    link.sock.send(query.wire)
+                    link.sock.send(query.sent.wire)
                 except BlockingIOError:  # the socket's buffer is full: wait for room
                     async with asyncio.timeout_at(deadline):
-                        await loop.sock_sendall(link.sock, query.wire)
+                        await loop.sock_sendall(link.sock, query.sent.wire)
                 query.result.started_ns = query.result.started_ns or sent_ns
             if self._waiting:
                 self._done = loop.create_future()
@@ -520,9 +367,9 @@ async def _over_tcp(query: _Query, server: Server, path: PathSpec | None) -> tup
         sock.close()
         raise
     try:
-        await conn.send(U16.pack(len(query.wire)) + query.wire)
+        await conn.send(U16.pack(len(query.sent.wire)) + query.sent.wire)
         (size,) = U16.unpack(await conn.readexactly(2))
-        found = _answer(await conn.readexactly(size), conn.received_ns, [query])
+        found = read(await conn.readexactly(size), conn.received_ns, [query.sent])
         if found is None:
             raise EOFError(f"{server} answered the query over TCP with something else")
         return found[1], handshake_ms + conn.answer_ms()

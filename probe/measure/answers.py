@@ -1,0 +1,186 @@
+"""DNS messages on the wire for probe/measure/resolver.py: the queries for a name, and what an
+answer to one of them says.
+
+dnspython renders a query for a name once in the process (a query holds nothing the network
+said); every query is that rendering with its own random id and question type set. An answer
+is read with dnspython's wire parser without building a Message (building one was most of a
+lookup's CPU): its header and question (repeated as sent) are matched to a query, the
+addresses of the type asked are read as dnspython's A and AAAA rdata read them, and every
+other record is stepped over by its length, as glibc's stub does. An answer of any other shape
+(truncated, the question written otherwise, OPT or TSIG out of place, bytes left over) is read
+by dnspython whole, and one dnspython refuses is no answer.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dns.exception
+import dns.flags
+import dns.ipv4
+import dns.ipv6
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.wire
+
+EDNS_PAYLOAD = 1232  # the 2020 DNS flag day's size: no fragmented answers
+HEADER_BYTES = 12  # a message's fixed header; the question's name follows it
+HEADER = struct.Struct("!HHHHHH")  # id, flags, then the four sections' record counts
+HEADER_START = struct.Struct("!HHH")  # id, flags, questions
+RR_HEADER = "!HHIH"  # a record's type, class, TTL and data length, after its owner name
+U16 = struct.Struct("!H")  # the id (bytes 0-1), the question's type (after its name), a TCP length
+QR, QR_OPCODE = int(dns.flags.QR), 0xF800  # the flags' QR bit, and with the opcode: an answer to a standard query
+TC = int(dns.flags.TC)
+ANSWER, AUTHORITY, ADDITIONAL = range(3)  # the sections after the question
+# An address record's data as text: what dnspython's A and AAAA rdata classes read it with
+# (their `address`), without building the rdata object around it.
+ADDRESS_TEXT = {dns.rdatatype.A: dns.ipv4.inet_ntoa, dns.rdatatype.AAAA: dns.ipv6.inet_ntoa}
+ROOT_LABELS = dns.name.root.labels  # an OPT record's owner
+IN, OPT, TSIG = int(dns.rdataclass.IN), int(dns.rdatatype.OPT), int(dns.rdatatype.TSIG)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One answer to a query: its rcode, TC bit and the addresses of the query's type it holds."""
+
+    rcode: dns.rcode.Rcode
+    truncated: bool
+    addresses: tuple[str, ...]  # the answer section's addresses of the type asked, in order, once each
+    received_ns: int  # the kernel's arrival time (CLOCK_REALTIME)
+
+
+@dataclass(slots=True, eq=False)  # not frozen: two are made on every lookup, frozen ones cost more
+class Query:
+    """One query as sent: what an answer to it must repeat (its id and question)."""
+
+    name: dns.name.Name
+    rdtype: dns.rdatatype.RdataType
+    id: int
+    wire: bytes
+    question: bytes  # the question as sent (name, type, class), lower case
+
+    def message(self) -> dns.message.Message:
+        """The query as dnspython's message, for answers dnspython reads whole."""
+        message = dns.message.make_query(self.name, self.rdtype, use_edns=0, payload=EDNS_PAYLOAD)
+        message.id = self.id
+        return message
+
+
+@functools.lru_cache(maxsize=4096)
+def _rendering(name: dns.name.Name) -> tuple[bytes, int]:
+    """dnspython's wire form of a query for `name` (type A, recursion desired, EDNS0) and where
+    its question's type is: the bytes of every query for the name but the id and the type.
+    Kept per name, as a query says nothing of what the network answers."""
+    wire = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, payload=EDNS_PAYLOAD).to_wire()
+    return wire, HEADER_BYTES + len(name.to_digestable())  # the name, uncompressed
+
+
+def make_queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) -> list[Query]:
+    """One query per type, each with its own random id, recursion desired and EDNS0:
+    dnspython's rendering for the name with the id and the question's type set."""
+    wire, type_at = _rendering(name)
+    ids = os.urandom(2 * len(rdtypes))  # random ids, as dnspython's, from one read of the system's source
+    made = []
+    for index, rdtype in enumerate(rdtypes):
+        query_id = U16.unpack_from(ids, 2 * index)[0]
+        sent = U16.pack(query_id) + wire[2:type_at] + U16.pack(rdtype) + wire[type_at + 2 :]
+        made.append(Query(name, rdtype, query_id, sent, sent[HEADER_BYTES : type_at + 4].lower()))
+    return made
+
+
+_rcode = functools.lru_cache(maxsize=1024)(dns.rcode.from_flags)  # of the few flags servers answer with
+
+
+class _Slow(Exception):
+    """An answer the quick reading does not take: dnspython reads the whole message."""
+
+
+def _quick(data: bytes, query: Query, received_ns: int) -> Reply:
+    """An answer whose header and question match `query`, read with dnspython's wire parser
+    without building a message: each record's owner name and header are read, the data of an
+    address record of the type asked is read as dnspython's A and AAAA rdata read it, every
+    other record is stepped over by its length (as glibc's stub does), and the OPT record gives
+    the extended rcode. What dnspython would read otherwise (a truncated answer, OPT or TSIG out
+    of place, bytes left over) raises _Slow."""
+    _, flags, _, answers, authority, additional = HEADER.unpack_from(data)
+    if flags & TC:
+        raise _Slow
+    rdtype = query.rdtype
+    text = ADDRESS_TEXT[rdtype]
+    parser = dns.wire.Parser(data)
+    parser.seek(HEADER_BYTES + len(query.question))
+    addresses: list[str] = []
+    ednsflags = None
+    for section, count in enumerate((answers, authority, additional)):
+        for _ in range(count):
+            owner = parser.get_name(decompress=True)
+            kind, rdclass, ttl, length = parser.get_struct(RR_HEADER)
+            if section == ANSWER and kind == rdtype and rdclass == IN:
+                addresses.append(text(parser.get_bytes(length)))
+            elif kind == OPT and section == ADDITIONAL and ednsflags is None and owner.labels == ROOT_LABELS:
+                ednsflags = ttl
+                parser.seek(parser.current + length)
+            elif kind in (OPT, TSIG):
+                raise _Slow
+            else:
+                parser.seek(parser.current + length)
+    if parser.remaining():
+        raise _Slow
+    return Reply(
+        _rcode(flags, ednsflags or 0),
+        False,
+        tuple(dict.fromkeys(addresses)),
+        received_ns,
+    )
+
+
+def _slow(data: bytes, queries: Sequence[Query]) -> tuple[int, dns.rcode.Rcode, bool, tuple[str, ...]] | None:
+    """dnspython's whole reading of a message and its is_response (a truncated one too)."""
+    try:
+        message = dns.message.from_wire(data, raise_on_truncation=True)
+    except dns.message.Truncated as cut:
+        message = cut.message()  # type: ignore[no-untyped-call]  # unannotated in dnspython
+    except dns.exception.DNSException:
+        return None  # not a DNS message: ignored, as every stub does
+    for index, query in enumerate(queries):
+        if query.id == message.id and query.message().is_response(message):
+            rdtype = query.rdtype
+            addresses = (
+                str(rdata.address)
+                for rrset in message.answer
+                if rrset.rdtype == rdtype and rrset.rdclass == dns.rdataclass.IN
+                for rdata in rrset
+            )
+            truncated = bool(message.flags & dns.flags.TC)
+            return index, message.rcode(), truncated, tuple(dict.fromkeys(addresses))
+    return None
+
+
+def read(data: bytes, received_ns: int, queries: Sequence[Query]) -> tuple[int, Reply] | None:
+    """Which of `queries` `data` answers (its index) and the answer; None for a datagram that
+    answers none of them (another id, not a DNS message), ignored as every stub does. The
+    common answer (the question repeated as sent) is read quickly; any other by dnspython whole."""
+    if len(data) < HEADER_BYTES:
+        return None
+    query_id, flags, questions = HEADER_START.unpack_from(data)
+    if flags & QR_OPCODE != QR or not any(q.id == query_id for q in queries):
+        return None  # not an answer to a standard query of ours: no need to read it
+    for index, query in enumerate(queries):
+        if (
+            query.id == query_id
+            and questions == 1
+            and data[HEADER_BYTES : HEADER_BYTES + len(query.question)].lower() == query.question
+        ):
+            try:
+                return index, _quick(data, query, received_ns)
+            except (_Slow, dns.exception.DNSException, ValueError):
+                break
+    found = _slow(data, queries)
+    return None if found is None else (found[0], Reply(*found[1:], received_ns))
