@@ -1,5 +1,5 @@
 """What the resolver reads of answers of every shape, from a DNS server in the test that writes
-them with dnspython: the quick reading (probe/measure/resolver.py) must store what dnspython's
+them with dnspython: the quick reading (probe/measure/answers.py) must store what dnspython's
 whole reading of the same message says, and ignore what dnspython refuses, as before it.
 
 Each case is a `dns` target asked of a server on loopback whose answers to A and AAAA are
