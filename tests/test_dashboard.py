@@ -29,8 +29,10 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Reque
 
 from analysis.web.cache import Pages
 from probe.config import load_config
+from probe.fleet.forwarder import Forwarder
 from tests.analysis_data import analysis_config, build_store, everything, fail, realistic_week
 from tests.daemonproc import Daemon, fast, scrape
+from tests.postgres import cluster
 
 TUNNELWATCH = [sys.executable, "-m", "probe"]
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's: scripts/install-debian-packages chromium
@@ -66,11 +68,11 @@ class Served:
         return json.loads(body)
 
 
-def serve(config: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[Served]:
+def serve(config: Path, log: Path, env: dict[str, str] | None = None, *more: str) -> Iterator[Served]:
     port = free_port()
     with log.open("w") as out:
         process = subprocess.Popen(
-            [*TUNNELWATCH, "serve", "--config", str(config), "--listen", f"{HOST}:{port}"],
+            [*TUNNELWATCH, "serve", "--config", str(config), "--listen", f"{HOST}:{port}", *more],
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
@@ -573,3 +575,28 @@ def test_history_over_a_long_range_draws_dense_parts_as_images(week: Served) -> 
     assert status == 200 and body.count(b"<image") >= 3, body.count(b"<image")  # direct, vpn, wg
     status, _, body = week.get(facts["charts"]["availability"])
     assert status == 200 and body.count(b"<image") >= 1 and b"1970" not in body  # the colour bar kept its own axis
+
+
+@pytest.fixture(scope="module")
+def central(week: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The week's store forwarded to the fleet's PostgreSQL, served from there (--store URL)."""
+    tmp = tmp_path_factory.mktemp("central")
+    with cluster() as postgres:
+        url = postgres.database("dashboard")
+        realistic_week(tmp / "spool.db")
+        forwarder = Forwarder(tmp / "spool.db", url, "lab", batch=10_000, max_backlog=10_000_000)
+        forwarder.forward()
+        forwarder.close()
+        yield from serve(week.config, tmp / "serve.log", None, "--store", url)
+
+
+def test_the_fleets_postgresql_is_served_alike(week: Served, central: Served, visit: Visit) -> None:
+    """The pages of the week read from PostgreSQL say what they say read from the SQLite store."""
+    for path in ("/", "/outages", "/history", "/events"):
+        here, there = week.json(path), central.json(path)
+        if "store" in here:  # which store it is, said as the commands say it (a URL without its password)
+            assert here["store"].endswith("week.db") and there["store"].startswith("postgresql://"), path
+            here, there = (json.loads(json.dumps(f).replace(f["store"], "STORE")) for f in (here, there))
+        assert there == here, path
+    page = load(visit, central, "/outages", "central-outages")
+    assert page.locator("table.outages tbody tr[data-verdict=tunnel_down]").count() == 1
