@@ -253,7 +253,7 @@ class _Link:
             except OSError as exc:  # ECONNREFUSED: the ICMP port unreachable of a query sent
                 self._lookup.failed(self, exc)
                 break
-            if ancillary and ancillary[0][1] == SO_TIMESTAMPNS:
+            if ancillary and ancillary[0][:2] == (socket.SOL_SOCKET, SO_TIMESTAMPNS):  # the only one asked for
                 seconds, nanoseconds = TIMESPEC.unpack(ancillary[0][2])
                 received_ns = seconds * 1_000_000_000 + nanoseconds
             else:
