@@ -15,9 +15,10 @@ HTTP_ROUND_TRIP = "http_round_trip"
 BIND = "bind"
 PROXY_CONNECT = "proxy_connect"
 PROXY_AUTH = "proxy_auth"
+TUNNEL_BOOTSTRAP = "tunnel_bootstrap"  # a tunnel that never came up (OONI's tor, psiphon..., imported)
 
 # A failure in one of these is the path's own failure, not the target's.
-PATH_OPERATIONS = frozenset({BIND, PROXY_CONNECT, PROXY_AUTH})
+PATH_OPERATIONS = frozenset({BIND, PROXY_CONNECT, PROXY_AUTH, TUNNEL_BOOTSTRAP})
 
 # The timed phases of a probe, each stored as <phase>_ms; total_ms spans them all.
 PHASES = ("resolve", "proxy", "connect", "tls", "first_byte")

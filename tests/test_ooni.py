@@ -297,7 +297,7 @@ def test_outages_of_an_imported_ooni_series(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (outage,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert (outage["path"], outage["targets"], outage["start"]) == ("tor", ["vanilla_tor"], "2018-03-03T00:00:00+00:00")
-    assert outage["end"] == "2018-03-06T00:00:00+00:00" and outage["verdict"] == "inconclusive"
+    assert outage["end"] == "2018-03-06T00:00:00+00:00" and outage["verdict"] == "tunnel_down"  # never came up
 
 
 def test_oonis_daily_aggregate_csv_is_a_series(tmp_path: Path) -> None:
@@ -377,4 +377,8 @@ def test_imported_measurements_export_where_they_were_measured(imported: Path) -
         "tunnel_bootstrap",
     )
     assert m["annotations"]["tunnelwatch_path"] == "tor" and m["annotations"]["tunnelwatch_tunnel"] == "tor"
-    assert m["test_keys"]["x_verdict"]["verdict"] == "inconclusive"  # one path: nothing to compare with
+    # the tunnel never came up: its own step failed, whatever the other paths saw
+    assert (m["test_keys"]["x_verdict"]["verdict"], m["test_keys"]["x_verdict"]["rule"]) == (
+        "tunnel_down",
+        "tunnel-own-step",
+    )

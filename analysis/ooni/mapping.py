@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from probe.model import CONNECT, HTTP_ROUND_TRIP, RESOLVE, TLS_HANDSHAKE
+from probe.model import CONNECT, HTTP_ROUND_TRIP, RESOLVE, TLS_HANDSHAKE, TUNNEL_BOOTSTRAP
 from probe.store.schema import MEASUREMENT_COLUMNS, to_ms
 
 from .record import SOFTWARE_NAME, TIME_FORMAT
 
-TUNNEL_BOOTSTRAP = "tunnel_bootstrap"  # the tunnel did not come up (OONI: bootstrap_time 0 and a failure)
 # test name -> (path, the tunnel's kind): the path each experiment's measurements are stored under.
 PATHS = {
     "web_connectivity": ("direct", ""),
