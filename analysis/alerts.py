@@ -27,7 +27,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pandas as pd
@@ -37,7 +36,7 @@ from probe.store.alerts import BACK, DOWN, Alert, evaluated_until, open_alerts, 
 from probe.store.file import store_error
 from probe.store.outbox import destination_id, enqueue
 from probe.store.schema import to_ms
-from probe.store.sqlite import SQLiteStore
+from probe.store.sqlite import writable
 
 from .frames import Source
 from .outages import Hysteresis
@@ -66,20 +65,10 @@ def window(cfg: Config) -> pd.Timedelta:
     return max(MIN_WINDOW, pd.Timedelta(seconds=2 * slowest * rounds))
 
 
-def _writable(path: Path) -> sqlite3.Connection:
-    SQLiteStore(path).close()  # creates or migrates the schema, and refuses a damaged store
-    try:
-        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA cell_size_check = ON")
-    except sqlite3.Error as exc:
-        raise store_error(path, exc, "open the store") from None
-    return conn
-
-
 def evaluate(cfg: Config, now: datetime) -> list[Change]:
     """Judge the rounds up to `now`, save the alerts, queue the message; the changes."""
     path = cfg.store.path
-    conn = _writable(path)
+    conn = writable(path)
     try:
         cursor = evaluated_until(conn)
         since = pd.Timestamp(now) - (window(cfg) if cursor is not None else max(window(cfg), FIRST_WINDOW))

@@ -20,7 +20,7 @@ import pandas as pd
 from probe.store.file import store_error
 from probe.store.schema import COVERAGE, HOURLY, HOURLY_LATENCY, LATENCY_VALUES, VERDICT_RUNS, SummaryTable, to_ms
 from probe.store.spool import Spool
-from probe.store.sqlite import SQLiteStore
+from probe.store.sqlite import writable
 
 from .frames import first_raw_hour, frame_columns, read_cursor, summarise_raw, utc_times
 from .summary import (
@@ -65,20 +65,10 @@ def compact(
     return hours, deleted
 
 
-def _writable(db: Path) -> sqlite3.Connection:
-    SQLiteStore(db).close()  # creates or migrates the schema, and refuses a damaged store
-    try:
-        conn = sqlite3.connect(db, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA cell_size_check = ON")
-    except sqlite3.Error as exc:
-        raise store_error(db, exc, "open the store") from None
-    return conn
-
-
 def write_summary(db: Path, summary: Summary, expected: pd.Timestamp | None, end: pd.Timestamp, slot_s: float) -> bool:
     """Add a summary of the rounds before `end` and move the cursor to `end`, in one
     transaction, if the cursor is still `expected`. Runs and coverage continue the stored ones."""
-    conn = _writable(db)
+    conn = writable(db)
     try:
         conn.execute("BEGIN IMMEDIATE")
         row = conn.execute("SELECT until_ms FROM rollup_cursor").fetchone()
@@ -188,7 +178,7 @@ def delete_raw(db: Path, before: pd.Timestamp, keep_unforwarded: bool = False) -
     if keep_unforwarded:
         measurements = f" AND {Spool.uploaded('measurements')}"
         heartbeats = f" AND {Spool.uploaded('heartbeats')}"
-    conn = _writable(db)
+    conn = writable(db)
     deleted = 0
     try:
         oldest = conn.execute("SELECT MIN(started_at_ms) FROM measurements").fetchone()[0]

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from probe.store.file import store_error
 from probe.store.schema import HEARTBEAT_COLUMNS, MEASUREMENT_COLUMNS, PATH_COLUMNS, from_ms
-from probe.store.sqlite import SQLiteStore
+from probe.store.sqlite import writable
 
 from .mapping import Imported, Malformed, Unknown, from_ooni
 
@@ -126,16 +126,6 @@ def read(path: Path) -> Iterator[tuple[int, Any]]:
         yield first_line, item
 
 
-def _writable(db: Path) -> sqlite3.Connection:
-    SQLiteStore(db).close()  # creates or migrates the schema, and refuses a damaged store
-    try:
-        conn = sqlite3.connect(db, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA cell_size_check = ON")
-    except sqlite3.Error as exc:
-        raise store_error(db, exc, "open the store") from None
-    return conn
-
-
 EXISTS = "SELECT 1 FROM measurements WHERE started_at_ms = ? AND round_id = ? AND target = ? AND path = ? LIMIT 1"
 INSERT_ROW = (
     f"INSERT INTO measurements ({', '.join(MEASUREMENT_COLUMNS)}) VALUES ({', '.join('?' * len(MEASUREMENT_COLUMNS))})"
@@ -186,7 +176,7 @@ def import_files(paths: Iterable[Path], db: Path) -> Result:
     """Read every measurement of the files into the store at `db`; what could not be read is
     in `problems`, each naming its file and line."""
     result = Result()
-    conn = _writable(db)
+    conn = writable(db)
     try:
         row = conn.execute("SELECT until_ms FROM rollup_cursor").fetchone()
         result.cursor_ms = row[0] if row else None

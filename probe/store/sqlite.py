@@ -491,3 +491,16 @@ class SQLiteStore:
 
 def open_store(path: Path, lock: StoreLock | None = None) -> SQLiteStore:
     return SQLiteStore(path, lock=lock)
+
+
+def writable(path: Path, timeout_s: float = 30) -> sqlite3.Connection:
+    """A connection to write a store beside its daemon (compaction, alerts, imports), in
+    autocommit mode for explicit transactions; the schema created or migrated first, and a
+    damaged store refused."""
+    SQLiteStore(path).close()
+    try:
+        conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
+        conn.execute("PRAGMA cell_size_check = ON")
+    except sqlite3.Error as exc:
+        raise store_error(path, exc, "open the store") from None
+    return conn
