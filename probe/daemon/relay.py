@@ -19,11 +19,10 @@ import contextlib
 import hmac
 import logging
 import secrets
-import socket
 from urllib.parse import urlsplit
 
 from probe.config import PathSpec
-from probe.measure.conn import Conn
+from probe.fleet.uplink import carry
 from probe.measure.paths import open_stream
 from probe.model import Trace
 
@@ -79,23 +78,7 @@ class ProxyRelay:
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         else:
             await conn.send(first)
-        outbound, inbound = (
-            asyncio.ensure_future(_outbound(reader, conn)),
-            asyncio.ensure_future(_inbound(conn, writer)),
-        )
-        pumps = [outbound, inbound]
-        try:  # done when the far side is done (or either side fails): a client keeps its side open
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            if not inbound.done() and outbound.exception() is None:
-                await asyncio.wait([inbound])
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            conn.close()
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        await carry(reader, writer, conn)
 
 
 def _destination(method: bytes, target: str, version: bytes, headers: bytes) -> tuple[str, int, bytes | None]:
@@ -133,16 +116,3 @@ async def _answer(writer: asyncio.StreamWriter, status: bytes, why: str) -> None
     with contextlib.suppress(OSError):
         await writer.drain()
     writer.close()
-
-
-async def _outbound(reader: asyncio.StreamReader, conn: Conn) -> None:
-    while data := await reader.read(65536):
-        await conn.send(data)
-    conn.sock.shutdown(socket.SHUT_WR)
-
-
-async def _inbound(conn: Conn, writer: asyncio.StreamWriter) -> None:
-    while data := await conn.recv():
-        writer.write(data)
-        await writer.drain()
-    writer.write_eof()

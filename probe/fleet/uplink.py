@@ -59,23 +59,34 @@ class Uplink:
             log.warning("uplink through %s to %s:%s failed: %s", self.path.name, self.host, self.port, exc)
             writer.close()
             return
-        pumps = [asyncio.ensure_future(_outbound(reader, conn)), asyncio.ensure_future(_inbound(conn, writer))]
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)  # either side failing ends both
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            conn.close()
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        await carry(reader, writer, conn)
+
+
+async def carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Conn) -> None:
+    """Carry a loopback client's connection through a path's `conn` both ways, until the far
+    side is done (a client may keep its own side open) or either side fails; then close both.
+    The uplink's relay and the notifications' proxy (probe/daemon/relay.py) share it."""
+    outbound = asyncio.ensure_future(_outbound(reader, conn))
+    inbound = asyncio.ensure_future(_inbound(conn, writer))
+    pumps = [outbound, inbound]
+    try:
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        if not inbound.done() and outbound.exception() is None:
+            await asyncio.wait([inbound])
+    finally:
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        conn.close()
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 async def _outbound(reader: asyncio.StreamReader, conn: Conn) -> None:
     while data := await reader.read(65536):
         await conn.send(data)
-    conn.sock.shutdown(socket.SHUT_WR)  # libpq is done
+    conn.sock.shutdown(socket.SHUT_WR)  # the client is done
 
 
 async def _inbound(conn: Conn, writer: asyncio.StreamWriter) -> None:
