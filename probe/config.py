@@ -236,7 +236,7 @@ class AlertSettings(_Frozen):
     paths: list[str] = []  # only these paths; empty: every path
     groups: list[str] = []  # only targets of these groups; empty: every group
     min_duration_s: Annotated[float, _between(0, 7 * 86400, "seconds")] = 0  # shorter outages are never announced
-    group_s: Annotated[float, _between(0, 86400, "seconds")] = 0  # gather changes this long; 0: one message a round
+    group_s: Annotated[float, _between(0, 86400, "seconds")] = 0  # gather changes this long; 0: once an interval
     via: str | None = None  # a path's name: notifications leave through it
     retry_s: Annotated[float, _between(1, 3600, "seconds")] = 30  # the first retry; doubled up to retry_max_s
     retry_max_s: Annotated[float, _between(1, 86400, "seconds")] = 3600
