@@ -499,3 +499,35 @@ def test_the_daemon_stops_on_sigterm_and_closes_every_part(
     with sqlite3.connect(config.store.path) as db:
         stored = db.execute("SELECT count(*) FROM measurements").fetchone()[0]
     assert stored == len(rows(config.store.path, "heartbeats")) >= 2  # every round written before the exit
+
+
+def test_a_child_job_running_when_the_daemon_stops_goes_with_it(tmp_path: Path) -> None:
+    """Cancelled (the daemon stops), the job terminates its child and reaps it: no process
+    outlives the daemon, no pipe is left open."""
+    import asyncio
+    import os
+    import sys
+
+    from probe.daemon.jobs import ChildJobs
+
+    pid_file = tmp_path / "child.pid"
+    script = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    jobs = ChildJobs(None, command=(sys.executable, "-c", script))
+
+    async def main() -> None:
+        task = asyncio.create_task(jobs.run("a long job"))
+        for _ in range(200):  # until the child is up: 20 s at most
+            if pid_file.exists() and pid_file.read_text():
+                break
+            await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive

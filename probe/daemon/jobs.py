@@ -6,6 +6,7 @@ logged with the last lines it wrote and never stops probing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 log = logging.getLogger("tunnelwatch.daemon")
 TUNNELWATCH = (sys.executable, "-m", "probe")
 ERROR_LINES = 5  # of a failed child's stderr, in its log line
+STOP_S = 5  # a child still running when the daemon stops has this long after SIGTERM
 
 
 class ChildJobs:
@@ -41,7 +43,18 @@ class ChildJobs:
         child = await asyncio.create_subprocess_exec(
             *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )
-        _, stderr = await child.communicate()
+        try:
+            _, stderr = await child.communicate()
+        except asyncio.CancelledError:  # the daemon stops: the child goes with it, reaped
+            with contextlib.suppress(ProcessLookupError):
+                child.terminate()
+            try:
+                await asyncio.wait_for(child.wait(), STOP_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+                await child.wait()
+            raise
         level, message = outcome(what, child.returncode, stderr)
         log.log(logging.DEBUG if quiet and child.returncode == 0 else level, "%s", message)
         return child.returncode == 0
