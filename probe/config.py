@@ -224,6 +224,16 @@ class MetricsSettings(_Frozen):
         return host.strip("[]"), int(port)
 
 
+def loopback(host: str) -> bool:
+    """Whether `host` only answers this machine (an address in 127/8 or ::1, or localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 ALERT_KINDS = ("blocked", "tunnel_down", "local_outage", "site_down", "degraded", "inconclusive")
 
 

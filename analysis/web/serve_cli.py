@@ -3,7 +3,6 @@ Argument parsing only; the pages are app.py's."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from pathlib import Path
 
@@ -14,16 +13,6 @@ from probe.console import err
 from .. import options
 
 log = logging.getLogger("tunnelwatch.serve")
-
-
-def loopback(host: str) -> bool:
-    """Whether `host` only answers this machine (an address in 127/8 or ::1, or localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
 
 
 def host_port(listen: str) -> tuple[str, int]:
@@ -45,6 +34,8 @@ def host_port(listen: str) -> tuple[str, int]:
 def serve(listen: str, unix: Path | None, store: str | None, vantage: str | None, config: Path | None) -> None:
     """Serve the dashboard (Now, History, Outages, Events, Reports; each page also as JSON) from a store, read-only."""
     import uvicorn
+
+    from probe.config import loopback
 
     from ..pipeline import store_of
     from .app import build_app

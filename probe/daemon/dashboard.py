@@ -12,7 +12,6 @@ with the daemon.
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import logging
 import shutil
 import socket
@@ -30,7 +29,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from probe.config import Config
+from probe.config import Config, loopback
 from probe.daemon.jobs import TUNNELWATCH
 
 log = logging.getLogger("tunnelwatch.daemon")
@@ -43,15 +42,6 @@ HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-connection", "te
 HOP |= {"upgrade"}
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
-
-
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Dashboard:
