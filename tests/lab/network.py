@@ -5,19 +5,21 @@
 tw-rt forwards between the two and runs the ISP's resolver; censorship is injected there
 with iptables and the resolver's configuration. tw-net holds the sites (nginx), a clean
 resolver, a block page and the tunnel's exit (microsocks). Everything is torn down at the
-end, and leftovers of a killed run are removed before building.
+end, and leftovers of a killed run are removed before building. TW_LAB_PREFIX (default "tw-")
+names the namespaces, so two labs can run side by side.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-PREFIX = "tw-"
-VP, RT, NET = "tw-vp", "tw-rt", "tw-net"
+PREFIX = os.environ.get("TW_LAB_PREFIX", "tw-")
+VP, RT, NET = f"{PREFIX}vp", f"{PREFIX}rt", f"{PREFIX}net"
 VP_ADDR, RT_VP_ADDR, RT_NET_ADDR, NET_ADDR = "10.66.1.2", "10.66.1.1", "10.66.2.1", "10.66.2.2"
 NEWS, PORTAL, SHOP = "10.66.2.10", "10.66.2.11", "10.66.2.12"
 BLOCKPAGE, RESOLVER, SOCKS, SHADOWSOCKS = "10.66.2.30", "10.66.2.53", "10.66.2.20", "10.66.2.21"
