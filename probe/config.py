@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import os
@@ -15,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     StringConstraints,
     ValidationError,
@@ -289,16 +291,75 @@ def _check_resolver_server(server: str) -> str:
 
 
 class Endpoint(_Frozen):
-    """Where the tunnel server listens, so its reachability is probed too."""
+    """Where the tunnel server listens, so its reachability is probed too: a TCP connect, or
+    for a UDP port the protocol's first handshake (probe/measure/udp_endpoint.py)."""
 
     host: str = Field(min_length=1)
     port: Port
     transport: Literal["tcp", "udp"] = "tcp"
+    protocol: Literal["openvpn", "wireguard"] | None = None  # what answers on a UDP port
+    # WireGuard: the probe peer's own key (never the tunnel's) and the server's public key.
+    private_key_file: Path | None = None
+    server_public_key: str | None = None
+    _wireguard_keys: tuple[bytes, bytes] = PrivateAttr(default=(b"", b""))
 
     @field_validator("host")
     @classmethod
     def _no_whitespace(cls, value: str) -> str:
         return _plain(value)
+
+    @field_validator("server_public_key")
+    @classmethod
+    def _public_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            _wireguard_key(value, "is not a WireGuard public key (44 characters of base64, as `wg pubkey` prints)")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_for_protocol(self) -> Endpoint:
+        if self.transport == "udp" and self.protocol is None:
+            raise ValueError('a udp endpoint needs protocol = "openvpn" or "wireguard": the probe speaks it')
+        if self.transport == "tcp" and self.protocol is not None:
+            raise ValueError("protocol is for udp endpoints; a tcp endpoint is probed by a connect")
+        keys = self.private_key_file is not None, self.server_public_key is not None
+        if self.protocol == "wireguard" and not all(keys):
+            raise ValueError(
+                "a wireguard endpoint needs private_key_file (the probe peer's key, from `wg genkey`; never the "
+                "tunnel's own) and server_public_key (the server's `wg pubkey`)"
+            )
+        if self.protocol != "wireguard" and any(keys):
+            raise ValueError("private_key_file and server_public_key are for wireguard endpoints")
+        if self.private_key_file is not None and self.server_public_key is not None:
+            # Read now, as the probes will: a missing or bad key is a config error, not a failing probe.
+            try:
+                text = self.private_key_file.read_text(encoding="ascii")
+            except (OSError, UnicodeDecodeError) as exc:
+                problem = exc.strerror if isinstance(exc, OSError) else "not text"
+                raise ValueError(
+                    f"private_key_file {str(self.private_key_file)!r}: cannot read it: {problem}"
+                ) from None
+            private = _wireguard_key(
+                text.strip(),
+                f"private_key_file {str(self.private_key_file)!r} holds no WireGuard private key "
+                "(44 characters of base64, as `wg genkey` prints)",
+            )
+            self._wireguard_keys = (private, _wireguard_key(self.server_public_key, ""))
+        return self
+
+    @property
+    def wireguard_keys(self) -> tuple[bytes, bytes]:
+        """The probe peer's private key and the server's public key, read at load."""
+        return self._wireguard_keys
+
+
+def _wireguard_key(text: str, problem: str) -> bytes:
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ValueError(problem)
+    return key
 
 
 class PathSpec(_Frozen):

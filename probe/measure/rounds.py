@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import certifi
 import uvloop
 
-from probe.config import Config, PathSpec, ProbeSettings, Target
+from probe.config import Config, Endpoint, PathSpec, ProbeSettings, Target
 from probe.errors import ProbeFailure
 from probe.measure.dns import probe_dns
 from probe.measure.failures import classify
@@ -27,6 +27,7 @@ from probe.measure.http import probe_http
 from probe.measure.lag import LagMonitor
 from probe.measure.tcp import probe_tcp
 from probe.measure.tls import CERT_FAILURES, peek_certificate, probe_tls
+from probe.measure.udp_endpoint import probe_udp_endpoint
 from probe.model import Heartbeat, Measurement, Trace
 
 log = logging.getLogger(__name__)
@@ -80,16 +81,26 @@ def new_round_id(now: datetime) -> str:
 
 
 def endpoint_target(path: PathSpec) -> Target | None:
-    """The tunnel server's own port, probed directly (TCP endpoints only)."""
-    if path.endpoint is None or path.endpoint.transport != "tcp":
+    """The tunnel server's own port, probed directly: a TCP connect, or on a UDP port the
+    protocol's first handshake, its kind "openvpn" or "wireguard" (never a kind a config's
+    target takes, so built here without the targets' validation)."""
+    if path.endpoint is None:
         return None
-    return Target(
+    kind = path.endpoint.protocol if path.endpoint.transport == "udp" else "tcp"
+    return Target.model_construct(
         name=f"{path.name}-endpoint",
         group=ENDPOINT_GROUP,
-        kind="tcp",
+        kind=kind,
         host=path.endpoint.host,
         port=path.endpoint.port,
     )
+
+
+def _udp_endpoint(config: Config, target: Target) -> Endpoint | None:
+    """The UDP endpoint this target probes, if it is one."""
+    if target.group != ENDPOINT_GROUP or target.kind in PROBES:
+        return None
+    return next((p.endpoint for p in config.paths if f"{p.name}-endpoint" == target.name), None)
 
 
 def path_rows(config: Config) -> list[tuple[str, str, str, str | None]]:
@@ -126,7 +137,10 @@ async def measure(ctx: ProbeContext, target: Target, path: PathSpec, round_id: s
     detail = ""
     try:
         async with asyncio.timeout(target.timeout_s or settings.timeout_s):
-            await PROBES[target.kind](target, path, trace, settings=settings, ssl_context=ctx.ssl_context)
+            if (endpoint := _udp_endpoint(ctx.config, target)) is not None:
+                await probe_udp_endpoint(endpoint, path, trace)
+            else:
+                await PROBES[target.kind](target, path, trace, settings=settings, ssl_context=ctx.ssl_context)
     except Exception as exc:  # the boundary where network failures become values
         failure = classify(exc)
         operation = exc.operation if isinstance(exc, ProbeFailure) else trace.operation

@@ -1,0 +1,362 @@
+"""UDP endpoint probes against real servers: wireguard-go and OpenVPN in a network namespace
+this module creates (tu-udp, joined to the host by a veth pair) and removes; the config's
+checks of protocol and keys; answers that are not the protocol's, from a UDP echo on loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from probe.cli import main
+from probe.config import parse_config
+from probe.measure.rounds import ProbeContext, path_rows, plan, run_loop, run_round
+from probe.model import Measurement
+from tests.servers import need, stop
+
+NS, HOST_IF, NS_IF = "tu-udp", "tu-udp0", "eth0"
+HOST_ADDR, NS_ADDR = "10.231.7.1", "10.231.7.2"  # nobody else's: the lab uses 10.66/10.99
+WG_IF, WG_PORT, WG_CLOSED = "tu-udpwg", 51820, 51821
+OVPN_PORT, OVPN_TLS_AUTH_PORT = 1194, 1195
+ECHO = "127.0.7.9"
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check)
+
+
+def _remove_namespace() -> None:
+    if NS in sh("ip", "netns", "list").stdout.split():
+        for pid in sh("ip", "netns", "pids", NS, check=False).stdout.split():
+            sh("kill", "-9", pid, check=False)
+        sh("ip", "netns", "del", NS, check=False)  # takes the veth pair with it
+    sh("ip", "link", "del", HOST_IF, check=False)
+
+
+@pytest.fixture(scope="module")
+def namespace() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a network namespace")
+    need("ip")
+    _remove_namespace()  # a killed run's leftovers
+    try:
+        sh("ip", "netns", "add", NS)
+        sh("ip", "-n", NS, "link", "set", "lo", "up")
+        sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF, "netns", NS)
+        sh("ip", "addr", "add", f"{HOST_ADDR}/30", "dev", HOST_IF)
+        sh("ip", "link", "set", HOST_IF, "up")
+        sh("ip", "-n", NS, "addr", "add", f"{NS_ADDR}/30", "dev", NS_IF)
+        sh("ip", "-n", NS, "link", "set", NS_IF, "up")
+        yield NS
+    finally:
+        _remove_namespace()
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as sink:
+        return subprocess.Popen(
+            ["ip", "netns", "exec", NS, *args], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wg_key(tmp: Path, name: str) -> tuple[Path, str]:
+    private = sh(need("wg"), "genkey").stdout
+    (tmp / name).write_text(private)
+    (tmp / name).chmod(0o600)
+    public = subprocess.run([need("wg"), "pubkey"], input=private, capture_output=True, text=True, check=True)
+    return tmp / name, public.stdout.strip()
+
+
+class WireGuard:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.server_key, self.server_pub = wg_key(tmp, "server.key")
+        self.probe_key, self.probe_pub = wg_key(tmp, "probe.key")
+        self.stranger_key, _ = wg_key(tmp, "stranger.key")  # a peer the server does not list
+
+
+@pytest.fixture(scope="module")
+def wireguard(namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WireGuard]:
+    """wireguard-go listening in the namespace, the probe peer listed with no allowed IPs."""
+    tmp = tmp_path_factory.mktemp("wg")
+    keys = WireGuard(tmp)
+    proc = spawn([need("wireguard-go"), "-f", WG_IF], tmp / "wireguard-go.log")
+    try:
+        for _ in range(100):  # its control socket appears once the device is up
+            if sh(need("wg"), "show", WG_IF, check=False).returncode == 0:
+                break
+            assert proc.poll() is None, (tmp / "wireguard-go.log").read_text()
+            threading.Event().wait(0.05)
+        sh(need("wg"), "set", WG_IF, "listen-port", str(WG_PORT), "private-key", str(keys.server_key))
+        sh(need("wg"), "set", WG_IF, "peer", keys.probe_pub)
+        sh("ip", "-n", NS, "link", "set", WG_IF, "up")
+        yield keys
+    finally:
+        stop(proc)
+
+
+def _pki(tmp: Path) -> dict[str, Path]:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("vpn.test")
+    paths = {"ca": tmp / "ca.pem", "cert": tmp / "server.crt", "key": tmp / "server.key", "ta": tmp / "ta.key"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    paths["cert"].write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(paths["key"]))
+    sh(need("openvpn"), "--genkey", "secret", str(paths["ta"]))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def openvpn(namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Two OpenVPN servers in the namespace (a throwaway PKI): one plain, one with tls-auth."""
+    tmp = tmp_path_factory.mktemp("ovpn")
+    pki = _pki(tmp)
+    common = ["--proto", "udp", "--local", NS_ADDR, "--ca", str(pki["ca"]), "--cert", str(pki["cert"])]
+    common += ["--key", str(pki["key"]), "--dh", "none", "--verb", "3"]
+    plain = [need("openvpn"), "--server", "10.231.8.0", "255.255.255.0", "--topology", "subnet"]
+    plain += ["--dev", "tu-udpvpn", "--dev-type", "tun", "--port", str(OVPN_PORT), *common]
+    tls_auth = [need("openvpn"), "--tls-server", "--dev", "null", "--port", str(OVPN_TLS_AUTH_PORT), *common]
+    tls_auth += ["--tls-auth", str(pki["ta"]), "0"]
+    procs = [spawn(plain, tmp / "plain.log"), spawn(tls_auth, tmp / "tls-auth.log")]
+    try:
+        for proc, log, line in ((procs[0], "plain.log", b"Initialization Sequence Completed"),
+                                (procs[1], "tls-auth.log", b"link local (bound)")):  # fmt: skip
+            for _ in range(200):
+                if line in (tmp / log).read_bytes():
+                    break
+                assert proc.poll() is None, (tmp / log).read_text()
+                threading.Event().wait(0.05)
+            else:
+                raise RuntimeError(f"openvpn did not start: {(tmp / log).read_text()}")
+        yield tmp
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+CONFIG = """
+[vantage]
+name = "v"
+[probe]
+timeout_s = {timeout}
+[[targets]]
+name = "t"
+group = "control"
+kind = "tcp"
+host = "127.0.0.1"
+port = 9
+[[paths]]
+name = "direct"
+kind = "direct"
+[[paths]]
+name = "vpn"
+kind = "socks5"
+host = "127.0.0.1"
+port = 1080
+endpoint = {{ {endpoint} }}
+"""
+
+
+def endpoint_probe(endpoint: str, timeout_s: float = 3) -> Measurement:
+    """The round's probe of path vpn's endpoint, as the daemon makes it."""
+    config = parse_config(CONFIG.format(endpoint=endpoint, timeout=timeout_s), "test.toml")
+    pairs = [(t, p) for t, p in plan(config) if t.group == "endpoint"]
+    assert [(t.name, p.name) for t, p in pairs] == [("vpn-endpoint", "direct")]
+    assert ("vpn", "socks5", "", "vpn-endpoint") in path_rows(config)
+    measurements, _ = run_loop(run_round(ProbeContext.build(config), pairs))  # uvloop, as the daemon
+    (m,) = measurements
+    assert (m.target, m.group, m.path) == ("vpn-endpoint", "endpoint", "direct")
+    return m
+
+
+def wg_endpoint(keys: WireGuard, key: Path, port: int = WG_PORT, public: str | None = None) -> str:
+    return (
+        f'host = "{NS_ADDR}", port = {port}, transport = "udp", protocol = "wireguard", '
+        f'private_key_file = "{key}", server_public_key = "{public or keys.server_pub}"'
+    )
+
+
+def test_wireguard_server_answers_the_listed_probe_peer(wireguard: WireGuard) -> None:
+    m = endpoint_probe(wg_endpoint(wireguard, wireguard.probe_key))
+    assert m.ok and m.failure is None, m
+    assert m.kind == "wireguard" and m.input == f"{NS_ADDR}:{WG_PORT}" and m.peer_address == NS_ADDR
+    assert m.first_byte_ms is not None and 0 < m.first_byte_ms <= m.total_ms
+    # again: the server takes a second initiation from the peer (its timestamp is later)
+    assert endpoint_probe(wg_endpoint(wireguard, wireguard.probe_key)).ok
+    # the server took the initiation: the probe peer's endpoint is now the probe's address
+    peers = [line.split("\t") for line in sh(need("wg"), "show", WG_IF, "dump").stdout.splitlines()[1:]]
+    assert [peer[2].rpartition(":")[0] for peer in peers if peer[0] == wireguard.probe_pub] == [HOST_ADDR]
+
+
+def test_wireguard_server_is_silent_to_an_unknown_peer(wireguard: WireGuard) -> None:
+    m = endpoint_probe(wg_endpoint(wireguard, wireguard.stranger_key), timeout_s=2.5)
+    assert not m.ok
+    assert (m.failure, m.failed_operation) == ("generic_timeout_error", "wireguard_handshake")
+    assert m.first_byte_ms is None
+
+
+def test_wireguard_server_is_silent_to_a_probe_that_names_another_server_key(wireguard: WireGuard) -> None:
+    _, someone_else = wg_key(wireguard.tmp, "other-server.key")
+    m = endpoint_probe(wg_endpoint(wireguard, wireguard.probe_key, public=someone_else), timeout_s=2.5)
+    assert (m.ok, m.failure) == (False, "generic_timeout_error")
+
+
+def test_closed_wireguard_port_is_refused(wireguard: WireGuard) -> None:
+    m = endpoint_probe(wg_endpoint(wireguard, wireguard.probe_key, port=WG_CLOSED))
+    assert (m.ok, m.failure, m.failed_operation) == (False, "connection_refused", "wireguard_handshake")
+
+
+def test_wireguard_port_dropped_by_a_firewall_times_out(wireguard: WireGuard) -> None:
+    rule = ["INPUT", "-p", "udp", "--dport", str(WG_PORT), "-j", "DROP"]
+    sh("ip", "netns", "exec", NS, "iptables", "-I", *rule)
+    try:
+        m = endpoint_probe(wg_endpoint(wireguard, wireguard.probe_key), timeout_s=2.5)
+    finally:
+        sh("ip", "netns", "exec", NS, "iptables", "-D", *rule)
+    assert (m.ok, m.failure) == (False, "generic_timeout_error")
+    assert endpoint_probe(wg_endpoint(wireguard, wireguard.probe_key)).ok  # and back once the rule is gone
+
+
+def test_openvpn_server_answers_the_hard_reset(openvpn: Path) -> None:
+    m = endpoint_probe(f'host = "{NS_ADDR}", port = {OVPN_PORT}, transport = "udp", protocol = "openvpn"')
+    assert m.ok and m.failure is None, m
+    assert m.kind == "openvpn" and m.first_byte_ms is not None and 0 < m.first_byte_ms <= m.total_ms
+
+
+def test_openvpn_server_with_tls_auth_is_silent(openvpn: Path) -> None:
+    endpoint = f'host = "{NS_ADDR}", port = {OVPN_TLS_AUTH_PORT}, transport = "udp", protocol = "openvpn"'
+    m = endpoint_probe(endpoint, timeout_s=2.5)
+    assert (m.ok, m.failure, m.failed_operation) == (False, "generic_timeout_error", "openvpn_handshake")
+    assert b"HMAC" in (openvpn / "tls-auth.log").read_bytes()  # it got the packet, and dropped it
+
+
+def test_closed_openvpn_port_is_refused(namespace: str) -> None:
+    m = endpoint_probe(f'host = "{NS_ADDR}", port = 1199, transport = "udp", protocol = "openvpn"')
+    assert (m.ok, m.failure, m.failed_operation) == (False, "connection_refused", "openvpn_handshake")
+
+
+@pytest.fixture
+def echo() -> Iterator[int]:
+    """A UDP port that sends every datagram back: something that answers, but not the protocol."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((ECHO, 0))
+    sock.settimeout(0.1)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                data, peer = sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            sock.sendto(data, peer)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        done.set()
+        thread.join()
+        sock.close()
+
+
+def test_an_echo_is_not_an_openvpn_server(echo: int) -> None:
+    m = endpoint_probe(f'host = "{ECHO}", port = {echo}, transport = "udp", protocol = "openvpn"')
+    assert (m.ok, m.failure, m.failed_operation) == (False, "protocol_error", "openvpn_handshake")
+    assert "not an OpenVPN server's reset" in m.detail
+
+
+def test_an_echo_is_not_a_wireguard_server(echo: int, tmp_path: Path) -> None:
+    key = tmp_path / "probe.key"
+    key.write_text("YNqHbfBQKaGvzefSSLXEoq1b8vmPsJEcwPADOsGBtWw=\n")
+    endpoint = (
+        f'host = "{ECHO}", port = {echo}, transport = "udp", protocol = "wireguard", '
+        f'private_key_file = "{key}", server_public_key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="'
+    )
+    m = endpoint_probe(endpoint)
+    assert (m.ok, m.failure, m.failed_operation) == (False, "protocol_error", "wireguard_handshake")
+    assert "not a WireGuard response" in m.detail
+
+
+# The config: protocol and keys checked at load, exit 2, the key and what is valid named.
+PUBLIC = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+REFUSED = [
+    ('host = "vpn.test", port = 1194, transport = "udp"', 'protocol = "openvpn" or "wireguard"'),
+    ('host = "vpn.test", port = 1194, transport = "udp", protocol = "ipsec"', "'openvpn' or 'wireguard'"),
+    ('host = "vpn.test", port = 443, protocol = "openvpn"', "protocol is for udp endpoints"),
+    (
+        'host = "vpn.test", port = 51820, transport = "udp", protocol = "wireguard"',
+        "needs private_key_file (the probe peer's key",
+    ),
+    (
+        f'host = "vpn.test", port = 51820, transport = "udp", protocol = "wireguard", server_public_key = "{PUBLIC}"',
+        "needs private_key_file",
+    ),
+    (
+        'host = "vpn.test", port = 51820, transport = "udp", protocol = "wireguard", '
+        'private_key_file = "{tmp}/missing.key", server_public_key = "' + PUBLIC + '"',
+        "missing.key': cannot read it: No such file or directory",
+    ),
+    (
+        'host = "vpn.test", port = 51820, transport = "udp", protocol = "wireguard", '
+        'private_key_file = "{tmp}/bad.key", server_public_key = "' + PUBLIC + '"',
+        "bad.key' holds no WireGuard private key (44 characters of base64, as `wg genkey` prints)",
+    ),
+    (
+        'host = "vpn.test", port = 51820, transport = "udp", protocol = "wireguard", '
+        'private_key_file = "{tmp}/good.key", server_public_key = "not-a-key"',
+        "is not a WireGuard public key",
+    ),
+    (
+        'host = "vpn.test", port = 1194, transport = "udp", protocol = "openvpn", private_key_file = "{tmp}/good.key"',
+        "private_key_file and server_public_key are for wireguard endpoints",
+    ),
+]
+
+
+@pytest.fixture
+def check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[[str], tuple[int, str]]]:
+    """`tunnelwatch config check` in this process on a config whose vpn path has this endpoint."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    (tmp_path / "bad.key").write_text("this is not a key, and it must never be echoed\n")
+    (tmp_path / "good.key").write_text("YNqHbfBQKaGvzefSSLXEoq1b8vmPsJEcwPADOsGBtWw=\n")
+
+    def run(endpoint: str) -> tuple[int, str]:
+        path = tmp_path / "tunnelwatch.toml"
+        path.write_text(CONFIG.format(endpoint=endpoint.replace("{tmp}", str(tmp_path)), timeout=3))
+        with pytest.raises(SystemExit) as exited:
+            main(["config", "check", "--config", str(path)])
+        return int(exited.value.code or 0), capsys.readouterr().err
+
+    yield run
+    root.handlers[:], root.level = handlers, level
+
+
+@pytest.mark.parametrize(("endpoint", "message"), REFUSED, ids=[r[1][:30] for r in REFUSED])
+def test_bad_udp_endpoint_is_refused_with_exit_2(
+    check: Callable[[str], tuple[int, str]], endpoint: str, message: str
+) -> None:
+    code, err = check(endpoint)
+    text = " ".join(err.split())
+    assert code == 2, err
+    assert "paths[1].endpoint" in text and message in text, text
+    assert "never be echoed" not in text and "Traceback" not in text
+
+
+def test_good_udp_endpoints_pass_the_check(check: Callable[[str], tuple[int, str]]) -> None:
+    assert check('host = "vpn.test", port = 1194, transport = "udp", protocol = "openvpn"')[0] == 0
+    wireguard = (
+        'host = "vpn.test", port = 51820, transport = "udp", protocol = "wireguard", '
+        f'private_key_file = "{{tmp}}/good.key", server_public_key = "{PUBLIC}"'
+    )
+    assert check(wireguard)[0] == 0
+    assert check('host = "vpn.test", port = 8388')[0] == 0  # tcp, as before
