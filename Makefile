@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/tunnelwatch.toml
-DEBIAN_TEST_PACKAGES := nginx-light dnsmasq-base microsocks shadowsocks-libev tinyproxy iptables chromium wireguard-go wireguard-tools postgresql strace prometheus tor
+DEBIAN_TEST_PACKAGES := nginx-light dnsmasq-base microsocks shadowsocks-libev tinyproxy iptables chromium wireguard-go wireguard-tools postgresql strace prometheus tor v2ray openvpn
 DEBIAN_BENCH_PACKAGES := nginx-light dnsmasq-base microsocks prometheus-blackbox-exporter wrk postgresql valgrind
 
 .PHONY: run test lint venv test-deps bench clean
