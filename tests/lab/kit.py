@@ -128,9 +128,13 @@ def wg_key(tmp: Path, name: str) -> tuple[Path, str]:
 @contextmanager
 def wireguard(tmp: Path) -> Iterator[None]:
     """wireguard-go on both ends (kernel WireGuard is not available here); the vantage point
-    sends what leaves from the tunnel's address through it (source-address policy routing)."""
+    sends what leaves from the tunnel's address through it (source-address policy routing).
+    The server also lists the endpoint probe's own peer (wg-probe.key), with no allowed IPs;
+    its public key is left in wg-server.pub for the config."""
     server_key, server_pub = wg_key(tmp, "wg-server.key")
     client_key, client_pub = wg_key(tmp, "wg-client.key")
+    _, probe_pub = wg_key(tmp, "wg-probe.key")
+    (tmp / "wg-server.pub").write_text(server_pub)
     wg, go = need("wg"), need("wireguard-go")
     with ExitStack() as stack:
         for ns, dev in ((NET, "wgs"), (VP, "wgc")):
@@ -148,6 +152,8 @@ def wireguard(tmp: Path) -> Iterator[None]:
             client_pub,
             "allowed-ips",
             f"{WG_CLIENT}/32",
+            "peer",
+            probe_pub,
         )
         in_ns(NET, "ip", "addr", "add", f"{WG_SERVER}/24", "dev", "wgs")
         in_ns(NET, "ip", "link", "set", "wgs", "up")
@@ -296,7 +302,8 @@ kind = "bind"
 label = "wireguard"
 address = "{WG_CLIENT}"
 resolver = ["{RESOLVER}"]
-endpoint = {{ host = "{WG_ENDPOINT}", port = {WG_PORT}, transport = "udp" }}
+endpoint = {{ host = "{WG_ENDPOINT}", port = {WG_PORT}, transport = "udp", protocol = "wireguard", \
+private_key_file = "{tmp / "wg-probe.key"}", server_public_key = "{(tmp / "wg-server.pub").read_text()}" }}
 """)
         yield config
 

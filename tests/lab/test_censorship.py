@@ -98,6 +98,7 @@ def test_wireguard_with_its_udp_port_blocked_is_tunnel_down(lab: Path) -> None:
         assert (row["verdict"], row["rule"]) == ("tunnel_down", "tunnel-fails-controls"), verdicts[
             ["failure", "failed_operation", "verdict"]
         ].to_string()
+        assert row["detail"] == "endpoint generic_timeout_error"  # the handshake to the server's port went unanswered
         assert verdicts.loc[(target, "socks"), "verdict"] == "ok"
     assert verdicts.loc[("portal", "direct"), "verdict"] == "ok"
 
