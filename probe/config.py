@@ -301,7 +301,12 @@ class Endpoint(_Frozen):
     # WireGuard: the probe peer's own key (never the tunnel's) and the server's public key.
     private_key_file: Path | None = None
     server_public_key: str | None = None
+    # OpenVPN with tls-auth: the server's ta.key, its key-direction here (a client's: 1), its `auth`.
+    tls_auth_file: Path | None = None
+    tls_auth_direction: Literal[0, 1] | None = None
+    tls_auth_digest: Literal["SHA1", "SHA256", "SHA512"] = "SHA1"
     _wireguard_keys: tuple[bytes, bytes] = PrivateAttr(default=(b"", b""))
+    _tls_auth_keys: tuple[bytes, bytes] | None = PrivateAttr(default=None)
 
     @field_validator("host")
     @classmethod
@@ -344,12 +349,46 @@ class Endpoint(_Frozen):
                 "(44 characters of base64, as `wg genkey` prints)",
             )
             self._wireguard_keys = (private, _wireguard_key(self.server_public_key, ""))
+        if self.protocol != "openvpn" and self.tls_auth_file is not None:
+            raise ValueError("tls_auth_file is for openvpn endpoints")
+        if self.tls_auth_file is not None:
+            self._tls_auth_keys = _tls_auth_keys(self.tls_auth_file, self.tls_auth_direction)
         return self
 
     @property
     def wireguard_keys(self) -> tuple[bytes, bytes]:
         """The probe peer's private key and the server's public key, read at load."""
         return self._wireguard_keys
+
+    @property
+    def tls_auth_keys(self) -> tuple[bytes, bytes] | None:
+        """OpenVPN tls-auth's HMAC keys to send and to receive with (64 bytes each), read at load."""
+        return self._tls_auth_keys
+
+
+def _tls_auth_keys(path: Path, direction: int | None) -> tuple[bytes, bytes]:
+    """An OpenVPN static key file's two HMAC keys, as the key direction uses them."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise ValueError(f"tls_auth_file {str(path)!r}: cannot read it: {problem}") from None
+    begin, end = "-----BEGIN OpenVPN Static key V1-----", "-----END OpenVPN Static key V1-----"
+    body = text.partition(begin)[2].partition(end)[0] if begin in text and end in text else ""
+    try:
+        key = bytes.fromhex("".join(line for line in body.split() if not line.startswith("#")))
+    except ValueError:
+        key = b""
+    if len(key) != 256:
+        raise ValueError(
+            f"tls_auth_file {str(path)!r} holds no OpenVPN static key ({begin}, 256 bytes in hex, "
+            "as `openvpn --genkey secret` writes)"
+        )
+    # Four 64-byte slots: cipher and HMAC of key 0, cipher and HMAC of key 1.
+    hmac0, hmac1 = key[64:128], key[192:256]
+    if direction is None:
+        return hmac0, hmac0
+    return (hmac1, hmac0) if direction == 1 else (hmac0, hmac1)
 
 
 def _wireguard_key(text: str, problem: str) -> bytes:

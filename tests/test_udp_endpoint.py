@@ -237,6 +237,31 @@ def test_openvpn_server_with_tls_auth_is_silent(openvpn: Path) -> None:
     assert b"HMAC" in (openvpn / "tls-auth.log").read_bytes()  # it got the packet, and dropped it
 
 
+def test_openvpn_server_with_tls_auth_answers_a_probe_given_its_key(openvpn: Path) -> None:
+    endpoint = (
+        f'host = "{NS_ADDR}", port = {OVPN_TLS_AUTH_PORT}, transport = "udp", protocol = "openvpn", '
+        f'tls_auth_file = "{openvpn / "ta.key"}", tls_auth_direction = 1'
+    )
+    m = endpoint_probe(endpoint)
+    assert m.ok and m.failure is None, m
+    assert m.first_byte_ms is not None and 0 < m.first_byte_ms <= m.total_ms
+
+
+@pytest.mark.parametrize("wrong", ["tls_auth_direction = 0", "another key"])
+def test_openvpn_server_with_tls_auth_is_silent_to_the_wrong_key(openvpn: Path, wrong: str) -> None:
+    key = openvpn / "ta.key"
+    if wrong == "another key":
+        key = openvpn / "other-ta.key"
+        sh(need("openvpn"), "--genkey", "secret", str(key))
+    direction = "tls_auth_direction = 0" if wrong.startswith("tls_auth_direction") else "tls_auth_direction = 1"
+    endpoint = (
+        f'host = "{NS_ADDR}", port = {OVPN_TLS_AUTH_PORT}, transport = "udp", protocol = "openvpn", '
+        f'tls_auth_file = "{key}", {direction}'
+    )
+    m = endpoint_probe(endpoint, timeout_s=2.5)
+    assert (m.ok, m.failure, m.failed_operation) == (False, "generic_timeout_error", "openvpn_handshake")
+
+
 def test_closed_openvpn_port_is_refused(namespace: str) -> None:
     m = endpoint_probe(f'host = "{NS_ADDR}", port = 1199, transport = "udp", protocol = "openvpn"')
     assert (m.ok, m.failure, m.failed_operation) == (False, "connection_refused", "openvpn_handshake")
@@ -319,6 +344,24 @@ REFUSED = [
         'host = "vpn.test", port = 1194, transport = "udp", protocol = "openvpn", private_key_file = "{tmp}/good.key"',
         "private_key_file and server_public_key are for wireguard endpoints",
     ),
+    (
+        'host = "vpn.test", port = 1194, transport = "udp", protocol = "openvpn", tls_auth_file = "{tmp}/bad.key"',
+        "bad.key' holds no OpenVPN static key (-----BEGIN OpenVPN Static key V1-----",
+    ),
+    (
+        'host = "vpn.test", port = 1194, transport = "udp", protocol = "openvpn", tls_auth_file = "{tmp}/none.key"',
+        "none.key': cannot read it: No such file or directory",
+    ),
+    (
+        'host = "vpn.test", port = 1194, transport = "udp", protocol = "openvpn", tls_auth_file = "{tmp}/ta.key", '
+        "tls_auth_direction = 2",
+        "tls_auth_direction: Input should be 0 or 1",
+    ),
+    (
+        'host = "vpn.test", port = 51820, transport = "udp", protocol = "wireguard", tls_auth_file = "{tmp}/ta.key", '
+        f'private_key_file = "{{tmp}}/good.key", server_public_key = "{PUBLIC}"',
+        "tls_auth_file is for openvpn endpoints",
+    ),
 ]
 
 
@@ -329,6 +372,7 @@ def check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Callab
     handlers, level = root.handlers[:], root.level
     (tmp_path / "bad.key").write_text("this is not a key, and it must never be echoed\n")
     (tmp_path / "good.key").write_text("YNqHbfBQKaGvzefSSLXEoq1b8vmPsJEcwPADOsGBtWw=\n")
+    sh(need("openvpn"), "--genkey", "secret", str(tmp_path / "ta.key"))
 
     def run(endpoint: str) -> tuple[int, str]:
         path = tmp_path / "tunnelwatch.toml"
@@ -359,4 +403,7 @@ def test_good_udp_endpoints_pass_the_check(check: Callable[[str], tuple[int, str
         f'private_key_file = "{{tmp}}/good.key", server_public_key = "{PUBLIC}"'
     )
     assert check(wireguard)[0] == 0
+    tls_auth = 'host = "vpn.test", port = 1194, transport = "udp", protocol = "openvpn", tls_auth_file = "{tmp}/ta.key"'
+    assert check(tls_auth)[0] == 0
+    assert check(tls_auth + ', tls_auth_direction = 1, tls_auth_digest = "SHA256"')[0] == 0
     assert check('host = "vpn.test", port = 8388')[0] == 0  # tcp, as before

@@ -6,7 +6,8 @@ waits for the server's first answer, checked against what was sent:
 
 - OpenVPN: the client's P_CONTROL_HARD_RESET_CLIENT_V2 (no key needed); the server's
   P_CONTROL_HARD_RESET_SERVER_V2 (or a bare P_ACK_V1) must acknowledge our session id. A
-  server with tls-auth or tls-crypt drops a packet without its HMAC: it stays silent.
+  server with tls-auth drops a packet without its HMAC: given the server's ta.key, the probe
+  adds it (and checks the answer's); a tls-crypt server stays silent to the probe.
 - WireGuard: a handshake initiation from a probe peer of its own (Noise_IKpsk2 through the
   noiseprotocol library, mac1 with hashlib's BLAKE2s); the response must decrypt with the
   handshake's state (a server under load sends a cookie reply instead: answered too). Never the tunnel's own key: the server would move the live tunnel's
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import os
 import socket
 import struct
@@ -60,15 +62,46 @@ WG_RESPONSE_SIZE = 92
 TAI64_BASE = 0x400000000000000A  # 2^62 + the 10 leap seconds TAI was ahead in 1972, as wg writes it
 
 
-def openvpn_reset(session: bytes) -> bytes:
-    """P_CONTROL_HARD_RESET_CLIENT_V2, key id 0: our session id, no acks, message packet id 0."""
-    return bytes([P_CONTROL_HARD_RESET_CLIENT_V2 << 3]) + session + b"\x00" + struct.pack("!I", 0)
+@dataclass(frozen=True, slots=True)
+class TlsAuth:
+    """OpenVPN's tls-auth: an HMAC and a replay counter between the session id and the rest."""
+
+    send_key: bytes
+    receive_key: bytes
+    digest: str
+
+    @property
+    def size(self) -> int:
+        return hashlib.new(self.digest).digest_size
+
+    def wrap(self, header: bytes, rest: bytes, packet_id: int) -> bytes:
+        replay = struct.pack("!II", packet_id, int(time.time()))
+        mac = hmac.digest(self.send_key[: self.size], replay + header + rest, self.digest)
+        return header + mac + replay + rest
+
+    def unwrap(self, answer: bytes) -> bytes:
+        header, mac, after = answer[:9], answer[9 : 9 + self.size], answer[9 + self.size :]
+        replay, rest = after[:8], after[8:]
+        expected = hmac.digest(self.receive_key[: self.size], replay + header + rest, self.digest)
+        if len(replay) != 8 or not hmac.compare_digest(mac, expected):
+            raise ProbeFailure(PROTOCOL_ERROR, OPENVPN_HANDSHAKE, "the answer's tls-auth HMAC is not the key's")
+        return header + rest
 
 
-def openvpn_answer_acks(answer: bytes, session: bytes) -> bool:
+def openvpn_reset(session: bytes, tls_auth: TlsAuth | None = None, packet_id: int = 1) -> bytes:
+    """P_CONTROL_HARD_RESET_CLIENT_V2, key id 0: our session id, no acks, message packet id 0;
+    with tls-auth, its HMAC and replay counter (`packet_id`) after the session id."""
+    header = bytes([P_CONTROL_HARD_RESET_CLIENT_V2 << 3]) + session
+    rest = b"\x00" + struct.pack("!I", 0)
+    return header + rest if tls_auth is None else tls_auth.wrap(header, rest, packet_id)
+
+
+def openvpn_answer_acks(answer: bytes, session: bytes, tls_auth: TlsAuth | None = None) -> bool:
     """The server's reset (or ack) acknowledging the packet we sent from `session`. Raises for
     anything else: a server that answers, but not as OpenVPN does."""
     opcode = answer[0] >> 3 if answer else None
+    if tls_auth is not None and opcode in (P_CONTROL_HARD_RESET_SERVER_V2, P_ACK_V1):
+        answer = tls_auth.unwrap(answer)
     if opcode not in (P_CONTROL_HARD_RESET_SERVER_V2, P_ACK_V1) or len(answer) < 10:
         raise ProbeFailure(PROTOCOL_ERROR, OPENVPN_HANDSHAKE, f"not an OpenVPN server's reset: {answer[:16].hex()}")
     acks = answer[9]
@@ -150,16 +183,24 @@ async def probe_udp_endpoint(endpoint: Endpoint, path: PathSpec, trace: Trace) -
         if endpoint.protocol == "wireguard":
             await _wireguard(sock, (address, endpoint.port), endpoint, trace)
         else:
-            await _openvpn(sock, (address, endpoint.port), trace)
+            keys = endpoint.tls_auth_keys
+            tls_auth = TlsAuth(*keys, endpoint.tls_auth_digest.lower()) if keys else None
+            await _openvpn(sock, (address, endpoint.port), tls_auth, trace)
     finally:
         sock.close()
 
 
-async def _openvpn(sock: socket.socket, peer: tuple[str, int], trace: Trace) -> None:
+async def _openvpn(sock: socket.socket, peer: tuple[str, int], tls_auth: TlsAuth | None, trace: Trace) -> None:
     trace.operation = OPENVPN_HANDSHAKE
     session = os.urandom(8)
-    packet = openvpn_reset(session)
-    await _exchange(sock, peer, lambda: packet, lambda answer: openvpn_answer_acks(answer, session), trace)
+    sent = 0
+
+    def packet() -> bytes:  # a resend, as OpenVPN's own, counts on tls-auth's replay counter
+        nonlocal sent
+        sent += 1
+        return openvpn_reset(session, tls_auth, sent)
+
+    await _exchange(sock, peer, packet, lambda answer: openvpn_answer_acks(answer, session, tls_auth), trace)
 
 
 async def _wireguard(sock: socket.socket, peer: tuple[str, int], endpoint: Endpoint, trace: Trace) -> None:
