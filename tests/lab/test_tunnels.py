@@ -25,7 +25,7 @@ import trustme
 
 from analysis.frames import load_measurements
 from tests.lab.kit import RESET, isp_resolver, probe_round, rule, running, spawn
-from tests.lab.network import NET, RESOLVER, RT, VP, WG_ENDPOINT, WG_PORT, in_ns
+from tests.lab.network import NET, RESOLVER, RT, VP, in_ns
 from tests.servers import need, stop
 
 V2RAY_FRONT, OPENVPN_SERVER = "10.66.2.40", "10.66.2.41"
@@ -264,10 +264,7 @@ def tunnels(lab: Path) -> Iterator[tuple[Path, OpenVPNClient]]:
     for address in (V2RAY_FRONT, OPENVPN_SERVER):
         in_ns(NET, "ip", "addr", "add", f"{address}/32", "dev", "lo")
     config = lab.with_name("tunnels.toml")
-    # kit.py's WireGuard endpoint predates UDP endpoint probes, which need protocol = "wireguard"
-    # and a probe peer's keys; until the lab names them, this copy leaves that endpoint out.
-    unprobed = f'endpoint = {{ host = "{WG_ENDPOINT}", port = {WG_PORT}, transport = "udp" }}\n'
-    config.write_text(lab.read_text().replace(unprobed, "") + PATHS)
+    config.write_text(lab.read_text() + PATHS)
     with v2ray(tmp), openvpn(tmp) as client:
         yield config, client
 
