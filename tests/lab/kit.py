@@ -23,6 +23,7 @@ from tests.lab.network import (
     NET,
     NEWS,
     PORTAL,
+    PREFIX,
     RESOLVER,
     RT,
     RT_VP_ADDR,
@@ -38,6 +39,10 @@ from tests.lab.network import (
     network,
 )
 from tests.servers import need, stop
+
+# wireguard-go's control sockets (/run/wireguard/DEV.sock) are shared by every namespace: names
+# of this lab's own, so two labs run side by side.
+WG_SERVER_DEV, WG_CLIENT_DEV = f"{PREFIX}wgs", f"{PREFIX}wgc"
 
 SITES = {"news.test": NEWS, "portal.test": PORTAL, "blocked.isp.test": BLOCKPAGE, "shop.test": SHOP}
 WRONG_CERT = {"shop.test": "elsewhere.test"}  # the site's own misconfiguration, the same from everywhere
@@ -137,13 +142,13 @@ def wireguard(tmp: Path) -> Iterator[None]:
     (tmp / "wg-server.pub").write_text(server_pub)
     wg, go = need("wg"), need("wireguard-go")
     with ExitStack() as stack:
-        for ns, dev in ((NET, "wgs"), (VP, "wgc")):
+        for ns, dev in ((NET, WG_SERVER_DEV), (VP, WG_CLIENT_DEV)):
             stack.enter_context(running(ns, [go, "-f", dev], tmp / f"{dev}.log"))
         in_ns(
             NET,
             wg,
             "set",
-            "wgs",
+            WG_SERVER_DEV,
             "listen-port",
             str(WG_PORT),
             "private-key",
@@ -155,13 +160,13 @@ def wireguard(tmp: Path) -> Iterator[None]:
             "peer",
             probe_pub,
         )
-        in_ns(NET, "ip", "addr", "add", f"{WG_SERVER}/24", "dev", "wgs")
-        in_ns(NET, "ip", "link", "set", "wgs", "up")
+        in_ns(NET, "ip", "addr", "add", f"{WG_SERVER}/24", "dev", WG_SERVER_DEV)
+        in_ns(NET, "ip", "link", "set", WG_SERVER_DEV, "up")
         in_ns(
             VP,
             wg,
             "set",
-            "wgc",
+            WG_CLIENT_DEV,
             "private-key",
             str(client_key),
             "peer",
@@ -173,10 +178,10 @@ def wireguard(tmp: Path) -> Iterator[None]:
             "persistent-keepalive",
             "1",
         )
-        in_ns(VP, "ip", "addr", "add", f"{WG_CLIENT}/24", "dev", "wgc")
-        in_ns(VP, "ip", "link", "set", "wgc", "up")
+        in_ns(VP, "ip", "addr", "add", f"{WG_CLIENT}/24", "dev", WG_CLIENT_DEV)
+        in_ns(VP, "ip", "link", "set", WG_CLIENT_DEV, "up")
         in_ns(VP, "ip", "rule", "add", "from", WG_CLIENT, "table", "100")
-        in_ns(VP, "ip", "route", "add", "default", "dev", "wgc", "table", "100")
+        in_ns(VP, "ip", "route", "add", "default", "dev", WG_CLIENT_DEV, "table", "100")
         yield
 
 
