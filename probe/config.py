@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -317,7 +318,15 @@ class Endpoint(_Frozen):
     @classmethod
     def _public_key(cls, value: str | None) -> str | None:
         if value is not None:
-            _wireguard_key(value, "is not a WireGuard public key (44 characters of base64, as `wg pubkey` prints)")
+            key = _wireguard_key(
+                value, "is not a WireGuard public key (44 characters of base64, as `wg pubkey` prints)"
+            )
+            try:  # X25519 refuses a low-order point (all zeros, say): no handshake could use it
+                X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
+            except ValueError:
+                raise ValueError(
+                    "is a low-order point, not a WireGuard server's public key (`wg pubkey` of its private key)"
+                ) from None
         return value
 
     @model_validator(mode="after")
@@ -351,6 +360,8 @@ class Endpoint(_Frozen):
             self._wireguard_keys = (private, _wireguard_key(self.server_public_key, ""))
         if self.protocol != "openvpn" and self.tls_auth_file is not None:
             raise ValueError("tls_auth_file is for openvpn endpoints")
+        if self.tls_auth_file is None and {"tls_auth_direction", "tls_auth_digest"} & self.model_fields_set:
+            raise ValueError("tls_auth_direction and tls_auth_digest go with a tls_auth_file (the server's ta.key)")
         if self.tls_auth_file is not None:
             self._tls_auth_keys = _tls_auth_keys(self.tls_auth_file, self.tls_auth_direction)
         return self
@@ -630,7 +641,8 @@ def _table_in(annotation: Any) -> type[BaseModel] | None:
 
 def _secret(loc: tuple[Any, ...]) -> bool:
     return bool(loc) and (
-        loc[-1] in ("username", "password") or loc[:2] in (("store", "url"), ("analysis", "store"), ("alerts", "urls"))
+        loc[-1] in ("username", "password", "server_public_key")
+        or loc[:2] in (("store", "url"), ("analysis", "store"), ("alerts", "urls"))
     )
 
 

@@ -11,6 +11,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import trustme
@@ -24,7 +25,7 @@ from tests.servers import need, stop
 NS, HOST_IF, NS_IF = "tu-udp", "tu-udp0", "eth0"
 HOST_ADDR, NS_ADDR = "10.231.7.1", "10.231.7.2"  # nobody else's: the lab uses 10.66/10.99
 WG_IF, WG_PORT, WG_CLOSED = "tu-udpwg", 51820, 51821
-OVPN_PORT, OVPN_TLS_AUTH_PORT = 1194, 1195
+OVPN_PORT, OVPN_TLS_AUTH_PORT, OVPN_SHA256_PORT = 1194, 1195, 1196
 ECHO = "127.0.7.9"
 
 
@@ -115,7 +116,8 @@ def _pki(tmp: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def openvpn(namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Two OpenVPN servers in the namespace (a throwaway PKI): one plain, one with tls-auth."""
+    """Three OpenVPN servers in the namespace (a throwaway PKI): one plain, one with tls-auth
+    (key direction 0), one with tls-auth without a key direction and `auth SHA256`."""
     tmp = tmp_path_factory.mktemp("ovpn")
     pki = _pki(tmp)
     common = ["--proto", "udp", "--local", NS_ADDR, "--ca", str(pki["ca"]), "--cert", str(pki["cert"])]
@@ -123,11 +125,14 @@ def openvpn(namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     plain = [need("openvpn"), "--server", "10.231.8.0", "255.255.255.0", "--topology", "subnet"]
     plain += ["--dev", "tu-udpvpn", "--dev-type", "tun", "--port", str(OVPN_PORT), *common]
     tls_auth = [need("openvpn"), "--tls-server", "--dev", "null", "--port", str(OVPN_TLS_AUTH_PORT), *common]
+    sha256 = [need("openvpn"), "--tls-server", "--dev", "null", "--port", str(OVPN_SHA256_PORT), *common]
+    sha256 += ["--tls-auth", str(pki["ta"]), "--auth", "SHA256"]
     tls_auth += ["--tls-auth", str(pki["ta"]), "0"]
-    procs = [spawn(plain, tmp / "plain.log"), spawn(tls_auth, tmp / "tls-auth.log")]
+    procs = [spawn(plain, tmp / "plain.log"), spawn(tls_auth, tmp / "tls-auth.log"), spawn(sha256, tmp / "sha256.log")]
     try:
         for proc, log, line in ((procs[0], "plain.log", b"Initialization Sequence Completed"),
-                                (procs[1], "tls-auth.log", b"link local (bound)")):  # fmt: skip
+                                (procs[1], "tls-auth.log", b"link local (bound)"),
+                                (procs[2], "sha256.log", b"link local (bound)")):  # fmt: skip
             for _ in range(200):
                 if line in (tmp / log).read_bytes():
                     break
@@ -224,6 +229,24 @@ def test_wireguard_port_dropped_by_a_firewall_times_out(wireguard: WireGuard) ->
     assert endpoint_probe(wg_endpoint(wireguard, wireguard.probe_key)).ok  # and back once the rule is gone
 
 
+@pytest.mark.parametrize(
+    ("reject_with", "failure"),
+    [
+        ("icmp-port-unreachable", "connection_refused"),
+        ("icmp-admin-prohibited", "host_unreachable"),  # a firewall's REJECT
+        ("icmp-host-unreachable", "generic_timeout_error"),  # soft: Linux keeps it from a UDP socket
+    ],
+)
+def test_wireguard_port_rejected_by_a_firewall(wireguard: WireGuard, reject_with: str, failure: str) -> None:
+    rule = ["INPUT", "-p", "udp", "--dport", str(WG_PORT), "-j", "REJECT", "--reject-with", reject_with]
+    sh("ip", "netns", "exec", NS, "iptables", "-I", *rule)
+    try:
+        m = endpoint_probe(wg_endpoint(wireguard, wireguard.probe_key), timeout_s=2.5)
+    finally:
+        sh("ip", "netns", "exec", NS, "iptables", "-D", *rule)
+    assert (m.ok, m.failure, m.failed_operation) == (False, failure, "wireguard_handshake"), m
+
+
 def test_openvpn_server_answers_the_hard_reset(openvpn: Path) -> None:
     m = endpoint_probe(f'host = "{NS_ADDR}", port = {OVPN_PORT}, transport = "udp", protocol = "openvpn"')
     assert m.ok and m.failure is None, m
@@ -245,6 +268,18 @@ def test_openvpn_server_with_tls_auth_answers_a_probe_given_its_key(openvpn: Pat
     m = endpoint_probe(endpoint)
     assert m.ok and m.failure is None, m
     assert m.first_byte_ms is not None and 0 < m.first_byte_ms <= m.total_ms
+
+
+def test_openvpn_server_with_bidirectional_tls_auth_and_sha256(openvpn: Path) -> None:
+    endpoint = (
+        f'host = "{NS_ADDR}", port = {OVPN_SHA256_PORT}, transport = "udp", protocol = "openvpn", '
+        f'tls_auth_file = "{openvpn / "ta.key"}"'
+    )
+    m = endpoint_probe(endpoint + ', tls_auth_digest = "SHA256"')
+    assert m.ok and m.failure is None, m
+    # SHA1's HMAC, as the default digest: the server drops it
+    m = endpoint_probe(endpoint, timeout_s=2.5)
+    assert (m.ok, m.failure, m.failed_operation) == (False, "generic_timeout_error", "openvpn_handshake")
 
 
 @pytest.mark.parametrize("wrong", ["tls_auth_direction = 0", "another key"])
@@ -340,6 +375,24 @@ REFUSED = [
         'private_key_file = "{tmp}/good.key", server_public_key = "not-a-key"',
         "is not a WireGuard public key",
     ),
+    (  # a key's value is never echoed: a private key pasted there by mistake would be
+        'host = "vpn.test", port = 51820, transport = "udp", protocol = "wireguard", '
+        'private_key_file = "{tmp}/good.key", server_public_key = "this key must never be echoed"',
+        "server_public_key: is not a WireGuard public key",
+    ),
+    (  # a low-order point (all zeros, a placeholder): no handshake can use it
+        'host = "vpn.test", port = 51820, transport = "udp", protocol = "wireguard", '
+        'private_key_file = "{tmp}/good.key", server_public_key = "' + "A" * 43 + '="',
+        "is a low-order point, not a WireGuard server's public key",
+    ),
+    (
+        'host = "vpn.test", port = 1194, transport = "udp", protocol = "openvpn", tls_auth_direction = 1',
+        "tls_auth_direction and tls_auth_digest go with a tls_auth_file",
+    ),
+    (
+        'host = "vpn.test", port = 1194, transport = "udp", protocol = "openvpn", tls_auth_digest = "SHA256"',
+        "tls_auth_direction and tls_auth_digest go with a tls_auth_file",
+    ),
     (
         'host = "vpn.test", port = 1194, transport = "udp", protocol = "openvpn", private_key_file = "{tmp}/good.key"',
         "private_key_file and server_public_key are for wireguard endpoints",
@@ -407,3 +460,140 @@ def test_good_udp_endpoints_pass_the_check(check: Callable[[str], tuple[int, str
     assert check(tls_auth)[0] == 0
     assert check(tls_auth + ', tls_auth_direction = 1, tls_auth_digest = "SHA256"')[0] == 0
     assert check('host = "vpn.test", port = 8388')[0] == 0  # tcp, as before
+
+
+# Hostile answers: a responder on loopback that answers each datagram as `reply` says.
+LIAR = "127.0.7.10"
+PROBE_KEY = "YNqHbfBQKaGvzefSSLXEoq1b8vmPsJEcwPADOsGBtWw="
+
+
+class Liar(Protocol):
+    def __call__(self, reply: Callable[[bytes], list[bytes]], flood: bool = False) -> int: ...
+
+
+@pytest.fixture
+def liar() -> Iterator[Liar]:
+    """start(reply, flood): a UDP port answering each datagram with reply(datagram); with
+    flood, it then sends the last answer again at full speed until the test ends."""
+    socks: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+    done = threading.Event()
+
+    def start(reply: Callable[[bytes], list[bytes]], flood: bool = False) -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((LIAR, 0))
+        sock.settimeout(0.05)
+        socks.append(sock)
+
+        def serve() -> None:
+            last: tuple[bytes, tuple[str, int]] | None = None
+            while not done.is_set():
+                try:
+                    data, peer = sock.recvfrom(4096)
+                except TimeoutError:
+                    if flood and last:
+                        for _ in range(1000):
+                            sock.sendto(*last)
+                    continue
+                for answer in reply(data):
+                    sock.sendto(answer, peer)
+                    last = answer, peer
+
+        threads.append(threading.Thread(target=serve))
+        threads[-1].start()
+        return int(sock.getsockname()[1])
+
+    yield start
+    done.set()
+    for thread in threads:
+        thread.join()
+    for sock in socks:
+        sock.close()
+
+
+def wg_liar_endpoint(port: int, tmp: Path) -> str:
+    key = tmp / "probe.key"
+    key.write_text(PROBE_KEY + "\n")
+    return (
+        f'host = "{LIAR}", port = {port}, transport = "udp", protocol = "wireguard", '
+        f'private_key_file = "{key}", server_public_key = "{PUBLIC}"'
+    )
+
+
+def wg_response(initiation: bytes, ephemeral: bytes) -> list[bytes]:
+    """A response to `initiation` (its sender as receiver) whose crypto is not the server's."""
+    return [b"\x02\x00\x00\x00" + os.urandom(4) + initiation[4:8] + ephemeral + os.urandom(16) + bytes(32)]
+
+
+@pytest.mark.parametrize("ephemeral", ["low order", "random"])
+def test_a_wireguard_response_that_does_not_decrypt_is_a_protocol_error(
+    liar: Liar, ephemeral: str, tmp_path: Path
+) -> None:
+    # an all-zero ephemeral key is a low-order point: X25519 refuses it (ValueError), as it must
+    key = bytes(32) if ephemeral == "low order" else bytes.fromhex("09") + bytes(31)
+    m = endpoint_probe(wg_liar_endpoint(liar(lambda data: wg_response(data, key)), tmp_path))
+    assert (m.ok, m.failure, m.failed_operation) == (False, "protocol_error", "wireguard_handshake"), m
+    assert "the response does not decrypt" in m.detail
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(lambda data: [b""], id="empty"),
+        pytest.param(lambda data: [b"\x02"], id="one byte"),
+        pytest.param(lambda data: [b"\x02\x00\x00\x00" + os.urandom(60_000)], id="huge"),
+        pytest.param(lambda data: [b"\x03\x00\x00\x00" + os.urandom(60)], id="cookie reply for another"),
+    ],
+)
+def test_garbage_from_a_wireguard_port_is_a_failure_string(
+    liar: Liar, answer: Callable[[bytes], list[bytes]], tmp_path: Path
+) -> None:
+    m = endpoint_probe(wg_liar_endpoint(liar(answer), tmp_path), timeout_s=2)
+    assert not m.ok and m.failure in ("protocol_error", "generic_timeout_error"), m
+    assert m.failed_operation == "wireguard_handshake"
+
+
+def test_a_flood_of_answers_to_someone_else_ends_at_the_timeout(liar: Liar, tmp_path: Path) -> None:
+    def other(data: bytes) -> list[bytes]:  # a response and a cookie reply for another sender
+        return [b"\x02\x00\x00\x00" + os.urandom(88), b"\x03\x00\x00\x00" + os.urandom(60)]
+
+    m = endpoint_probe(wg_liar_endpoint(liar(other, True), tmp_path), timeout_s=2)
+    assert (m.ok, m.failure) == (False, "generic_timeout_error"), m
+    assert m.total_ms < 30_000  # ended by the measure's timeout, not by the flood stopping
+
+    def no_acks(data: bytes) -> list[bytes]:  # a server reset that acknowledges nothing, forever
+        return [bytes([8 << 3]) + os.urandom(8) + b"\x00" + bytes(4)]
+
+    m = endpoint_probe(f'host = "{LIAR}", port = {liar(no_acks, True)}, transport = "udp", protocol = "openvpn"', 2)
+    assert (m.ok, m.failure) == (False, "generic_timeout_error"), m
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(lambda data: [b""], id="empty"),
+        pytest.param(lambda data: [bytes([8 << 3])], id="one byte"),
+        pytest.param(lambda data: [bytes([8 << 3]) + os.urandom(60_000)], id="huge"),
+        pytest.param(lambda data: [bytes([5 << 3]) + os.urandom(8) + b"\x01" + bytes(4) + os.urandom(8)], id="ack"),
+    ],
+)
+def test_garbage_from_an_openvpn_port_is_a_failure_string(liar: Liar, answer: Callable[[bytes], list[bytes]]) -> None:
+    m = endpoint_probe(f'host = "{LIAR}", port = {liar(answer)}, transport = "udp", protocol = "openvpn"', 2)
+    assert not m.ok and m.failure in ("protocol_error", "generic_timeout_error"), m
+    assert m.failed_operation == "openvpn_handshake"
+
+
+def test_an_openvpn_reset_without_the_keys_hmac_is_a_protocol_error(liar: Liar, tmp_path: Path) -> None:
+    sh(need("openvpn"), "--genkey", "secret", str(tmp_path / "ta.key"))
+
+    def forged(data: bytes) -> list[bytes]:  # a server reset acking our packet, its HMAC random
+        session = data[1:9]
+        return [bytes([8 << 3]) + os.urandom(8) + os.urandom(20) + bytes(8) + b"\x01" + bytes(4) + session + bytes(4)]
+
+    endpoint = (
+        f'host = "{LIAR}", port = {liar(forged)}, transport = "udp", protocol = "openvpn", '
+        f'tls_auth_file = "{tmp_path / "ta.key"}", tls_auth_direction = 1'
+    )
+    m = endpoint_probe(endpoint)
+    assert (m.ok, m.failure, m.failed_operation) == (False, "protocol_error", "openvpn_handshake"), m
+    assert "the answer's tls-auth HMAC is not the key's" in m.detail

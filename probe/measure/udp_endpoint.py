@@ -10,14 +10,21 @@ waits for the server's first answer, checked against what was sent:
   adds it (and checks the answer's); a tls-crypt server stays silent to the probe.
 - WireGuard: a handshake initiation from a probe peer of its own (Noise_IKpsk2 through the
   noiseprotocol library, mac1 with hashlib's BLAKE2s); the response must decrypt with the
-  handshake's state (a server under load sends a cookie reply instead: answered too). Never the tunnel's own key: the server would move the live tunnel's
-  endpoint to the probe's port.
+  handshake's state. Never the tunnel's own key: the server would move the live tunnel's
+  endpoint to the probe's port. A server under load sends a cookie reply instead, and only
+  after checking our mac1: it counts as answered, unverified. Its cookie is sealed with
+  XChaCha20-Poly1305 (which `cryptography` lacks) under a key made from the server's public
+  key, so even opened it would prove only that something which saw our initiation and knows
+  that public key answered, not the private key a response proves; it carries our sender
+  index, which only something on the path can copy.
 
 A lost datagram is sent again every RESEND_S (WireGuard: a fresh initiation, as the server
 refuses a replayed timestamp) until the probe's timeout. The first_byte phase runs from the
 first send to the checked answer. Failures: nothing back is generic_timeout_error (the
-measure's timeout), an ICMP port unreachable is connection_refused (host or network
-unreachable likewise), an answer that is not the expected one is protocol_error.
+measure's timeout); an ICMP port unreachable is connection_refused and an ICMP "prohibited"
+(a firewall's REJECT) host_unreachable, but a plain host or network unreachable, which Linux
+does not report on a UDP socket, ends as the timeout; an answer that is not the expected one
+is protocol_error.
 """
 
 from __future__ import annotations
@@ -155,7 +162,7 @@ class WireGuardInitiation:
         """True for this initiation's response, decrypted; False for another initiation's.
         Raises for anything a WireGuard server would not send."""
         kind, receiver = answer[:1], answer[8:12]
-        if kind == bytes([WG_COOKIE_REPLY]) and len(answer) == 64:
+        if kind == bytes([WG_COOKIE_REPLY]) and len(answer) == 64 and answer[1:4] == bytes(3):
             # A server under load answers with a cookie first; its box (XChaCha20) stays shut.
             return answer[4:8] == struct.pack("<I", self.sender)
         if kind != bytes([WG_RESPONSE]) or len(answer) != WG_RESPONSE_SIZE or answer[1:4] != bytes(3):
@@ -164,7 +171,7 @@ class WireGuardInitiation:
             return False
         try:
             self.noise.read_message(answer[12:60])  # e, ee, se, psk and the empty payload's tag
-        except (InvalidTag, NoiseInvalidMessage) as exc:
+        except (InvalidTag, NoiseInvalidMessage, ValueError) as exc:  # ValueError: X25519 refuses a low-order e
             raise ProbeFailure(
                 PROTOCOL_ERROR, WIREGUARD_HANDSHAKE, "the response does not decrypt: not the server_public_key's server"
             ) from exc
