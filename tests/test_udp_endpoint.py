@@ -4,11 +4,13 @@ checks of protocol and keys; answers that are not the protocol's, from a UDP ech
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +41,7 @@ def _remove_namespace() -> None:
             sh("kill", "-9", pid, check=False)
         sh("ip", "netns", "del", NS, check=False)  # takes the veth pair with it
     sh("ip", "link", "del", HOST_IF, check=False)
+    Path(f"/run/wireguard/{WG_IF}.sock").unlink(missing_ok=True)  # a killed wireguard-go's
 
 
 @pytest.fixture(scope="module")
@@ -490,10 +493,14 @@ def liar() -> Iterator[Liar]:
             while not done.is_set():
                 try:
                     data, peer = sock.recvfrom(4096)
-                except TimeoutError:
+                except (TimeoutError, BlockingIOError):
                     if flood and last:
-                        for _ in range(1000):
-                            sock.sendto(*last)
+                        sock.settimeout(0)  # from now on never waiting: answering at full speed
+                        for _ in range(100):
+                            try:
+                                sock.sendto(*last)
+                            except OSError:  # the probe's socket closed: ICMP refusals come back
+                                pass
                     continue
                 for answer in reply(data):
                     sock.sendto(answer, peer)
@@ -581,6 +588,24 @@ def test_garbage_from_an_openvpn_port_is_a_failure_string(liar: Liar, answer: Ca
     m = endpoint_probe(f'host = "{LIAR}", port = {liar(answer)}, transport = "udp", protocol = "openvpn"', 2)
     assert not m.ok and m.failure in ("protocol_error", "generic_timeout_error"), m
     assert m.failed_operation == "openvpn_handshake"
+
+
+def test_openvpn_reset_with_tls_auth_is_laid_out_as_openvpn_writes_it(tmp_path: Path) -> None:
+    """opcode 7 key id 0, session id, HMAC over packet id + time + opcode + session id + the
+    rest, then the packet id before the time (src/openvpn/ssl_pkt.c swap_hmac, packet_id.c
+    packet_id_write), then no acks and message packet id 0."""
+    from probe.measure.udp_endpoint import TlsAuth, openvpn_reset
+
+    auth = TlsAuth(bytes(range(64)), bytes(64), "sha1")
+    before = int(time.time())
+    packet = openvpn_reset(b"S" * 8, auth, packet_id=7)
+    header, mac, packet_id, when, rest = packet[:9], packet[9:29], packet[29:33], packet[33:37], packet[37:]
+    assert header == bytes([7 << 3]) + b"S" * 8 and rest == b"\x00" + bytes(4)
+    assert int.from_bytes(packet_id, "big") == 7 and before <= int.from_bytes(when, "big") <= time.time() + 1
+    assert mac == hmac.digest(bytes(range(20)), packet_id + when + header + rest, "sha1")
+    assert auth.unwrap(header + hmac.digest(bytes(20), packet_id + when + header + rest, "sha1") + packet[29:]) == (
+        header + rest
+    )
 
 
 def test_an_openvpn_reset_without_the_keys_hmac_is_a_protocol_error(liar: Liar, tmp_path: Path) -> None:
