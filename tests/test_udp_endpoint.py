@@ -622,3 +622,17 @@ def test_an_openvpn_reset_without_the_keys_hmac_is_a_protocol_error(liar: Liar, 
     m = endpoint_probe(endpoint)
     assert (m.ok, m.failure, m.failed_operation) == (False, "protocol_error", "openvpn_handshake"), m
     assert "the answer's tls-auth HMAC is not the key's" in m.detail
+
+
+def test_a_cookie_reply_to_our_initiation_counts_as_answered(liar: Liar, tmp_path: Path) -> None:
+    """A server under load answers with a cookie reply (type 3, our sender index as receiver,
+    a 24-byte nonce, a sealed 16-byte cookie): taken unverified, as the module says."""
+
+    def cookie(data: bytes) -> list[bytes]:
+        return [b"\x03\x00\x00\x00" + data[4:8] + os.urandom(56)]
+
+    m = endpoint_probe(wg_liar_endpoint(liar(cookie), tmp_path))
+    assert m.ok and m.failure is None, m
+    # the same with a nonzero reserved byte is not a WireGuard message
+    m = endpoint_probe(wg_liar_endpoint(liar(lambda data: [b"\x03\x00\x01\x00" + cookie(data)[0][4:]]), tmp_path))
+    assert (m.ok, m.failure, m.failed_operation) == (False, "protocol_error", "wireguard_handshake"), m
