@@ -203,6 +203,17 @@ def test_wireguard_server_answers_the_listed_probe_peer(wireguard: WireGuard) ->
     assert [peer[2].rpartition(":")[0] for peer in peers if peer[0] == wireguard.probe_pub] == [HOST_ADDR]
 
 
+def test_wireguard_server_is_silent_to_an_earlier_timestamp(
+    wireguard: WireGuard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Why one probe key per vantage point: a clock behind the last initiation the server took."""
+    assert endpoint_probe(wg_endpoint(wireguard, wireguard.probe_key)).ok
+    day_ago = time.time_ns() - 86_400 * 10**9
+    monkeypatch.setattr("probe.measure.udp_endpoint.time.time_ns", lambda: day_ago)
+    m = endpoint_probe(wg_endpoint(wireguard, wireguard.probe_key), timeout_s=2.5)
+    assert (m.ok, m.failure, m.failed_operation) == (False, "generic_timeout_error", "wireguard_handshake")
+
+
 def test_wireguard_server_is_silent_to_an_unknown_peer(wireguard: WireGuard) -> None:
     m = endpoint_probe(wg_endpoint(wireguard, wireguard.stranger_key), timeout_s=2.5)
     assert not m.ok

@@ -11,12 +11,14 @@ waits for the server's first answer, checked against what was sent:
 - WireGuard: a handshake initiation from a probe peer of its own (Noise_IKpsk2 through the
   noiseprotocol library, mac1 with hashlib's BLAKE2s); the response must decrypt with the
   handshake's state. Never the tunnel's own key: the server would move the live tunnel's
-  endpoint to the probe's port. A server under load sends a cookie reply instead, and only
-  after checking our mac1: it counts as answered, unverified. Its cookie is sealed with
-  XChaCha20-Poly1305 (which `cryptography` lacks) under a key made from the server's public
-  key, so even opened it would prove only that something which saw our initiation and knows
-  that public key answered, not the private key a response proves; it carries our sender
-  index, which only something on the path can copy.
+  endpoint to the probe's port. One probe key per vantage point: the server takes a key's
+  initiation only if its timestamp is later than the last it took, so a second vantage point
+  whose clock is behind would go unanswered. A server under load sends a cookie reply
+  instead, and only after checking our mac1: it counts as answered, unverified. Its cookie is
+  sealed with XChaCha20-Poly1305 (which `cryptography` lacks) under a key made from the
+  server's public key, so even opened it would prove only that something which saw our
+  initiation and knows that public key answered, not the private key a response proves; it
+  carries our sender index, which only something on the path can copy.
 
 A lost datagram is sent again every RESEND_S (WireGuard: a fresh initiation, as the server
 refuses a replayed timestamp) until the probe's timeout. The first_byte phase runs from the
