@@ -119,8 +119,9 @@ def _pki(tmp: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def openvpn(namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Three OpenVPN servers in the namespace (a throwaway PKI): one plain, one with tls-auth
-    (key direction 0), one with tls-auth without a key direction and `auth SHA256`."""
+    """Three OpenVPN servers in the namespace (a throwaway PKI): a multi-client one, plain; a
+    point-to-point one with tls-auth (key direction 0); a multi-client one with tls-auth
+    without a key direction and `auth SHA256` (2.6 answers it statelessly, an HMAC cookie)."""
     tmp = tmp_path_factory.mktemp("ovpn")
     pki = _pki(tmp)
     common = ["--proto", "udp", "--local", NS_ADDR, "--ca", str(pki["ca"]), "--cert", str(pki["cert"])]
@@ -128,14 +129,15 @@ def openvpn(namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     plain = [need("openvpn"), "--server", "10.231.8.0", "255.255.255.0", "--topology", "subnet"]
     plain += ["--dev", "tu-udpvpn", "--dev-type", "tun", "--port", str(OVPN_PORT), *common]
     tls_auth = [need("openvpn"), "--tls-server", "--dev", "null", "--port", str(OVPN_TLS_AUTH_PORT), *common]
-    sha256 = [need("openvpn"), "--tls-server", "--dev", "null", "--port", str(OVPN_SHA256_PORT), *common]
+    sha256 = [need("openvpn"), "--server", "10.231.9.0", "255.255.255.0", "--topology", "subnet"]  # multi-client
+    sha256 += ["--dev", "tu-udpvpn2", "--dev-type", "tun", "--port", str(OVPN_SHA256_PORT), *common]
     sha256 += ["--tls-auth", str(pki["ta"]), "--auth", "SHA256"]
     tls_auth += ["--tls-auth", str(pki["ta"]), "0"]
     procs = [spawn(plain, tmp / "plain.log"), spawn(tls_auth, tmp / "tls-auth.log"), spawn(sha256, tmp / "sha256.log")]
     try:
         for proc, log, line in ((procs[0], "plain.log", b"Initialization Sequence Completed"),
                                 (procs[1], "tls-auth.log", b"link local (bound)"),
-                                (procs[2], "sha256.log", b"link local (bound)")):  # fmt: skip
+                                (procs[2], "sha256.log", b"Initialization Sequence Completed")):  # fmt: skip
             for _ in range(200):
                 if line in (tmp / log).read_bytes():
                     break
