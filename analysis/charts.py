@@ -19,6 +19,7 @@ import numpy.typing as npt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.colors import to_rgba_array  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
@@ -44,6 +45,7 @@ VERDICT_COLOURS = {
     INCONCLUSIVE: "#999999",
 }
 NO_DATA = "#DDDDDD"
+HOUR, DAY = pd.Timedelta(hours=1), pd.Timedelta(days=1)
 # SmokePing colours its median by the loss in that interval; ours by the failure rate.
 FAILURE_STEPS = (
     (0.0, "#009E73", "0 %"),
@@ -89,25 +91,62 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2], edges[1::2], strict=True))
 
 
-def _hours(start: pd.Timestamp, end: pd.Timestamp) -> pd.DatetimeIndex:
-    return pd.date_range(start, end, freq="1h", inclusive="left")
+def _hours(start: pd.Timestamp, end: pd.Timestamp, step: pd.Timedelta = HOUR) -> pd.DatetimeIndex:
+    return pd.date_range(start, end, freq=step, inclusive="left")
 
 
-def availability_heatmap(hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, tz: str) -> Figure:
-    """One row per path (grouped by target group), one column per hour; colour = success rate.
-    `hourly` is the summary's probes and failing probes per (hour, group, path)."""
-    hours = _hours(start, end)
-    rows = (
-        sorted({(str(g), str(p)) for g, p in zip(hourly["group"], hourly["path"], strict=True)}) if len(hourly) else []
+def _unit(step: pd.Timedelta) -> str:
+    return "hour" if step == HOUR else "day" if step == DAY else str(step)
+
+
+def _every(step: pd.Timedelta) -> str:
+    return "hourly" if step == HOUR else "daily" if step == DAY else f"per {step}"
+
+
+def coarser(
+    hourly: pd.DataFrame, latency: pd.DataFrame, start: pd.Timestamp, step: pd.Timedelta
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The summary's hours in bins of `step` from `start`, for a chart over a long range:
+    probes and failing probes added up (a bin's rate is exact), each percentile the mean of
+    its hours' weighted by their samples (close: the hours of a day differ little)."""
+
+    def bins(frame: pd.DataFrame) -> pd.Series:
+        return start + ((frame["hour"] - start) // step) * step
+
+    counts = (
+        hourly.assign(hour=bins(hourly)).groupby(["hour", "group", "path"], as_index=False)[["probes", "failing"]].sum()
+        if len(hourly)
+        else hourly
     )
+    if latency.empty:
+        return counts, latency
+    values = [c for c in latency.columns if c not in ("hour", "path", "samples")]
+    weighted = latency[values].mul(latency["samples"], axis=0)
+    present = latency[values].notna().mul(latency["samples"], axis=0)  # a missing percentile weighs nothing
+    keys = [bins(latency).rename("hour"), latency["path"]]
+    sums = weighted.groupby(keys).sum(min_count=1)
+    weights = present.groupby(keys).sum()
+    means = (sums / weights.where(weights > 0)).assign(samples=latency["samples"].groupby(keys).sum())
+    return counts, means.reset_index()[list(latency.columns)]
+
+
+def availability_heatmap(
+    hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, tz: str, step: pd.Timedelta = HOUR
+) -> Figure:
+    """One row per path (grouped by target group), one column per hour; colour = success rate.
+    `hourly` is the summary's probes and failing probes per (hour, group, path); over a long
+    range, per `step` from `start` (`coarser`)."""
+    hours = _hours(start, end, step)
+    keys = pd.MultiIndex.from_arrays([hourly["group"].astype(str), hourly["path"].astype(str)])
+    rows: list[tuple[str, str]] = sorted(keys.unique()) if len(hourly) else []
     matrix = np.full((max(1, len(rows)), len(hours)), np.nan)
     if len(hourly):
-        position = {h: i for i, h in enumerate(hours)}
-        for hour, group, path, probes, failing in hourly[["hour", "group", "path", "probes", "failing"]].itertuples(
-            index=False
-        ):
-            if hour in position and probes:
-                matrix[rows.index((group, path)), position[hour]] = 1 - failing / probes
+        column = hours.get_indexer(pd.DatetimeIndex(hourly["hour"]))  # -1: an hour outside the chart
+        row_of = pd.MultiIndex.from_tuples(rows).get_indexer(keys)
+        probes = hourly["probes"].to_numpy(dtype="float64")
+        failing = hourly["failing"].to_numpy(dtype="float64")
+        shown = (column >= 0) & (probes != 0)
+        matrix[row_of[shown], column[shown]] = 1 - failing[shown] / probes[shown]
     # never shorter than the vertical labels (the axis' and the colour bar's) are long
     height = max(MIN_HEATMAP_IN, 1.6 + 0.32 * len(rows))
     fig = Figure(figsize=(WIDTH_IN, height), dpi=DPI, layout="constrained")
@@ -136,7 +175,7 @@ def availability_heatmap(hourly: pd.DataFrame, start: pd.Timestamp, end: pd.Time
     _time_axis(ax, start, end, tz)
     ax.set_xlabel(f"time ({tz})")
     ax.set_ylabel("target group · path")
-    ax.set_title(f"Availability per hour, {_period(start, end, tz)}")
+    ax.set_title(f"Availability per {_unit(step)}, {_period(start, end, tz)}")
     bar = fig.colorbar(image, ax=ax, pad=0.01)
     bar.set_label("success rate\n(share of probes that worked)")
     fig.legend(
@@ -151,6 +190,15 @@ def _failure_colour(rate: float) -> str:
     return next(colour for limit, colour, _ in FAILURE_STEPS if rate <= limit or limit > 1)
 
 
+def _failure_colours(rates: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """`_failure_colour` of each rate, as RGBA rows: a year's hours at once."""
+    limits = np.array([limit for limit, _, _ in FAILURE_STEPS])
+    palette = to_rgba_array([colour for _, colour, _ in FAILURE_STEPS])
+    step = np.minimum(np.searchsorted(limits, rates, side="left"), len(limits) - 1)
+    colours: npt.NDArray[np.float64] = palette[step]
+    return colours
+
+
 def latency_smoke(
     latency: pd.DataFrame,
     hourly: pd.DataFrame,
@@ -158,15 +206,16 @@ def latency_smoke(
     end: pd.Timestamp,
     tz: str,
     metric: str = "connect",
+    step: pd.Timedelta = HOUR,
 ) -> Figure:
     """Per path, SmokePing-style: the hourly median of `metric` as a line coloured by that
     hour's failure rate, with grey bands for the 10-90 and 25-75 percentiles. `latency` and
     `hourly` are the summary's percentiles and counts per hour."""
-    paths = sorted(set(latency["path"].astype(str))) or ["(none)"]
+    paths = sorted(latency["path"].astype(str).unique()) or ["(none)"]
     fig = Figure(figsize=(WIDTH_IN, 1.2 + 1.9 * len(paths)), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(paths), 1, sharex=True, squeeze=False)[:, 0]
     colours = path_colours(paths)
-    hours = _hours(start, end)
+    hours = _hours(start, end, step)
     label = metric.replace("_", " ")
     for ax, path in zip(axes, paths, strict=True):
         mine = latency[latency["path"] == path].set_index("hour")
@@ -178,7 +227,7 @@ def latency_smoke(
             h = h[h["group"] == "control"]
         sums = h.groupby("hour")[["failing", "probes"]].sum()
         failure = (sums["failing"] / sums["probes"]).reindex(hours)
-        x = _days(hours + pd.Timedelta(minutes=30), tz)
+        x = _days(hours + step / 2, tz)
         if not q.empty and q.notna().any().any():
             ax.fill_between(x, q[0.1], q[0.9], color="#cccccc", step="mid", linewidth=0, label="10-90 %")
             ax.fill_between(x, q[0.25], q[0.75], color="#999999", step="mid", linewidth=0, label="25-75 %")
@@ -186,15 +235,15 @@ def latency_smoke(
             segments = np.stack([points[:-1], points[1:]], axis=1)
             rates = failure.fillna(0).to_numpy()[:-1]
             keep = ~np.isnan(segments).any(axis=(1, 2))
-            line = LineCollection(segments[keep], colors=[_failure_colour(r) for r in rates[keep]], linewidths=2)
+            line = LineCollection(segments[keep], colors=_failure_colours(rates[keep]), linewidths=2)
             ax.add_collection(line)
             ax.set_ylim(0, float(np.nanmax(q[0.9].to_numpy())) * 1.15 or 1)
         ax.set_ylabel(f"{label} (ms)")
         ax.set_title(path, loc="left", color=colours.get(path, "black"), fontweight="bold", fontsize=10)
         _time_axis(ax, start, end, tz)
-    axes[-1].set_xlabel(f"time ({tz}); hours without a line had no successful probe")
+    axes[-1].set_xlabel(f"time ({tz}); {_unit(step)}s without a line had no successful probe")
     fig.suptitle(
-        f"Latency ({label}) per path, {_period(start, end, tz)}: hourly median coloured by the "
+        f"Latency ({label}) per path, {_period(start, end, tz)}: {_every(step)} median coloured by the "
         "failure rate on control targets"
     )
     handles = [Patch(color="#cccccc", label="10-90 percentile"), Patch(color="#999999", label="25-75 percentile")]
@@ -248,19 +297,40 @@ def outage_timeline(
         )
         ax.axvspan(a, b, ymin=0, ymax=1, color="#56B4E9", alpha=0.08, linewidth=0, zorder=0)
     first = len(lanes)
+    # each row's bars in one collection (a year holds hundreds), drawn in the outages' order
+    bars = pd.DataFrame(spans, columns=["path", "start", "end", "verdict"])
+    bars["a"] = np.maximum(lo, _days(pd.DatetimeIndex(bars["start"]), tz)) if len(bars) else []
+    bars["b"] = np.minimum(hi, _days(pd.DatetimeIndex(bars["end"]), tz)) if len(bars) else []
+    bars = bars[bars["b"] > bars["a"]]
+    holes = (
+        [
+            (a, b)
+            for a, b in zip(
+                _days(pd.DatetimeIndex(gaps["start"]), tz), _days(pd.DatetimeIndex(gaps["end"]), tz), strict=True
+            )
+        ]
+        if len(gaps)
+        else []
+    )
+    holes = [(max(lo, a), min(hi, b)) for a, b in holes if min(hi, b) > max(lo, a)]
     for row, path in enumerate(paths, start=first):
-        for began, ended, verdict in [(a, b, v) for p, a, b, v in spans if str(p) == path]:
-            a, b = max(lo, to_num(began)), min(hi, to_num(ended))
-            if b > a:
-                ax.broken_barh(
-                    [(a, b - a)], (row - 0.35, 0.7), color=VERDICT_COLOURS.get(str(verdict), "#999999"), zorder=2
-                )
-        for began, ended in zip(gaps["start"], gaps["end"], strict=True) if len(gaps) else []:
-            a, b = max(lo, to_num(began)), min(hi, to_num(ended))
-            if b > a:
-                ax.broken_barh(
-                    [(a, b - a)], (row - 0.35, 0.7), facecolor=NO_DATA, hatch="///", edgecolor="#888888", zorder=3
-                )
+        mine = bars[bars["path"].astype(str) == path]
+        if len(mine):
+            ax.broken_barh(
+                list(zip(mine["a"], mine["b"] - mine["a"], strict=True)),
+                (row - 0.35, 0.7),
+                color=[VERDICT_COLOURS.get(str(v), "#999999") for v in mine["verdict"]],
+                zorder=2,
+            )
+        if holes:
+            ax.broken_barh(
+                [(a, b - a) for a, b in holes],
+                (row - 0.35, 0.7),
+                facecolor=NO_DATA,
+                hatch="///",
+                edgecolor="#888888",
+                zorder=3,
+            )
     ax.set_yticks(range(first + len(paths)), lanes + paths)
     for label, name in zip(ax.get_yticklabels(), lanes + paths, strict=True):
         label.set_color(colours.get(name, "#444444"))

@@ -6,6 +6,7 @@ included. A start or end with a time and an offset is taken as it is.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
@@ -66,15 +67,32 @@ class Event(BaseModel):
     @property
     def window(self) -> tuple[pd.Timestamp, pd.Timestamp]:
         """[start, end) in UTC, as pandas timestamps."""
-        import pandas as pd
-
-        start, end = self.span
-        return pd.Timestamp(start).tz_convert("UTC"), pd.Timestamp(end).tz_convert("UTC")
+        return _window(self.start, self.end)
 
 
 def overlapping(start: pd.Timestamp, end: pd.Timestamp, events: Iterable[Event]) -> tuple[str, ...]:
     """The ids of the events whose window overlaps [start, end), in their order."""
-    return tuple(e.id for e in events if e.window[0] < end and start < e.window[1])
+    import pandas as pd
+
+    lo, hi = pd.Timestamp(start).value, pd.Timestamp(end).value  # nanoseconds: a year's rows ask often
+    return tuple(e.id for e in events if (w := _window_ns(e.start, e.end))[0] < hi and lo < w[1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _window_ns(start: datetime | date, end: datetime | date) -> tuple[int, int]:
+    a, b = _window(start, end)
+    return a.value, b.value
+
+
+@functools.lru_cache(maxsize=4096)
+def _window(start: datetime | date, end: datetime | date) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """An event's window, made once: a year's outages ask each event's window for each outage."""
+    import pandas as pd
+
+    return (
+        pd.Timestamp(_instant(start, end=False)).tz_convert("UTC"),
+        pd.Timestamp(_instant(end, end=True)).tz_convert("UTC"),
+    )
 
 
 def _instant(value: datetime | date, end: bool) -> datetime:

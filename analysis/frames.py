@@ -14,6 +14,7 @@ stored summaries before the cursor joined to the raw rows after it, summarised a
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +27,15 @@ from pandas.api.types import union_categoricals
 from probe.errors import StoreError
 from probe.pgurl import mask, redact
 from probe.store.file import StoreDamaged, look_over, store_error
-from probe.store.schema import COVERAGE, HOURLY, HOURLY_LATENCY, PATH_COLUMNS, VERDICT_RUNS, SummaryTable, to_ms
+from probe.store.schema import (
+    COVERAGE,
+    HOURLY,
+    HOURLY_LATENCY,
+    PATH_COLUMNS,
+    VERDICT_RUNS,
+    SummaryTable,
+    to_ms,
+)
 
 from .summary import Summary, join, summarise
 
@@ -308,15 +317,19 @@ def summarise_raw(db: Store, start: pd.Timestamp | None, end: pd.Timestamp | Non
     return summarise(m, beats, load_paths(db), slot_s)
 
 
-def load_summary(db: Store, since: datetime | None, until: datetime | None, slot_s: float) -> Summary:
+def load_summary(
+    db: Store, since: datetime | None, until: datetime | None, slot_s: float, held: Held | None = None
+) -> Summary:
     """Everything analysis needs of [since, until): stored summaries before the cursor, raw
-    rows after it."""
+    rows after it. With `held`, the stored summaries are those it keeps in memory (the same
+    rows, read once by a process that answers many ranges)."""
     start = None if since is None else pd.Timestamp(since)
     end = None if until is None else pd.Timestamp(until)
-    cursor = read_cursor(db)  # says so if there is no store
+    cursor = read_cursor(db) if held is None else held.refresh()  # says so if there is no store
     stored = Summary.empty()
     if cursor is not None and (start is None or start < cursor):
-        stored = _stored(db, start, cursor if end is None else min(end, cursor))
+        hi = cursor if end is None else min(end, cursor)
+        stored = _stored(db, start, hi) if held is None else held.stored(start, hi)
     tail_from = start if cursor is None or (start is not None and start > cursor) else cursor
     summary = join(stored, summarise_raw(db, tail_from, end, slot_s))
     if start is None and end is None:
@@ -343,14 +356,16 @@ def _rows(
     db: Store,
     table: SummaryTable,
     where: str,
-    bounds: tuple[int, int],
+    bounds: tuple[int, ...],
     empty: pd.DataFrame,
     order: str | None = None,
+    with_id: bool = False,
 ) -> pd.DataFrame:
     """A summary table's rows of our vantage point as a frame like `empty`, whose columns are
-    the table's in order (frame_columns); the times (stored as Unix ms) as UTC times."""
+    the table's in order (frame_columns, then the id `with_id`); the times (stored as Unix
+    ms) as UTC times."""
     mine, vantage = _mine(db)
-    select = ", ".join(frame_columns(table))
+    select = ", ".join([*frame_columns(table), *(["id"] if with_id else [])])
     sql = f"SELECT {select} FROM {table.name} WHERE {where}{mine}" + (f" ORDER BY {order}" if order else "")
     rows = _query(db, sql, [*bounds, *vantage])
     if not rows:
@@ -366,3 +381,75 @@ def frame_columns(table: SummaryTable) -> tuple[str, ...]:
     """The columns of a summary table that the Summary's frame of it holds, in the frame's
     order (summary.py names them: `first` for first_ms, `group` for grp): all but the row id."""
     return tuple(c for c in table.columns if c != "id")
+
+
+REREAD_MS = 86_400_000  # what a held copy reads again when the cursor moves: from a day before it
+
+
+class Held:
+    """A store's stored summaries, all of them, kept in memory by a long-lived reader (the
+    dashboard): any range is then cut from memory rather than read again. `refresh` follows
+    the store: when its cursor moves, the rows compaction may have written or changed since
+    (runs that end, hours that start, from a day before the old cursor on; every coverage
+    span) are read again, runs by their id. `stored(start, end)` holds what `_stored` reads
+    of the same range."""
+
+    def __init__(self, db: Store) -> None:
+        self.db = db
+        self.cursor: pd.Timestamp | None = None
+        self._lock = threading.Lock()
+        empty = Summary.empty()
+        self._runs = empty.runs.assign(id=pd.Series(dtype="int64"))
+        self._hourly, self._latency, self._coverage = empty.hourly, empty.latency, empty.coverage
+
+    def refresh(self) -> pd.Timestamp | None:
+        """The store's cursor, with the summaries before it in memory."""
+        with self._lock:
+            cursor = read_cursor(self.db)
+            if cursor is None or cursor == self.cursor:
+                self.cursor = cursor
+                return cursor
+            whole = self.cursor is None or cursor < self.cursor
+            since = -(2**62) if self.cursor is None or whole else to_ms(self.cursor.to_pydatetime()) - REREAD_MS
+            hour = since - since % HOUR_MS
+            empty = Summary.empty()
+            runs = _rows(self.db, VERDICT_RUNS, "last_ms >= ?", (since,), self._runs.iloc[:0], "first_ms", True)
+            hourly = _rows(self.db, HOURLY, "hour_ms >= ?", (hour,), empty.hourly)
+            latency = _rows(self.db, HOURLY_LATENCY, "hour_ms >= ?", (hour,), empty.latency)
+            coverage = _rows(self.db, COVERAGE, "start_ms IS NOT NULL", (), empty.coverage, "start_ms")
+            if not whole:
+                cut = pd.Timestamp(since, unit="ms", tz="UTC")
+                kept = self._runs[(self._runs["last"] < cut) & ~self._runs["id"].isin(runs["id"])]
+                runs = pd.concat([kept, runs], ignore_index=True).sort_values("first", kind="stable")
+                start = pd.Timestamp(hour, unit="ms", tz="UTC")
+                hourly = _stack(self._hourly[self._hourly["hour"] < start], hourly)
+                latency = _stack(self._latency[self._latency["hour"] < start], latency)
+            self._runs, self._hourly, self._latency, self._coverage = runs, hourly, latency, coverage
+            self.cursor = cursor
+            return cursor
+
+    def stored(self, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
+        """`_stored(db, start, end)` from memory: `end` at most the cursor `refresh` gave."""
+        with self._lock:
+            runs, hourly, latency, coverage = self._runs, self._hourly, self._latency, self._coverage
+        lo = pd.Timestamp.min.tz_localize("UTC") if start is None else start
+        hour_lo = (
+            lo if start is None else pd.Timestamp(to_ms(lo.to_pydatetime()) // HOUR_MS * HOUR_MS, unit="ms", tz="UTC")
+        )
+        empty = Summary.empty()
+        runs = runs[(runs["last"] >= lo) & (runs["first"] < end)]
+        return Summary(
+            _plain(runs.drop(columns="id"), empty.runs),
+            _plain(hourly[(hourly["hour"] >= hour_lo) & (hourly["hour"] < end)], empty.hourly),
+            _plain(latency[(latency["hour"] >= hour_lo) & (latency["hour"] < end)], empty.latency),
+            _plain(coverage[(coverage["end"] > lo) & (coverage["start"] < end)], empty.coverage),
+        )
+
+
+def _stack(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    return new if old.empty else old if new.empty else pd.concat([old, new], ignore_index=True)
+
+
+def _plain(frame: pd.DataFrame, empty: pd.DataFrame) -> pd.DataFrame:
+    """As `_rows` gives it: `empty` when there is no row, else numbered from 0."""
+    return empty if frame.empty else frame.reset_index(drop=True)

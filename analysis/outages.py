@@ -54,88 +54,118 @@ def _interval_ns(first: np.ndarray, last: np.ndarray, rounds: np.ndarray) -> flo
 
 def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> pd.DataFrame:
     """Outage intervals of every (target, path), from its verdict runs (see summary.py). The
-    state machine walks runs, not rounds, so a year costs little."""
+    state machine walks runs, not rounds, so a year costs little; it is the one `_walk`
+    describes, run over every pair at once with array operations."""
+    if runs.empty:
+        return _frame([])
+    # in the order of runs.sort_values(["target", "path", "first"]), pairs numbered as groupby does
+    target, targets = pd.factorize(runs["target"], sort=True)
+    path, paths = pd.factorize(runs["path"], sort=True)
+    first, last = as_ns(runs["first"]), as_ns(runs["last"])
+    order = np.lexsort((first, path, target))
+    key = target[order] * len(paths) + path[order]
+    pair = np.cumsum(np.append(True, key[1:] != key[:-1])) - 1
+    first, last = first[order], last[order]
+    rounds = runs["rounds"].to_numpy(dtype="int64")[order]
+    failing = (runs["state"] == FAILING).to_numpy()[order]
+    n = len(first)
+    pair_end = np.append(pair[1:] != pair[:-1], True)  # a pair's last run
+    interval = _intervals(pair, first, last, rounds)
+    gap_after = pair_end.copy()
+    gap_after[:-1] |= first[1:] - last[:-1] > hysteresis.gap_factor * interval[:-1]
+    # streaks: consecutive runs of a pair with the same state and no gap between them
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = gap_after[:-1] | (failing[1:] != failing[:-1])
+    head = np.flatnonzero(starts)  # each streak's first run
+    tail = np.append(head[1:], n) - 1  # and its last
+    total = np.add.reduceat(rounds, head)
+    bad = failing[head]
+    opens = bad & (total >= hysteresis.open_after)
+    closes = ~bad & (total >= hysteresis.close_after)
+    gap = gap_after[tail]
+    ends = closes | gap  # what ends an open outage, if one is open
+    epoch = np.cumsum(ends) - ends  # streaks after the same number of ends
+    # in each epoch, the first streak that opens does so; the epoch's last streak ends it
+    opening = np.flatnonzero(opens)
+    opening = opening[np.append(True, epoch[opening[1:]] != epoch[opening[:-1]])] if len(opening) else opening
+    ender = np.flatnonzero(ends)[epoch[opening]]
+    by_close = closes[ender]
+    a = head[opening]
+    b = np.where(by_close, head[ender], tail[ender] + 1)
+    ongoing = ~by_close & pair_end[tail[ender]]
+    # the failing runs of each outage: its rounds, verdicts and rules
+    member = np.full(n, -1)
+    for k, (x, y) in enumerate(zip(a, b, strict=True)):
+        member[x:y] = k
+    member[~failing] = -1
+    inside = np.flatnonzero(member >= 0)
+    owner = member[inside]
+    last_failing = np.zeros(len(a), dtype="int64")
+    last_failing[owner] = inside  # increasing: each outage's last failing run wins
+    kinds = runs["verdict"].iloc[order[inside]].to_numpy()
+    rules = runs["rule"].iloc[order[inside]].to_numpy()
+    counts: list[Counter[str]] = [Counter() for _ in a]
+    sets: list[set[str]] = [set() for _ in a]
+    for k, kind, rule, r in zip(owner, kinds, rules, rounds[inside], strict=True):
+        counts[k][kind] += r
+        sets[k].add(rule)
+    summed = np.bincount(owner, weights=rounds[inside], minlength=len(a)).astype("int64")
+    target, path = target[order], path[order]
     rows: list[dict[str, Any]] = []
-    ordered = runs.sort_values(["target", "path", "first"])
-    for (target, path), g in ordered.groupby(["target", "path"], sort=True, observed=True):
-        first, last = as_ns(g["first"]), as_ns(g["last"])
-        rounds = g["rounds"].to_numpy(dtype="int64")
-        failing = (g["state"] == FAILING).to_numpy()
-        interval = _interval_ns(first, last, rounds)
-        gap_after = np.append(first[1:] - last[:-1] > hysteresis.gap_factor * interval, True)
-        kinds, rules = g["verdict"].to_numpy(), g["rule"].to_numpy()
-        for a, b, closed_at, ongoing in _walk(failing, rounds, gap_after, hysteresis):
-            index = np.arange(a, b)[failing[a:b]]
-            end = first[closed_at] if closed_at is not None else last[index[-1]] + interval
-            counts: Counter[str] = Counter()
-            for i in index:
-                counts[kinds[i]] += rounds[i]
-            rows.append(
-                {
-                    "path": path,
-                    "target": target,
-                    "start": pd.Timestamp(first[index[0]], tz="UTC"),
-                    "end": pd.Timestamp(int(end), tz="UTC"),
-                    "verdict": counts.most_common(1)[0][0],
-                    "targets": (target,),
-                    "rules": tuple(sorted(set(rules[index]))),
-                    "rounds": int(rounds[index].sum()),
-                    "ongoing": ongoing,
-                }
-            )
+    for k in range(len(a)):  # in the order of their pair, then of their start
+        end = first[b[k]] if by_close[k] else last[last_failing[k]] + interval[a[k]]
+        rows.append(
+            {
+                "path": paths[path[a[k]]],
+                "target": targets[target[a[k]]],
+                "start": pd.Timestamp(first[a[k]], tz="UTC"),
+                "end": pd.Timestamp(int(end), tz="UTC"),
+                "verdict": counts[k].most_common(1)[0][0],
+                "targets": (targets[target[a[k]]],),
+                "rules": tuple(sorted(sets[k])),
+                "rounds": int(summed[k]),
+                "ongoing": bool(ongoing[k]),
+            }
+        )
     return _frame(rows)
 
 
-def _walk(
-    failing: np.ndarray, rounds: np.ndarray, gap_after: np.ndarray, h: Hysteresis
-) -> list[tuple[int, int, int | None, bool]]:
-    """(first run, end run, run whose first round closed it or None, ongoing) per outage.
-
-    Consecutive runs with the same state form a streak; `open_after` failing rounds in a
-    streak open an outage at its start, `close_after` good ones close it at theirs. An
-    outage open at a gap ends there; open at the end of the data, it is ongoing."""
-    found: list[tuple[int, int, int | None, bool]] = []
-    open_at: int | None = None
-    i, n = 0, len(failing)
-    while i < n:
-        j, total = i, 0
-        while True:  # the streak i..j
-            total += rounds[j]
-            if gap_after[j] or j + 1 == n or failing[j + 1] != failing[i]:
-                break
-            j += 1
-        if open_at is None:
-            if failing[i] and total >= h.open_after:
-                open_at = i
-        elif not failing[i] and total >= h.close_after:
-            found.append((open_at, i, i, False))
-            open_at = None
-        if gap_after[j] and open_at is not None:
-            found.append((open_at, j + 1, None, j + 1 == n))
-            open_at = None
-        i = j + 1
-    return found
+def _intervals(pair: np.ndarray, first: np.ndarray, last: np.ndarray, rounds: np.ndarray) -> np.ndarray:
+    """`_interval_ns` of each run's pair (pairs numbered 0, 1, ... in order), per run."""
+    bounds = np.searchsorted(pair, np.arange(pair[-1] + 2))
+    per = [_interval_ns(first[x:y], last[x:y], rounds[x:y]) for x, y in zip(bounds[:-1], bounds[1:], strict=True)]
+    result: np.ndarray = np.array(per, dtype="float64")[pair]
+    return result
 
 
 def path_outages(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Per path: the union of its (target, path) outages, with the targets they affected."""
+    """Per path: the union of its (target, path) outages, with the targets they affected.
+    Outages join while each starts before the latest end so far (in the order of their start)."""
+    if pairs.empty:
+        return _frame([])
+    ordered = pairs.sort_values("start")
     rows: list[dict[str, Any]] = []
-    for path, group in pairs.sort_values("start").groupby("path", sort=True):
-        current: dict[str, Any] | None = None
-        for _, o in group.iterrows():
-            if current is not None and o["start"] <= current["end"]:
+    for path, group in ordered.groupby("path", sort=True):
+        start, end = as_ns(group["start"]), as_ns(group["end"])
+        joins = np.zeros(len(group), dtype=bool)
+        joins[1:] = start[1:] <= np.maximum.accumulate(end)[:-1]
+        records = cast(list[dict[str, Any]], group.to_dict("records"))
+        current: dict[str, Any] = {}
+        for o, joined in zip(records, joins, strict=True):
+            if joined:
                 current["end"] = max(current["end"], o["end"])
-                current["targets"] = tuple(sorted(set(current["targets"]) | set(o["targets"])))
-                current["rules"] = tuple(sorted(set(current["rules"]) | set(o["rules"])))
+                current["_targets"].update(o["targets"])
+                current["_rules"].update(o["rules"])
                 current["rounds"] += o["rounds"]
                 current["ongoing"] = current["ongoing"] or o["ongoing"]
                 current["_minutes"][o["verdict"]] += o["minutes"]
                 continue
-            current = {**cast(dict[str, Any], o.to_dict()), "path": path, "target": "*"}
+            current = {**o, "path": path, "target": "*", "_targets": set(o["targets"]), "_rules": set(o["rules"])}
             current["_minutes"] = Counter({o["verdict"]: o["minutes"]})  # which verdict held longest
             rows.append(current)  # and grown in place while the next ones overlap it
     for row in rows:
         row["verdict"] = row.pop("_minutes").most_common(1)[0][0]
+        row["targets"], row["rules"] = tuple(sorted(row.pop("_targets"))), tuple(sorted(row.pop("_rules")))
     return _frame(rows)
 
 

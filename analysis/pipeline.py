@@ -11,7 +11,7 @@ import pandas as pd
 from probe.config import Config
 from probe.errors import ConfigError
 
-from .frames import Source, Store, load_summary, vantages
+from .frames import Held, Source, Store, load_summary, vantages
 from .outages import Hysteresis, degraded, pair_outages, path_outages
 from .summary import Summary
 
@@ -57,8 +57,11 @@ def source(cfg: Config) -> Store:
     return chosen
 
 
-def analyse_config(cfg: Config, since: datetime | None, until: datetime | None, **filters: tuple[str, ...]) -> Analysis:
-    """`analyse` with the config's store and settings."""
+def analyse_config(
+    cfg: Config, since: datetime | None, until: datetime | None, *, held: Held | None = None, **filters: tuple[str, ...]
+) -> Analysis:
+    """`analyse` with the config's store and settings; `held`: the store's summaries kept in
+    memory (frames.Held), for a process that answers many ranges."""
     return analyse(
         source(cfg),
         since,
@@ -67,6 +70,7 @@ def analyse_config(cfg: Config, since: datetime | None, until: datetime | None, 
         hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after),
         degraded_factor=cfg.analysis.degraded_factor,
         degraded_min_ms=cfg.analysis.degraded_min_ms,
+        held=held,
         **filters,
     )
 
@@ -82,12 +86,13 @@ def analyse(
     slot_s: float = 300,
     degraded_factor: float = 3.0,
     degraded_min_ms: float = 50.0,
+    held: Held | None = None,
 ) -> Analysis:
     # Verdicts compare a target's paths and look at control targets, so summaries cover
     # every target and path; the filters apply to the results. Latency is read from a week
     # earlier: degradation is judged against the 7 days before.
     start = None if since is None else pd.Timestamp(since)
-    wide = load_summary(db, None if start is None else start - BASELINE, until, slot_s)
+    wide = load_summary(db, None if start is None else start - BASELINE, until, slot_s, held)
     summary = wide if start is None else wide.clip(start, pd.Timestamp(until or pd.Timestamp.max.tz_localize("UTC")))
     pairs = pair_outages(summary.runs, hysteresis)
     slow = degraded(wide.latency, baseline=f"{BASELINE.days}D", factor=degraded_factor, min_increase_ms=degraded_min_ms)

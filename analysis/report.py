@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from probe.config import Config
 from probe.errors import ConfigError
 
-from .charts import availability_heatmap, latency_smoke, outage_timeline
+from .charts import HOUR, availability_heatmap, coarser, latency_smoke, outage_timeline
 from .eventcheck import Check, check_events, outage_series
 from .events import Event, load_events, overlapping
 from .eventstats import Method
@@ -152,13 +152,18 @@ def _within(result: Analysis, w: Week) -> Analysis:
     return Analysis(result.summary.clip(w.start, w.end), _clip(result.pairs, w), _clip(result.paths, w))
 
 
-def weekly_figures(cfg: Config, w: Week, events: list[Event], result: Analysis | None = None) -> dict[str, Figure]:
+def weekly_figures(
+    cfg: Config, w: Week, events: list[Event], result: Analysis | None = None, step: pd.Timedelta = HOUR
+) -> dict[str, Figure]:
+    """The weekly charts; with a `step` longer than an hour, availability and latency are
+    drawn per step (charts.coarser): a year is drawn by day."""
     result = result or analyse_week(cfg, w)
     s = result.summary
-    paths = sorted(set(s.hourly["path"].astype(str))) if len(s.hourly) else [p.name for p in cfg.paths]
+    paths = sorted(s.hourly["path"].astype(str).unique()) if len(s.hourly) else [p.name for p in cfg.paths]
+    hourly, latency = (s.hourly, s.latency) if step == HOUR else coarser(s.hourly, s.latency, w.start, step)
     return {
-        "availability": availability_heatmap(s.hourly, w.start, w.end, w.tz),
-        "latency": latency_smoke(s.latency, s.hourly, w.start, w.end, w.tz),
+        "availability": availability_heatmap(hourly, w.start, w.end, w.tz, step),
+        "latency": latency_smoke(latency, hourly, w.start, w.end, w.tz, step=step),
         "outages": outage_timeline(_clip(result.paths, w), s.gaps(w.start, w.end), events, paths, w.start, w.end, w.tz),
     }
 

@@ -118,8 +118,8 @@ def clip_runs(runs: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> pd.
     skip = np.clip(np.ceil((start.value - first) / step), 0, None).astype("int64")
     keep_to = np.clip(np.ceil((end.value - first) / step) - 1, None, rounds - 1).astype("int64")
     out = runs.copy()
-    out["first"] = pd.to_datetime(first + np.round(skip * step).astype("int64"), utc=True)
-    out["last"] = pd.to_datetime(first + np.round(keep_to * step).astype("int64"), utc=True)
+    out["first"] = pd.to_datetime(first + np.round(skip * step).astype("int64"), unit="ns", utc=True)
+    out["last"] = pd.to_datetime(first + np.round(keep_to * step).astype("int64"), unit="ns", utc=True)
     out["rounds"] = keep_to - skip + 1
     return out[out["rounds"] > 0]
 

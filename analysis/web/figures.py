@@ -5,7 +5,11 @@ The figures are the weekly charts' own; over ranges longer than a fortnight two 
 changed on them before they are drawn: the time axis gets date ticks that fit the range (a
 tick a day is unreadable over a year, and matplotlib refuses more than 1000), and the dense
 artists (the heatmap's hours, the latency lines) are drawn as an image inside the SVG, so a
-year is one picture rather than a hundred thousand vector shapes.
+year is one picture rather than a hundred thousand vector shapes. Over ranges longer than
+two months, availability and latency are drawn by day (charts.coarser: a day's probes and
+failures added up, its percentiles the samples-weighted mean of its hours'), as a year's
+8,760 hours are more columns than the chart has pixels; the outage timeline stays exact.
+The tick positions are chosen once for the range, not at each drawing pass.
 """
 
 from __future__ import annotations
@@ -19,25 +23,29 @@ import matplotlib.dates as mdates
 import pandas as pd
 from matplotlib.collections import LineCollection, PolyCollection, QuadMesh
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullLocator
 
 from probe.config import Config
 
+from ..charts import DAY, HOUR
 from ..events import load_events
 from ..pipeline import analyse_config
 from ..report import span, weekly_figures
-from .pages import Range, outage_rows
+from .pages import Range, held, outage_rows
 from .pages import facts as facts_of
 
 LONG = pd.Timedelta(days=15)
+BY_DAY = pd.Timedelta(days=62)  # over a longer range, availability and latency are drawn by day
 CHARTS = ("availability", "latency", "outages")
 
 
 def history_figures(cfg: Config, chosen: Range, path: str | None) -> tuple[dict[str, Figure], dict[str, Any]]:
     """The three weekly charts over the range, and the facts the page states beside them."""
     w = span(chosen.since.to_pydatetime(), chosen.until.to_pydatetime(), cfg.report.timezone)
-    result = analyse_config(cfg, w.start.to_pydatetime(), w.end.to_pydatetime(), paths=(path,) if path else ())
+    paths = (path,) if path else ()
+    result = analyse_config(cfg, w.start.to_pydatetime(), w.end.to_pydatetime(), held=held(cfg), paths=paths)
     events = load_events(cfg.analysis.events)
-    figures = weekly_figures(cfg, w, events, result)
+    figures = weekly_figures(cfg, w, events, result, DAY if w.end - w.start > BY_DAY else HOUR)
     if w.end - w.start > LONG:
         for figure in figures.values():
             _long_range(figure)
@@ -64,10 +72,18 @@ def _long_range(figure: Figure) -> None:
     # share their x axis share its locator
     timed = [ax for ax in figure.axes if isinstance(ax.xaxis.get_major_locator(), mdates.DayLocator)]
     for ax in timed:
+        # the ticks chosen once, for the range the axes show: an AutoDateLocator asked again at
+        # every draw and layout pass costs a second over a year's charts
+        left, right = ax.get_xlim()
         locator = mdates.AutoDateLocator(maxticks=14)  # type: ignore[no-untyped-call]
-        ax.xaxis.set_major_locator(locator)
+        minor = mdates.AutoDateLocator(maxticks=60)  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_locator(FixedLocator(locator.tick_values(*mdates.num2date([left, right]))))  # type: ignore[no-untyped-call]
         ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
-        ax.xaxis.set_minor_locator(mdates.AutoDateLocator(maxticks=60))  # type: ignore[no-untyped-call]
+        ax.xaxis.set_minor_locator(
+            FixedLocator(minor.tick_values(*mdates.num2date([left, right])))  # type: ignore[no-untyped-call]
+            if right - left <= BY_DAY / pd.Timedelta(days=1)
+            else NullLocator()  # a year's weeks: 52 more ticks to lay out and draw, for little
+        )
         for artist in ax.get_children():
             if isinstance(artist, (QuadMesh, LineCollection, PolyCollection)):
                 artist.set_rasterized(True)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import sqlite3
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +34,17 @@ from ..check_cli import _rows as check_rows
 from ..eventcheck import check_events, outage_series
 from ..events import load_events, overlapping
 from ..eventstats import Method
-from ..frames import MEASUREMENT_DTYPES, Source, Store, _frame, _query, _where, load_heartbeats, load_measurements
+from ..frames import (
+    MEASUREMENT_DTYPES,
+    Held,
+    Source,
+    Store,
+    _frame,
+    _query,
+    _where,
+    load_heartbeats,
+    load_measurements,
+)
 from ..outages_cli import COLUMNS as OUTAGE_COLUMNS
 from ..pipeline import Analysis, analyse_config, source
 from ..verdicts import DEGRADED, LOCAL_OUTAGE, TUNNEL_DOWN
@@ -68,6 +79,18 @@ def facts(page: dict[str, Any]) -> dict[str, Any]:
     return cast(dict[str, Any], jsonable(page))
 
 
+_HELD: dict[Store, Held] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def held(cfg: Config) -> Held:
+    """The summaries of the store the pages read, kept in memory for this process: a page over
+    any range cuts them rather than reading the store again (frames.Held)."""
+    db = source(cfg)
+    with _HELD_LOCK:
+        return _HELD.setdefault(db, Held(db))
+
+
 def newest(cfg: Config) -> pd.Timestamp | None:
     """When the newest round stored started (the heartbeats' time index)."""
     db = source(cfg)
@@ -93,7 +116,7 @@ def now_page(cfg: Config) -> dict[str, Any]:
     beats = load_heartbeats(db, (last - window).to_pydatetime())
     beat = beats.sort_values("finished_at").iloc[-1] if len(beats) else None
     since = last - NOW_WINDOW
-    result = analyse_config(cfg, since.to_pydatetime(), None)
+    result = analyse_config(cfg, since.to_pydatetime(), None, held=held(cfg))
     cards = []
     for path in sorted(set(pairs["path"].astype(str))):
         mine = pairs[pairs["path"] == path]
@@ -230,7 +253,7 @@ def outages_page(cfg: Config, since: datetime | None, until: datetime | None, pa
     if span is None:
         return {**base, "since": None, "until": None, "rows": []}
     paths = (path,) if path else ()
-    result = analyse_config(cfg, span.since.to_pydatetime(), span.until.to_pydatetime(), paths=paths)
+    result = analyse_config(cfg, span.since.to_pydatetime(), span.until.to_pydatetime(), held=held(cfg), paths=paths)
     rows = outage_rows(result, load_events(cfg.analysis.events))
     return facts({**base, "since": span.since, "until": span.until, "rows": rows})
 
@@ -239,7 +262,7 @@ def events_page(cfg: Config, since: datetime | None, until: datetime | None) -> 
     """`tunnelwatch events check` with its defaults: the outage minutes per day against the
     calendar's events (holidays left out); a message where the data is too short."""
     base: dict[str, Any] = {"store": str(source(cfg)), "columns": CHECK_COLUMNS, "rows": [], "message": None}
-    result = analyse_config(cfg, since, until)
+    result = analyse_config(cfg, since, until, held=held(cfg))
     if result.span is None:
         return {**base, "message": f"{source(cfg)}: no measurements in that range to check events against"}
     start, end = result.span

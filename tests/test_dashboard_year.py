@@ -1,0 +1,145 @@
+"""Pages over long ranges say what the commands say, from summaries kept in memory.
+
+A compacted store from bench/synth.py (summaries for all but its last 14 days, raw rows
+after: both halves are read), served in-process; the Outages, History and Events pages over
+a range longer than the data are compared with `tunnelwatch outages` and `tunnelwatch events
+check` run on the same store, before and after more days are written and compacted (the
+server's kept summaries follow the store's cursor: frames.Held). The analysis with and
+without those kept summaries is compared frame by frame. Speed is bench/dashboard_pages.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from analysis.frames import Held, read_cursor
+from analysis.pipeline import Analysis, analyse
+from analysis.web.app import build_app
+from bench.synth import build
+from probe.config import load_config
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # starlette.testclient over httpx: deprecated, still working
+    from starlette.testclient import TestClient
+
+TUNNELWATCH = [sys.executable, "-m", "probe"]
+START = datetime(2018, 1, 20, tzinfo=UTC)  # 44 days before the NPC's opening: events check's baseline fits
+FIRST_DAYS, MORE_DAYS, TARGETS = 45, 6, 4
+KEEP_RAW_DAYS = 14
+
+
+@dataclass
+class Year:
+    db: Path
+    config: Path
+
+
+@pytest.fixture(scope="module")
+def year(tmp_path_factory: pytest.TempPathFactory) -> Year:
+    tmp = tmp_path_factory.mktemp("year")
+    db = tmp / "year.db"
+    build(db, FIRST_DAYS, TARGETS, START, keep_raw_days=KEEP_RAW_DAYS)
+    config = tmp / "tunnelwatch.toml"
+    config.write_text(
+        f'[vantage]\nname = "bench"\n[store]\npath = "{db}"\n[report]\ndirectory = "{tmp / "reports"}"\n'
+        '[[targets]]\nname = "t000"\ngroup = "blocked"\nkind = "http"\nurl = "https://t000.example/"\n'
+        '[[paths]]\nname = "direct"\nkind = "direct"\n'
+    )
+    return Year(db, config)
+
+
+def write_more(year: Year) -> None:
+    """MORE_DAYS after the first ones, written and compacted as the daemon does."""
+    build(year.db, MORE_DAYS, TARGETS, START + pd.Timedelta(days=FIRST_DAYS), keep_raw_days=KEEP_RAW_DAYS)
+
+
+def cli(year: Year, *args: str) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [*TUNNELWATCH, *args, "--config", str(year.config), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def page(client: TestClient, url: str) -> dict[str, Any]:
+    answer = client.get(url, headers={"Accept": "application/json"})
+    assert answer.status_code == 200, answer.text
+    facts: dict[str, Any] = answer.json()
+    return facts
+
+
+def check_pages_against_the_commands(client: TestClient, year: Year, since: str, until: str) -> None:
+    span = f"since={since}&until={until}"
+    printed = cli(year, "outages", "--since", since, "--until", until)
+    assert any(r["path"] == "vpn" and r["verdict"] == "tunnel_down" for r in printed)  # the NPC crackdown
+    assert any(r["path"] == "direct" and r["verdict"] == "blocked" for r in printed)
+    assert page(client, f"/outages?{span}")["rows"] == printed
+    history = page(client, f"/history?{span}")
+    assert history["outages"] == printed
+    checks = cli(year, "events", "check")
+    assert checks and "npc" in {row["category"] for row in checks}
+    shown = page(client, "/events")["rows"]
+    assert [{k: row.get(k) for k in checks[0]} for row in shown] == checks
+
+
+def test_long_range_pages_say_what_the_commands_say(year: Year) -> None:
+    with TestClient(build_app(load_config(year.config), warm=False)) as client:
+        check_pages_against_the_commands(client, year, "2017-06-01", "2018-06-01")
+        html = client.get("/history?since=2017-06-01&until=2018-06-01").text
+        assert "Availability per day" in html and "daily median" in html  # a year drawn by day
+        assert "Availability per hour" in client.get("/history?since=2018-02-20&until=2018-02-27").text
+        cursor = read_cursor(year.db)
+    write_more(year)
+    assert read_cursor(year.db) != cursor
+    # a new app (its kept pages are new) over the summaries this process keeps: they follow
+    # the store's cursor (a kept page may lag a live store by cache.FRESH_S, by design)
+    with TestClient(build_app(load_config(year.config), warm=False)) as client:
+        check_pages_against_the_commands(client, year, "2017-06-02", "2018-06-02")
+
+
+def same(a: Analysis, b: Analysis) -> None:
+    for name in ("runs", "hourly", "latency", "coverage"):
+        pd.testing.assert_frame_equal(getattr(a.summary, name), getattr(b.summary, name), obj=name)
+    pd.testing.assert_frame_equal(a.pairs, b.pairs, obj="pairs")
+    pd.testing.assert_frame_equal(a.paths, b.paths, obj="paths")
+
+
+RANGES = [
+    (None, None),
+    (datetime(2017, 6, 1, tzinfo=UTC), datetime(2018, 6, 1, tzinfo=UTC)),
+    (datetime(2018, 2, 3, 5, 7, tzinfo=UTC), datetime(2018, 2, 10, tzinfo=UTC)),  # inside the summaries
+    (datetime(2018, 2, 25, tzinfo=UTC), datetime(2018, 3, 7, 13, tzinfo=UTC)),  # across the cursor
+    (datetime(2018, 3, 4, tzinfo=UTC), None),
+]
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[Path]:
+    db = tmp_path / "fresh.db"
+    build(db, 30, 3, START + pd.Timedelta(days=15), seed=3, keep_raw_days=7)
+    yield db
+
+
+def test_kept_summaries_give_the_analysis_of_the_store(fresh: Path) -> None:
+    held = Held(fresh)
+    for since, until in RANGES:
+        same(analyse(fresh, since, until), analyse(fresh, since, until, held=held))
+    first = held.cursor
+    build(fresh, 3, 3, START + pd.Timedelta(days=45), seed=4, keep_raw_days=7)  # compaction moves the cursor
+    for since, until in RANGES:
+        same(analyse(fresh, since, until), analyse(fresh, since, until, held=held))
+    assert first is not None and held.cursor is not None and held.cursor > first
