@@ -149,6 +149,8 @@ def _raw(url: str, ca: str) -> Probe:
     parts = urlsplit(url)
     host, port = parts.hostname or "", parts.port or 0
     context = ssl.create_default_context(cafile=ca) if parts.scheme == "https" else None
+    if context:  # as tunnelwatch's (probe/measure/rounds.py): the same verification, SNI and ALPN
+        context.set_alpn_protocols(["http/1.1"])
     named = not host.replace(".", "").isdigit()
     request = f"GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: raw\r\nConnection: close\r\n\r\n".encode()
 

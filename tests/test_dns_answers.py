@@ -7,8 +7,10 @@ built from the query by the case's function (a list of wire messages, sent in or
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +25,10 @@ import dns.rrset
 import dns.tsig
 import pytest
 
-from probe.model import Measurement
+import probe.measure.answers as answers_module
+import probe.measure.resolver as resolver_module
+from probe.measure.dns import Resolver, lookup
+from probe.model import Measurement, Trace
 from tests.servers import LOOPBACK
 from tests.test_dns import lab, run
 
@@ -219,3 +224,78 @@ def test_a_later_different_answer_is_still_a_conflict(tmp_path: Path) -> None:
 
 def _is_a(query: dns.message.Message) -> bool:
     return query.question[0].rdtype == dns.rdatatype.A
+
+
+@contextmanager
+def gathering(count: int) -> Iterator[tuple[int, list[tuple[str, int]]]]:
+    """A UDP server on loopback holding its answers until `count` queries came (or 2 s passed),
+    so the lookups that sent them run side by side; then it answers each from its name (the
+    address 10.0.0.N for nN.test, A; no AAAA). Yields its port and the queries' sources."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOOPBACK, 0))
+    sock.settimeout(0.05)
+    sources: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        held: list[tuple[bytes, tuple[str, int]]] = []
+        deadline = None
+        while not stop.is_set():
+            try:
+                held.append(sock.recvfrom(4096))
+                sources.append(held[-1][1])
+                deadline = deadline or time.monotonic() + 2
+            except TimeoutError:
+                pass
+            if held and (len(held) >= count or time.monotonic() > (deadline or 0)):
+                for data, client in held:
+                    query = dns.message.from_wire(data)
+                    question = query.question[0]
+                    records = []
+                    if _is_a(query):
+                        number = question.name.labels[0].decode()[1:]
+                        records.append(f"{question.name} 60 IN A 10.0.0.{number}")
+                    sock.sendto(response(query, *records).to_wire(), client)
+                held.clear()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(sock.getsockname()[1]), sources
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close()
+
+
+def _lookups(port: int, names: list[str]) -> list[list[str]]:
+    resolver = Resolver(servers=(f"{LOOPBACK}:{port}",))
+
+    async def main() -> list[list[str]]:
+        found = await asyncio.gather(*(lookup(resolver, name, Trace()) for name in names))
+        assert not resolver_module._LINKS, "a shared socket outlived its lookups"
+        return list(found)
+
+    return asyncio.run(main())
+
+
+def test_lookups_side_by_side_share_one_socket_and_each_gets_its_own_answers() -> None:
+    """Ten lookups at once to one server: their twenty queries leave from one source port (one
+    socket, not one per lookup), each lookup takes the answers to its own queries only, and
+    the socket is closed when the last lookup ends."""
+    names = [f"n{number}.test" for number in range(1, 11)]
+    with gathering(2 * len(names)) as (port, sources):
+        found = _lookups(port, names)
+    assert found == [[f"10.0.0.{number}"] for number in range(1, 11)]
+    assert len(sources) == 20 and len(set(sources)) == 1, sources
+
+
+def test_a_lookup_whose_ids_were_used_on_the_shared_socket_asks_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two lookups at once that drew the same query ids: the second does not send them on the
+    socket the first uses (its answers would be taken for the first's), but on a socket of
+    its own, and each lookup gets the answer to its own name."""
+    monkeypatch.setattr(answers_module, "_random_id", lambda: 0x1234)
+    with gathering(4) as (port, sources):
+        found = _lookups(port, ["n1.test", "n2.test"])
+    assert found == [["10.0.0.1"], ["10.0.0.2"]]
+    assert len(set(sources)) == 2, sources

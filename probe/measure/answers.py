@@ -34,19 +34,24 @@ EDNS_PAYLOAD = 1232  # the 2020 DNS flag day's size: no fragmented answers
 HEADER_BYTES = 12  # a message's fixed header; the question's name follows it
 HEADER = struct.Struct("!HHHHHH")  # id, flags, then the four sections' record counts
 HEADER_START = struct.Struct("!HHH")  # id, flags, questions
-RR_HEADER = "!HHIH"  # a record's type, class, TTL and data length, after its owner name
+RR_HEADER = struct.Struct("!HHIH")  # a record's type, class, TTL and data length, after its owner name
 U16 = struct.Struct("!H")  # the id (bytes 0-1), the question's type (after its name), a TCP length
 QR, QR_OPCODE = int(dns.flags.QR), 0xF800  # the flags' QR bit, and with the opcode: an answer to a standard query
 TC = int(dns.flags.TC)
+ID_BATCH = 2048  # query ids drawn at once
+MAX_RENDERINGS = 4096  # names whose query rendering is kept
 ANSWER, AUTHORITY, ADDITIONAL = range(3)  # the sections after the question
 # An address record's data as text: what dnspython's A and AAAA rdata classes read it with
 # (their `address`), without building the rdata object around it.
 ADDRESS_TEXT = {dns.rdatatype.A: dns.ipv4.inet_ntoa, dns.rdatatype.AAAA: dns.ipv6.inet_ntoa}
 ROOT_LABELS = dns.name.root.labels  # an OPT record's owner
+# A compression pointer to the question's name (right after the header): most answers name
+# their records so, and that name is the question's, checked against the query already.
+POINTER_TO_QUESTION = bytes([0xC0, HEADER_BYTES])
 IN, OPT, TSIG = int(dns.rdataclass.IN), int(dns.rdatatype.OPT), int(dns.rdatatype.TSIG)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # not frozen: made for every answer, frozen ones cost more
 class Reply:
     """One answer to a query: its rcode, TC bit and the addresses of the query's type it holds."""
 
@@ -73,26 +78,50 @@ class Query:
         return message
 
 
-@functools.lru_cache(maxsize=4096)
-def _rendering(name: dns.name.Name) -> tuple[bytes, int]:
-    """dnspython's wire form of a query for `name` (type A, recursion desired, EDNS0) and where
-    its question's type is: the bytes of every query for the name but the id and the type.
-    Kept per name, as a query says nothing of what the network answers."""
-    wire = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, payload=EDNS_PAYLOAD).to_wire()
-    return wire, HEADER_BYTES + len(name.to_digestable())  # the name, uncompressed
+_renderings: dict[tuple[bytes, ...], tuple[bytes, int, bytes]] = {}  # by the name's labels, as written
+
+
+def _rendering(name: dns.name.Name) -> tuple[bytes, int, bytes]:
+    """dnspython's wire form of a query for `name` (type A, recursion desired, EDNS0), where its
+    question's type is, and the question's name in lower case: the bytes of every query for
+    the name but the id and the type. Kept per name, as a query says nothing of what the
+    network answers."""
+    known = _renderings.get(name.labels)
+    if known is None:
+        if len(_renderings) >= MAX_RENDERINGS:
+            _renderings.clear()
+        wire = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, payload=EDNS_PAYLOAD).to_wire()
+        type_at = HEADER_BYTES + len(name.to_digestable())  # the name, uncompressed
+        known = _renderings[name.labels] = (wire, type_at, wire[HEADER_BYTES:type_at].lower())
+    return known
 
 
 def make_queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) -> list[Query]:
     """One query per type, each with its own random id, recursion desired and EDNS0:
     dnspython's rendering for the name with the id and the question's type set."""
-    wire, type_at = _rendering(name)
-    ids = os.urandom(2 * len(rdtypes))  # random ids, as dnspython's, from one read of the system's source
+    wire, type_at, lower_name = _rendering(name)
+    head, tail = wire[2:type_at], wire[type_at + 2 :]
     made = []
-    for index, rdtype in enumerate(rdtypes):
-        query_id = U16.unpack_from(ids, 2 * index)[0]
-        sent = U16.pack(query_id) + wire[2:type_at] + U16.pack(rdtype) + wire[type_at + 2 :]
-        made.append(Query(name, rdtype, query_id, sent, sent[HEADER_BYTES : type_at + 4].lower()))
+    for rdtype in rdtypes:
+        query_id = _random_id()
+        kind = U16.pack(rdtype)
+        made.append(
+            Query(
+                name, rdtype, query_id, U16.pack(query_id) + head + kind + tail, lower_name + (kind + tail[:2]).lower()
+            )
+        )
     return made
+
+
+_ids: list[int] = []
+
+
+def _random_id() -> int:
+    """A random query id, as dnspython's: from the system's source (os.urandom), read 4 KiB at a
+    time rather than once per query."""
+    if not _ids:
+        _ids.extend(struct.unpack(f"!{ID_BATCH}H", os.urandom(2 * ID_BATCH)))
+    return _ids.pop()
 
 
 _rcode = functools.lru_cache(maxsize=1024)(dns.rcode.from_flags)  # of the few flags servers answer with
@@ -114,17 +143,26 @@ def _quick(data: bytes, query: Query, received_ns: int) -> Reply:
         raise _Slow
     rdtype = query.rdtype
     text = ADDRESS_TEXT[rdtype]
-    parser = dns.wire.Parser(data)
-    parser.seek(HEADER_BYTES + len(query.question))
+    parser = dns.wire.Parser(data, HEADER_BYTES + len(query.question))
     addresses: list[str] = []
     ednsflags = None
     for section, count in enumerate((answers, authority, additional)):
         for _ in range(count):
-            owner = parser.get_name(decompress=True)
-            kind, rdclass, ttl, length = parser.get_struct(RR_HEADER)
+            at = parser.current
+            if data[at : at + 2] == POINTER_TO_QUESTION:  # the question's name, read already: ours
+                at += 2
+                root = False
+            elif data[at : at + 1] == b"\0":  # the root (an OPT record's owner)
+                at += 1
+                root = True
+            else:
+                root = parser.get_name(decompress=True).labels == ROOT_LABELS
+                at = parser.current
+            parser.seek(at + RR_HEADER.size)  # within the message, or FormError
+            kind, rdclass, ttl, length = RR_HEADER.unpack_from(data, at)
             if section == ANSWER and kind == rdtype and rdclass == IN:
                 addresses.append(text(parser.get_bytes(length)))
-            elif kind == OPT and section == ADDITIONAL and ednsflags is None and owner.labels == ROOT_LABELS:
+            elif kind == OPT and section == ADDITIONAL and ednsflags is None and root:
                 ednsflags = ttl
                 parser.seek(parser.current + length)
             elif kind in (OPT, TSIG):
@@ -170,17 +208,18 @@ def read(data: bytes, received_ns: int, queries: Sequence[Query]) -> tuple[int, 
     if len(data) < HEADER_BYTES:
         return None
     query_id, flags, questions = HEADER_START.unpack_from(data)
-    if flags & QR_OPCODE != QR or not any(q.id == query_id for q in queries):
-        return None  # not an answer to a standard query of ours: no need to read it
+    if flags & QR_OPCODE != QR:
+        return None  # not an answer to a standard query: no need to read it
+    ours = False
     for index, query in enumerate(queries):
-        if (
-            query.id == query_id
-            and questions == 1
-            and data[HEADER_BYTES : HEADER_BYTES + len(query.question)].lower() == query.question
-        ):
-            try:
-                return index, _quick(data, query, received_ns)
-            except (_Slow, dns.exception.DNSException, ValueError):
-                break
+        if query.id == query_id:
+            ours = True
+            if questions == 1 and data[HEADER_BYTES : HEADER_BYTES + len(query.question)].lower() == query.question:
+                try:
+                    return index, _quick(data, query, received_ns)
+                except (_Slow, dns.exception.DNSException, ValueError, struct.error):
+                    break
+    if not ours:
+        return None  # not an answer to a query of ours
     found = _slow(data, queries)
     return None if found is None else (found[0], Reply(*found[1:], received_ns))

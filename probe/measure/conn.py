@@ -72,6 +72,10 @@ class Conn:
         self._awaiting = False  # a send went out: its answer cannot be there yet, wait first
         self._buffer = bytearray()  # bytes read ahead by readexactly/readuntil
         self._tls: ssl.SSLObject | None = None
+        # The socket's reader stays on the loop from one read to the next (a reader added and
+        # removed per wait is three system calls each time): `_reading` is the read waiting.
+        self._reader_loop: asyncio.AbstractEventLoop | None = None
+        self._reading: asyncio.Future[None] | None = None
 
     @classmethod
     async def connect(cls, sock: socket.socket, address: tuple[str, int]) -> tuple[Conn, float]:
@@ -95,7 +99,31 @@ class Conn:
         return (self.received_ns - self.sent_ns) / 1e6
 
     def close(self) -> None:
+        loop, self._reader_loop = self._reader_loop, None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+    def _readable(self) -> None:
+        waiting, self._reading = self._reading, None
+        if waiting is None:  # no read waits: off the loop until one does (the socket stays readable)
+            loop, self._reader_loop = self._reader_loop, None
+            if loop is not None:
+                loop.remove_reader(self.sock.fileno())
+        elif not waiting.done():
+            waiting.set_result(None)
+
+    async def _wait_readable(self) -> None:
+        loop = self._reader_loop
+        if loop is None:
+            loop = self._reader_loop = asyncio.get_running_loop()
+            loop.add_reader(self.sock.fileno(), self._readable)
+        waiting = self._reading = loop.create_future()
+        try:
+            await waiting
+        finally:
+            if self._reading is waiting:
+                self._reading = None
 
     async def send(self, data: bytes) -> None:
         self.sent_ns = time.time_ns()
@@ -188,7 +216,7 @@ class Conn:
     async def _recv_raw(self) -> bytes:
         if self._awaiting:
             self._awaiting = False
-            await _ready(self.sock.fileno(), writable=False)
+            await self._wait_readable()
         else:  # a peer that always has more waiting must not keep the loop (and timeouts) from running
             await asyncio.sleep(0)
         while True:
@@ -197,7 +225,7 @@ class Conn:
                 break
             except BlockingIOError:
                 pass  # waiting outside the handler keeps this out of a timeout's exception chain
-            await _ready(self.sock.fileno(), writable=False)
+            await self._wait_readable()
         self.received_ns = time.time_ns()  # unless the kernel says when, below
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:

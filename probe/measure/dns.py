@@ -146,11 +146,10 @@ class Outcome:
     @property
     def network_ms(self) -> float:
         """From the first send to the last answer of the queries asked side by side."""
-        asked = [e for e in self.exchanges if e.started_ns]
-        if not asked:
+        start = min([e.started_ns for e in self.exchanges if e.started_ns], default=0)
+        if not start:
             return 0.0
-        start = min(e.started_ns for e in asked)
-        return max((e.started_ns - start) / 1e6 + e.network_ms for e in asked)
+        return max([(e.started_ns - start) / 1e6 + e.network_ms for e in self.exchanges if e.started_ns])
 
     def failure(self) -> Exception:
         """The exception for an outcome without addresses, as the classifier reads it."""
@@ -192,21 +191,28 @@ async def _search(resolver: Resolver, host: str) -> tuple[Outcome, float]:
     """A and AAAA for `host` through the search domains, in glibc's res_search order; the
     outcome that decides and the network time of every name asked."""
     conf = resolver.settings()
-    asked: list[Outcome] = []
+    trailing_dot = host.endswith(".")
+    first = None
+    if trailing_dot or host.count(".") >= conf.options.ndots:  # the name as written first
+        first = await _ask(conf, resolver.path, _name(host), ADDRESS_TYPES)
+        if trailing_dot or first.addresses:
+            return first, first.network_ms
+    return await _search_domains(conf, resolver.path, host, first)
+
+
+async def _search_domains(
+    conf: ResolvConf, path: PathSpec | None, host: str, first: Outcome | None
+) -> tuple[Outcome, float]:
+    """The rest of _search: the search domains, then the name as written if not asked yet."""
+    asked: list[Outcome] = [first] if first else []
 
     async def ask(text: str) -> Outcome:
-        asked.append(await _ask(conf, resolver.path, _name(text), ADDRESS_TYPES))
+        asked.append(await _ask(conf, path, _name(text), ADDRESS_TYPES))
         return asked[-1]
 
     def spent() -> float:
         return sum(o.network_ms for o in asked)
 
-    trailing_dot = host.endswith(".")
-    first = None
-    if trailing_dot or host.count(".") >= conf.options.ndots:
-        first = await ask(host)
-        if first.addresses or trailing_dot:
-            return first, spent()
     nodata = servfail = None
     for domain in conf.search:
         outcome = await ask(f"{host}.{domain}")

@@ -198,7 +198,26 @@ async def start_tls(conn: Conn, context: ssl.SSLContext, sni: str, trace: Trace)
     if (tls := conn.ssl_object) is not None:  # the session the handshake set up
         trace.fact("tls_version", tls.version())
         trace.fact("tls_verified", context.verify_mode == ssl.CERT_REQUIRED)
-        _certificate_facts(tls.getpeercert(), trace)
+        for name, value in _verified_facts(tls).items():
+            trace.fact(name, value)
+
+
+_CERT_FACTS: dict[bytes, dict[str, object]] = {}  # by the certificate's DER bytes
+MAX_CERT_FACTS = 1024
+
+
+def _verified_facts(tls: ssl.SSLObject) -> dict[str, object]:
+    """The facts of the certificate a handshake showed, read once per certificate (its bytes):
+    getpeercert's dictionary and its dates cost more than the handshake's own Python."""
+    der = tls.getpeercert(binary_form=True) or b""
+    facts = _CERT_FACTS.get(der)
+    if facts is None:
+        scratch = Trace()
+        _certificate_facts(tls.getpeercert(), scratch)
+        if len(_CERT_FACTS) >= MAX_CERT_FACTS:
+            _CERT_FACTS.clear()
+        facts = _CERT_FACTS[der] = scratch.facts
+    return facts
 
 
 def _certificate_facts(cert: Mapping[str, object] | None, trace: Trace) -> None:

@@ -53,6 +53,7 @@ RETRY_RCODES = frozenset({dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSE
 TIMEOUT_S, ATTEMPTS, NDOTS = 5, 2, 1
 MAX_TIMEOUT_S, MAX_ATTEMPTS, MAX_NDOTS, MAX_SERVERS = 30, 5, 15, 3
 DRAIN_DATAGRAMS = 64  # read at once when the socket is readable; a flood must not hold the loop
+MAX_IDS = 4096  # query ids sent on one shared socket before it takes no new lookups (of 65,536)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,45 +225,116 @@ def _queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) ->
 class _Link:
     """A connected UDP socket to one server, its datagrams read as they arrive, each with the
     kernel's arrival time (CLOCK_REALTIME ns), by one callback for the socket's life that hands
-    each answer to its lookup at once: no wait is set up and torn down per answer."""
+    each answer to the lookup whose query has its id: no wait is set up and torn down per answer.
 
-    def __init__(self, sock: socket.socket, server: Server, lookup: _Lookup) -> None:
+    The lookups of one event loop asking one server from one source (the path's bound address
+    and interface) share the socket while any of them runs, and it is closed when the last one
+    ends: socket, connect, the loop's reader and close once for all of them, not per lookup. An
+    answer reaches only the lookup that sent a query with its id (and is read against that
+    query's question); an id is sent at most once on a socket by one lookup (a lookup that draws
+    an id used before on it asks on a socket of its own), so an answer that comes late, after its
+    lookup ended, is no one's. After MAX_IDS ids the socket takes no new lookups (it closes when
+    its last one ends), so ids stay easy to draw and a socket's port is not used for long."""
+
+    def __init__(self, sock: socket.socket, server: Server, key: _Key | None) -> None:
         self.sock = sock
         self.server = server
-        self._lookup = lookup
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._readable)
+        self._key = key  # in _LINKS under it, None for a lookup's own socket
+        self._asked: dict[int, _Lookup] = {}  # query id -> the running lookup that sent it here
+        self._used: set[int] = set()  # every id sent here
+        self._users = 1
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._readable)
 
     @classmethod
-    def open(cls, server: Server, path: PathSpec | None, lookup: _Lookup) -> _Link:
+    def open(cls, server: Server, path: PathSpec | None, key: _Key | None = None) -> _Link:
         sock = _socket(server.family, socket.SOCK_DGRAM, path)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.connect((server.host, server.port))
-            return cls(sock, server, lookup)
+            return cls(sock, server, key)
         except BaseException:
             sock.close()
             raise
 
+    @classmethod
+    def share(cls, server: Server, path: PathSpec | None, lookup: _Lookup) -> _Link:
+        """The socket the lookups of this loop share to `server` from `path`'s source, with
+        `lookup`'s ids taken on it; a socket of the lookup's own when one of them was used."""
+        key = (
+            asyncio.get_running_loop(),
+            server.host,
+            server.port,
+            *((path.address, path.interface) if path else (None, None)),
+        )
+        link = _LINKS.get(key)
+        if link is None:
+            link = _LINKS[key] = cls.open(server, path, key)
+        else:
+            link._users += 1
+        if link._take(lookup):
+            return link
+        link.release(lookup)
+        link = cls.open(server, path)
+        link._take(lookup)
+        return link
+
+    def _take(self, lookup: _Lookup) -> bool:
+        used = self._used
+        ids = lookup.ids
+        if not used.isdisjoint(ids):
+            return False
+        used.update(ids)
+        asked = self._asked
+        for query_id in ids:
+            asked[query_id] = lookup
+        if len(used) >= MAX_IDS and self._key is not None:  # no new lookups: closed after its last
+            if _LINKS.get(self._key) is self:
+                del _LINKS[self._key]
+            self._key = None
+        return True
+
+    def release(self, lookup: _Lookup) -> None:
+        """`lookup` ended: its answers are no one's now; the last lookup closes the socket."""
+        asked = self._asked
+        for query_id in lookup.ids:
+            if asked.get(query_id) is lookup:
+                del asked[query_id]
+        self._users -= 1
+        if not self._users:
+            self.close()
+
     def _readable(self) -> None:
+        asked = self._asked
         for _ in range(DRAIN_DATAGRAMS):
             try:
                 data, ancillary, _, _ = self.sock.recvmsg(READ_BYTES, ANCILLARY_BYTES)
             except BlockingIOError:
                 break
             except OSError as exc:  # ECONNREFUSED: the ICMP port unreachable of a query sent
-                self._lookup.failed(self, exc)
+                for failing in set(asked.values()):
+                    failing.failed(self, exc)
                 break
+            lookup = asked.get(U16.unpack_from(data)[0]) if len(data) >= 2 else None
+            if lookup is None:
+                continue  # no query of a running lookup has its id: ignored, as every stub does
             if ancillary and ancillary[0][:2] == (socket.SOL_SOCKET, SO_TIMESTAMPNS):  # the only one asked for
                 seconds, nanoseconds = TIMESPEC.unpack(ancillary[0][2])
                 received_ns = seconds * 1_000_000_000 + nanoseconds
             else:
                 received_ns = time.time_ns()  # the kernel did not say when
-            self._lookup.arrived(self, data, received_ns)
+            lookup.arrived(self, data, received_ns)
 
     def close(self) -> None:
-        self._loop.remove_reader(self.sock.fileno())
+        if self._key is not None and _LINKS.get(self._key) is self:
+            del _LINKS[self._key]
+        self._key = None
+        self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+
+_Key = tuple[asyncio.AbstractEventLoop, str, int, str | None, str | None]  # loop, server, source
+_LINKS: dict[_Key, _Link] = {}  # the shared sockets, while a lookup uses them
 
 
 class _Lookup:
@@ -273,6 +345,7 @@ class _Lookup:
     def __init__(self, queries: list[_Query]) -> None:
         self.queries = queries
         self._sent = [query.sent for query in queries]
+        self.ids = [query.sent.id for query in queries]
         self.asking: _Link | None = None
         self._waiting = 0
         self._done: asyncio.Future[None] | None = None
@@ -318,25 +391,27 @@ class _Lookup:
         """Send every waiting query to `link`'s server and wait up to `wait_s` until each has
         an answer from it; a truncated one is asked again over TCP within that time. Raises
         the socket's error, or TimeoutError."""
-        loop = asyncio.get_running_loop()
+        loop = link.loop
         deadline = loop.time() + wait_s
         self.asking, self._waiting, self._error = link, len(waiting), None
-        for query in waiting:
-            query.pending, query.truncated = True, None
+        send = link.sock.send
         try:
             for query in waiting:
+                query.pending, query.truncated = True, None  # its answer cannot come before its send
+                result = query.result
                 sent_ns = time.time_ns()
                 try:
-                    link.sock.send(query.sent.wire)
+                    send(query.sent.wire)
                 except BlockingIOError:  # the socket's buffer is full: wait for room
                     async with asyncio.timeout_at(deadline):
                         await loop.sock_sendall(link.sock, query.sent.wire)
-                query.result.started_ns = query.result.started_ns or sent_ns
+                if not result.started_ns:
+                    result.started_ns = sent_ns
             if self._waiting:
-                self._done = loop.create_future()
+                done = self._done = loop.create_future()
                 timer = loop.call_at(deadline, self._expire)  # one timer, no task or context per wait
                 try:
-                    await self._done
+                    await done
                 finally:
                     timer.cancel()
             if self._error is not None:
@@ -403,23 +478,28 @@ async def exchange(
                 if not waiting:
                     break
                 try:
-                    if index not in links:  # one socket per server, kept over the attempts, as glibc does
-                        links[index] = _Link.open(server, path, lookup)
-                    await lookup.ask(links[index], waiting, path, options.wait_s(index, len(servers)))
+                    link = links.get(index)
+                    if link is None:  # one socket per server, kept over the attempts, as glibc does
+                        link = links[index] = _Link.share(server, path, lookup)
+                    await lookup.ask(link, waiting, path, options.wait_s(index, len(servers)))
                 except (OSError, EOFError) as exc:  # TimeoutError included; ECONNREFUSED: ICMP port unreachable
                     for query in waiting:
                         query.result.error = exc  # an answer from an earlier server still counts first
                 waiting = [query for query in queries if not _settled(query)]
+        last_ns = 0
         for query in queries:
-            if query.result.reply is None and query.result.started_ns:
-                query.result.network_ms = (time.time_ns() - query.result.started_ns) / 1e6
+            result = query.result
+            if result.reply is None and result.started_ns:
+                result.network_ms = (time.time_ns() - result.started_ns) / 1e6
+            if query.first_ns > last_ns:
+                last_ns = query.first_ns
         linger_ns = int(linger_s * 1e9)
-        last_ns = max((q.first_ns for q in queries), default=0)
         if linger_ns and last_ns:  # the answering sockets' callbacks keep what comes meanwhile
             await asyncio.sleep(max(last_ns + linger_ns - time.time_ns(), 0) / 1e9)
     finally:
         for link in links.values():
-            link.close()
+            link.release(lookup)
     for query in queries:
-        query.result.later = [r for r in query.result.later if r.received_ns <= query.first_ns + linger_ns]
-    return tuple(q.result for q in queries)
+        if query.result.later:
+            query.result.later = [r for r in query.result.later if r.received_ns <= query.first_ns + linger_ns]
+    return tuple([q.result for q in queries])

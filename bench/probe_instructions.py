@@ -1,0 +1,148 @@
+"""Instructions per probe, counted by valgrind's callgrind: steady whatever the machine's load.
+
+The probing process runs N probes (IN_FLIGHT at a time) of one kind under callgrind, once with
+FEW and once with MANY probes: the difference over MANY - FEW is the user-space instructions of
+one probe, start-up and imports left out. Kinds: the probe mix of bench/probe_rate.py (http and
+https, to the IP literal and to the name, tunnelwatch's real `measure`), a lookup of the name
+alone (probe/measure/dns.py's `lookup`, as an http probe of the name does it), and the raw
+asyncio + uvloop TLS client of bench/probe_rate.py (its floor). The name is answered by a
+dnsmasq on RESOLVER:53 (`--cache-size=0`), as in bench/probe_rate.py.
+
+Usage: .venv/bin/python bench/probe_instructions.py [--kinds lookup "http IP literal" ...]
+        [--few 200] [--many 1200] [--in-flight 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import probe_rate  # noqa: E402
+from bench.daemon_load import dnsmasq, nginx_conf  # noqa: E402
+from tests.servers import LOOPBACK, free_port, running  # noqa: E402
+
+RESOLVER = "127.0.157.53"  # not probe_rate's, so both can run at once
+NAME = probe_rate.NAME
+KINDS = ("lookup", "http IP literal", "http name", "https IP literal", "https name", "raw https IP literal")
+
+
+def _lookup_probe() -> probe_rate.Probe:
+    from probe.config import PathSpec
+    from probe.measure.dns import lookup, resolver_for
+    from probe.model import Trace
+
+    resolver = resolver_for(PathSpec(name="direct", kind="direct", resolver=[RESOLVER]))
+
+    async def probe() -> bool:
+        return bool(await lookup(resolver, NAME, Trace()))
+
+    return probe
+
+
+def child(kind: str, url: str, ca: str, probes: int, in_flight: int) -> None:
+    """Run `probes` probes of `kind`, `in_flight` at a time, on uvloop."""
+    import uvloop
+
+    probe_rate.RESOLVER = RESOLVER
+    if kind == "lookup":
+        probe = _lookup_probe()
+    elif kind.startswith("raw "):
+        probe = probe_rate._raw(url, ca)
+    else:
+        probe = probe_rate._tunnelwatch(url, ca)
+    left = [probes]
+    failed = [0]
+
+    async def worker() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            failed[0] += not await probe()
+
+    async def main() -> None:
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+
+    uvloop.run(main())
+    if failed[0]:
+        raise SystemExit(f"{failed[0]} of {probes} probes failed")
+
+
+def _instructions(kind: str, url: str, ca: Path, probes: int, in_flight: int, out: Path) -> int:
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__]
+    command += ["--child", kind, "--url", url, "--ca", str(ca), "--probes", str(probes), "--in-flight", str(in_flight)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{kind}: {result.stderr[-2000:]}")
+    match = re.search(r"Collected : (\d+)", result.stderr)
+    if not match:
+        raise RuntimeError(f"no count from callgrind: {result.stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def measure(kinds: list[str], few: int, many: int, in_flight: int, keep: Path | None) -> list[tuple[str, float]]:
+    import trustme
+
+    tmp = Path(tempfile.mkdtemp(prefix="tw-instr-"))
+    web, tls = free_port(), free_port()
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+    leaf = ca.issue_cert(NAME, LOOPBACK)
+    leaf.private_key_pem.write_to_path(str(tmp / "key.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(tmp / "chain.pem"))
+    for pem in leaf.cert_chain_pems[1:]:
+        pem.write_to_path(str(tmp / "chain.pem"), append=True)
+    (tmp / "nginx.conf").write_text(nginx_conf(tmp, web, (tls, tmp / "chain.pem", tmp / "key.pem")))
+    urls = {
+        "lookup": "",
+        "http IP literal": f"http://{LOOPBACK}:{web}/",
+        "http name": f"http://{NAME}:{web}/",
+        "https IP literal": f"https://{LOOPBACK}:{tls}/",
+        "https name": f"https://{NAME}:{tls}/",
+        "raw https IP literal": f"https://{LOOPBACK}:{tls}/",
+    }
+    nginx = [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)]
+    counts = []
+    with (
+        dnsmasq(tmp, RESOLVER, 53, f"--address=/{NAME}/{LOOPBACK}", f"--local=/{NAME}/"),
+        running(nginx, tmp / "nginx.out", web),
+    ):
+        for kind in kinds:
+            slug = kind.replace(" ", "-")
+            low = _instructions(kind, urls[kind], tmp / "ca.pem", few, in_flight, tmp / f"{slug}-few.out")
+            out = (keep / f"{slug}.callgrind") if keep else tmp / f"{slug}-many.out"
+            high = _instructions(kind, urls[kind], tmp / "ca.pem", many, in_flight, out)
+            counts.append((kind, (high - low) / (many - few)))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--few", type=int, default=200)
+    parser.add_argument("--many", type=int, default=1200)
+    parser.add_argument("--in-flight", type=int, default=10)
+    parser.add_argument("--keep", type=Path, help="a directory for the MANY runs' callgrind files")
+    parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--ca", help=argparse.SUPPRESS)
+    parser.add_argument("--probes", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.url, args.ca, args.probes, args.in_flight)
+        return
+    print("| probe | instructions per probe (M) |\n|---|---|")
+    for kind, count in measure(args.kinds, args.few, args.many, args.in_flight, args.keep):
+        print(f"| {kind} | {count / 1e6:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
