@@ -161,7 +161,11 @@ class Conn:
         each flight the client sent, until the kernel received the server's answer to it
         (TLS 1.2 takes two; the client's own work in between is not the network's)."""
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname or None)
+        # As bytes, an ASCII name skips the ssl module's IDNA codec (pure Python) on every handshake.
+        hostname: str | bytes | None = server_hostname or None
+        if server_hostname and server_hostname.isascii():
+            hostname = server_hostname.encode("ascii")
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=hostname)
         network_ns = flight_sent_ns = answered_ns = 0
         while True:
             try:
@@ -192,12 +196,13 @@ class Conn:
         if self._tls is None:
             return await self._recv_raw()
         while True:
-            try:
-                return self._tls.read(READ_BYTES)
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:  # close_notify
-                return b""
+            if self._incoming.pending or self._tls.pending():  # else the read would only ask for more
+                try:
+                    return self._tls.read(READ_BYTES)
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:  # close_notify
+                    return b""
             raw = await self._recv_raw()
             if not raw:
                 return b""  # many servers close without close_notify; the HTTP framing decides

@@ -15,7 +15,7 @@ import html
 import re
 import ssl
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import httptools
 import httpx
@@ -145,16 +145,30 @@ async def _read_response(conn: Conn, trace: Trace, cap: int) -> _Response:
     return response
 
 
-async def _get(
-    url: httpx.URL, path: PathSpec, trace: Trace, ssl_context: ssl.SSLContext, user_agent: str, cap: int
-) -> _Response:
+class _Where(NamedTuple):
+    """A URL as a request to it needs it, worked out once per target (see _parse)."""
+
+    url: httpx.URL
+    text: str  # str(url), the final_url fact
+    host: str
+    port: int
+    https: bool
+    request: bytes
+
+
+def _where(url: httpx.URL, user_agent: str) -> _Where:
     host = url.raw_host.decode("ascii")
-    conn = await open_stream(path, host, url.port or DEFAULT_PORTS[url.scheme], trace)
+    port = url.port or DEFAULT_PORTS[url.scheme]
+    return _Where(url, str(url), host, port, url.scheme == "https", _request(url, user_agent))
+
+
+async def _get(where: _Where, path: PathSpec, trace: Trace, ssl_context: ssl.SSLContext, cap: int) -> _Response:
+    conn = await open_stream(path, where.host, where.port, trace)
     try:
-        if url.scheme == "https":
-            await start_tls(conn, ssl_context, host, trace)
+        if where.https:
+            await start_tls(conn, ssl_context, where.host, trace)
         trace.operation = HTTP_ROUND_TRIP
-        await conn.send(_request(url, user_agent))
+        await conn.send(where.request)
         return await _read_response(conn, trace, cap)
     finally:
         conn.close()
@@ -175,8 +189,8 @@ def _next_url(url: httpx.URL, location: bytes) -> httpx.URL:
 
 
 @functools.lru_cache(maxsize=4096)  # a target's URL is parsed once, not on every probe
-def _parse(url: str) -> httpx.URL:
-    return httpx.URL(url)
+def _parse(url: str, user_agent: str) -> _Where:
+    return _where(httpx.URL(url), user_agent)
 
 
 def _title(body: bytes) -> str | None:
@@ -190,19 +204,19 @@ def _title(body: bytes) -> str | None:
 async def probe_http(
     target: Target, path: PathSpec, trace: Trace, *, settings: ProbeSettings, ssl_context: ssl.SSLContext
 ) -> None:
-    url = _parse(target.url or "")
+    where = _parse(target.url or "", settings.user_agent)
     for _hop in range(MAX_REDIRECTS + 1):
-        response = await _get(url, path, trace, ssl_context, settings.user_agent, settings.body_cap_bytes)
+        response = await _get(where, path, trace, ssl_context, settings.body_cap_bytes)
         status, location = response.status, response.headers.get(b"location")
         if status not in REDIRECTS or location is None:
             break
-        url = _next_url(url, location)
+        where = _where(_next_url(where.url, location), settings.user_agent)
     else:
         raise ProbeFailure("http_too_many_redirects", HTTP_ROUND_TRIP, f"more than {MAX_REDIRECTS} redirects")
     body = bytes(response.body)
     title = _title(body)
     trace.fact("status", status)
-    trace.fact("final_url", str(url))
+    trace.fact("final_url", where.text)
     trace.fact("body_length", len(body))
     trace.fact("body_sha256", hashlib.sha256(body).hexdigest())
     trace.fact("title", title)
