@@ -41,8 +41,8 @@ class Evidence:
     dns_inconsistent: bool = False  # the names resolved here are not what the tunnel saw
     tunnel_ok: bool = False  # some tunnel reached this target in this round
     other_ok: bool = False  # some other path reached this target in this round
-    same_failure: str | None = None  # the failure every path of this round saw, if they all saw one
-    round_paths: int = 1  # how many paths measured this target this round
+    same_failure: str | None = None  # the failure every working path of this round saw, if they all saw one
+    round_paths: int = 1  # how many working paths (not broken themselves) measured this target this round
     all_controls_fail: bool = False  # in this slot every path failed every control target
     own_controls_fail: bool = False  # in this slot this path failed every control target
     paths_healthy: bool = False  # every path of this round worked for the control targets in this slot
@@ -243,11 +243,7 @@ def _round_and_slot_evidence(m: pd.DataFrame) -> None:
     """What the other paths of the round, and the control targets of the slot, saw."""
     rounds = m.groupby(ROUND, sort=False)
     ok_in_round = rounds["ok"].transform("sum")
-    m["round_paths"] = rounds["path"].transform("size")
     m["other_ok"] = (ok_in_round - m["ok"].astype(int)) > 0
-    kinds = rounds["failure"].transform("nunique")
-    first = rounds["failure"].transform("first")
-    m["same_failure"] = first.where((ok_in_round == 0) & (kinds == 1), None)
     controls = m[m["group"] == "control"]
     any_ok = controls.groupby("slot")["ok"].any()
     direct_ok = controls[~controls["tunnel"]].groupby("slot")["ok"].any()
@@ -264,6 +260,18 @@ def _round_and_slot_evidence(m: pd.DataFrame) -> None:
     )
     broken = m["own_controls_fail"] | m["failed_operation"].astype(object).isin(PATH_OPERATIONS)
     m["paths_healthy"] = ~broken.groupby([m["round_id"], m["target"]], sort=False, observed=True).transform("any")
+    # "Every path failed the same way" is asked of the paths that work: a tunnel that is down
+    # fails a site that is down in its own way, and must not hide that it is down for the rest.
+    working = (
+        m[~broken]
+        .groupby(ROUND, sort=False, observed=True)
+        .agg(paths=("path", "size"), ok=("ok", "sum"), kinds=("failure", "nunique"), first=("failure", "first"))
+    )
+    w = m[ROUND].merge(working, left_on=ROUND, right_index=True, how="left")
+    m["round_paths"] = w["paths"].fillna(0).astype(int).to_numpy()
+    same = w["first"].astype(object).where((w["ok"] == 0) & (w["kinds"] == 1))
+    keep = ~broken.to_numpy() | (m["failure"].astype(object).to_numpy() == same.to_numpy())  # broken: if it agrees
+    m["same_failure"] = same.where(keep, None).to_numpy()
 
 
 def _none(value: object) -> object:

@@ -176,6 +176,12 @@ def test_a_tunnel_whose_exit_is_broken_is_tunnel_down_with_its_server_answering(
         )
         assert verdicts.loc[(target, "shadowsocks"), "verdict"] == "ok"  # the other server's exit works
     assert verdicts.loc[("portal", "direct"), "verdict"] == "ok"
+    # shop's certificate is wrong for everyone: still the site's problem on every path that
+    # works, though the broken tunnel failed it in its own way.
+    shop = verdicts.loc["shop"].drop(index="ss-exit")
+    assert set(zip(shop["verdict"], shop["rule"], strict=True)) == {("site_down", "bad-certificate-everywhere")}, table(
+        verdicts
+    )
 
 
 def test_a_throttled_tunnel_is_degraded_and_only_it(tricks: Path) -> None:
