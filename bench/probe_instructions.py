@@ -4,8 +4,10 @@ The probing process runs N probes (IN_FLIGHT at a time) of one kind under callgr
 FEW and once with MANY probes: the difference over MANY - FEW is the user-space instructions of
 one probe, start-up and imports left out. Kinds: the probe mix of bench/probe_rate.py (http and
 https, to the IP literal and to the name, tunnelwatch's real `measure`), a lookup of the name
-alone (probe/measure/dns.py's `lookup`, as an http probe of the name does it), and the raw
-asyncio + uvloop TLS client of bench/probe_rate.py (its floor). The name is answered by a
+alone (probe/measure/dns.py's `lookup`, as an http probe of the name does it), the least a
+lookup can be in Python (`raw lookup`: one shared socket, a future per lookup, dnspython's
+wire parser reading the records; the floor of tunnelwatch's), and the raw asyncio + uvloop TLS
+client of bench/probe_rate.py (its floor). The name is answered by a
 dnsmasq on RESOLVER:53 (`--cache-size=0`), as in bench/probe_rate.py.
 
 Usage: .venv/bin/python bench/probe_instructions.py [--kinds lookup "http IP literal" ...]
@@ -32,7 +34,15 @@ from tests.servers import LOOPBACK, free_port, running  # noqa: E402
 
 RESOLVER = "127.0.157.53"  # not probe_rate's, so both can run at once
 NAME = probe_rate.NAME
-KINDS = ("lookup", "http IP literal", "http name", "https IP literal", "https name", "raw https IP literal")
+KINDS = (
+    "lookup",
+    "raw lookup",
+    "http IP literal",
+    "http name",
+    "https IP literal",
+    "https name",
+    "raw https IP literal",
+)
 
 
 def _lookup_probe() -> probe_rate.Probe:
@@ -48,6 +58,76 @@ def _lookup_probe() -> probe_rate.Probe:
     return probe
 
 
+def _raw_lookup_probe() -> probe_rate.Probe:
+    """The least a lookup can be in Python on uvloop, the floor of tunnelwatch's: one connected
+    UDP socket for all lookups with one reader, A and AAAA sent with random ids, one future per
+    lookup, each answer handed on by its id with its SO_TIMESTAMPNS time and its records read
+    with dnspython's wire parser (the A addresses kept). Nothing else: no timeout but one timer,
+    no question check, no retry, no TCP, no record of the answers."""
+    import os
+    import socket
+    import struct
+
+    import dns.ipv4
+    import dns.message
+    import dns.name
+    import dns.wire
+
+    from probe.measure.conn import ANCILLARY_BYTES, SO_TIMESTAMPNS, TIMESPEC
+
+    u16 = struct.Struct("!H")
+    queries = [dns.message.make_query(NAME, kind, use_edns=0, payload=1232).to_wire() for kind in ("A", "AAAA")]
+    question_end = 12 + len(dns.name.from_text(NAME).to_digestable()) + 4
+    waiting: dict[int, tuple[asyncio.Future[None], list[tuple[int, list[str]]]]] = {}
+    state: dict[str, socket.socket] = {}
+
+    def readable() -> None:
+        sock = state["sock"]
+        while True:
+            try:
+                data, ancillary, _, _ = sock.recvmsg(65536, ANCILLARY_BYTES)
+            except BlockingIOError:
+                return
+            seconds, nanoseconds = TIMESPEC.unpack(ancillary[0][2])
+            entry = waiting.pop(u16.unpack_from(data)[0], None)
+            if entry is None:
+                continue
+            future, got = entry
+            parser = dns.wire.Parser(data, question_end)
+            addresses = []
+            for _ in range(sum(struct.unpack_from("!HHH", data, 6))):
+                parser.seek(parser.current + (1 if data[parser.current] == 0 else 2))
+                kind, _, _, length = parser.get_struct("!HHIH")
+                if kind == 1:
+                    addresses.append(dns.ipv4.inet_ntoa(parser.get_bytes(length)))
+                else:
+                    parser.seek(parser.current + length)
+            got.append((seconds * 1_000_000_000 + nanoseconds, addresses))
+            if len(got) == 2 and not future.done():
+                future.set_result(None)
+
+    async def probe() -> bool:
+        loop = asyncio.get_running_loop()
+        if "sock" not in state:
+            sock = state["sock"] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sock.connect((RESOLVER, 53))
+            loop.add_reader(sock.fileno(), readable)
+        future: asyncio.Future[None] = loop.create_future()
+        got: list[tuple[int, list[str]]] = []
+        for query in queries:
+            query_id = u16.unpack(os.urandom(2))[0]
+            waiting[query_id] = (future, got)
+            state["sock"].send(u16.pack(query_id) + query[2:])
+        timer = loop.call_later(5, future.cancel)
+        await future
+        timer.cancel()
+        return any(addresses for _, addresses in got)
+
+    return probe
+
+
 def child(kind: str, url: str, ca: str, probes: int, in_flight: int) -> None:
     """Run `probes` probes of `kind`, `in_flight` at a time, on uvloop."""
     import uvloop
@@ -55,6 +135,8 @@ def child(kind: str, url: str, ca: str, probes: int, in_flight: int) -> None:
     probe_rate.RESOLVER = RESOLVER
     if kind == "lookup":
         probe = _lookup_probe()
+    elif kind == "raw lookup":
+        probe = _raw_lookup_probe()
     elif kind.startswith("raw "):
         probe = probe_rate._raw(url, ca)
     else:
@@ -102,6 +184,7 @@ def measure(kinds: list[str], few: int, many: int, in_flight: int, keep: Path | 
     (tmp / "nginx.conf").write_text(nginx_conf(tmp, web, (tls, tmp / "chain.pem", tmp / "key.pem")))
     urls = {
         "lookup": "",
+        "raw lookup": "",
         "http IP literal": f"http://{LOOPBACK}:{web}/",
         "http name": f"http://{NAME}:{web}/",
         "https IP literal": f"https://{LOOPBACK}:{tls}/",

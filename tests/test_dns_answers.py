@@ -299,3 +299,14 @@ def test_a_lookup_whose_ids_were_used_on_the_shared_socket_asks_on_its_own(monke
         found = _lookups(port, ["n1.test", "n2.test"])
     assert found == [["10.0.0.1"], ["10.0.0.2"]]
     assert len(set(sources)) == 2, sources
+
+
+def test_more_lookups_side_by_side_than_a_socket_takes_spread_over_sockets() -> None:
+    """Forty lookups at once: at most MAX_SHARERS (16) on one socket, whose receive buffer holds
+    their answers together, so three sockets; each lookup still gets its own answer."""
+    assert resolver_module.MAX_SHARERS == 16
+    names = [f"n{number}.test" for number in range(1, 41)]
+    with gathering(2 * len(names)) as (port, sources):
+        found = _lookups(port, names)
+    assert found == [[f"10.0.0.{number}"] for number in range(1, 41)]
+    assert len(sources) == 80 and len(set(sources)) == 3, sorted(set(sources))

@@ -54,6 +54,7 @@ TIMEOUT_S, ATTEMPTS, NDOTS = 5, 2, 1
 MAX_TIMEOUT_S, MAX_ATTEMPTS, MAX_NDOTS, MAX_SERVERS = 30, 5, 15, 3
 DRAIN_DATAGRAMS = 64  # read at once when the socket is readable; a flood must not hold the loop
 MAX_IDS = 4096  # query ids sent on one shared socket before it takes no new lookups (of 65,536)
+MAX_SHARERS = 16  # lookups at once on one shared socket: 32 answers of up to 1232 bytes in its buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,18 +229,19 @@ class _Link:
     each answer to the lookup whose query has its id: no wait is set up and torn down per answer.
 
     The lookups of one event loop asking one server from one source (the path's bound address
-    and interface) share the socket while any of them runs, and it is closed when the last one
-    ends: socket, connect, the loop's reader and close once for all of them, not per lookup. An
-    answer reaches only the lookup that sent a query with its id (and is read against that
-    query's question); an id is sent at most once on a socket by one lookup (a lookup that draws
-    an id used before on it asks on a socket of its own), so an answer that comes late, after its
-    lookup ended, is no one's. After MAX_IDS ids the socket takes no new lookups (it closes when
-    its last one ends), so ids stay easy to draw and a socket's port is not used for long."""
+    and interface) share a socket while any of them runs, at most MAX_SHARERS at once (their
+    answers wait in its receive buffer together: a default one holds some 200 KB), and it is
+    closed when the last one ends: socket, connect, the loop's reader and close once for them
+    all, not per lookup. An answer reaches only the lookup that sent a query with its id (and
+    is read against that query's question); an id is sent at most once on a socket (a lookup
+    that draws an id used before on it asks on another), so an answer that comes late, after
+    its lookup ended, is no one's. After MAX_IDS ids the socket takes no new lookups (it closes
+    when its last one ends), so ids stay easy to draw and a socket's port is not used for long."""
 
-    def __init__(self, sock: socket.socket, server: Server, key: _Key | None) -> None:
+    def __init__(self, sock: socket.socket, server: Server, key: _Key) -> None:
         self.sock = sock
         self.server = server
-        self._key = key  # in _LINKS under it, None for a lookup's own socket
+        self._key: _Key | None = key  # in _LINKS' pool under it while it takes new lookups
         self._asked: dict[int, _Lookup] = {}  # query id -> the running lookup that sent it here
         self._used: set[int] = set()  # every id sent here
         self._users = 1
@@ -247,7 +249,7 @@ class _Link:
         self.loop.add_reader(sock.fileno(), self._readable)
 
     @classmethod
-    def open(cls, server: Server, path: PathSpec | None, key: _Key | None = None) -> _Link:
+    def open(cls, server: Server, path: PathSpec | None, key: _Key) -> _Link:
         sock = _socket(server.family, socket.SOCK_DGRAM, path)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -259,23 +261,24 @@ class _Link:
 
     @classmethod
     def share(cls, server: Server, path: PathSpec | None, lookup: _Lookup) -> _Link:
-        """The socket the lookups of this loop share to `server` from `path`'s source, with
-        `lookup`'s ids taken on it; a socket of the lookup's own when one of them was used."""
+        """A socket the lookups of this loop share to `server` from `path`'s source, with
+        `lookup`'s ids taken on it: one with room for another lookup and none of its ids used,
+        or a new one."""
         key = (
             asyncio.get_running_loop(),
             server.host,
             server.port,
             *((path.address, path.interface) if path else (None, None)),
         )
-        link = _LINKS.get(key)
-        if link is None:
-            link = _LINKS[key] = cls.open(server, path, key)
-        else:
-            link._users += 1
-        if link._take(lookup):
-            return link
-        link.release(lookup)
-        link = cls.open(server, path)
+        pool = _LINKS.get(key)
+        if pool is None:
+            pool = _LINKS[key] = []
+        for link in reversed(pool):
+            if link._users < MAX_SHARERS and link._take(lookup):
+                link._users += 1
+                return link
+        link = cls.open(server, path, key)
+        pool.append(link)
         link._take(lookup)
         return link
 
@@ -288,11 +291,19 @@ class _Link:
         asked = self._asked
         for query_id in ids:
             asked[query_id] = lookup
-        if len(used) >= MAX_IDS and self._key is not None:  # no new lookups: closed after its last
-            if _LINKS.get(self._key) is self:
-                del _LINKS[self._key]
-            self._key = None
+        if len(used) >= MAX_IDS:  # no new lookups: closed after its last
+            self._retire()
         return True
+
+    def _retire(self) -> None:
+        """Out of the pool: no new lookups."""
+        if self._key is not None:
+            pool = _LINKS.get(self._key, [])
+            if self in pool:
+                pool.remove(self)
+            if not pool:
+                _LINKS.pop(self._key, None)
+            self._key = None
 
     def release(self, lookup: _Lookup) -> None:
         """`lookup` ended: its answers are no one's now; the last lookup closes the socket."""
@@ -326,15 +337,13 @@ class _Link:
             lookup.arrived(self, data, received_ns)
 
     def close(self) -> None:
-        if self._key is not None and _LINKS.get(self._key) is self:
-            del _LINKS[self._key]
-        self._key = None
+        self._retire()
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
 
 _Key = tuple[asyncio.AbstractEventLoop, str, int, str | None, str | None]  # loop, server, source
-_LINKS: dict[_Key, _Link] = {}  # the shared sockets, while a lookup uses them
+_LINKS: dict[_Key, list[_Link]] = {}  # the shared sockets taking new lookups, while a lookup uses them
 
 
 class _Lookup:
