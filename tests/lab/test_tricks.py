@@ -425,4 +425,6 @@ def test_a_timeline_of_the_tricks_comes_back_as_outages(tricks: Path) -> None:
         )
         assert abs(at(found[key], "end") - truth[window][1]) <= slack, (key, at(found[key], "end") - truth[window][1])
     assert found[("news-dns", "open-dns", "blocked")]["rules"] == ["dns-answers-conflict"]
-    assert all(found[k]["rules"] == ["tunnel-fails-controls"] for k in expected if k[1] == "ss-exit"), found
+    # A round at a window's edge can share its 2-s slot with a control round from the other side
+    # of the change (the tunnel worked for controls then): that round is blocked-behind-tunnel.
+    assert all("tunnel-fails-controls" in found[k]["rules"] for k in expected if k[1] == "ss-exit"), found
