@@ -10,7 +10,10 @@ like the daemon, the build compacts as it goes, so both are read from summaries.
 
 Also the store's size: bytes on disk per measurement, raw rows against summaries.
 
-Usage: .venv/bin/python bench/analysis_load.py [--days 365] [--runs 3]
+With --store, an existing store built so (bench/synth.py STORE.db --days 365 --start
+2018-03-01 --compact) is timed instead of a new one: its build is not measured again.
+
+Usage: .venv/bin/python bench/analysis_load.py [--days 365] [--runs 3] [--store STORE.db]
 """
 
 from __future__ import annotations
@@ -108,10 +111,12 @@ def _central(db: Path, cfg: Path, tmp: Path, days: int, runs: int) -> tuple[list
     from probe.fleet.forwarder import Forwarder
     from tests.postgres import cluster
 
+    spool = tmp / "spool.db"  # the forwarder notes its progress in the store: a copy's (a --store is kept as it is)
+    shutil.copyfile(db, spool)
     with cluster(fsync=True) as server:
         url = server.database("year")
         started = time.perf_counter()
-        forwarder = Forwarder(db, url, "bench", StoreSettings().forward_batch, 100_000_000)
+        forwarder = Forwarder(spool, url, "bench", StoreSettings().forward_batch, 100_000_000)
         forwarder.forward()
         forwarder.close()
         uploaded = time.perf_counter() - started
@@ -119,13 +124,13 @@ def _central(db: Path, cfg: Path, tmp: Path, days: int, runs: int) -> tuple[list
     return [line.replace(url, "postgresql://...") for line in lines], uploaded
 
 
-def measure_year(days: int, runs: int) -> str:
-    """Build the store as the daemon would have written it, then time the commands on it,
-    then on the fleet's PostgreSQL holding the same."""
+def measure_year(days: int, runs: int, store: Path | None = None) -> str:
+    """Build the store as the daemon would have written it (or take `store`, built so), then
+    time the commands on it, then on the fleet's PostgreSQL holding the same."""
     tmp = Path(tempfile.mkdtemp(prefix="tw-analysis-bench-"))
-    db = tmp / f"store-{days}d.db"
+    db = store or tmp / f"store-{days}d.db"
     started = time.perf_counter()
-    rows = build(db, days, 100, START, keep_raw_days=KEEP_RAW_DAYS)
+    rows = build(db, days, 100, START, keep_raw_days=KEEP_RAW_DAYS) if store is None else 0
     built = time.perf_counter() - started
     cfg = config(tmp, db)
     lines = [_timed(command, cfg, tmp, runs) for command in commands(days)]
@@ -137,6 +142,12 @@ def measure_year(days: int, runs: int) -> str:
     with sqlite3.connect(db) as conn:
         kept = conn.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
     shutil.rmtree(tmp, ignore_errors=True)
+    made = (
+        f"| measurements written | {rows:,} |\n| written and compacted in | {built:.0f} s ({rows / built:,.0f} measurements/s) |\n"
+        if rows
+        else f"| measurements | {kept:,} raw rows kept; the store built beforehand (--store) |\n"
+    )
+    per = f": **{total / rows:.1f} bytes per measurement**, amortised (target: at most 25)" if rows else ""
     return f"""Stores from bench/synth.py: {days} days of 100 targets x 4 paths at 5-minute rounds from
 2018-03-01 (a tunnel crackdown from the NPC opening, a third of the targets blocked directly, a
 daemon gap, 0.5 % noise), rows filled as the daemon fills them for an https page, written
@@ -146,11 +157,9 @@ Commands: median of {runs} runs; peak RSS is the largest.
 
 | store | value |
 |---|---|
-| measurements written | {rows:,} |
-| written and compacted in | {built:.0f} s ({rows / built:,.0f} measurements/s) |
-| file size | {total / 1e6:,.0f} MB: **{total / rows:.1f} bytes per measurement**, amortised (target: at most 25) |
+{made}| file size | {total / 1e6:,.0f} MB{per} |
 | raw rows kept ({KEEP_RAW_DAYS:g} days) | {kept:,} measurements and their heartbeats: {raw / 1e6:,.0f} MB ({raw / max(kept, 1):.0f} bytes each) |
-| summaries of the whole year | {summaries / 1e6:,.1f} MB ({summaries / rows:.2f} bytes per measurement) |
+| summaries of the whole year | {summaries / 1e6:,.1f} MB |
 | free pages (deleted rows, reused by new ones) | {sizes["(free pages)"] / 1e6:,.0f} MB |
 
 | command | wall time | peak RSS | |
@@ -176,8 +185,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--store", type=Path, help="time this store, built beforehand, rather than a new one")
     args = parser.parse_args()
-    print(measure_year(args.days, args.runs))
+    print(measure_year(args.days, args.runs, args.store))
 
 
 if __name__ == "__main__":

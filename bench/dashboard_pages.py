@@ -1,42 +1,79 @@
 """How long each dashboard page takes over a store: made from nothing (cold) and kept.
 
-Through the application itself (Starlette's TestClient, no network, no warming at start):
-Now, History, Outages, Events and Reports with their defaults, then History and Outages over
-[--since, --until) (a year of the synthetic store by default).
+Through the application itself (Starlette's TestClient, no network, no pages warmed at
+start): the store's summaries are first read into memory, as a `tunnelwatch serve` process
+does as it starts (frames.Held, timed apart: "start-up"); then each page is asked for twice,
+made from scratch the first time (a range this process has never computed), kept the second.
+Now, History, Outages, Events and Reports with their defaults, then History, Outages and
+Events over [--since, --until) (a year of the synthetic store by default). With --cold, the
+summaries are not read beforehand: the first page pays for it.
+
+With --postgres, the store is first forwarded to a throwaway PostgreSQL cluster on loopback
+(tests/postgres.py; its raw rows and summaries, as a vantage point's forwarder sends them),
+and the pages are served from there (analysis.store = the cluster's URL).
 
 Usage: .venv/bin/python bench/dashboard_pages.py CONFIG [--since 2018-03-01] [--until 2019-03-01]
+       [--cold] [--postgres]
 (CONFIG's store.path, e.g. the synthetic year of bench/synth.py STORE.db --days 365 --compact)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from analysis.web import pages as page_facts  # noqa: E402
 from analysis.web.app import build_app  # noqa: E402
-from probe.config import load_config  # noqa: E402
+from probe.config import Config, StoreSettings, load_config  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path)
-    parser.add_argument("--since", default="2018-03-01")
-    parser.add_argument("--until", default="2019-03-01")
-    args = parser.parse_args()
+@contextlib.contextmanager
+def central(cfg_path: Path) -> Iterator[Path]:
+    """CONFIG's store forwarded to a throwaway PostgreSQL, and a config that reads it there."""
+    from probe.fleet.forwarder import Forwarder
+    from tests.postgres import cluster
+
+    cfg = load_config(cfg_path)
+    with cluster(fsync=True) as server, tempfile.TemporaryDirectory(prefix="tw-pages-") as tmp:
+        url = server.database("pages")
+        spool = Path(tmp) / "spool.db"  # the forwarder notes its progress in the store: a copy's
+        shutil.copyfile(cfg.store.path, spool)
+        started = time.perf_counter()
+        forwarder = Forwarder(spool, url, cfg.vantage.name, StoreSettings().forward_batch, 100_000_000)
+        forwarder.forward()
+        forwarder.close()
+        print(f"forwarded to PostgreSQL in {time.perf_counter() - started:.0f} s")
+        if True:
+            path = Path(tmp) / "central.toml"
+            text = cfg_path.read_text()
+            path.write_text(
+                text.replace("[store]", f'[analysis]\nstore = "{url}"\nvantage = "{cfg.vantage.name}"\n[store]', 1)
+            )
+            yield path
+
+
+def measure(cfg: Config, pages: list[str], cold: bool) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # starlette.testclient over httpx: deprecated, still working
         from starlette.testclient import TestClient
-    span = f"since={args.since}&until={args.until}"
-    pages = ["/", "/history", "/outages", "/events", "/reports", f"/history?{span}", f"/outages?{span}"]
     load = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
-    print(f"load average before: {load}\n\n| page | cold | kept | size |\n|---|---|---|---|")
-    with TestClient(build_app(load_config(args.config), warm=False)) as client:
+    print(f"load average before: {load}\n")
+    with TestClient(build_app(cfg, warm=False)) as client:
+        if not cold:
+            began = time.perf_counter()
+            page_facts.held(cfg).refresh()
+            print(f"start-up: the store's summaries read into memory in {time.perf_counter() - began:.2f} s\n")
+        print("| page | made from scratch | kept | size |\n|---|---|---|---|")
         for url in pages:
             times = []
             for _ in range(2):
@@ -46,6 +83,26 @@ def main() -> None:
                 if answer.status_code != 200:
                     raise SystemExit(f"{url}: {answer.status_code} {answer.text[:300]}")
             print(f"| `{url}` | {times[0]:.2f} s | {times[1] * 1000:.0f} ms | {len(answer.content) / 1024:.0f} KiB |")
+    load = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"\nload average after: {load}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--since", default="2018-03-01")
+    parser.add_argument("--until", default="2019-03-01")
+    parser.add_argument("--cold", action="store_true", help="do not read the summaries before the first page")
+    parser.add_argument("--postgres", action="store_true", help="serve from PostgreSQL, the store forwarded there")
+    args = parser.parse_args()
+    span = f"since={args.since}&until={args.until}"
+    pages = ["/", "/history", "/outages", "/events", "/reports"]
+    pages += [f"/history?{span}", f"/outages?{span}", f"/events?{span}"]
+    if args.postgres:
+        with central(args.config) as config:
+            measure(load_config(config), pages, args.cold)
+    else:
+        measure(load_config(args.config), pages, args.cold)
 
 
 if __name__ == "__main__":

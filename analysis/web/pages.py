@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+import scipy.stats  # noqa: F401  the Events page's statistics: imported as the server starts (2 s), not by its first page
 
 from probe.config import Config
 from probe.errors import ConfigError
