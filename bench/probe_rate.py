@@ -16,7 +16,8 @@ flight for SECONDS (after a second of warm-up):
   on the loop the daemon runs (uvloop, `run_loop`), the path's resolver the dnsmasq; on the
   http IP literal also on asyncio's own loop;
 - raw asyncio: for a name, A and AAAA asked at once on one UDP socket (dnspython's wire
-  format), then streams (TLS for https, the test CA verified) writing a fixed HTTP/1.1 request
+  format), then streams (TLS for https: the test CA verified, the same SNI and ALPN as
+  tunnelwatch's context) writing a fixed HTTP/1.1 request
   and reading the status line, on uvloop: the floor for Python (on the http IP literal also on
   the default loop);
 - blackbox_exporter (Debian's prometheus-blackbox-exporter) with an http module (the test CA
@@ -334,7 +335,8 @@ def _table(
         "200 either way). The name has an A record and no AAAA (NOERROR, no answer); every client asks A "
         "and AAAA (blackbox_exporter 0.23 too, seen in dnsmasq's query log). The raw floor's name is one UDP "
         "socket and dnspython's whole Message (two make_query/to_wire, two from_wire); tunnelwatch's resolver "
-        "reads less of each answer than that, so for names the floor is no floor of the resolve step.\n\n"
+        "reads less of each answer than that, so for names the floor is no floor of the resolve step. The raw "
+        "TLS client verifies the same CA with the same SNI and ALPN (http/1.1) as tunnelwatch's context.\n\n"
         + "\n".join(lines)
         + "\n"
     )
