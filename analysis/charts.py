@@ -22,6 +22,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import to_rgba_array  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
+from matplotlib.ticker import FixedLocator, Formatter, NullLocator  # noqa: E402
 
 from .events import Event  # noqa: E402
 from .verdicts import (  # noqa: E402
@@ -46,6 +47,8 @@ VERDICT_COLOURS = {
 }
 NO_DATA = "#DDDDDD"
 HOUR, DAY = pd.Timedelta(hours=1), pd.Timedelta(days=1)
+LONG_RANGE = pd.Timedelta(days=15)  # longer: ticks that fit the range rather than one a day
+BY_DAY = pd.Timedelta(days=62)  # longer: no minor ticks (a year's weeks are 52 more to lay out)
 # SmokePing colours its median by the loss in that interval; ours by the failure rate.
 FAILURE_STEPS = (
     (0.0, "#009E73", "0 %"),
@@ -61,8 +64,8 @@ def path_colours(paths: Iterable[str]) -> dict[str, str]:
     return {path: OKABE_ITO[i % len(OKABE_ITO)] for i, path in enumerate(sorted(set(paths)))}
 
 
-# matplotlib.dates has no annotations, so mypy --strict calls its functions untyped: the four
-# calls below are the only ones, each with `type: ignore[no-untyped-call]`.
+# matplotlib.dates has no annotations, so mypy --strict calls its functions untyped: the calls
+# below are the only ones, each with `type: ignore[no-untyped-call]`.
 
 
 def _days(times: pd.DatetimeIndex, tz: str) -> npt.NDArray[np.float64]:
@@ -72,11 +75,23 @@ def _days(times: pd.DatetimeIndex, tz: str) -> npt.NDArray[np.float64]:
 
 
 def _time_axis(ax: Axes, start: pd.Timestamp, end: pd.Timestamp, tz: str) -> None:
+    """Date ticks for the range, chosen once (a date locator is asked again at every drawing
+    and layout pass: a second of a chart's drawing): a tick a day and every 6 hours over a
+    week; over longer ranges (the dashboard's) as many as fit, by month over a year."""
     left, right = _days(pd.DatetimeIndex([start, end]), tz)
     ax.set_xlim(float(left), float(right))
-    ax.xaxis.set_major_locator(mdates.DayLocator())  # type: ignore[no-untyped-call]
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%a %m-%d"))  # type: ignore[no-untyped-call]
-    ax.xaxis.set_minor_locator(mdates.HourLocator(byhour=range(0, 24, 6)))  # type: ignore[no-untyped-call]
+    lo, hi = mdates.num2date([float(left), float(right)])  # type: ignore[no-untyped-call]
+    formatter: Formatter
+    if end - start > LONG_RANGE:
+        auto = mdates.AutoDateLocator(maxticks=14)  # type: ignore[no-untyped-call]
+        major, formatter = auto.tick_values(lo, hi), mdates.ConciseDateFormatter(auto)  # type: ignore[no-untyped-call]
+        minor = mdates.AutoDateLocator(maxticks=60).tick_values(lo, hi) if end - start <= BY_DAY else []  # type: ignore[no-untyped-call]
+    else:
+        major, formatter = mdates.DayLocator().tick_values(lo, hi), mdates.DateFormatter("%a %m-%d")  # type: ignore[no-untyped-call]
+        minor = mdates.HourLocator(byhour=range(0, 24, 6)).tick_values(lo, hi)  # type: ignore[no-untyped-call]
+    ax.xaxis.set_major_locator(FixedLocator(major))
+    ax.xaxis.set_major_formatter(formatter)
+    ax.xaxis.set_minor_locator(FixedLocator(minor) if len(minor) else NullLocator())
     ax.grid(axis="x", which="major", color="#bbbbbb", linewidth=0.6)
 
 

@@ -1,15 +1,14 @@
 """The History page's charts: `tunnelwatch chart weekly`'s figures (report.py weekly_figures,
 charts.py) for any range, as SVG to inline in the page or as PNG.
 
-The figures are the weekly charts' own; over ranges longer than a fortnight two things are
-changed on them before they are drawn: the time axis gets date ticks that fit the range (a
-tick a day is unreadable over a year, and matplotlib refuses more than 1000), and the dense
-artists (the heatmap's hours, the latency lines) are drawn as an image inside the SVG, so a
-year is one picture rather than a hundred thousand vector shapes. Over ranges longer than
-two months, availability and latency are drawn by day (charts.coarser: a day's probes and
-failures added up, its percentiles the samples-weighted mean of its hours'), as a year's
-8,760 hours are more columns than the chart has pixels; the outage timeline stays exact.
-The tick positions are chosen once for the range, not at each drawing pass.
+The figures are the weekly charts' own. Over ranges longer than a fortnight their time axes
+have date ticks that fit the range (charts._time_axis: a tick a day is unreadable over a
+year), and the dense artists (the heatmap's hours, the latency lines) are drawn as an image
+inside the SVG, so a year is one picture rather than a hundred thousand vector shapes. Over
+ranges longer than two months, availability and latency are drawn by day (charts.coarser: a
+day's probes and failures added up, its percentiles the samples-weighted mean of its hours'),
+as a year's 8,760 hours are more columns than the chart has pixels; the outage timeline
+stays exact.
 """
 
 from __future__ import annotations
@@ -20,22 +19,19 @@ from typing import Any
 
 import matplotlib
 import matplotlib.dates as mdates
-import pandas as pd
 from matplotlib.collections import LineCollection, PolyCollection, QuadMesh
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, NullLocator
 
 from probe.config import Config
 
-from ..charts import DAY, HOUR
+from ..charts import BY_DAY, DAY, HOUR, LONG_RANGE
 from ..events import load_events
 from ..pipeline import analyse_config
 from ..report import span, weekly_figures
 from .pages import Range, held, outage_rows
 from .pages import facts as facts_of
 
-LONG = pd.Timedelta(days=15)
-BY_DAY = pd.Timedelta(days=62)  # over a longer range, availability and latency are drawn by day
+LONG = LONG_RANGE
 CHARTS = ("availability", "latency", "outages")
 
 
@@ -68,22 +64,9 @@ def history_figures(cfg: Config, chosen: Range, path: str | None) -> tuple[dict[
 
 
 def _long_range(figure: Figure) -> None:
-    # the time axes (not the heatmap's colour bar), found before any is changed: axes that
-    # share their x axis share its locator
-    timed = [ax for ax in figure.axes if isinstance(ax.xaxis.get_major_locator(), mdates.DayLocator)]
+    # the dense artists of the time axes (their ticks fit the range: charts._time_axis)
+    timed = [ax for ax in figure.axes if isinstance(ax.xaxis.get_major_formatter(), mdates.ConciseDateFormatter)]
     for ax in timed:
-        # the ticks chosen once, for the range the axes show: an AutoDateLocator asked again at
-        # every draw and layout pass costs a second over a year's charts
-        left, right = ax.get_xlim()
-        locator = mdates.AutoDateLocator(maxticks=14)  # type: ignore[no-untyped-call]
-        minor = mdates.AutoDateLocator(maxticks=60)  # type: ignore[no-untyped-call]
-        ax.xaxis.set_major_locator(FixedLocator(locator.tick_values(*mdates.num2date([left, right]))))  # type: ignore[no-untyped-call]
-        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
-        ax.xaxis.set_minor_locator(
-            FixedLocator(minor.tick_values(*mdates.num2date([left, right])))  # type: ignore[no-untyped-call]
-            if right - left <= BY_DAY / pd.Timedelta(days=1)
-            else NullLocator()  # a year's weeks: 52 more ticks to lay out and draw, for little
-        )
         for artist in ax.get_children():
             if isinstance(artist, (QuadMesh, LineCollection, PolyCollection)):
                 artist.set_rasterized(True)
