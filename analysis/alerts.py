@@ -14,6 +14,9 @@ destination listing every change (probe/store/outbox.py); the daemon sends them
 - A gap in the rounds (the daemon stopped) never opens an alert and does not close one by
   itself: an open alert closes after `analysis.close_after` good rounds, or goes on if the
   pair is still failing after the gap.
+- "Back" waits for `analysis.settle_after` good rounds in a row, the settle rule of
+  outages.py: a new outage before that is the same one going on (a share of connections
+  dropped at random is one alert, not one per flap), as `tunnelwatch outages` lists it.
 - Who hears what: `alerts.kinds`, `alerts.paths`, `alerts.groups`; an outage shorter than
   `alerts.min_duration_s` is never announced; a change of verdict of an announced outage
   is announced once.
@@ -61,7 +64,7 @@ class Change:
 def window(cfg: Config) -> pd.Timedelta:
     """How far back each evaluation judges: enough rounds of the slowest group for the hysteresis."""
     slowest = max([cfg.probe.interval_s, *cfg.probe.group_intervals_s.values()])
-    rounds = cfg.analysis.open_after + cfg.analysis.close_after + 3
+    rounds = cfg.analysis.open_after + max(cfg.analysis.close_after, cfg.analysis.settle_after) + 3
     return max(MIN_WINDOW, pd.Timedelta(seconds=2 * slowest * rounds))
 
 
@@ -77,7 +80,9 @@ def evaluate(cfg: Config, now: datetime) -> list[Change]:
             since.to_pydatetime(),
             now,
             slot_s=cfg.probe.interval_s,
-            hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after),
+            hysteresis=Hysteresis(
+                cfg.analysis.open_after, cfg.analysis.close_after, settle_after=cfg.analysis.settle_after
+            ),
             degraded_factor=cfg.analysis.degraded_factor,
             degraded_min_ms=cfg.analysis.degraded_min_ms,
         )
@@ -152,19 +157,24 @@ class _Judge:
             and (not a.groups or alert.target == "*" or alert.grp in a.groups)
         )
 
-    def _good_after(self, target: str, path: str, ms: int) -> int:
-        """Good rounds of the pair in a row from the first round at or after `ms`."""
+    def _good_after(self, target: str, path: str, ms: int, *, longest: bool = False) -> int:
+        """Good rounds of the pair in a row from the first round at or after `ms`; `longest`:
+        the most in a row at any point after `ms`."""
         runs = self._runs.get((target, path))
         if runs is None:
             return 0
-        good = 0
+        good = best = 0
         for state, first, rounds in zip(runs["state"], runs["first"], runs["rounds"], strict=True):
             if to_ms(first) < ms:
                 continue
             if state == FAILING:
-                break
+                if not longest:
+                    break
+                good = 0
+                continue
             good += int(rounds)
-        return good
+            best = max(best, good)
+        return best
 
     def _seen(self, alert: Alert, o: pd.Series) -> Alert:
         target, path = alert.target, alert.path
@@ -239,7 +249,8 @@ class _Judge:
             return self._announce(self._seen(alert, ongoing))
         last = before[-1] if before else None
         end_ms = to_ms(last["end"]) if last is not None else alert.updated_ms
-        if self._good_after(alert.target, alert.path, end_ms) < self.cfg.analysis.close_after:
+        settle = max(self.cfg.analysis.close_after, self.cfg.analysis.settle_after)
+        if self._good_after(alert.target, alert.path, end_ms, longest=True) < settle:
             return self._announce(alert if last is None else self._seen(alert, last))  # not decided yet
         return self._announce((alert if last is None else self._seen(alert, last)).changed(end_ms=end_ms))
 
@@ -267,7 +278,9 @@ class _Judge:
     def _announce(self, alert: Alert) -> list[Change]:
         """Save the alert as it is now; the change to tell, if any."""
         change: Change | None = None
-        long_enough = (alert.end_ms or self.now_ms) - alert.start_ms >= self.cfg.alerts.min_duration_s * 1000
+        # as long as its rounds have shown: not the good rounds of one waiting to settle
+        shown = alert.end_ms or alert.updated_ms or self.now_ms
+        long_enough = shown - alert.start_ms >= self.cfg.alerts.min_duration_s * 1000
         if alert.open:
             if not alert.announced and self.heard(alert) and long_enough:
                 change = Change(DOWN, alert)

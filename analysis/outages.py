@@ -1,7 +1,11 @@
 """Outage intervals from verdicts, with IODA-like hysteresis, and latency degradation.
 
 A (target, path) is in an outage from the first of `open_after` consecutive failing rounds
-until the first of `close_after` consecutive good rounds. A gap in the rounds (the daemon
+until the first of `close_after` consecutive good rounds. An outage that closed and is followed
+by a new outage of the same pair with the same verdict, with no `settle_after` good rounds in a
+row between them, is the same outage (start of the first, end of the last): a share of the
+connections dropped at random is one long outage with its `failed_share` of failing rounds,
+not flapping (see `Hysteresis`). A gap in the rounds (the daemon
 stopped, the machine slept) is unknown: an outage open at a gap ends one interval after its
 last failing round, and rounds on either side of a gap are never counted as consecutive.
 Rounds come as verdict runs (summary.py): the same code serves a week of raw rows and a year
@@ -32,14 +36,31 @@ OUTAGE_COLUMNS = [
     "rounds",
     "ongoing",
     "factor",
+    "failed_share",
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class Hysteresis:
+    """open_after, close_after: failing rounds in a row that open an outage, good rounds in a
+    row that close it. settle_after: good rounds in a row after an outage closed before a new
+    outage of the pair (same verdict) is a new one; fewer, and it goes on the closed one.
+
+    Why 8: with a share p of rounds failing at random, the expected number of rounds before a
+    run of k good ones is (1/q^k - 1)/p with q = 1 - p; at p = 1/2 that is 2^(k+1) - 2: k = 6
+    gives 126 rounds, k = 8 gives 510. Half the connections dropped then closes for good once
+    per 510 rounds on average (17 h at 2 minutes a round): the lab's 11 outages in 153 rounds
+    become one. A solid outage is unchanged, and a real recovery costs only the wait: the 8
+    rounds before "back" is final (16 minutes at 2 minutes a round). Such a pair shows
+    `failed_share` near 0.5 (1.0 for a solid outage). At p = 1/4 (a dropped SYN, mostly saved
+    by the resent one) the expected wait is (1/0.75^8 - 1)/0.25 = 36 rounds, so it splits now
+    and then: a quarter failing is degradation as much as outage.
+    """
+
     open_after: int = 2
     close_after: int = 2
     gap_factor: float = 2.5  # a pause longer than this many intervals is a gap
+    settle_after: int = 8
 
 
 def _interval_ns(first: np.ndarray, last: np.ndarray, rounds: np.ndarray) -> float:
@@ -93,6 +114,8 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
     a = head[opening]
     b = np.where(by_close, head[ender], tail[ender] + 1)
     ongoing = ~by_close & pair_end[tail[ender]]
+    if not len(a):
+        return _frame([])
     # the failing runs of each outage: its rounds, verdicts and rules
     member = np.full(n, -1)
     for k, (x, y) in enumerate(zip(a, b, strict=True)):
@@ -100,8 +123,6 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
     member[~failing] = -1
     inside = np.flatnonzero(member >= 0)
     owner = member[inside]
-    last_failing = np.zeros(len(a), dtype="int64")
-    last_failing[owner] = inside  # increasing: each outage's last failing run wins
     kinds = runs["verdict"].iloc[order[inside]].to_numpy()
     rules = runs["rule"].iloc[order[inside]].to_numpy()
     counts: list[Counter[str]] = [Counter() for _ in a]
@@ -109,11 +130,37 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
     for k, kind, rule, r in zip(owner, kinds, rules, rounds[inside], strict=True):
         counts[k][kind] += r
         sets[k].add(rule)
-    summed = np.bincount(owner, weights=rounds[inside], minlength=len(a)).astype("int64")
+    verdicts = np.array([c.most_common(1)[0][0] for c in counts], dtype=object)
+    # settle: an outage closed by good rounds, then another of the pair with the same verdict,
+    # no gap and no streak of settle_after good rounds between them: one outage
+    gaps = np.cumsum(gap_after)
+    long_good = np.zeros(n, dtype="int64")
+    long_good[head[~bad & (total >= hysteresis.settle_after)]] = 1
+    settles = np.cumsum(long_good)
+    nxt = a[1:]
+    merges = (
+        by_close[:-1]
+        & (pair[a[:-1]] == pair[nxt])
+        & (verdicts[:-1] == verdicts[1:])
+        & (gaps[nxt - 1] == gaps[b[:-1] - 1])
+        & (settles[nxt - 1] == settles[b[:-1] - 1])
+    )
+    group = np.cumsum(np.append(True, ~merges)) - 1
+    lead = np.flatnonzero(np.append(True, ~merges))  # each merged outage's first part
+    end_part = np.append(lead[1:], len(a)) - 1  # and its last
+    for k, g in zip(range(len(a)), group, strict=True):
+        if k != lead[g]:
+            counts[lead[g]].update(counts[k])
+            sets[lead[g]].update(sets[k])
+    fails = np.bincount(group[owner], weights=rounds[inside], minlength=len(lead)).astype("int64")
+    spanned = np.append(0, np.cumsum(rounds))
+    span = spanned[b[end_part]] - spanned[a[lead]]  # every round from the first part to the last's end
+    last_failing = np.zeros(len(lead), dtype="int64")
+    last_failing[group[owner]] = inside  # increasing: each outage's last failing run wins
     target, path = target[order], path[order]
     rows: list[dict[str, Any]] = []
-    for k in range(len(a)):  # in the order of their pair, then of their start
-        end = first[b[k]] if by_close[k] else last[last_failing[k]] + interval[a[k]]
+    for g, (k, z) in enumerate(zip(lead.tolist(), end_part.tolist(), strict=True)):  # by pair, then start
+        end = first[b[z]] if by_close[z] else last[last_failing[g]] + interval[a[k]]
         rows.append(
             {
                 "path": paths[path[a[k]]],
@@ -123,8 +170,9 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
                 "verdict": counts[k].most_common(1)[0][0],
                 "targets": (targets[target[a[k]]],),
                 "rules": tuple(sorted(sets[k])),
-                "rounds": int(summed[k]),
-                "ongoing": bool(ongoing[k]),
+                "rounds": int(fails[g]),
+                "ongoing": bool(ongoing[z]),
+                "failed_share": round(float(fails[g] / max(span[g], 1)), 3),
             }
         )
     return _frame(rows)
@@ -157,14 +205,17 @@ def path_outages(pairs: pd.DataFrame) -> pd.DataFrame:
                 current["_targets"].update(o["targets"])
                 current["_rules"].update(o["rules"])
                 current["rounds"] += o["rounds"]
+                current["_spanned"] += o["rounds"] / o["failed_share"]
                 current["ongoing"] = current["ongoing"] or o["ongoing"]
                 current["_minutes"][o["verdict"]] += o["minutes"]
                 continue
             current = {**o, "path": path, "target": "*", "_targets": set(o["targets"]), "_rules": set(o["rules"])}
             current["_minutes"] = Counter({o["verdict"]: o["minutes"]})  # which verdict held longest
+            current["_spanned"] = o["rounds"] / o["failed_share"]  # the rounds of its targets' outages
             rows.append(current)  # and grown in place while the next ones overlap it
     for row in rows:
         row["verdict"] = row.pop("_minutes").most_common(1)[0][0]
+        row["failed_share"] = round(row["rounds"] / row.pop("_spanned"), 3)
         row["targets"], row["rules"] = tuple(sorted(row.pop("_targets"))), tuple(sorted(row.pop("_rules")))
     return _frame(rows)
 

@@ -20,7 +20,10 @@ from .fleet import FLEET_COLUMNS, fleet_outages
 from .frames import vantages
 from .pipeline import Analysis, analyse_config, store_of
 
-COLUMNS = ["path", "targets", "start", "end", "duration", "minutes", "verdict", "rules", "factor", "events", "ongoing"]
+COLUMNS = [
+    *("path", "targets", "start", "end", "duration", "minutes", "verdict", "rules", "factor", "failed_share"),
+    *("events", "ongoing"),
+]
 
 
 @click.command()

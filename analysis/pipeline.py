@@ -67,7 +67,9 @@ def analyse_config(
         since,
         until,
         slot_s=cfg.probe.interval_s,
-        hysteresis=Hysteresis(cfg.analysis.open_after, cfg.analysis.close_after),
+        hysteresis=Hysteresis(
+            cfg.analysis.open_after, cfg.analysis.close_after, settle_after=cfg.analysis.settle_after
+        ),
         degraded_factor=cfg.analysis.degraded_factor,
         degraded_min_ms=cfg.analysis.degraded_min_ms,
         held=held,

@@ -162,6 +162,8 @@ class AnalysisSettings(_Frozen):
     # Failing rounds in a row that open an outage, good rounds in a row that close it.
     open_after: Annotated[int, _between(1, 100, "rounds", whole=True)] = 2
     close_after: Annotated[int, _between(1, 100, "rounds", whole=True)] = 2
+    # Good rounds in a row after an outage before a new one of the pair is new, not the same going on.
+    settle_after: Annotated[int, _between(1, 100, "rounds", whole=True)] = 8
     # Median latency over its 7-day median that is "degraded", and by at least this much.
     degraded_factor: Annotated[float, _between(1, 100, "times", above=True)] = 3.0
     degraded_min_ms: Annotated[float, _between(0, 600_000, "milliseconds")] = 50

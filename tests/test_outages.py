@@ -6,12 +6,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from analysis.frames import load_measurements, load_paths
 from analysis.outages import Hysteresis, degraded, pair_outages, path_outages
-from analysis.summary import hourly_latency, verdict_runs
+from analysis.summary import RUN_KEY, hourly_latency, verdict_runs
 from analysis.verdicts import classify
 from tests.analysis_data import INTERVAL, T0, build_store, everything, fail
 
@@ -43,6 +44,7 @@ def test_an_injected_block_gives_its_exact_interval(tmp_path: Path) -> None:
     assert (outage["target"], outage["path"], outage["verdict"]) == ("news", "direct", "blocked")
     assert (outage["start"], outage["end"]) == (at(3), at(8))  # closed by the first good round
     assert outage["minutes"] == 25 and outage["rounds"] == 5 and not outage["ongoing"]
+    assert outage["failed_share"] == 1.0  # a solid outage
     assert outage["rules"] == ("blocked-tls",)
     (by_path,) = paths.to_dict("records")
     assert (by_path["path"], by_path["targets"], by_path["start"], by_path["end"]) == (
@@ -87,6 +89,70 @@ def test_an_outage_still_on_at_the_end_is_ongoing(tmp_path: Path) -> None:
     pairs, _ = outages_for(tmp_path, {i: {("news", "direct"): RESET} for i in range(5, 10)}, range(10))
     (outage,) = pairs.to_dict("records")
     assert outage["ongoing"] and (outage["start"], outage["end"]) == (at(5), at(10))
+
+
+def random_failures(share: float, rounds: int, seed: int) -> pd.DataFrame:
+    """Verdict runs of one (target, path) whose rounds fail at random with `share`, one round
+    per INTERVAL: what a share of connections dropped at random gives."""
+    failing = np.random.default_rng(seed).random(rounds) < share
+    verdicts = pd.DataFrame(
+        {
+            "target": "news",
+            "path": "direct",
+            "started_at": [pd.Timestamp(T0 + i * INTERVAL) for i in range(rounds)],
+            "state": np.where(failing, "failing", "ok"),
+            "verdict": np.where(failing, "blocked", "ok"),
+            "rule": np.where(failing, "blocked-tls", "ok"),
+            "blocking": np.where(failing, "tls", ""),
+            "detail": "",
+        }
+    )
+    return verdict_runs(verdicts[["target", "path", "started_at", *RUN_KEY]])
+
+
+def test_half_the_rounds_failing_at_random_is_one_long_outage_not_flapping() -> None:
+    # With p = 1/2 failing, a run of 8 good rounds in a row (what settles an outage) comes once
+    # in 2^9 - 2 = 510 rounds on average: in 500 rounds about one, so one or two outages; a
+    # split needs such a run, and 500 rounds hold at most 500 / 9 of them but on average
+    # 500 / 2^9 ~ 1. Without the settle rule the same rounds are dozens of short outages.
+    runs = random_failures(0.5, 500, seed=5)  # 264 failing rounds; seeds 0-59: 1 to 4 outages
+    flapping = pair_outages(runs, Hysteresis(settle_after=1))
+    assert len(flapping) > 20, len(flapping)
+    pairs = pair_outages(runs)
+    assert 1 <= len(pairs) <= 4, pairs[["start", "end", "rounds", "failed_share"]]
+    longest = pairs.loc[pairs["minutes"].idxmax()]
+    assert longest["minutes"] >= 300 * 5  # most of the 500 rounds of 5 minutes
+    assert 0.3 <= longest["failed_share"] <= 0.7, longest  # its share of failing rounds: about half
+    assert (pairs["verdict"] == "blocked").all()
+
+
+def test_a_recovery_of_settle_after_good_rounds_splits(tmp_path: Path) -> None:
+    settled = {i: {("news", "direct"): RESET} for i in (*range(3, 8), *range(16, 20))}  # 8 good: 8-15
+    pairs, _ = outages_for(tmp_path, settled, range(40))
+    assert [(o["start"], o["end"], o["failed_share"]) for o in pairs.to_dict("records")] == [
+        (at(3), at(8), 1.0),
+        (at(16), at(20), 1.0),
+    ]
+
+
+def test_a_shorter_recovery_is_the_same_outage_going_on(tmp_path: Path) -> None:
+    unsettled = {i: {("news", "direct"): RESET} for i in (*range(3, 8), *range(15, 19))}  # 7 good: 8-14
+    pairs, paths = outages_for(tmp_path, unsettled, range(40))
+    (outage,) = pairs.to_dict("records")
+    assert (outage["start"], outage["end"], outage["rounds"]) == (at(3), at(19), 9)
+    assert outage["failed_share"] == round(9 / 16, 3) and not outage["ongoing"]
+    (by_path,) = paths.to_dict("records")
+    assert (by_path["start"], by_path["end"], by_path["failed_share"]) == (at(3), at(19), round(9 / 16, 3))
+
+
+def test_a_gap_never_merges_outages(tmp_path: Path) -> None:
+    # closed by two good rounds just before the daemon stopped, failing again when it started
+    rounds = [*range(0, 10), *range(30, 45)]
+    schedule = {i: {("news", "direct"): RESET} for i in (4, 5, 6, 7, 30, 31, 32)}
+    db = tmp_path / "tw.db"
+    build_store(db, [(i, everything(schedule.get(i, {}))) for i in rounds])
+    pairs = pair_outages(verdict_runs(classify(load_measurements(db), load_paths(db))))
+    assert [(o["start"], o["end"]) for o in pairs.to_dict("records")] == [(at(4), at(8)), (at(30), at(33))]
 
 
 def test_a_tunnel_crackdown_is_one_path_outage_over_every_target(tmp_path: Path) -> None:

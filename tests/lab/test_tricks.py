@@ -291,6 +291,19 @@ def hysteresis_reference(failing: list[bool], open_after: int = 2, close_after: 
     return found
 
 
+def settled_reference(failing: list[bool], settle_after: int = 8) -> list[tuple[int, int]]:
+    """hysteresis_reference with the settle rule: an outage followed by the next with no
+    `settle_after` good rounds in a row between them is one outage (the same verdict here)."""
+    merged: list[tuple[int, int]] = []
+    for a, b in hysteresis_reference(failing):
+        between = "".join("x" if f else "." for f in failing[merged[-1][1] : a]) if merged else ""
+        if merged and "." * settle_after not in between:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
 DIRECT_PATHS = ("direct", "open-dns")  # the two paths that reach the site without a tunnel
 PARTIAL = ["-d", NEWS, "-p", "tcp", "--dport", "443", "--syn", "-m", "statistic", "--mode", "random"]
 
@@ -300,7 +313,9 @@ def test_partial_blocking_gives_outages_as_the_hysteresis_defines_them(tricks: P
     fails when its SYN and the one resent 1 s later are both dropped (a quarter of the
     probes), and takes a second longer when only the first is. Each failing round is judged
     blocked (tcp_ip); outages open at two failing rounds in a row and close at two good ones,
-    nothing else is an outage, and nobody else's pairs fail."""
+    an outage followed by another with fewer than 8 good rounds in a row between them is one
+    (the settle rule) with its share of failing rounds, nothing else is an outage, and nobody
+    else's pairs fail."""
     config = variant(tricks, "partial", probe=f"interval_s = {INTERVAL_S}", timeout_s=1.5)
     with isp_resolver(tricks.parent):
         proc = daemon(config, tricks.parent / "partial.log")
@@ -336,11 +351,14 @@ def test_partial_blocking_gives_outages_as_the_hysteresis_defines_them(tricks: P
         rounds = news[news["path"] == path]
         failing = (rounds["verdict"] != "ok").tolist()
         times = [t.timestamp() for t in rounds["started_at"]]
-        expected = [(times[a], times[b] if b < len(times) else None) for a, b in hysteresis_reference(failing)]
+        reference = settled_reference(failing)
+        expected = [(times[a], times[b] if b < len(times) else None) for a, b in reference]
         edges = [(at(o, "start"), at(o, "end")) for o in found if o["path"] == path]
         assert len(edges) == len(expected), (path, found, failing)
         for (start, end), (first, closed) in zip(edges, expected, strict=True):
             assert abs(start - first) < 0.01 and closed is not None and abs(end - closed) < 0.01, (path, found)
+        shares = [o["failed_share"] for o in found if o["path"] == path]
+        assert shares == [round(sum(failing[a:b]) / (b - a), 3) for a, b in reference], (path, found)
         shape = "".join(
             "x" if f else ("s" if c > 900 else ".") for f, c in zip(failing, rounds["connect_ms"], strict=True)
         )
