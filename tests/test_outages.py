@@ -201,3 +201,36 @@ def test_a_large_factor_on_tiny_times_is_not_degradation() -> None:
     assert degraded(hourly_latency(frame), factor=3).empty
     (outage,) = degraded(hourly_latency(frame), factor=3, min_increase_ms=10).to_dict("records")
     assert outage["rules"] == ("connect_ms>3x-7D-median",)
+
+
+@pytest.mark.parametrize(("settle_after", "told"), [(8, 1), (1, 3)])
+def test_alerts_say_a_flapping_outage_once_and_back_once_settled(tmp_path: Path, settle_after: int, told: int) -> None:
+    """Alerts follow the settle rule: a tunnel failing two rounds in three is one alert, "back"
+    only after settle_after good rounds in a row, with the end `outages` gives; with
+    settle_after = 1 (no settling) each flap is an alert of its own."""
+    from analysis.alerts import evaluate
+    from analysis.frames import Source
+    from analysis.pipeline import analyse
+    from tests.test_alerts import config
+
+    db = tmp_path / "tw.db"
+    down = {("news", "vpn"): fail("connection_refused", "proxy_connect")}
+    build_store(db, [(i, everything(down if i in (10, 11, 14, 15, 18, 19) else {})) for i in range(40)])
+    cfg = config(tmp_path, db, f"min_duration_s = 0\n[analysis]\nsettle_after = {settle_after}\n")
+    changes = []
+    now = T0 + timedelta(seconds=30)
+    while now <= T0 + 40 * INTERVAL:
+        changes += [(now, c) for c in evaluate(cfg, now) if c.alert.target == "news" and c.alert.path == "vpn"]
+        now += INTERVAL
+    assert [c.kind for _, c in changes] == ["down", "back"] * told, changes
+    if settle_after == 8:
+        (when_back,) = [t for t, c in changes if c.kind == "back"]
+        assert when_back >= T0 + 27 * INTERVAL  # rounds 20-27 good: settled
+        (outage,) = (
+            analyse(Source(db), hysteresis=Hysteresis(settle_after=8))
+            .pairs.query("target == 'news' and path == 'vpn'")
+            .to_dict("records")
+        )
+        edges = (outage["start"].floor("s"), outage["end"].floor("s"))
+        assert edges == (at(10, "news"), at(20, "news")) and outage["failed_share"] == 0.6
+        assert changes[-1][1].alert.end_ms == int(outage["end"].timestamp() * 1000)
