@@ -13,8 +13,7 @@ from probe.model import BIND
 
 def bound_socket(family: int, path: PathSpec, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A non-blocking socket bound as the path says; a bind that fails is the path's failure."""
-    sock = socket.socket(family, kind)
-    sock.setblocking(False)
+    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)  # no FIONBIO call after socket()
     try:
         if path.interface:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, path.interface.encode())
