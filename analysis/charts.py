@@ -18,11 +18,13 @@ import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import to_rgba_array  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.font_manager import FontProperties  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
-from matplotlib.ticker import FixedLocator, Formatter, NullLocator  # noqa: E402
+from matplotlib.ticker import FixedFormatter, FixedLocator, Formatter, NullLocator  # noqa: E402
 
 from .events import Event  # noqa: E402
 from .verdicts import (  # noqa: E402
@@ -89,10 +91,55 @@ def _time_axis(ax: Axes, start: pd.Timestamp, end: pd.Timestamp, tz: str) -> Non
     else:
         major, formatter = mdates.DayLocator().tick_values(lo, hi), mdates.DateFormatter("%a %m-%d")  # type: ignore[no-untyped-call]
         minor = mdates.HourLocator(byhour=range(0, 24, 6)).tick_values(lo, hi)  # type: ignore[no-untyped-call]
+    # the labels too, written once: a formatter is also asked at every drawing and layout pass
+    labels = formatter.format_ticks(list(major))
+    fixed = FixedFormatter(labels)
+    fixed.set_offset_string(formatter.get_offset())
     ax.xaxis.set_major_locator(FixedLocator(major))
-    ax.xaxis.set_major_formatter(formatter)
+    ax.xaxis.set_major_formatter(fixed)
     ax.xaxis.set_minor_locator(FixedLocator(minor) if len(minor) else NullLocator())
     ax.grid(axis="x", which="major", color="#bbbbbb", linewidth=0.6)
+
+
+# A fixed layout, computed once from the few texts whose size varies (the rows' labels, the
+# values on a y axis): constrained layout measures every artist at each of its passes, most
+# of a chart's writing time. Sizes in points (1/72 in) at matplotlib's default font sizes.
+LINE = 13.0  # a line of 10 pt text
+TICK = 3.5 + 3.5 + LINE  # a tick, its pad, its label
+EDGE = 6.0
+
+
+def _text_width(renderer: RendererAgg, texts: Iterable[str], size: float = 10) -> float:
+    """The widest of `texts` in points."""
+    font = FontProperties(size=size)
+    widths = [float(renderer.get_text_width_height_descent(t, font, ismath=False)[0]) for t in texts]  # type: ignore[no-untyped-call]
+    return max(widths, default=0.0) * 72 / DPI
+
+
+def _renderer(fig: Figure) -> RendererAgg:
+    renderer: RendererAgg = FigureCanvasAgg(fig).get_renderer()  # type: ignore[no-untyped-call]
+    return renderer
+
+
+def _value_labels(ax: Axes) -> list[str]:
+    """The y axis' tick labels as they will be drawn (its limits set)."""
+    axis = ax.yaxis
+    return [str(t) for t in axis.get_major_formatter().format_ticks(list(axis.get_majorticklocs()))]
+
+
+def _below(ax: Axes) -> float:
+    """The height of the time axis' ticks and labels, and of its offset text (a year, a month) if any."""
+    formatter = ax.xaxis.get_major_formatter()
+    return TICK + (LINE if isinstance(formatter, FixedFormatter) and formatter.get_offset() else 0)
+
+
+def _place(fig: Figure, axes: Sequence[Axes], left: float, right: float, top: float, bottom: float, gap: float) -> None:
+    """`axes` stacked top to bottom in the figure, margins and the gap between them in points."""
+    width, height = (float(v) * 72 for v in fig.get_size_inches())
+    each = (height - top - bottom - gap * (len(axes) - 1)) / len(axes)
+    for i, ax in enumerate(axes):
+        y = bottom + (len(axes) - 1 - i) * (each + gap)
+        ax.set_position((left / width, y / height, (width - left - right) / width, each / height))
 
 
 def _period(start: pd.Timestamp, end: pd.Timestamp, tz: str) -> str:
@@ -164,8 +211,9 @@ def availability_heatmap(
         matrix[row_of[shown], column[shown]] = 1 - failing[shown] / probes[shown]
     # never shorter than the vertical labels (the axis' and the colour bar's) are long
     height = max(MIN_HEATMAP_IN, 1.6 + 0.32 * len(rows))
-    fig = Figure(figsize=(WIDTH_IN, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(WIDTH_IN, height), dpi=DPI)
     ax = fig.add_subplot()
+    cax = fig.add_axes((0.9, 0.1, 0.01, 0.8))
     cmap = matplotlib.colormaps["cividis"].with_extremes(bad=NO_DATA)
     x = _days(pd.DatetimeIndex([*hours, end]), tz)
     image = ax.pcolormesh(x, np.arange(len(matrix) + 1), np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1)
@@ -190,14 +238,24 @@ def availability_heatmap(
     _time_axis(ax, start, end, tz)
     ax.set_xlabel(f"time ({tz})")
     ax.set_ylabel("target group · path")
-    ax.set_title(f"Availability per {_unit(step)}, {_period(start, end, tz)}")
-    bar = fig.colorbar(image, ax=ax, pad=0.01)
+    # titles at a fixed height (y=1.0: nothing is drawn above an axes), else matplotlib places
+    # them again at each drawing, measuring every label of the axes
+    ax.set_title(f"Availability per {_unit(step)}, {_period(start, end, tz)}", y=1.0)
+    bar = fig.colorbar(image, cax=cax)
     bar.set_label("success rate\n(share of probes that worked)")
     fig.legend(
         handles=[Patch(facecolor=NO_DATA, hatch="///", edgecolor="#888888", label="no data (not measuring)")],
-        loc="outside lower right",
+        loc="lower right",
+        bbox_to_anchor=(1, 0),
         frameon=False,
     )
+    renderer = _renderer(fig)
+    left = EDGE + LINE + 4 + TICK - LINE + _text_width(renderer, (t.get_text() for t in ax.get_yticklabels()))
+    bar_width = (height * 72 - 2 * LINE - 2 * TICK - 30) / 20  # the colour bar's usual aspect, 20
+    right = EDGE + 2 * LINE + 4 + TICK - LINE + _text_width(renderer, ["0.0"]) + bar_width + 10
+    _place(fig, [ax], left, right, EDGE + LINE + 8, EDGE + _below(ax) + 4 + 2 * LINE + 10, 0)
+    box = ax.get_position()
+    cax.set_position((box.x1 + 10 / (WIDTH_IN * 72), box.y0, bar_width / (WIDTH_IN * 72), box.height))
     return fig
 
 
@@ -227,7 +285,7 @@ def latency_smoke(
     hour's failure rate, with grey bands for the 10-90 and 25-75 percentiles. `latency` and
     `hourly` are the summary's percentiles and counts per hour."""
     paths = sorted(latency["path"].astype(str).unique()) or ["(none)"]
-    fig = Figure(figsize=(WIDTH_IN, 1.2 + 1.9 * len(paths)), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(WIDTH_IN, 1.2 + 1.9 * len(paths)), dpi=DPI)
     axes = fig.subplots(len(paths), 1, sharex=True, squeeze=False)[:, 0]
     colours = path_colours(paths)
     hours = _hours(start, end, step)
@@ -254,7 +312,7 @@ def latency_smoke(
             ax.add_collection(line)
             ax.set_ylim(0, float(np.nanmax(q[0.9].to_numpy())) * 1.15 or 1)
         ax.set_ylabel(f"{label} (ms)")
-        ax.set_title(path, loc="left", color=colours.get(path, "black"), fontweight="bold", fontsize=10)
+        ax.set_title(path, loc="left", color=colours.get(path, "black"), fontweight="bold", fontsize=10, y=1.0)
         _time_axis(ax, start, end, tz)
     axes[-1].set_xlabel(f"time ({tz}); {_unit(step)}s without a line had no successful probe")
     fig.suptitle(
@@ -264,7 +322,13 @@ def latency_smoke(
     handles = [Patch(color="#cccccc", label="10-90 percentile"), Patch(color="#999999", label="25-75 percentile")]
     handles += [Patch(color=colour, label=f"median, control failures {text}") for _, colour, text in FAILURE_STEPS]
     # two rows: seven entries in one row are wider than the image, and a figure legend is never shrunk
-    fig.legend(handles=handles, loc="outside lower center", ncol=4, frameon=False, fontsize=8)
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0), ncol=4, frameon=False, fontsize=8)
+    renderer = _renderer(fig)
+    values = _text_width(renderer, [label for ax in axes for label in _value_labels(ax)])
+    left = EDGE + LINE + 4 + TICK - LINE + values
+    _place(
+        fig, list(axes), left, EDGE + 30, EDGE + 16 + 6 + LINE + 6, EDGE + _below(axes[-1]) + 4 + LINE + 34, LINE + 8
+    )
     return fig
 
 
@@ -293,7 +357,7 @@ def outage_timeline(
     shown = [(e, max(lo, to_num(e.window[0])), min(hi, to_num(e.window[1]))) for e in events]
     shown = [(e, a, b) for e, a, b in shown if b > a]
     lanes = [f"event: {e.category}" for e, _, _ in shown]
-    fig = Figure(figsize=(WIDTH_IN, 2.2 + 0.45 * (len(paths) + len(lanes))), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(WIDTH_IN, 2.2 + 0.45 * (len(paths) + len(lanes))), dpi=DPI)
     ax = fig.add_subplot()
     colours = path_colours(paths)
     for lane, (event, a, b) in enumerate(shown):
@@ -355,11 +419,13 @@ def outage_timeline(
     _time_axis(ax, start, end, tz)
     ax.set_xlabel(f"time ({tz})")
     ax.set_ylabel("events · paths")
-    ax.set_title(f"Outages by path and verdict, {_period(start, end, tz)}")
+    ax.set_title(f"Outages by path and verdict, {_period(start, end, tz)}", y=1.0)
     handles = [Patch(color=c, label=v.replace("_", " ")) for v, c in VERDICT_COLOURS.items()]
     handles += [
         Patch(facecolor=NO_DATA, hatch="///", edgecolor="#888888", label="no data"),
         Patch(color="#56B4E9", alpha=0.5, label="event window"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0), ncol=len(handles), frameon=False)
+    left = EDGE + LINE + 4 + TICK - LINE + _text_width(_renderer(fig), lanes + paths)
+    _place(fig, [ax], left, EDGE + 30, EDGE + LINE + 8, EDGE + _below(ax) + 4 + LINE + 24, 0)
     return fig

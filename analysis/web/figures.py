@@ -3,8 +3,9 @@ charts.py) for any range, as SVG to inline in the page or as PNG.
 
 The figures are the weekly charts' own. Over ranges longer than a fortnight their time axes
 have date ticks that fit the range (charts._time_axis: a tick a day is unreadable over a
-year), and the dense artists (the heatmap's hours, the latency lines) are drawn as an image
-inside the SVG, so a year is one picture rather than a hundred thousand vector shapes. Over
+year). Over any range the dense artists (the heatmap's hours, the latency bands and lines)
+are drawn as an image inside the SVG, so a chart is one picture rather than thousands of
+vector shapes (a week's heatmap was 250 KiB of them, and most of its writing time). Over
 ranges longer than two months, availability and latency are drawn by day (charts.coarser: a
 day's probes and failures added up, its percentiles the samples-weighted mean of its hours'),
 as a year's 8,760 hours are more columns than the chart has pixels; the outage timeline
@@ -18,20 +19,19 @@ import re
 from typing import Any
 
 import matplotlib
-import matplotlib.dates as mdates
 from matplotlib.collections import LineCollection, PolyCollection, QuadMesh
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedFormatter
 
 from probe.config import Config
 
-from ..charts import BY_DAY, DAY, HOUR, LONG_RANGE
+from ..charts import BY_DAY, DAY, HOUR
 from ..events import load_events
 from ..pipeline import analyse_config
 from ..report import span, weekly_figures
 from .pages import Range, held, outage_rows
 from .pages import facts as facts_of
 
-LONG = LONG_RANGE
 CHARTS = ("availability", "latency", "outages")
 
 
@@ -42,9 +42,8 @@ def history_figures(cfg: Config, chosen: Range, path: str | None) -> tuple[dict[
     result = analyse_config(cfg, w.start.to_pydatetime(), w.end.to_pydatetime(), held=held(cfg), paths=paths)
     events = load_events(cfg.analysis.events)
     figures = weekly_figures(cfg, w, events, result, DAY if w.end - w.start > BY_DAY else HOUR)
-    if w.end - w.start > LONG:
-        for figure in figures.values():
-            _long_range(figure)
+    for figure in figures.values():
+        _dense_as_images(figure)
     hourly = result.summary.hourly
     sums = hourly.groupby("path", observed=True)[["probes", "failing"]].sum() if len(hourly) else None
     availability = (
@@ -63,9 +62,9 @@ def history_figures(cfg: Config, chosen: Range, path: str | None) -> tuple[dict[
     return figures, facts_of(facts)
 
 
-def _long_range(figure: Figure) -> None:
-    # the dense artists of the time axes (their ticks fit the range: charts._time_axis)
-    timed = [ax for ax in figure.axes if isinstance(ax.xaxis.get_major_formatter(), mdates.ConciseDateFormatter)]
+def _dense_as_images(figure: Figure) -> None:
+    # the dense artists of the time axes (charts._time_axis: their labels fixed), whatever the range
+    timed = [ax for ax in figure.axes if isinstance(ax.xaxis.get_major_formatter(), FixedFormatter)]
     for ax in timed:
         for artist in ax.get_children():
             if isinstance(artist, (QuadMesh, LineCollection, PolyCollection)):
