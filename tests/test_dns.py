@@ -328,7 +328,8 @@ def test_resolve_is_the_kernels_time_while_the_loop_is_busy(zone: Zone, tmp_path
     for target in targets:
         m = asyncio.run(hogged(target))
         assert m.total_ms is not None and m.total_ms > 50
-        assert m.resolve_ms is not None and m.resolve_ms < 20, m
+        # a loop-timed resolve would be 50 ms or more; a busy machine may delay dnsmasq a little
+        assert m.resolve_ms is not None and m.resolve_ms < 40, m
 
 
 def test_a_forged_answer_before_the_real_one_is_a_conflict(zone: Zone, tmp_path: Path) -> None:
