@@ -125,7 +125,8 @@ class Lives:
                 timeout=60,
             )
             assert tracer.returncode == 0, f"strace could not attach: {tracer.stderr}"
-            *_, write = re.finditer(r"pwrite64\((\d+), .*, (\d+), (\d+)\)", trace.read_text())
+            # the killed call's line ends "<unfinished ...>" when another thread's line came between
+            *_, write = re.finditer(r"pwrite64\((\d+), .*, (\d+), (\d+)(?:\)| <unfinished)", trace.read_text())
             fd, size, offset = write.groups()
             life.how = f"SIGKILL at its write {at_write} from now ({size} bytes at {offset} of fd {fd})"
         self.died(life)
