@@ -235,11 +235,11 @@ def _blackbox_command(tmp: Path, exporter: int) -> list[str]:
     ]
 
 
-def measure_all(seconds: float, runs: int, in_flights: list[int]) -> str:
+def site_files(tmp: Path, web: int, tls: int) -> None:
+    """A test CA (tmp/ca.pem), a certificate for the name and the loopback address, and an
+    nginx config serving http on `web` and https on `tls` (tmp/nginx.conf)."""
     import trustme
 
-    tmp = Path(tempfile.mkdtemp(prefix="tw-rate-"))
-    web, tls, exporter = free_port(), free_port(), free_port()
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
     leaf = ca.issue_cert(NAME, LOOPBACK)
@@ -248,6 +248,12 @@ def measure_all(seconds: float, runs: int, in_flights: list[int]) -> str:
     for pem in leaf.cert_chain_pems[1:]:
         pem.write_to_path(str(tmp / "chain.pem"), append=True)
     (tmp / "nginx.conf").write_text(nginx_conf(tmp, web, (tls, tmp / "chain.pem", tmp / "key.pem")))
+
+
+def measure_all(seconds: float, runs: int, in_flights: list[int]) -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="tw-rate-"))
+    web, tls, exporter = free_port(), free_port(), free_port()
+    site_files(tmp, web, tls)
     (tmp / "blackbox.yml").write_text(BLACKBOX_CONFIG.format(ca=tmp / "ca.pem"))
     urls = {
         "http IP literal": f"http://{LOOPBACK}:{web}/",

@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import probe_instructions  # noqa: E402
-from bench.daemon_load import dnsmasq, nginx_conf  # noqa: E402
+from bench import probe_instructions, probe_rate  # noqa: E402
+from bench.daemon_load import dnsmasq  # noqa: E402
 from tests.servers import LOOPBACK, free_port, running  # noqa: E402
 
 NAME = probe_instructions.NAME
@@ -47,18 +47,9 @@ def _calls(kind: str, url: str, ca: Path, probes: int, in_flight: int, out: Path
 
 
 def measure(kinds: list[str], few: int, many: int, in_flight: int) -> dict[str, dict[str, float]]:
-    import trustme
-
     tmp = Path(tempfile.mkdtemp(prefix="tw-sys-"))
     web, tls = free_port(), free_port()
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
-    leaf = ca.issue_cert(NAME, LOOPBACK)
-    leaf.private_key_pem.write_to_path(str(tmp / "key.pem"))
-    leaf.cert_chain_pems[0].write_to_path(str(tmp / "chain.pem"))
-    for pem in leaf.cert_chain_pems[1:]:
-        pem.write_to_path(str(tmp / "chain.pem"), append=True)
-    (tmp / "nginx.conf").write_text(nginx_conf(tmp, web, (tls, tmp / "chain.pem", tmp / "key.pem")))
+    probe_rate.site_files(tmp, web, tls)
     urls = {
         "http IP literal": f"http://{LOOPBACK}:{web}/",
         "https IP literal": f"https://{LOOPBACK}:{tls}/",
