@@ -7,6 +7,7 @@ few seconds: the pairing that direct-versus-tunnel verdicts need.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import ssl
 import time
@@ -72,7 +73,12 @@ class ProbeContext:
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run the probing event loop: uvloop's, which serves the probes' sockets at about twice
-    the rate of asyncio's own (bench/RESULTS.md)."""
+    the rate of asyncio's own (bench/RESULTS.md). What start-up made (modules, the config, TLS
+    contexts) is collected once and frozen first: otherwise the collector's first full pass
+    walks it all while the first probes run, holding the loop some 15 ms (their totals then
+    count as loop-late and are left out of latency)."""
+    gc.collect()
+    gc.freeze()
     return uvloop.run(main)
 
 
