@@ -16,6 +16,8 @@ import pandas as pd
 import trustme
 
 from analysis.frames import load_measurements, load_paths
+from analysis.outages import degraded
+from analysis.summary import hourly_latency
 from analysis.verdicts import classify
 from tests.lab.network import (
     BLOCKPAGE,
@@ -341,3 +343,20 @@ def probe_round(config: Path) -> pd.DataFrame:
 
 
 RESET = ["-j", "REJECT", "--reject-with", "tcp-reset"]
+
+
+def assert_only_path_slowed(m: pd.DataFrame, path: str, since: pd.Timestamp) -> None:
+    """Each round its own 1-s window judged against the rounds before it: `path`'s rounds from
+    `since` are degraded (total time over 5x, 250 ms more: 144 kB through a 1 Mbit/s tbf take a
+    second more, a proxy's delayed ACK of ~40 ms must not count); every other path has at most
+    one slow round (a busy machine can stall one second's probe)."""
+    slow = degraded(
+        hourly_latency(m, window="1s"), window="1s", baseline="60s", min_windows=4, factor=5, min_increase_ms=250
+    )
+    assert set(slow.loc[slow["rounds"] > 1, "path"]) <= {path}, slow
+    assert slow.loc[slow["path"] != path, "rounds"].sum() <= 1, slow
+    slow = slow[slow["path"] == path]
+    assert (slow["start"] >= since.floor("1s")).all()
+    assert slow["rounds"].sum() >= 3 and (slow["factor"] > 5).all(), slow
+    assert set(slow["verdict"]) == {"degraded"}
+    assert all(any(r.startswith("total_ms>5x") for r in rules) for rules in slow["rules"])
