@@ -79,10 +79,9 @@ def _raw_lookup_probe() -> probe_rate.Probe:
     queries = [dns.message.make_query(NAME, kind, use_edns=0, payload=1232).to_wire() for kind in ("A", "AAAA")]
     question_end = 12 + len(dns.name.from_text(NAME).to_digestable()) + 4
     waiting: dict[int, tuple[asyncio.Future[None], list[tuple[int, list[str]]]]] = {}
-    state: dict[str, socket.socket] = {}
+    sockets: dict[asyncio.AbstractEventLoop, socket.socket] = {}  # one per event loop
 
-    def readable() -> None:
-        sock = state["sock"]
+    def readable(sock: socket.socket) -> None:
         while True:
             try:
                 data, ancillary, _, _ = sock.recvmsg(65536, ANCILLARY_BYTES)
@@ -108,18 +107,21 @@ def _raw_lookup_probe() -> probe_rate.Probe:
 
     async def probe() -> bool:
         loop = asyncio.get_running_loop()
-        if "sock" not in state:
-            sock = state["sock"] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = sockets.get(loop)
+        if sock is None:
+            sock = sockets[loop] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.connect((RESOLVER, 53))
-            loop.add_reader(sock.fileno(), readable)
+            loop.add_reader(sock.fileno(), readable, sock)
         future: asyncio.Future[None] = loop.create_future()
         got: list[tuple[int, list[str]]] = []
         for query in queries:
             query_id = u16.unpack(os.urandom(2))[0]
+            while query_id in waiting:  # one id per query in flight, or an answer goes to the wrong lookup
+                query_id = u16.unpack(os.urandom(2))[0]
             waiting[query_id] = (future, got)
-            state["sock"].send(u16.pack(query_id) + query[2:])
+            sock.send(u16.pack(query_id) + query[2:])
         timer = loop.call_later(5, future.cancel)
         await future
         timer.cancel()

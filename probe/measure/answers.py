@@ -18,6 +18,7 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dns.exception
 import dns.flags
@@ -33,13 +34,14 @@ import dns.wire
 EDNS_PAYLOAD = 1232  # the 2020 DNS flag day's size: no fragmented answers
 HEADER_BYTES = 12  # a message's fixed header; the question's name follows it
 HEADER = struct.Struct("!HHHHHH")  # id, flags, then the four sections' record counts
-HEADER_START = struct.Struct("!HHH")  # id, flags, questions
 RR_HEADER = struct.Struct("!HHIH")  # a record's type, class, TTL and data length, after its owner name
-U16 = struct.Struct("!H")  # the id (bytes 0-1), the question's type (after its name), a TCP length
+RR_HEADER_BYTES = RR_HEADER.size
+U16 = struct.Struct("!H")  # the id (bytes 0-1), a TCP length
 QR, QR_OPCODE = int(dns.flags.QR), 0xF800  # the flags' QR bit, and with the opcode: an answer to a standard query
 TC = int(dns.flags.TC)
 ID_BATCH = 2048  # query ids drawn at once
-MAX_RENDERINGS = 4096  # names whose query rendering is kept
+MAX_RENDERINGS = 4096  # names and types whose query rendering is kept
+QUESTION_TAIL = 4  # a question's type and class, after its name
 ANSWER, AUTHORITY, ADDITIONAL = range(3)  # the sections after the question
 # An address record's data as text: what dnspython's A and AAAA rdata classes read it with
 # (their `address`), without building the rdata object around it.
@@ -69,7 +71,7 @@ class Query:
     rdtype: dns.rdatatype.RdataType
     id: int
     wire: bytes
-    question: bytes  # the question as sent (name, type, class), lower case
+    question: bytes  # the question as sent (name, type, class): an answer repeats it, in any case
 
     def message(self) -> dns.message.Message:
         """The query as dnspython's message, for answers dnspython reads whole."""
@@ -78,38 +80,35 @@ class Query:
         return message
 
 
-_renderings: dict[tuple[bytes, ...], tuple[bytes, int, bytes]] = {}  # by the name's labels, as written
+Q = TypeVar("Q", bound=Query)
+
+_renderings: dict[tuple[tuple[bytes, ...], int], tuple[bytes, bytes]] = {}  # by the name's labels, as written
 
 
-def _rendering(name: dns.name.Name) -> tuple[bytes, int, bytes]:
-    """dnspython's wire form of a query for `name` (type A, recursion desired, EDNS0), where its
-    question's type is, and the question's name in lower case: the bytes of every query for
-    the name but the id and the type. Kept per name, as a query says nothing of what the
-    network answers."""
-    known = _renderings.get(name.labels)
+def _rendering(name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> tuple[bytes, bytes]:
+    """dnspython's wire form of a query for `name` and `rdtype` (recursion desired, EDNS0) but
+    its id, and its question as sent (name, type, class): the bytes of every such query but the
+    id. Kept per name and type, as a query says nothing of what the network answers."""
+    key = (name.labels, rdtype)
+    known = _renderings.get(key)
     if known is None:
         if len(_renderings) >= MAX_RENDERINGS:
             _renderings.clear()
-        wire = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, payload=EDNS_PAYLOAD).to_wire()
-        type_at = HEADER_BYTES + len(name.to_digestable())  # the name, uncompressed
-        known = _renderings[name.labels] = (wire, type_at, wire[HEADER_BYTES:type_at].lower())
+        wire = dns.message.make_query(name, rdtype, use_edns=0, payload=EDNS_PAYLOAD).to_wire()
+        question_end = HEADER_BYTES + len(name.to_digestable()) + QUESTION_TAIL  # the name uncompressed, type, class
+        known = _renderings[key] = (wire[2:], wire[HEADER_BYTES:question_end])
     return known
 
 
-def make_queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) -> list[Query]:
+def make_queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType], make: type[Q]) -> list[Q]:
     """One query per type, each with its own random id, recursion desired and EDNS0:
-    dnspython's rendering for the name with the id and the question's type set."""
-    wire, type_at, lower_name = _rendering(name)
-    head, tail = wire[2:type_at], wire[type_at + 2 :]
+    dnspython's rendering for the name and type with the id set; `make` is Query or a subclass
+    that keeps more of the query (one object per query)."""
     made = []
     for rdtype in rdtypes:
+        after_id, question = _renderings.get((name.labels, rdtype)) or _rendering(name, rdtype)
         query_id = _random_id()
-        kind = U16.pack(rdtype)
-        made.append(
-            Query(
-                name, rdtype, query_id, U16.pack(query_id) + head + kind + tail, lower_name + (kind + tail[:2]).lower()
-            )
-        )
+        made.append(make(name, rdtype, query_id, U16.pack(query_id) + after_id, question))
     return made
 
 
@@ -131,50 +130,54 @@ class _Slow(Exception):
     """An answer the quick reading does not take: dnspython reads the whole message."""
 
 
-def _quick(data: bytes, query: Query, received_ns: int) -> Reply:
-    """An answer whose header and question match `query`, read with dnspython's wire parser
-    without building a message: each record's owner name and header are read, the data of an
+def _quick(
+    data: bytes, query: Query, flags: int, answers: int, extra_from: int, additional: int, received_ns: int
+) -> Reply:
+    """An answer whose header and question match `query`, read as dnspython's wire parser reads
+    it without building a message: each record's owner name and header are read, the data of an
     address record of the type asked is read as dnspython's A and AAAA rdata read it, every
     other record is stepped over by its length (as glibc's stub does), and the OPT record gives
-    the extended rcode. What dnspython would read otherwise (a truncated answer, OPT or TSIG out
-    of place, bytes left over) raises _Slow."""
-    _, flags, _, answers, authority, additional = HEADER.unpack_from(data)
+    the extended rcode. An owner name other than a pointer to the question or the root is read
+    by dnspython's parser. What dnspython would read otherwise (a truncated answer, OPT or TSIG
+    out of place, bytes left over) raises _Slow. `flags` and the record counts are the header's
+    (`extra_from`: the first record of the additional section, answers + authority)."""
     if flags & TC:
         raise _Slow
     rdtype = query.rdtype
     text = ADDRESS_TEXT[rdtype]
-    parser = dns.wire.Parser(data, HEADER_BYTES + len(query.question))
+    size = len(data)
+    at = HEADER_BYTES + len(query.question)
     addresses: list[str] = []
     ednsflags = None
-    for section, count in enumerate((answers, authority, additional)):
-        for _ in range(count):
+    for index in range(extra_from + additional):
+        if data.startswith(POINTER_TO_QUESTION, at):  # the question's name, read already: ours
+            at += 2
+            root = False
+        elif data.startswith(b"\0", at):  # the root (an OPT record's owner)
+            at += 1
+            root = True
+        else:
+            parser = dns.wire.Parser(data, at)
+            root = parser.get_name(decompress=True).labels == ROOT_LABELS
             at = parser.current
-            if data[at : at + 2] == POINTER_TO_QUESTION:  # the question's name, read already: ours
-                at += 2
-                root = False
-            elif data[at : at + 1] == b"\0":  # the root (an OPT record's owner)
-                at += 1
-                root = True
-            else:
-                root = parser.get_name(decompress=True).labels == ROOT_LABELS
-                at = parser.current
-            parser.seek(at + RR_HEADER.size)  # within the message, or FormError
-            kind, rdclass, ttl, length = RR_HEADER.unpack_from(data, at)
-            if section == ANSWER and kind == rdtype and rdclass == IN:
-                addresses.append(text(parser.get_bytes(length)))
-            elif kind == OPT and section == ADDITIONAL and ednsflags is None and root:
-                ednsflags = ttl
-                parser.seek(parser.current + length)
-            elif kind in (OPT, TSIG):
-                raise _Slow
-            else:
-                parser.seek(parser.current + length)
-    if parser.remaining():
+        kind, rdclass, ttl, length = RR_HEADER.unpack_from(data, at)  # struct.error past the end
+        at += RR_HEADER_BYTES
+        end = at + length
+        if end > size:
+            raise dns.exception.FormError
+        if kind == rdtype and rdclass == IN and index < answers:
+            addresses.append(text(data[at:end]))
+        elif kind == OPT and index >= extra_from and ednsflags is None and root:
+            ednsflags = ttl
+        elif kind == OPT or kind == TSIG:
+            raise _Slow
+        at = end
+    if at != size:
         raise _Slow
     return Reply(
         _rcode(flags, ednsflags or 0),
         False,
-        tuple(dict.fromkeys(addresses)),
+        tuple(addresses) if len(addresses) < 2 else tuple(dict.fromkeys(addresses)),
         received_ns,
     )
 
@@ -207,16 +210,19 @@ def read(data: bytes, received_ns: int, queries: Sequence[Query]) -> tuple[int, 
     common answer (the question repeated as sent) is read quickly; any other by dnspython whole."""
     if len(data) < HEADER_BYTES:
         return None
-    query_id, flags, questions = HEADER_START.unpack_from(data)
+    query_id, flags, questions, answers, authority, additional = HEADER.unpack_from(data)
     if flags & QR_OPCODE != QR:
         return None  # not an answer to a standard query: no need to read it
     ours = False
     for index, query in enumerate(queries):
         if query.id == query_id:
             ours = True
-            if questions == 1 and data[HEADER_BYTES : HEADER_BYTES + len(query.question)].lower() == query.question:
+            question = query.question
+            echoed = data[HEADER_BYTES : HEADER_BYTES + len(question)]
+            if questions == 1 and (echoed == question or echoed.lower() == question.lower()):
                 try:
-                    return index, _quick(data, query, received_ns)
+                    # the additional section's first record: answers + authority
+                    return index, _quick(data, query, flags, answers, answers + authority, additional, received_ns)
                 except (_Slow, dns.exception.DNSException, ValueError, struct.error):
                     break
     if not ours:

@@ -116,15 +116,28 @@ def hosts_file(host: str, path: str = HOSTS) -> list[str]:
     return list(known[1].get(host.lower().rstrip("."), ()))
 
 
-@dataclass(frozen=True, slots=True)
 class Outcome:
-    """The queries for one name, asked together."""
+    """The queries for one name, asked together: their addresses (in query order) and the
+    network time, from the first send to the last answer of the queries asked side by side."""
 
-    exchanges: tuple[Exchange, ...]
+    __slots__ = ("exchanges", "addresses", "network_ms")
 
-    @property
-    def addresses(self) -> list[str]:
-        return [address for e in self.exchanges for address in e.addresses]
+    def __init__(self, exchanges: tuple[Exchange, ...]) -> None:  # on every lookup: one pass, no properties
+        self.exchanges = exchanges
+        addresses: list[str] = []
+        start = 0
+        for e in exchanges:
+            if e.reply is not None:
+                addresses += e.reply.addresses
+            if e.started_ns and (not start or e.started_ns < start):
+                start = e.started_ns
+        self.addresses = addresses
+        network_ms = 0.0
+        if start:
+            for e in exchanges:
+                if e.started_ns and (e.started_ns - start) / 1e6 + e.network_ms > network_ms:
+                    network_ms = (e.started_ns - start) / 1e6 + e.network_ms
+        self.network_ms = network_ms
 
     @property
     def later_addresses(self) -> list[str]:
@@ -142,14 +155,6 @@ class Outcome:
         if failing is None:
             return "NOERROR"
         return dns.rcode.to_text(failing.reply.rcode) if failing.reply else None
-
-    @property
-    def network_ms(self) -> float:
-        """From the first send to the last answer of the queries asked side by side."""
-        start = min([e.started_ns for e in self.exchanges if e.started_ns], default=0)
-        if not start:
-            return 0.0
-        return max([(e.started_ns - start) / 1e6 + e.network_ms for e in self.exchanges if e.started_ns])
 
     def failure(self) -> Exception:
         """The exception for an outcome without addresses, as the classifier reads it."""
@@ -194,7 +199,7 @@ async def _search(resolver: Resolver, host: str) -> tuple[Outcome, float]:
     trailing_dot = host.endswith(".")
     first = None
     if trailing_dot or host.count(".") >= conf.options.ndots:  # the name as written first
-        first = await _ask(conf, resolver.path, _name(host), ADDRESS_TYPES)
+        first = Outcome(await exchange(_name(host), ADDRESS_TYPES, conf.servers, conf.options, resolver.path))
         if trailing_dot or first.addresses:
             return first, first.network_ms
     return await _search_domains(conf, resolver.path, host, first)
@@ -254,7 +259,10 @@ async def lookup(resolver: Resolver, host: str, trace: Trace) -> list[str]:
         addresses = outcome.addresses
         if not addresses:
             raise outcome.failure()
-    ordered = sorted(dict.fromkeys(addresses), key=lambda a: ":" in a)[:MAX_ANSWERS]
+    if len(addresses) == 1:
+        ordered = addresses
+    else:
+        ordered = sorted(dict.fromkeys(addresses), key=lambda a: ":" in a)[:MAX_ANSWERS]
     trace.fact("addresses", tuple(ordered))
     return ordered
 

@@ -210,17 +210,14 @@ def _socket(family: int, kind: int, path: PathSpec | None) -> socket.socket:
 
 
 @dataclass(slots=True, eq=False)
-class _Query:
-    sent: Query
-    result: Exchange
+class _Query(Query):
+    """A query as sent (answers.py's) and how far its lookup got with it."""
+
+    result: Exchange = field(init=False)
     pending: bool = False  # sent to the server asked now and not yet answered by it
     first_ns: int = 0  # the kernel's arrival time of the first answer over UDP
     answered_by: _Link | None = None  # the socket of that first answer: its later answers are kept
     truncated: Reply | None = None  # a first answer with the TC bit, to ask again over TCP
-
-
-def _queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) -> list[_Query]:
-    return [_Query(sent, Exchange(name, sent.rdtype)) for sent in make_queries(name, rdtypes)]
 
 
 class _Link:
@@ -351,10 +348,11 @@ class _Lookup:
     first answer of each query from that server, then every later answer from the server that
     gave a query its first one (see exchange's linger)."""
 
-    def __init__(self, queries: list[_Query]) -> None:
-        self.queries = queries
-        self._sent = [query.sent for query in queries]
-        self.ids = [query.sent.id for query in queries]
+    def __init__(self, name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) -> None:
+        queries = self.queries = make_queries(name, rdtypes, _Query)
+        for query in queries:
+            query.result = Exchange(name, query.rdtype)
+        self.ids = [query.id for query in queries]
         self.asking: _Link | None = None
         self._waiting = 0
         self._done: asyncio.Future[None] | None = None
@@ -362,7 +360,7 @@ class _Lookup:
 
     def arrived(self, link: _Link, data: bytes, received_ns: int) -> None:
         try:
-            found = read(data, received_ns, self._sent)
+            found = read(data, received_ns, self.queries)
         except Exception as exc:  # not a message dnspython refuses (those are None): the lookup fails with it
             self.failed(link, exc)
             return
@@ -410,10 +408,10 @@ class _Lookup:
                 result = query.result
                 sent_ns = time.time_ns()
                 try:
-                    send(query.sent.wire)
+                    send(query.wire)
                 except BlockingIOError:  # the socket's buffer is full: wait for room
                     async with asyncio.timeout_at(deadline):
-                        await loop.sock_sendall(link.sock, query.sent.wire)
+                        await loop.sock_sendall(link.sock, query.wire)
                 if not result.started_ns:
                     result.started_ns = sent_ns
             if self._waiting:
@@ -451,9 +449,9 @@ async def _over_tcp(query: _Query, server: Server, path: PathSpec | None) -> tup
         sock.close()
         raise
     try:
-        await conn.send(U16.pack(len(query.sent.wire)) + query.sent.wire)
+        await conn.send(U16.pack(len(query.wire)) + query.wire)
         (size,) = U16.unpack(await conn.readexactly(2))
-        found = read(await conn.readexactly(size), conn.received_ns, [query.sent])
+        found = read(await conn.readexactly(size), conn.received_ns, [query])
         if found is None:
             raise EOFError(f"{server} answered the query over TCP with something else")
         return found[1], handshake_ms + conn.answer_ms()
@@ -461,9 +459,9 @@ async def _over_tcp(query: _Query, server: Server, path: PathSpec | None) -> tup
         conn.close()
 
 
-def _settled(query: _Query) -> bool:
-    """Answered, by an rcode that does not send it on to the next server."""
-    return query.result.reply is not None and query.result.reply.rcode not in RETRY_RCODES
+def _settled(reply: Reply | None) -> bool:
+    """Answered, by an rcode that does not send the query on to the next server."""
+    return reply is not None and reply.rcode not in RETRY_RCODES
 
 
 async def exchange(
@@ -477,12 +475,13 @@ async def exchange(
     """Ask `servers` for `name`, one query per type, all on one socket per server, as glibc
     asks for A and AAAA. Never raises for a server that does not answer (each Exchange says
     why), only for a socket the path cannot bind."""
-    queries = _queries(name, rdtypes)
-    lookup = _Lookup(queries)
-    waiting = queries
+    lookup = _Lookup(name, rdtypes)
+    queries = waiting = lookup.queries
     links: dict[int, _Link] = {}  # by the server's index
     try:
         for _attempt in range(options.attempts):
+            if not waiting:
+                break
             for index, server in enumerate(servers):
                 if not waiting:
                     break
@@ -494,7 +493,7 @@ async def exchange(
                 except (OSError, EOFError) as exc:  # TimeoutError included; ECONNREFUSED: ICMP port unreachable
                     for query in waiting:
                         query.result.error = exc  # an answer from an earlier server still counts first
-                waiting = [query for query in queries if not _settled(query)]
+                waiting = [query for query in queries if not _settled(query.result.reply)]
         last_ns = 0
         for query in queries:
             result = query.result
