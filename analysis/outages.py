@@ -116,20 +116,7 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
     ongoing = ~by_close & pair_end[tail[ender]]
     if not len(a):
         return _frame([])
-    # the failing runs of each outage: its rounds, verdicts and rules
-    member = np.full(n, -1)
-    for k, (x, y) in enumerate(zip(a, b, strict=True)):
-        member[x:y] = k
-    member[~failing] = -1
-    inside = np.flatnonzero(member >= 0)
-    owner = member[inside]
-    kinds = runs["verdict"].iloc[order[inside]].to_numpy()
-    rules = runs["rule"].iloc[order[inside]].to_numpy()
-    counts: list[Counter[str]] = [Counter() for _ in a]
-    sets: list[set[str]] = [set() for _ in a]
-    for k, kind, rule, r in zip(owner, kinds, rules, rounds[inside], strict=True):
-        counts[k][kind] += r
-        sets[k].add(rule)
+    counts = _members(a, b, failing, runs, order, rounds)[2]
     verdicts = np.array([c.most_common(1)[0][0] for c in counts], dtype=object)
     # settle: an outage closed by good rounds, then another of the pair with the same verdict,
     # no gap and no streak of settle_after good rounds between them: one outage
@@ -145,18 +132,16 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
         & (gaps[nxt - 1] == gaps[b[:-1] - 1])
         & (settles[nxt - 1] == settles[b[:-1] - 1])
     )
-    group = np.cumsum(np.append(True, ~merges)) - 1
     lead = np.flatnonzero(np.append(True, ~merges))  # each merged outage's first part
     end_part = np.append(lead[1:], len(a)) - 1  # and its last
-    for k, g in zip(range(len(a)), group, strict=True):
-        if k != lead[g]:
-            counts[lead[g]].update(counts[k])
-            sets[lead[g]].update(sets[k])
-    fails = np.bincount(group[owner], weights=rounds[inside], minlength=len(lead)).astype("int64")
+    # a merged outage's failing runs: all from its first part's start to its last's end,
+    # those between the parts too (a lone failing round that opened nothing)
+    inside, owner, counts, sets = _members(a[lead], b[end_part], failing, runs, order, rounds)
+    fails = np.bincount(owner, weights=rounds[inside], minlength=len(lead)).astype("int64")
     spanned = np.append(0, np.cumsum(rounds))
     span = spanned[b[end_part]] - spanned[a[lead]]  # every round from the first part to the last's end
     last_failing = np.zeros(len(lead), dtype="int64")
-    last_failing[group[owner]] = inside  # increasing: each outage's last failing run wins
+    last_failing[owner] = inside  # increasing: each outage's last failing run wins
     target, path = target[order], path[order]
     rows: list[dict[str, Any]] = []
     for g, (k, z) in enumerate(zip(lead.tolist(), end_part.tolist(), strict=True)):  # by pair, then start
@@ -167,15 +152,36 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
                 "target": targets[target[a[k]]],
                 "start": pd.Timestamp(first[a[k]], tz="UTC"),
                 "end": pd.Timestamp(int(end), tz="UTC"),
-                "verdict": counts[k].most_common(1)[0][0],
+                "verdict": counts[g].most_common(1)[0][0],
                 "targets": (targets[target[a[k]]],),
-                "rules": tuple(sorted(sets[k])),
+                "rules": tuple(sorted(sets[g])),
                 "rounds": int(fails[g]),
                 "ongoing": bool(ongoing[z]),
                 "failed_share": round(float(fails[g] / max(span[g], 1)), 3),
             }
         )
     return _frame(rows)
+
+
+def _members(
+    a: np.ndarray, b: np.ndarray, failing: np.ndarray, runs: pd.DataFrame, order: np.ndarray, rounds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[Counter[str]], list[set[str]]]:
+    """The failing runs within each outage's runs [a, b) (in `order`), the outage each belongs
+    to, and each outage's rounds by verdict and its rules."""
+    member = np.full(len(failing), -1)
+    for k, (x, y) in enumerate(zip(a, b, strict=True)):
+        member[x:y] = k
+    member[~failing] = -1
+    inside = np.flatnonzero(member >= 0)
+    owner = member[inside]
+    kinds = runs["verdict"].iloc[order[inside]].to_numpy()
+    rules = runs["rule"].iloc[order[inside]].to_numpy()
+    counts: list[Counter[str]] = [Counter() for _ in a]
+    sets: list[set[str]] = [set() for _ in a]
+    for k, kind, rule, r in zip(owner, kinds, rules, rounds[inside], strict=True):
+        counts[k][kind] += r
+        sets[k].add(rule)
+    return inside, owner, counts, sets
 
 
 def _intervals(pair: np.ndarray, first: np.ndarray, last: np.ndarray, rounds: np.ndarray) -> np.ndarray:

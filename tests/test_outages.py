@@ -145,6 +145,18 @@ def test_a_shorter_recovery_is_the_same_outage_going_on(tmp_path: Path) -> None:
     assert (by_path["start"], by_path["end"], by_path["failed_share"]) == (at(3), at(19), round(9 / 16, 3))
 
 
+def test_a_lone_failing_round_between_merged_outages_is_counted(tmp_path: Path) -> None:
+    # round 11 fails alone (no outage of its own) between two outages that settle into one:
+    # it is one of the merged outage's failing rounds, and of its share
+    lone = {i: {("news", "direct"): RESET} for i in (*range(3, 8), 11, *range(15, 19))}
+    pairs, paths = outages_for(tmp_path, lone, range(40))
+    (outage,) = pairs.to_dict("records")
+    assert (outage["start"], outage["end"], outage["rounds"]) == (at(3), at(19), 10)
+    assert outage["failed_share"] == round(10 / 16, 3)
+    (by_path,) = paths.to_dict("records")
+    assert by_path["failed_share"] == round(10 / 16, 3)
+
+
 def test_a_gap_never_merges_outages(tmp_path: Path) -> None:
     # closed by two good rounds just before the daemon stopped, failing again when it started
     rounds = [*range(0, 10), *range(30, 45)]
