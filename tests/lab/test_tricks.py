@@ -63,11 +63,6 @@ host = "{INJECTED}"
 """
 
 
-def without_wireguard(text: str) -> str:
-    blocks = re.split(r"(?=^\[\[paths\]\]$)", text, flags=re.MULTILINE)
-    return "".join(b for b in blocks if 'name = "wireguard"' not in b)
-
-
 @pytest.fixture(scope="module")
 def tricks(lab: Path) -> Iterator[Path]:
     """The lab's config with the paths and target above (same store), ss-exit running."""
@@ -80,7 +75,7 @@ def tricks(lab: Path) -> Iterator[Path]:
         running(VP, ss_local, tmp / "ss-exit-local.log", "127.0.0.1", SS_EXIT_LOCAL),
     ):
         config = tmp / "tricks.toml"
-        text = without_wireguard(lab.read_text()).replace("[probe]", "[probe]\ndns_linger_s = 0.5")
+        text = lab.read_text().replace("[probe]", "[probe]\ndns_linger_s = 0.5")
         config.write_text(text + EXTRA)
         yield config
 
