@@ -23,6 +23,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import to_rgba_array  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.font_manager import FontProperties  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import FixedFormatter, FixedLocator, Formatter, NullLocator  # noqa: E402
 
@@ -76,10 +77,11 @@ def _days(times: pd.DatetimeIndex, tz: str) -> npt.NDArray[np.float64]:
     return np.asarray(mdates.date2num(local), dtype=np.float64)  # type: ignore[no-untyped-call]
 
 
-def _time_axis(ax: Axes, start: pd.Timestamp, end: pd.Timestamp, tz: str) -> None:
+def _time_axis(ax: Axes, start: pd.Timestamp, end: pd.Timestamp, tz: str, labelled: bool = True) -> None:
     """Date ticks for the range, chosen once (a date locator is asked again at every drawing
     and layout pass: a second of a chart's drawing): a tick a day and every 6 hours over a
-    week; over longer ranges (the dashboard's) as many as fit, by month over a year."""
+    week; over longer ranges (the dashboard's) as many as fit, by month over a year. Not
+    `labelled` (an axes above another that shows the times): the ticks and grid lines alone."""
     left, right = _days(pd.DatetimeIndex([start, end]), tz)
     ax.set_xlim(float(left), float(right))
     lo, hi = mdates.num2date([float(left), float(right)])  # type: ignore[no-untyped-call]
@@ -95,10 +97,63 @@ def _time_axis(ax: Axes, start: pd.Timestamp, end: pd.Timestamp, tz: str) -> Non
     labels = formatter.format_ticks(list(major))
     fixed = FixedFormatter(labels)
     fixed.set_offset_string(formatter.get_offset())
+    ax.xaxis.set_minor_locator(NullLocator())
+    majors, minors = np.asarray(major, dtype=float), np.asarray(minor, dtype=float)
+    if len(majors):  # matplotlib's tolerance (Axis.get_minorticklocs): no minor tick on a major one
+        near = (float(right) - float(left)) * 1e-5
+        minors = minors[~np.isclose(minors[:, None], majors[None, :], rtol=0, atol=near).any(axis=1)]
+    _marks(ax, minors, False, float(left), float(right))
     ax.xaxis.set_major_locator(FixedLocator(major))
-    ax.xaxis.set_major_formatter(fixed)
-    ax.xaxis.set_minor_locator(FixedLocator(minor) if len(minor) else NullLocator())
-    ax.grid(axis="x", which="major", color="#bbbbbb", linewidth=0.6)
+    ax.xaxis.set_major_formatter(fixed)  # on every time axis: the dashboard finds them so (web/figures.py)
+    if labelled:
+        ax.grid(axis="x", which="major", color="#bbbbbb", linewidth=0.6)
+    else:
+        ax.xaxis.set_major_locator(NullLocator())
+        shown = _marks(ax, majors, True, float(left), float(right))
+        grid = np.full((len(shown), 3), np.nan)
+        grid[:, 0], grid[:, 1] = 0, 1
+        ax.add_artist(
+            Line2D(
+                np.repeat(shown, 3),
+                grid.ravel(),
+                transform=ax.get_xaxis_transform("grid"),
+                color="#bbbbbb",
+                linewidth=0.6,
+                zorder=1.5,
+            )
+        )
+
+
+def _marks(ax: Axes, ticks: npt.NDArray[np.float64], major: bool, left: float, right: float) -> npt.NDArray[np.float64]:
+    """Time axis ticks (major or minor) as one line of tick markers: matplotlib draws
+    each tick's mark so (a marker at the axis, of the same size, width and colour), but as one
+    artist rather than a Tick of five: a week's 28 minor ticks per axes were half of a chart's
+    drawing time. Those outside the axis are left out, as matplotlib leaves them out."""
+    margin = (right - left) * 1e-10
+    shown = ticks[(ticks >= left - margin) & (ticks <= right + margin)]
+    if len(shown):
+        rc = matplotlib.rcParams
+        colour = rc["xtick.color"]
+        size, width = (
+            (rc["xtick.major.size"], rc["xtick.major.width"])
+            if major
+            else (rc["xtick.minor.size"], rc["xtick.minor.width"])
+        )
+        marks = Line2D(
+            shown,
+            np.zeros(len(shown)),
+            transform=ax.get_xaxis_transform("tick1"),
+            linestyle="none",
+            marker=3,  # matplotlib.markers.TICKDOWN, as an x tick draws its mark
+            markersize=size,
+            markeredgewidth=width,
+            color=colour,
+            markeredgecolor=colour,
+            clip_on=False,
+            zorder=1.5,
+        )
+        ax.add_artist(marks)
+    return shown
 
 
 # A fixed layout, computed once from the few texts whose size varies (the rows' labels, the
@@ -286,7 +341,8 @@ def latency_smoke(
     `hourly` are the summary's percentiles and counts per hour."""
     paths = sorted(latency["path"].astype(str).unique()) or ["(none)"]
     fig = Figure(figsize=(WIDTH_IN, 1.2 + 1.9 * len(paths)), dpi=DPI)
-    axes = fig.subplots(len(paths), 1, sharex=True, squeeze=False)[:, 0]
+    # not sharex: the axes above the last draw their time ticks alone, without Tick objects (_time_axis)
+    axes = fig.subplots(len(paths), 1, squeeze=False)[:, 0]
     colours = path_colours(paths)
     hours = _hours(start, end, step)
     label = metric.replace("_", " ")
@@ -313,7 +369,7 @@ def latency_smoke(
             ax.set_ylim(0, float(np.nanmax(q[0.9].to_numpy())) * 1.15 or 1)
         ax.set_ylabel(f"{label} (ms)")
         ax.set_title(path, loc="left", color=colours.get(path, "black"), fontweight="bold", fontsize=10, y=1.0)
-        _time_axis(ax, start, end, tz)
+        _time_axis(ax, start, end, tz, labelled=ax is axes[-1])
     axes[-1].set_xlabel(f"time ({tz}); {_unit(step)}s without a line had no successful probe")
     fig.suptitle(
         f"Latency ({label}) per path, {_period(start, end, tz)}: {_every(step)} median coloured by the "
@@ -350,11 +406,10 @@ def outage_timeline(
     )
     paths = sorted({str(p) for p in paths} | {str(span[0]) for span in spans}) or ["(none)"]
 
-    def to_num(t: pd.Timestamp) -> float:
-        return float(_days(pd.DatetimeIndex([t]), tz)[0])
-
-    lo, hi = to_num(start), to_num(end)
-    shown = [(e, max(lo, to_num(e.window[0])), min(hi, to_num(e.window[1]))) for e in events]
+    lo, hi = (float(v) for v in _days(pd.DatetimeIndex([start, end]), tz))
+    # every event's window at once (a calendar holds a hundred)
+    windows = _days(pd.DatetimeIndex([t for e in events for t in e.window], tz="UTC"), tz).reshape(-1, 2)
+    shown = [(e, max(lo, float(a)), min(hi, float(b))) for e, (a, b) in zip(events, windows, strict=True)]
     shown = [(e, a, b) for e, a, b in shown if b > a]
     lanes = [f"event: {e.category}" for e, _, _ in shown]
     fig = Figure(figsize=(WIDTH_IN, 2.2 + 0.45 * (len(paths) + len(lanes))), dpi=DPI)
