@@ -94,13 +94,18 @@ def outages(
     frame = _only(result.paths if by == "path" else result.pairs, kinds)
     rows = []
     for row in frame.sort_values(["start", "path"]).to_dict("records"):
-        row["duration"] = str(pd.Timedelta(minutes=round(row["minutes"]))).removeprefix("0 days ")
+        row["duration"] = duration(row["minutes"])
         row["events"] = overlapping(row["start"], row["end"], events)
         row["targets"] = row["targets"] if by == "path" else (row["target"],)
         rows.append({str(key): value for key, value in row.items()})
     options.emit(rows, COLUMNS, fmt, f"outages by {by} (times UTC)")
     if fmt == "table" and not rows:
         err.print("no outages in that range" if result.span else "no measurements in that range")
+
+
+def duration(minutes: float) -> str:
+    """An outage's length to the second, as [D days ]HH:MM:SS (a 30 s outage is not 00:00:00)."""
+    return str(pd.Timedelta(seconds=round(minutes * 60))).removeprefix("0 days ")
 
 
 def _only(outages: pd.DataFrame, kinds: tuple[str, ...]) -> pd.DataFrame:

@@ -12,6 +12,7 @@ import pytest
 
 from analysis.frames import load_measurements, load_paths
 from analysis.outages import Hysteresis, degraded, pair_outages, path_outages
+from analysis.outages_cli import duration
 from analysis.summary import RUN_KEY, hourly_latency, verdict_runs
 from analysis.verdicts import classify
 from tests.analysis_data import INTERVAL, T0, build_store, everything, fail
@@ -246,3 +247,13 @@ def test_alerts_say_a_flapping_outage_once_and_back_once_settled(tmp_path: Path,
         edges = (outage["start"].floor("s"), outage["end"].floor("s"))
         assert edges == (at(10, "news"), at(20, "news")) and outage["failed_share"] == 0.6
         assert changes[-1][1].alert.end_ms == int(outage["end"].timestamp() * 1000)
+
+
+def test_an_outage_duration_is_given_to_the_second() -> None:
+    # the lab's outages at 2 s rounds last seconds: 0.5 minutes was printed 00:00:00
+    assert [duration(m) for m in (0.5, 1.2, 16 * 60 + 10, 5 * 24 * 60 + 180)] == [
+        "00:00:30",
+        "00:01:12",
+        "16:10:00",
+        "5 days 03:00:00",
+    ]

@@ -47,6 +47,7 @@ from ..frames import (
     load_measurements,
 )
 from ..outages_cli import COLUMNS as OUTAGE_COLUMNS
+from ..outages_cli import duration
 from ..pipeline import Analysis, analyse_config, source
 from ..verdicts import DEGRADED, LOCAL_OUTAGE, TUNNEL_DOWN
 
@@ -242,7 +243,7 @@ def outage_rows(result: Analysis, events: list[Any]) -> list[dict[str, Any]]:
     """The rows `tunnelwatch outages` prints (by path), as its JSON lines hold them."""
     rows = []
     for row in result.paths.sort_values(["start", "path"]).to_dict("records"):
-        row["duration"] = str(pd.Timedelta(minutes=round(row["minutes"]))).removeprefix("0 days ")
+        row["duration"] = duration(row["minutes"])
         row["events"] = overlapping(row["start"], row["end"], events)
         rows.append({c: jsonable(row.get(c)) for c in OUTAGE_COLUMNS})
     return rows
