@@ -8,6 +8,7 @@ across every chart. Hours with no measurement are drawn as "no data", never as f
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -19,7 +20,7 @@ import numpy.typing as npt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg  # noqa: E402
-from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.collections import LineCollection, PolyCollection  # noqa: E402
 from matplotlib.colors import to_rgba_array  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.font_manager import FontProperties  # noqa: E402
@@ -365,7 +366,7 @@ def latency_smoke(
             rates = failure.fillna(0).to_numpy()[:-1]
             keep = ~np.isnan(segments).any(axis=(1, 2))
             line = LineCollection(segments[keep], colors=_failure_colours(rates[keep]), linewidths=2)
-            ax.add_collection(line)
+            ax.add_collection(line, autolim=False)  # the limits are set: no need to measure a year's segments
             ax.set_ylim(0, float(np.nanmax(q[0.9].to_numpy())) * 1.15 or 1)
         ax.set_ylabel(f"{label} (ms)")
         ax.set_title(path, loc="left", color=colours.get(path, "black"), fontweight="bold", fontsize=10, y=1.0)
@@ -386,6 +387,14 @@ def latency_smoke(
         fig, list(axes), left, EDGE + 30, EDGE + 16 + 6 + LINE + 6, EDGE + _below(axes[-1]) + 4 + LINE + 34, LINE + 8
     )
     return fig
+
+
+def _bars(ax: Axes, spans: Sequence[tuple[float, float]], rows: tuple[float, float], **style: Any) -> None:
+    """`ax.broken_barh(spans, rows, **style)`, the same rectangles in one PolyCollection, without
+    measuring them for the data limits (the timeline sets its limits): a year holds hundreds."""
+    y0, y1 = rows[0], rows[0] + rows[1]
+    vertices = np.array([[(x, y0), (x, y1), (x + dx, y1), (x + dx, y0)] for x, dx in spans], dtype=float)
+    ax.add_collection(PolyCollection(vertices, **style), autolim=False)  # type: ignore[arg-type]  # an (N, 4, 2) array, as broken_barh passes
 
 
 def outage_timeline(
@@ -416,7 +425,7 @@ def outage_timeline(
     ax = fig.add_subplot()
     colours = path_colours(paths)
     for lane, (event, a, b) in enumerate(shown):
-        ax.broken_barh([(a, b - a)], (lane - 0.35, 0.7), color="#56B4E9", alpha=0.5, zorder=2)
+        _bars(ax, [(a, b - a)], (lane - 0.35, 0.7), color="#56B4E9", alpha=0.5, zorder=2)
         # a title is text, never mathtext: a "$" in an imported title must not fail the chart
         ax.text(
             a + (hi - lo) * 0.003,
@@ -450,14 +459,16 @@ def outage_timeline(
     for row, path in enumerate(paths, start=first):
         mine = bars[bars["path"].astype(str) == path]
         if len(mine):
-            ax.broken_barh(
+            _bars(
+                ax,
                 list(zip(mine["a"], mine["b"] - mine["a"], strict=True)),
                 (row - 0.35, 0.7),
                 color=[VERDICT_COLOURS.get(str(v), "#999999") for v in mine["verdict"]],
                 zorder=2,
             )
         if holes:
-            ax.broken_barh(
+            _bars(
+                ax,
                 [(a, b - a) for a, b in holes],
                 (row - 0.35, 0.7),
                 facecolor=NO_DATA,
