@@ -107,6 +107,13 @@ def build_app(cfg: Config, *, credentials: tuple[str, str] | None = None, warm: 
         facts = {**facts, "charts": {name: f"/history/{name}.svg?{query}" for name in CHARTS}}
         return {"facts": facts, "charts": {name: svg(figure) for name, figure in figures.items()}}
 
+    def make_pngs(since: datetime | None, until: datetime | None, path: str | None) -> dict[str, bytes]:
+        """The range's three charts as PNG, made together and kept: one analysis for the three."""
+        chosen = pages.default_range(cfg, since, until, pages.HISTORY_DAYS)
+        if chosen is None:
+            return {}
+        return {name: png(figure) for name, figure in history_figures(cfg, chosen, path)[0].items()}
+
     # the pages without parameters, made in the background as the server starts
     defaults: list[tuple[tuple[Any, ...], Callable[[], Any]]] = [
         (("now",), lambda: pages.now_page(cfg)),
@@ -142,10 +149,10 @@ def build_app(cfg: Config, *, credentials: tuple[str, str] | None = None, warm: 
             if name not in made["charts"]:
                 raise HTTPException(404, "no measurements stored yet")
             return Response(made["charts"][name], media_type="image/svg+xml")
-        chosen = pages.default_range(cfg, since, until, pages.HISTORY_DAYS)
-        if chosen is None:
+        made = kept.get(("history.png", since, until, path), lambda: make_pngs(since, until, path))
+        if name not in made:
             raise HTTPException(404, "no measurements stored yet")
-        return Response(png(history_figures(cfg, chosen, path)[0][name]), media_type="image/png")
+        return Response(made[name], media_type="image/png")
 
     def outages(request: Request) -> Response:
         since, until = (

@@ -57,9 +57,9 @@ def history_figures(cfg: Config, chosen: Range, path: str | None) -> tuple[dict[
         "timezone": cfg.report.timezone,
         "path": path,
         "availability_pct": availability,
-        "outages": outage_rows(result, events),
     }
-    return figures, facts_of(facts)
+    # the rows are JSON's already (outage_rows): not walked again, a year holds hundreds
+    return figures, {**facts_of(facts), "outages": outage_rows(result, events)}
 
 
 def _dense_as_images(figure: Figure) -> None:
