@@ -264,7 +264,7 @@ def test_outages_lists_the_crackdown_and_links_to_its_round(week: Served, visit:
 def test_outages_sort_by_a_column(week: Served, visit: Visit) -> None:
     page = load(visit, week, "/outages?sort=duration&desc=1")
     durations = texts(page, "table.outages tbody tr td:nth-child(5)")
-    assert durations == ["5 days 03:00:00", "1 days 15:00:00", "16:10:00", "04:00:00", "00:10:00"]
+    assert durations == ["5 days 03:00:10", "1 days 15:00:10", "16:10:00", "04:00:00", "00:10:00"]
 
 
 def test_history_shows_the_weekly_charts_inline(week: Served, visit: Visit) -> None:
