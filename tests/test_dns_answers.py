@@ -294,7 +294,7 @@ def test_a_lookup_whose_ids_were_used_on_the_shared_socket_asks_on_its_own(monke
     """Two lookups at once that drew the same query ids: the second does not send them on the
     socket the first uses (its answers would be taken for the first's), but on a socket of
     its own, and each lookup gets the answer to its own name."""
-    monkeypatch.setattr(answers_module, "_random_id", lambda: 0x1234)
+    monkeypatch.setattr(answers_module, "_ids", [0x1234] * 4)  # the ids drawn next: the same for both lookups
     with gathering(4) as (port, sources):
         found = _lookups(port, ["n1.test", "n2.test"])
     assert found == [["10.0.0.1"], ["10.0.0.2"]]

@@ -47,9 +47,9 @@ ANSWER, AUTHORITY, ADDITIONAL = range(3)  # the sections after the question
 # (their `address`), without building the rdata object around it.
 ADDRESS_TEXT = {dns.rdatatype.A: dns.ipv4.inet_ntoa, dns.rdatatype.AAAA: dns.ipv6.inet_ntoa}
 ROOT_LABELS = dns.name.root.labels  # an OPT record's owner
-# A compression pointer to the question's name (right after the header): most answers name
-# their records so, and that name is the question's, checked against the query already.
-POINTER_TO_QUESTION = bytes([0xC0, HEADER_BYTES])
+# A compression pointer (0xC0, then the offset) to the question's name, right after the header:
+# most answers name their records so, and that name is the question's, checked already.
+POINTER = 0xC0
 IN, OPT, TSIG = int(dns.rdataclass.IN), int(dns.rdatatype.OPT), int(dns.rdatatype.TSIG)
 
 
@@ -105,9 +105,10 @@ def make_queries(name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]
     dnspython's rendering for the name and type with the id set; `make` is Query or a subclass
     that keeps more of the query (one object per query)."""
     made = []
+    ids = _ids
     for rdtype in rdtypes:
         after_id, question = _renderings.get((name.labels, rdtype)) or _rendering(name, rdtype)
-        query_id = _random_id()
+        query_id = ids.pop() if ids else _random_id()
         made.append(make(name, rdtype, query_id, U16.pack(query_id) + after_id, question))
     return made
 
@@ -124,62 +125,6 @@ def _random_id() -> int:
 
 
 _rcode = functools.lru_cache(maxsize=1024)(dns.rcode.from_flags)  # of the few flags servers answer with
-
-
-class _Slow(Exception):
-    """An answer the quick reading does not take: dnspython reads the whole message."""
-
-
-def _quick(
-    data: bytes, query: Query, flags: int, answers: int, extra_from: int, additional: int, received_ns: int
-) -> Reply:
-    """An answer whose header and question match `query`, read as dnspython's wire parser reads
-    it without building a message: each record's owner name and header are read, the data of an
-    address record of the type asked is read as dnspython's A and AAAA rdata read it, every
-    other record is stepped over by its length (as glibc's stub does), and the OPT record gives
-    the extended rcode. An owner name other than a pointer to the question or the root is read
-    by dnspython's parser. What dnspython would read otherwise (a truncated answer, OPT or TSIG
-    out of place, bytes left over) raises _Slow. `flags` and the record counts are the header's
-    (`extra_from`: the first record of the additional section, answers + authority)."""
-    if flags & TC:
-        raise _Slow
-    rdtype = query.rdtype
-    text = ADDRESS_TEXT[rdtype]
-    size = len(data)
-    at = HEADER_BYTES + len(query.question)
-    addresses: list[str] = []
-    ednsflags = None
-    for index in range(extra_from + additional):
-        if data.startswith(POINTER_TO_QUESTION, at):  # the question's name, read already: ours
-            at += 2
-            root = False
-        elif data.startswith(b"\0", at):  # the root (an OPT record's owner)
-            at += 1
-            root = True
-        else:
-            parser = dns.wire.Parser(data, at)
-            root = parser.get_name(decompress=True).labels == ROOT_LABELS
-            at = parser.current
-        kind, rdclass, ttl, length = RR_HEADER.unpack_from(data, at)  # struct.error past the end
-        at += RR_HEADER_BYTES
-        end = at + length
-        if end > size:
-            raise dns.exception.FormError
-        if kind == rdtype and rdclass == IN and index < answers:
-            addresses.append(text(data[at:end]))
-        elif kind == OPT and index >= extra_from and ednsflags is None and root:
-            ednsflags = ttl
-        elif kind == OPT or kind == TSIG:
-            raise _Slow
-        at = end
-    if at != size:
-        raise _Slow
-    return Reply(
-        _rcode(flags, ednsflags or 0),
-        False,
-        tuple(addresses) if len(addresses) < 2 else tuple(dict.fromkeys(addresses)),
-        received_ns,
-    )
 
 
 def _slow(data: bytes, queries: Sequence[Query]) -> tuple[int, dns.rcode.Rcode, bool, tuple[str, ...]] | None:
@@ -206,8 +151,15 @@ def _slow(data: bytes, queries: Sequence[Query]) -> tuple[int, dns.rcode.Rcode, 
 
 def read(data: bytes, received_ns: int, queries: Sequence[Query]) -> tuple[int, Reply] | None:
     """Which of `queries` `data` answers (its index) and the answer; None for a datagram that
-    answers none of them (another id, not a DNS message), ignored as every stub does. The
-    common answer (the question repeated as sent) is read quickly; any other by dnspython whole."""
+    answers none of them (another id, not a DNS message), ignored as every stub does.
+
+    The common answer (its header and the question repeated as sent) is read as dnspython's
+    wire parser reads it, without building a message: each record's owner name and header are
+    read, the data of an address record of the type asked is read as dnspython's A and AAAA
+    rdata read it, every other record is stepped over by its length (as glibc's stub does), and
+    the OPT record gives the extended rcode; an owner name other than a pointer to the question
+    or the root is read by dnspython's parser. Any other answer (truncated, the question
+    written otherwise, OPT or TSIG out of place, bytes left over) is read by dnspython whole."""
     if len(data) < HEADER_BYTES:
         return None
     query_id, flags, questions, answers, authority, additional = HEADER.unpack_from(data)
@@ -215,17 +167,52 @@ def read(data: bytes, received_ns: int, queries: Sequence[Query]) -> tuple[int, 
         return None  # not an answer to a standard query: no need to read it
     ours = False
     for index, query in enumerate(queries):
-        if query.id == query_id:
-            ours = True
-            question = query.question
-            echoed = data[HEADER_BYTES : HEADER_BYTES + len(question)]
-            if questions == 1 and (echoed == question or echoed.lower() == question.lower()):
-                try:
-                    # the additional section's first record: answers + authority
-                    return index, _quick(data, query, flags, answers, answers + authority, additional, received_ns)
-                except (_Slow, dns.exception.DNSException, ValueError, struct.error):
-                    break
+        if query.id != query_id:
+            continue
+        ours = True
+        question = query.question
+        at = HEADER_BYTES + len(question)
+        echoed = data[HEADER_BYTES:at]
+        if questions != 1 or (echoed != question and echoed.lower() != question.lower()):
+            continue
+        if flags & TC:
+            break  # truncated: dnspython's reading
+        rdtype, size, extra_from = query.rdtype, len(data), answers + authority  # the additional section's start
+        addresses: list[str] = []
+        ednsflags = None
+        try:
+            for record in range(extra_from + additional):
+                first = data[at]  # IndexError past the end
+                if first == POINTER and data[at + 1] == HEADER_BYTES:  # the question's name, read already: ours
+                    at += 2
+                    root = False
+                elif not first:  # the root (an OPT record's owner)
+                    at += 1
+                    root = True
+                else:
+                    parser = dns.wire.Parser(data, at)
+                    root = parser.get_name(decompress=True).labels == ROOT_LABELS
+                    at = parser.current
+                kind, rdclass, ttl, length = RR_HEADER.unpack_from(data, at)  # struct.error past the end
+                at += RR_HEADER_BYTES
+                end = at + length
+                if end > size:
+                    raise dns.exception.FormError
+                if kind == rdtype and rdclass == IN and record < answers:
+                    addresses.append(ADDRESS_TEXT[rdtype](data[at:end]))
+                elif kind == OPT and record >= extra_from and ednsflags is None and root:
+                    ednsflags = ttl
+                elif kind == OPT or kind == TSIG:
+                    break  # out of place: dnspython's reading
+                at = end
+            else:
+                if at == size:  # no bytes left over
+                    found = tuple(addresses) if len(addresses) < 2 else tuple(dict.fromkeys(addresses))
+                    return index, Reply(_rcode(flags, ednsflags or 0), False, found, received_ns)
+        except (dns.exception.DNSException, ValueError, struct.error, IndexError):
+            pass
+        break
     if not ours:
         return None  # not an answer to a query of ours
-    found = _slow(data, queries)
-    return None if found is None else (found[0], Reply(*found[1:], received_ns))
+    found_slow = _slow(data, queries)
+    return None if found_slow is None else (found_slow[0], Reply(*found_slow[1:], received_ns))

@@ -192,23 +192,12 @@ async def _ask(
     return Outcome(await exchange(name, rdtypes, conf.servers, conf.options, path, linger_s))
 
 
-async def _search(resolver: Resolver, host: str) -> tuple[Outcome, float]:
-    """A and AAAA for `host` through the search domains, in glibc's res_search order; the
-    outcome that decides and the network time of every name asked."""
-    conf = resolver.settings()
-    trailing_dot = host.endswith(".")
-    first = None
-    if trailing_dot or host.count(".") >= conf.options.ndots:  # the name as written first
-        first = Outcome(await exchange(_name(host), ADDRESS_TYPES, conf.servers, conf.options, resolver.path))
-        if trailing_dot or first.addresses:
-            return first, first.network_ms
-    return await _search_domains(conf, resolver.path, host, first)
-
-
 async def _search_domains(
     conf: ResolvConf, path: PathSpec | None, host: str, first: Outcome | None
 ) -> tuple[Outcome, float]:
-    """The rest of _search: the search domains, then the name as written if not asked yet."""
+    """The rest of glibc's res_search after the name as written (`first`, when it was asked
+    first and gave no address): the search domains, then the name as written if not asked
+    yet. The outcome that decides and the network time of every name asked."""
     asked: list[Outcome] = [first] if first else []
 
     async def ask(text: str) -> Outcome:
@@ -250,8 +239,15 @@ async def lookup(resolver: Resolver, host: str, trace: Trace) -> list[str]:
         trace.phase("resolve", (time.perf_counter() - started) * 1000)  # no network: the file's reading
         addresses = found
     else:
-        try:
-            outcome, network_ms = await _search(resolver, host)
+        try:  # A and AAAA through the search domains, in glibc's res_search order
+            conf = resolver.settings()
+            if host.endswith(".") or host.count(".") >= conf.options.ndots:  # the name as written first
+                outcome = Outcome(await exchange(_name(host), ADDRESS_TYPES, conf.servers, conf.options, resolver.path))
+                network_ms = outcome.network_ms
+                if not outcome.addresses and not host.endswith("."):
+                    outcome, network_ms = await _search_domains(conf, resolver.path, host, outcome)
+            else:
+                outcome, network_ms = await _search_domains(conf, resolver.path, host, None)
         except BaseException:
             trace.phase("resolve", (time.perf_counter() - started) * 1000)  # no answer: the time seen from here
             raise

@@ -165,18 +165,21 @@ def read_resolv_conf(path: str = RESOLV_CONF) -> ResolvConf:
     return conf
 
 
-@dataclass(slots=True)
-class Exchange:
-    """One query: the answer it got, the answers that came after it, and its network time."""
+@dataclass(slots=True, eq=False)  # one object per query, made on every lookup
+class Exchange(Query):
+    """One query (as sent: answers.py's Query): the answer it got, the answers that came after
+    it, and its network time; while its lookup runs, also how far the lookup got with it."""
 
-    name: dns.name.Name
-    rdtype: dns.rdatatype.RdataType
     started_ns: int = 0  # the first send
     network_ms: float = 0.0  # first send -> the answer's arrival; a TCP retry adds its handshake and round trip
     server: Server | None = None
     reply: Reply | None = None  # None: no server answered
     later: list[Reply] = field(default_factory=list)
     error: Exception | None = None  # why the last server tried gave no answer
+    pending: bool = False  # sent to the server asked now and not yet answered by it
+    first_ns: int = 0  # the kernel's arrival time of the first answer over UDP
+    answered_by: _Link | None = None  # the socket of that first answer: its later answers are kept
+    truncated: Reply | None = None  # a first answer with the TC bit, to ask again over TCP
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -207,17 +210,6 @@ def _socket(family: int, kind: int, path: PathSpec | None) -> socket.socket:
         sock.setblocking(False)
         return sock
     return bound_socket(family, path, kind)
-
-
-@dataclass(slots=True, eq=False)
-class _Query(Query):
-    """A query as sent (answers.py's) and how far its lookup got with it."""
-
-    result: Exchange = field(init=False)
-    pending: bool = False  # sent to the server asked now and not yet answered by it
-    first_ns: int = 0  # the kernel's arrival time of the first answer over UDP
-    answered_by: _Link | None = None  # the socket of that first answer: its later answers are kept
-    truncated: Reply | None = None  # a first answer with the TC bit, to ask again over TCP
 
 
 class _Link:
@@ -349,9 +341,7 @@ class _Lookup:
     gave a query its first one (see exchange's linger)."""
 
     def __init__(self, name: dns.name.Name, rdtypes: Sequence[dns.rdatatype.RdataType]) -> None:
-        queries = self.queries = make_queries(name, rdtypes, _Query)
-        for query in queries:
-            query.result = Exchange(name, query.rdtype)
+        queries = self.queries = make_queries(name, rdtypes, Exchange)
         self.ids = [query.id for query in queries]
         self.asking: _Link | None = None
         self._waiting = 0
@@ -370,16 +360,17 @@ class _Lookup:
         if query.pending and link is self.asking:
             query.pending = False
             query.first_ns, query.answered_by = received_ns, link
-            query.result.later.clear()
+            query.later.clear()
             if reply.truncated:
                 query.truncated = reply
-            else:
-                _settle(query, link.server, reply, 0.0)
+            else:  # settled: as _settle, inline (on every answer)
+                query.server, query.reply, query.error = link.server, reply, None
+                query.network_ms = (received_ns - query.started_ns) / 1e6
             self._waiting -= 1
-            if not self._waiting:
-                self._wake()
+            if not self._waiting and self._done is not None and not self._done.done():
+                self._done.set_result(None)  # as _wake, inline
         elif query.answered_by is link:
-            query.result.later.append(reply)
+            query.later.append(reply)
 
     def failed(self, link: _Link, error: Exception) -> None:
         if link is self.asking and self._waiting:
@@ -394,7 +385,7 @@ class _Lookup:
         self._error = TimeoutError()
         self._wake()
 
-    async def ask(self, link: _Link, waiting: list[_Query], path: PathSpec | None, wait_s: float) -> None:
+    async def ask(self, link: _Link, waiting: list[Exchange], path: PathSpec | None, wait_s: float) -> None:
         """Send every waiting query to `link`'s server and wait up to `wait_s` until each has
         an answer from it; a truncated one is asked again over TCP within that time. Raises
         the socket's error, or TimeoutError."""
@@ -405,15 +396,14 @@ class _Lookup:
         try:
             for query in waiting:
                 query.pending, query.truncated = True, None  # its answer cannot come before its send
-                result = query.result
                 sent_ns = time.time_ns()
                 try:
                     send(query.wire)
                 except BlockingIOError:  # the socket's buffer is full: wait for room
                     async with asyncio.timeout_at(deadline):
                         await loop.sock_sendall(link.sock, query.wire)
-                if not result.started_ns:
-                    result.started_ns = sent_ns
+                if not query.started_ns:
+                    query.started_ns = sent_ns
             if self._waiting:
                 done = self._done = loop.create_future()
                 timer = loop.call_at(deadline, self._expire)  # one timer, no task or context per wait
@@ -434,13 +424,12 @@ class _Lookup:
                 _settle(query, link.server, reply, tcp_ms)
 
 
-def _settle(query: _Query, server: Server, reply: Reply, tcp_ms: float) -> None:
-    result = query.result
-    result.server, result.reply, result.error = server, reply, None
-    result.network_ms = (query.first_ns - result.started_ns) / 1e6 + tcp_ms
+def _settle(query: Exchange, server: Server, reply: Reply, tcp_ms: float) -> None:
+    query.server, query.reply, query.error = server, reply, None
+    query.network_ms = (query.first_ns - query.started_ns) / 1e6 + tcp_ms
 
 
-async def _over_tcp(query: _Query, server: Server, path: PathSpec | None) -> tuple[Reply, float]:
+async def _over_tcp(query: Exchange, server: Server, path: PathSpec | None) -> tuple[Reply, float]:
     """The query again over TCP; the answer and the network time (handshake + round trip)."""
     sock = _socket(server.family, socket.SOCK_STREAM, path)
     try:
@@ -457,11 +446,6 @@ async def _over_tcp(query: _Query, server: Server, path: PathSpec | None) -> tup
         return found[1], handshake_ms + conn.answer_ms()
     finally:
         conn.close()
-
-
-def _settled(reply: Reply | None) -> bool:
-    """Answered, by an rcode that does not send the query on to the next server."""
-    return reply is not None and reply.rcode not in RETRY_RCODES
 
 
 async def exchange(
@@ -492,13 +476,13 @@ async def exchange(
                     await lookup.ask(link, waiting, path, options.wait_s(index, len(servers)))
                 except (OSError, EOFError) as exc:  # TimeoutError included; ECONNREFUSED: ICMP port unreachable
                     for query in waiting:
-                        query.result.error = exc  # an answer from an earlier server still counts first
-                waiting = [query for query in queries if not _settled(query.result.reply)]
+                        query.error = exc  # an answer from an earlier server still counts first
+                # not settled: no answer, or one whose rcode sends the query on to the next server
+                waiting = [query for query in queries if query.reply is None or query.reply.rcode in RETRY_RCODES]
         last_ns = 0
         for query in queries:
-            result = query.result
-            if result.reply is None and result.started_ns:
-                result.network_ms = (time.time_ns() - result.started_ns) / 1e6
+            if query.reply is None and query.started_ns:
+                query.network_ms = (time.time_ns() - query.started_ns) / 1e6
             if query.first_ns > last_ns:
                 last_ns = query.first_ns
         linger_ns = int(linger_s * 1e9)
@@ -508,6 +492,6 @@ async def exchange(
         for link in links.values():
             link.release(lookup)
     for query in queries:
-        if query.result.later:
-            query.result.later = [r for r in query.result.later if r.received_ns <= query.first_ns + linger_ns]
-    return tuple([q.result for q in queries])
+        if query.later:
+            query.later = [r for r in query.later if r.received_ns <= query.first_ns + linger_ns]
+    return tuple(queries)
