@@ -110,6 +110,7 @@ def _time_axis(ax: Axes, start: pd.Timestamp, end: pd.Timestamp, tz: str, labell
         ax.grid(axis="x", which="major", color="#bbbbbb", linewidth=0.6)
     else:
         ax.xaxis.set_major_locator(NullLocator())
+        ax.xaxis.offsetText.set_visible(False)  # as sharex hid it: the axis below shows the year or month
         shown = _marks(ax, majors, True, float(left), float(right))
         grid = np.full((len(shown), 3), np.nan)
         grid[:, 0], grid[:, 1] = 0, 1
