@@ -80,7 +80,11 @@ class Notifier:
             while True:
                 wait_s = await self.once()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait_s)
+                    # not asyncio.wait_for: on Python 3.11 it swallows a cancel that comes as the
+                    # wake-up does (cpython#86296), and the daemon's stop then waited for the
+                    # notifier forever (an evaluation ending as the rounds drained woke it)
+                    async with asyncio.timeout(wait_s):
+                        await self._wake.wait()
                 self._wake.clear()
         finally:  # at stop: the sends under way may finish and be marked (else they go again after a restart)
             self._stopping = True
