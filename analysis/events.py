@@ -78,6 +78,21 @@ def overlapping(start: pd.Timestamp, end: pd.Timestamp, events: Iterable[Event])
     return tuple(e.id for e in events if (w := _window_ns(e.start, e.end))[0] < hi and lo < w[1])
 
 
+def overlapping_each(starts: pd.Series, ends: pd.Series, events: Sequence[Event]) -> list[tuple[str, ...]]:
+    """`overlapping` for each [start, end) of two columns at once: a year's outages ask the
+    whole calendar, one comparison of every outage with every event."""
+    import numpy as np
+
+    if not events:
+        return [()] * len(starts)
+    windows = np.array([_window_ns(e.start, e.end) for e in events], dtype="int64")
+    lo = starts.astype("datetime64[ns, UTC]").astype("int64").to_numpy()[:, None]
+    hi = ends.astype("datetime64[ns, UTC]").astype("int64").to_numpy()[:, None]
+    hits = (windows[:, 0] < hi) & (lo < windows[:, 1])
+    ids = np.array([e.id for e in events], dtype=object)
+    return [tuple(ids[row]) for row in hits]
+
+
 @functools.lru_cache(maxsize=4096)
 def _window_ns(start: datetime | date, end: datetime | date) -> tuple[int, int]:
     a, b = _window(start, end)

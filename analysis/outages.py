@@ -116,8 +116,7 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
     ongoing = ~by_close & pair_end[tail[ender]]
     if not len(a):
         return _frame([])
-    counts = _members(a, b, failing, runs, order, rounds)[2]
-    verdicts = np.array([c.most_common(1)[0][0] for c in counts], dtype=object)
+    verdicts = _members(a, b, failing, runs, order, rounds)[2]
     # settle: an outage closed by good rounds, then another of the pair with the same verdict,
     # no gap and no streak of settle_after good rounds between them: one outage
     gaps = np.cumsum(gap_after)
@@ -136,25 +135,26 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
     end_part = np.append(lead[1:], len(a)) - 1  # and its last
     # a merged outage's failing runs: all from its first part's start to its last's end,
     # those between the parts too (a lone failing round that opened nothing)
-    inside, owner, counts, sets = _members(a[lead], b[end_part], failing, runs, order, rounds)
+    inside, owner, merged_verdicts, rules = _members(a[lead], b[end_part], failing, runs, order, rounds)
     fails = np.bincount(owner, weights=rounds[inside], minlength=len(lead)).astype("int64")
     spanned = np.append(0, np.cumsum(rounds))
     span = spanned[b[end_part]] - spanned[a[lead]]  # every round from the first part to the last's end
     last_failing = np.zeros(len(lead), dtype="int64")
     last_failing[owner] = inside  # increasing: each outage's last failing run wins
     target, path = target[order], path[order]
+    path_names, target_names = paths.to_numpy(dtype=object), targets.to_numpy(dtype=object)  # no Index lookups
     rows: list[dict[str, Any]] = []
     for g, (k, z) in enumerate(zip(lead.tolist(), end_part.tolist(), strict=True)):  # by pair, then start
         end = first[b[z]] if by_close[z] else last[last_failing[g]] + interval[a[k]]
         rows.append(
             {
-                "path": paths[path[a[k]]],
-                "target": targets[target[a[k]]],
+                "path": path_names[path[a[k]]],
+                "target": target_names[target[a[k]]],
                 "start": pd.Timestamp(first[a[k]], tz="UTC"),
                 "end": pd.Timestamp(int(end), tz="UTC"),
-                "verdict": counts[g].most_common(1)[0][0],
-                "targets": (targets[target[a[k]]],),
-                "rules": tuple(sorted(sets[g])),
+                "verdict": merged_verdicts[g],
+                "targets": (target_names[target[a[k]]],),
+                "rules": rules[g],
                 "rounds": int(fails[g]),
                 "ongoing": bool(ongoing[z]),
                 "failed_share": round(float(fails[g] / max(span[g], 1)), 3),
@@ -165,23 +165,34 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
 
 def _members(
     a: np.ndarray, b: np.ndarray, failing: np.ndarray, runs: pd.DataFrame, order: np.ndarray, rounds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, list[Counter[str]], list[set[str]]]:
-    """The failing runs within each outage's runs [a, b) (in `order`), the outage each belongs
-    to, and each outage's rounds by verdict and its rules."""
-    member = np.full(len(failing), -1)
-    for k, (x, y) in enumerate(zip(a, b, strict=True)):
-        member[x:y] = k
-    member[~failing] = -1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[str, ...]]]:
+    """The failing runs within each outage's runs [a, b) (in `order`; the outages in order, none
+    overlapping), the outage each belongs to, each outage's verdict (the one of most rounds, the
+    first seen on a tie) and its rules, sorted."""
+    at = np.arange(len(failing))
+    k = np.searchsorted(a, at, side="right") - 1
+    member = np.where((k >= 0) & (at < b[np.maximum(k, 0)]) & failing, k, -1)
     inside = np.flatnonzero(member >= 0)
     owner = member[inside]
-    kinds = runs["verdict"].iloc[order[inside]].to_numpy()
-    rules = runs["rule"].iloc[order[inside]].to_numpy()
-    counts: list[Counter[str]] = [Counter() for _ in a]
-    sets: list[set[str]] = [set() for _ in a]
-    for k, kind, rule, r in zip(owner, kinds, rules, rounds[inside], strict=True):
-        counts[k][kind] += r
-        sets[k].add(rule)
-    return inside, owner, counts, sets
+    frame = pd.DataFrame(
+        {
+            "owner": owner,
+            "kind": runs["verdict"].iloc[order[inside]].to_numpy(dtype=object),
+            "rule": runs["rule"].iloc[order[inside]].to_numpy(dtype=object),
+            "rounds": rounds[inside],
+            "seen": np.arange(len(inside)),
+        }
+    )
+    kinds = frame.groupby(["owner", "kind"], sort=False).agg(rounds=("rounds", "sum"), seen=("seen", "min"))
+    top = kinds.reset_index().sort_values(["owner", "rounds", "seen"], ascending=[True, False, True])
+    top = top.drop_duplicates("owner")
+    verdicts = np.empty(len(a), dtype=object)
+    verdicts[top["owner"].to_numpy()] = top["kind"].to_numpy()
+    rules: list[tuple[str, ...]] = [()] * len(a)
+    named = frame.drop_duplicates(["owner", "rule"]).sort_values(["owner", "rule"])
+    for outage, rule in zip(named["owner"].tolist(), named["rule"].tolist(), strict=True):
+        rules[outage] += (rule,)
+    return inside, owner, verdicts, rules
 
 
 def _intervals(pair: np.ndarray, first: np.ndarray, last: np.ndarray, rounds: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from probe.config import Config
 from probe.console import err
 
 from . import options
-from .events import overlapping
+from .events import overlapping, overlapping_each
 from .fleet import FLEET_COLUMNS, fleet_outages
 from .frames import vantages
 from .pipeline import Analysis, analyse_config, store_of
@@ -93,9 +93,11 @@ def outages(
     result = analysed(cfg)
     frame = _only(result.paths if by == "path" else result.pairs, kinds)
     rows = []
-    for row in frame.sort_values(["start", "path"]).to_dict("records"):
+    ordered = frame.sort_values(["start", "path"])
+    hits = overlapping_each(ordered["start"], ordered["end"], events)
+    for row, overlaps in zip(ordered.to_dict("records"), hits, strict=True):
         row["duration"] = duration(row["minutes"])
-        row["events"] = overlapping(row["start"], row["end"], events)
+        row["events"] = overlaps
         row["targets"] = row["targets"] if by == "path" else (row["target"],)
         rows.append({str(key): value for key, value in row.items()})
     options.emit(rows, COLUMNS, fmt, f"outages by {by} (times UTC)")

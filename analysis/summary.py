@@ -18,6 +18,7 @@ after the cursor, summarised the same way (frames.py): one implementation whatev
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -47,6 +48,12 @@ def as_ns(times: pd.Series) -> np.ndarray:
 
 
 def _empty(columns: list[str], times: tuple[str, ...]) -> pd.DataFrame:
+    return _empty_kept(tuple(columns), times).copy()
+
+
+@functools.cache
+def _empty_kept(columns: tuple[str, ...], times: tuple[str, ...]) -> pd.DataFrame:
+    # built once: a DataFrame of typed empty Series costs milliseconds, and an analysis asks often
     return pd.DataFrame({c: pd.Series(dtype="datetime64[ns, UTC]" if c in times else "object") for c in columns})
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import gc
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -50,6 +51,15 @@ def _when(value: str | None, param: str) -> datetime | None:
         return When().convert(value, None, None)
     except click.BadParameter as exc:
         raise HTTPException(400, f"{param}: {exc.message}") from None
+
+
+def read_summaries(cfg: Config) -> None:
+    """The store's summaries read into memory, and everything made so far (the imports, the
+    summaries) moved out of the collector's sight: otherwise nearly every page paid a full
+    collection that walked it all (0.07-0.15 s of a year's History page; 0.014 s frozen)."""
+    pages.held(cfg).refresh()
+    gc.collect()
+    gc.freeze()
 
 
 def _wants_json(request: Request) -> bool:
@@ -114,8 +124,10 @@ def build_app(cfg: Config, *, credentials: tuple[str, str] | None = None, warm: 
             return {}
         return {name: png(figure) for name, figure in history_figures(cfg, chosen, path)[0].items()}
 
-    # the pages without parameters, made in the background as the server starts
+    # the pages without parameters, made in the background as the server starts, after the
+    # summaries are read
     defaults: list[tuple[tuple[Any, ...], Callable[[], Any]]] = [
+        (("summaries",), lambda: read_summaries(cfg)),
         (("now",), lambda: pages.now_page(cfg)),
         (("outages", None, None, None), lambda: pages.outages_page(cfg, None, None, None)),
         (("history", None, None, None), lambda: make_history(None, None, None)),

@@ -33,7 +33,7 @@ from probe.store.spool import Spool
 from ..check_cli import COLUMNS as CHECK_COLUMNS
 from ..check_cli import _rows as check_rows
 from ..eventcheck import check_events, outage_series
-from ..events import load_events, overlapping
+from ..events import load_events, overlapping_each
 from ..eventstats import Method
 from ..frames import (
     MEASUREMENT_DTYPES,
@@ -242,9 +242,11 @@ def default_range(cfg: Config, since: datetime | None, until: datetime | None, d
 def outage_rows(result: Analysis, events: list[Any]) -> list[dict[str, Any]]:
     """The rows `tunnelwatch outages` prints (by path), as its JSON lines hold them."""
     rows = []
-    for row in result.paths.sort_values(["start", "path"]).to_dict("records"):
+    ordered = result.paths.sort_values(["start", "path"])
+    hits = overlapping_each(ordered["start"], ordered["end"], events)
+    for row, overlaps in zip(ordered.to_dict("records"), hits, strict=True):
         row["duration"] = duration(row["minutes"])
-        row["events"] = overlapping(row["start"], row["end"], events)
+        row["events"] = overlaps
         rows.append({c: jsonable(row.get(c)) for c in OUTAGE_COLUMNS})
     return rows
 
