@@ -13,7 +13,6 @@ by dnspython whole, and one dnspython refuses is no answer.
 
 from __future__ import annotations
 
-import functools
 import os
 import struct
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ U16 = struct.Struct("!H")  # the id (bytes 0-1), a TCP length
 QR, QR_OPCODE = int(dns.flags.QR), 0xF800  # the flags' QR bit, and with the opcode: an answer to a standard query
 TC = int(dns.flags.TC)
 ID_BATCH = 2048  # query ids drawn at once
+MAX_RCODES = 1024  # flag combinations whose rcode is kept
 MAX_RENDERINGS = 4096  # names and types whose query rendering is kept
 QUESTION_TAIL = 4  # a question's type and class, after its name
 ANSWER, AUTHORITY, ADDITIONAL = range(3)  # the sections after the question
@@ -124,7 +124,16 @@ def _random_id() -> int:
     return _ids.pop()
 
 
-_rcode = functools.lru_cache(maxsize=1024)(dns.rcode.from_flags)  # of the few flags servers answer with
+_rcodes: dict[tuple[int, int], dns.rcode.Rcode] = {}  # dnspython's from_flags by (flags, EDNS flags): servers use few
+
+
+def _rcode(flags: int, ednsflags: int) -> dns.rcode.Rcode:
+    """dnspython's rcode of a header's flags and an OPT record's flags, kept (of at most
+    MAX_RCODES combinations: a server may send any flags)."""
+    if len(_rcodes) >= MAX_RCODES:
+        _rcodes.clear()
+    rcode = _rcodes[flags, ednsflags] = dns.rcode.from_flags(flags, ednsflags)
+    return rcode
 
 
 def _slow(data: bytes, queries: Sequence[Query]) -> tuple[int, dns.rcode.Rcode, bool, tuple[str, ...]] | None:
@@ -208,7 +217,10 @@ def read(data: bytes, received_ns: int, queries: Sequence[Query]) -> tuple[int, 
             else:
                 if at == size:  # no bytes left over
                     found = tuple(addresses) if len(addresses) < 2 else tuple(dict.fromkeys(addresses))
-                    return index, Reply(_rcode(flags, ednsflags or 0), False, found, received_ns)
+                    rcode = _rcodes.get((flags, ednsflags or 0))
+                    if rcode is None:  # NOERROR is 0: no `or`
+                        rcode = _rcode(flags, ednsflags or 0)
+                    return index, Reply(rcode, False, found, received_ns)
         except (dns.exception.DNSException, ValueError, struct.error, IndexError):
             pass
         break

@@ -36,6 +36,7 @@ from probe.model import BIND, RESOLVE, Trace
 HOSTS = "/etc/hosts"
 ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 MAX_ANSWERS = 32  # addresses recorded of one answer (a 64 KiB answer holds thousands)
+MAX_RESOLVERS = 1024  # paths whose resolver is kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +74,21 @@ def _own(servers: tuple[str, ...]) -> ResolvConf:
     return ResolvConf(servers=tuple(map(Server.parse, servers)), search=(), options=Options())
 
 
+_resolvers: dict[int, tuple[PathSpec, Resolver]] = {}  # by the path object's id, the path kept alive with it
+
+
 def resolver_for(path: PathSpec) -> Resolver:
+    """The path's resolver: made once per path object (asked on every probe of a name), as a
+    path's settings are frozen."""
+    known = _resolvers.get(id(path))
+    if known is not None and known[0] is path:
+        return known[1]
     servers = () if path.resolver == "system" else tuple(path.resolver)
-    return Resolver(servers=servers, path=path)
+    resolver = Resolver(servers=servers, path=path)
+    if len(_resolvers) >= MAX_RESOLVERS:
+        _resolvers.clear()
+    _resolvers[id(path)] = (path, resolver)
+    return resolver
 
 
 @functools.lru_cache(maxsize=4096)  # asked on every connection, of a few names

@@ -54,6 +54,7 @@ TIMEOUT_S, ATTEMPTS, NDOTS = 5, 2, 1
 MAX_TIMEOUT_S, MAX_ATTEMPTS, MAX_NDOTS, MAX_SERVERS = 30, 5, 15, 3
 DRAIN_DATAGRAMS = 64  # read at once when the socket is readable; a flood must not hold the loop
 MAX_IDS = 4096  # query ids sent on one shared socket before it takes no new lookups (of 65,536)
+TIMESTAMP_CMSG = (socket.SOL_SOCKET, SO_TIMESTAMPNS)  # an arrival time's control message: level, type
 MAX_SHARERS = 16  # lookups at once on one shared socket: 32 answers of up to 1232 bytes in its buffer
 
 
@@ -306,9 +307,10 @@ class _Link:
 
     def _readable(self) -> None:
         asked = self._asked
+        recvmsg = self.sock.recvmsg
         for _ in range(DRAIN_DATAGRAMS):
             try:
-                data, ancillary, _, _ = self.sock.recvmsg(READ_BYTES, ANCILLARY_BYTES)
+                data, ancillary, _, _ = recvmsg(READ_BYTES, ANCILLARY_BYTES)
             except BlockingIOError:
                 break
             except OSError as exc:  # ECONNREFUSED: the ICMP port unreachable of a query sent
@@ -318,7 +320,7 @@ class _Link:
             lookup = asked.get(U16.unpack_from(data)[0]) if len(data) >= 2 else None
             if lookup is None:
                 continue  # no query of a running lookup has its id: ignored, as every stub does
-            if ancillary and ancillary[0][:2] == (socket.SOL_SOCKET, SO_TIMESTAMPNS):  # the only one asked for
+            if ancillary and ancillary[0][:2] == TIMESTAMP_CMSG:  # the only one asked for
                 seconds, nanoseconds = TIMESPEC.unpack(ancillary[0][2])
                 received_ns = seconds * 1_000_000_000 + nanoseconds
             else:
@@ -406,7 +408,8 @@ class _Lookup:
                     query.started_ns = sent_ns
             if self._waiting:
                 done = self._done = loop.create_future()
-                timer = loop.call_at(deadline, self._expire)  # one timer, no task or context per wait
+                # one timer, no task or context per wait; uvloop's call_at is a call_later with more steps
+                timer = loop.call_later(deadline - loop.time(), self._expire)
                 try:
                     await done
                 finally:
