@@ -1,10 +1,10 @@
 """DNS messages on the wire for probe/measure/resolver.py: the queries for a name, and what an
 answer to one of them says.
 
-dnspython renders a query for a name once in the process (a query holds nothing the network
-said); every query is that rendering with its own random id and question type set. An answer
-is read with dnspython's wire parser without building a Message (building one was most of a
-lookup's CPU): its header and question (repeated as sent) are matched to a query, the
+dnspython renders a query for a name and type once in the process (a query holds nothing the
+network said); every query is that rendering with its own random id. An answer is read as
+dnspython's wire parser reads it without building a Message (building one was most of a
+lookup's CPU), in one pass: its header and question (repeated as sent) are matched to a query, the
 addresses of the type asked are read as dnspython's A and AAAA rdata read them, and every
 other record is stepped over by its length, as glibc's stub does. An answer of any other shape
 (truncated, the question written otherwise, OPT or TSIG out of place, bytes left over) is read

@@ -10,7 +10,7 @@ event loop gets to it. An answer with the TC bit is asked again over TCP. Nothin
 dnspython writes and reads the messages (probe/measure/answers.py).
 
 A name is resolved on every probe, so a lookup does little besides: the queries are one
-rendering per name with their ids and types set, the answers are read without building
+rendering per name and type with its id set, the answers are read without building
 dnspython Messages (answers.py), and the socket has one callback for its whole life, which
 reads each datagram as it comes and hands it to its lookup, so a lookup waits once, for all
 of its answers.
