@@ -425,7 +425,10 @@ def test_a_timeline_of_the_tricks_comes_back_as_outages(tricks: Path) -> None:
             at(found[key], "start") - truth[window][0],
         )
         assert abs(at(found[key], "end") - truth[window][1]) <= slack, (key, at(found[key], "end") - truth[window][1])
-    assert found[("news-dns", "open-dns", "blocked")]["rules"] == ["dns-answers-conflict"]
+    # The injector's rounds are conflicts; the round it is stopped in can lose the query it
+    # held (a timeout at resolve: blocked-dns).
+    rules = found[("news-dns", "open-dns", "blocked")]["rules"]
+    assert "dns-answers-conflict" in rules and set(rules) <= {"dns-answers-conflict", "blocked-dns"}, found
     # A round at a window's edge can share its 2-s slot with a control round from the other side
     # of the change (the tunnel worked for controls then): that round is blocked-behind-tunnel.
     assert all("tunnel-fails-controls" in found[k]["rules"] for k in expected if k[1] == "ss-exit"), found
