@@ -21,9 +21,11 @@ import argparse
 import asyncio
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +69,6 @@ def _raw_lookup_probe() -> probe_rate.Probe:
     with dnspython's wire parser (the A addresses kept). Nothing else: no timeout but one timer,
     no question check, no retry, no TCP, no record of the answers."""
     import os
-    import socket
     import struct
 
     import dns.ipv4
@@ -75,7 +76,7 @@ def _raw_lookup_probe() -> probe_rate.Probe:
     import dns.name
     import dns.wire
 
-    from probe.measure.conn import ANCILLARY_BYTES, SO_TIMESTAMPNS, TIMESPEC
+    from probe.measure.conn import ANCILLARY_BYTES, TIMESPEC
 
     u16 = struct.Struct("!H")
     queries = [dns.message.make_query(NAME, kind, use_edns=0, payload=1232).to_wire() for kind in ("A", "AAAA")]
@@ -109,13 +110,7 @@ def _raw_lookup_probe() -> probe_rate.Probe:
 
     async def probe() -> bool:
         loop = asyncio.get_running_loop()
-        sock = sockets.get(loop)
-        if sock is None:
-            sock = sockets[loop] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            sock.connect((RESOLVER, 53))
-            loop.add_reader(sock.fileno(), readable, sock)
+        sock = sockets.get(loop) or _resolver_socket(sockets, loop, readable)
         future: asyncio.Future[None] = loop.create_future()
         got: list[tuple[int, list[str]]] = []
         for query in queries:
@@ -132,6 +127,23 @@ def _raw_lookup_probe() -> probe_rate.Probe:
     return probe
 
 
+def _resolver_socket(
+    sockets: dict[asyncio.AbstractEventLoop, socket.socket],
+    loop: asyncio.AbstractEventLoop,
+    readable: Callable[[socket.socket], None],
+) -> socket.socket:
+    """The raw lookups' UDP socket to the resolver for this event loop (one per loop), made once:
+    non-blocking, with the kernel's arrival times, `readable` called when answers wait."""
+    from probe.measure.conn import SO_TIMESTAMPNS
+
+    sock = sockets[loop] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    sock.connect((RESOLVER, 53))
+    loop.add_reader(sock.fileno(), readable, sock)
+    return sock
+
+
 def _lean_raw_lookup_probe() -> probe_rate.Probe:
     """The raw lookup with fewer Python-level calls: query ids popped from one os.urandom read,
     each record stepped over with one struct unpack (no dnspython Parser object or its
@@ -139,14 +151,13 @@ def _lean_raw_lookup_probe() -> probe_rate.Probe:
     go below on this machine however its code is written: the loop, the socket calls, a future,
     a timer and one read of the records."""
     import os
-    import socket
     import struct
 
     import dns.ipv4
     import dns.message
     import dns.name
 
-    from probe.measure.conn import ANCILLARY_BYTES, SO_TIMESTAMPNS, TIMESPEC
+    from probe.measure.conn import ANCILLARY_BYTES, TIMESPEC
 
     u16, header, record = struct.Struct("!H"), struct.Struct("!HHHHHH"), struct.Struct("!HHIH")
     queries = [dns.message.make_query(NAME, kind, use_edns=0, payload=1232).to_wire()[2:] for kind in ("A", "AAAA")]
@@ -182,13 +193,7 @@ def _lean_raw_lookup_probe() -> probe_rate.Probe:
 
     async def probe() -> bool:
         loop = asyncio.get_running_loop()
-        sock = sockets.get(loop)
-        if sock is None:
-            sock = sockets[loop] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            sock.connect((RESOLVER, 53))
-            loop.add_reader(sock.fileno(), readable, sock)
+        sock = sockets.get(loop) or _resolver_socket(sockets, loop, readable)
         future: asyncio.Future[None] = loop.create_future()
         got: list[tuple[int, list[str]]] = []
         for query in queries:
