@@ -7,14 +7,13 @@ SQL. The central store holds many vantage points; analysis reads one at a time (
 as verdicts compare the paths of one vantage point's rounds.
 
 Dtypes are defined once here. Filtering by time, target and path happens in the SQL query,
-and only the columns analysis needs are read. `load_summary` is what commands use: the
-stored summaries before the cursor joined to the raw rows after it, summarised alike.
+and only the columns analysis needs are read. ranges.py puts a range's summary together:
+the stored summaries before the cursor and the raw rows after it, summarised alike.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,16 +27,12 @@ from probe.errors import StoreError
 from probe.pgurl import mask, redact
 from probe.store.file import StoreDamaged, look_over, store_error
 from probe.store.schema import (
-    COVERAGE,
-    HOURLY,
-    HOURLY_LATENCY,
     PATH_COLUMNS,
-    VERDICT_RUNS,
     SummaryTable,
     to_ms,
 )
 
-from .summary import Summary, join, summarise
+from .summary import Summary, summarise
 
 # The columns analysis reads, and their dtypes.
 MEASUREMENT_DTYPES: dict[str, str] = {
@@ -317,41 +312,6 @@ def summarise_raw(db: Store, start: pd.Timestamp | None, end: pd.Timestamp | Non
     return summarise(m, beats, load_paths(db), slot_s)
 
 
-def load_summary(
-    db: Store, since: datetime | None, until: datetime | None, slot_s: float, held: Held | None = None
-) -> Summary:
-    """Everything analysis needs of [since, until): stored summaries before the cursor, raw
-    rows after it. With `held`, the stored summaries are those it keeps in memory (the same
-    rows, read once by a process that answers many ranges)."""
-    start = None if since is None else pd.Timestamp(since)
-    end = None if until is None else pd.Timestamp(until)
-    cursor = read_cursor(db) if held is None else held.refresh()  # says so if there is no store
-    stored = Summary.empty()
-    if cursor is not None and (start is None or start < cursor):
-        hi = cursor if end is None else min(end, cursor)
-        stored = _stored(db, start, hi) if held is None else held.stored(start, hi)
-    tail_from = start if cursor is None or (start is not None and start > cursor) else cursor
-    summary = join(stored, summarise_raw(db, tail_from, end, slot_s))
-    if start is None and end is None:
-        return summary
-    return summary.clip(start or pd.Timestamp.min.tz_localize("UTC"), end or pd.Timestamp.max.tz_localize("UTC"))
-
-
-def _stored(db: Store, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
-    """The stored summaries of [start, end): the runs and coverage spans that reach into it,
-    the hours from the one `start` is in."""
-    lo = to_ms(start.to_pydatetime()) if start is not None else -(2**62)
-    hi = to_ms(end.to_pydatetime())
-    hour_lo = lo - lo % HOUR_MS
-    empty = Summary.empty()
-    return Summary(
-        _rows(db, VERDICT_RUNS, "last_ms >= ? AND first_ms < ?", (lo, hi), empty.runs, "first_ms"),
-        _rows(db, HOURLY, "hour_ms >= ? AND hour_ms < ?", (hour_lo, hi), empty.hourly),
-        _rows(db, HOURLY_LATENCY, "hour_ms >= ? AND hour_ms < ?", (hour_lo, hi), empty.latency),
-        _rows(db, COVERAGE, "end_ms > ? AND start_ms < ?", (lo, hi), empty.coverage, "start_ms"),
-    )
-
-
 def _rows(
     db: Store,
     table: SummaryTable,
@@ -381,75 +341,3 @@ def frame_columns(table: SummaryTable) -> tuple[str, ...]:
     """The columns of a summary table that the Summary's frame of it holds, in the frame's
     order (summary.py names them: `first` for first_ms, `group` for grp): all but the row id."""
     return tuple(c for c in table.columns if c != "id")
-
-
-REREAD_MS = 86_400_000  # what a held copy reads again when the cursor moves: from a day before it
-
-
-class Held:
-    """A store's stored summaries, all of them, kept in memory by a long-lived reader (the
-    dashboard): any range is then cut from memory rather than read again. `refresh` follows
-    the store: when its cursor moves, the rows compaction may have written or changed since
-    (runs that end, hours that start, from a day before the old cursor on; every coverage
-    span) are read again, runs by their id. `stored(start, end)` holds what `_stored` reads
-    of the same range."""
-
-    def __init__(self, db: Store) -> None:
-        self.db = db
-        self.cursor: pd.Timestamp | None = None
-        self._lock = threading.Lock()
-        empty = Summary.empty()
-        self._runs = empty.runs.assign(id=pd.Series(dtype="int64"))
-        self._hourly, self._latency, self._coverage = empty.hourly, empty.latency, empty.coverage
-
-    def refresh(self) -> pd.Timestamp | None:
-        """The store's cursor, with the summaries before it in memory."""
-        with self._lock:
-            cursor = read_cursor(self.db)
-            if cursor is None or cursor == self.cursor:
-                self.cursor = cursor
-                return cursor
-            whole = self.cursor is None or cursor < self.cursor
-            since = -(2**62) if self.cursor is None or whole else to_ms(self.cursor.to_pydatetime()) - REREAD_MS
-            hour = since - since % HOUR_MS
-            empty = Summary.empty()
-            runs = _rows(self.db, VERDICT_RUNS, "last_ms >= ?", (since,), self._runs.iloc[:0], "first_ms", True)
-            hourly = _rows(self.db, HOURLY, "hour_ms >= ?", (hour,), empty.hourly)
-            latency = _rows(self.db, HOURLY_LATENCY, "hour_ms >= ?", (hour,), empty.latency)
-            coverage = _rows(self.db, COVERAGE, "start_ms IS NOT NULL", (), empty.coverage, "start_ms")
-            if not whole:
-                cut = pd.Timestamp(since, unit="ms", tz="UTC")
-                kept = self._runs[(self._runs["last"] < cut) & ~self._runs["id"].isin(runs["id"])]
-                runs = pd.concat([kept, runs], ignore_index=True).sort_values("first", kind="stable")
-                start = pd.Timestamp(hour, unit="ms", tz="UTC")
-                hourly = _stack(self._hourly[self._hourly["hour"] < start], hourly)
-                latency = _stack(self._latency[self._latency["hour"] < start], latency)
-            self._runs, self._hourly, self._latency, self._coverage = runs, hourly, latency, coverage
-            self.cursor = cursor
-            return cursor
-
-    def stored(self, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
-        """`_stored(db, start, end)` from memory: `end` at most the cursor `refresh` gave."""
-        with self._lock:
-            runs, hourly, latency, coverage = self._runs, self._hourly, self._latency, self._coverage
-        lo = pd.Timestamp.min.tz_localize("UTC") if start is None else start
-        hour_lo = (
-            lo if start is None else pd.Timestamp(to_ms(lo.to_pydatetime()) // HOUR_MS * HOUR_MS, unit="ms", tz="UTC")
-        )
-        empty = Summary.empty()
-        runs = runs[(runs["last"] >= lo) & (runs["first"] < end)]
-        return Summary(
-            _plain(runs.drop(columns="id"), empty.runs),
-            _plain(hourly[(hourly["hour"] >= hour_lo) & (hourly["hour"] < end)], empty.hourly),
-            _plain(latency[(latency["hour"] >= hour_lo) & (latency["hour"] < end)], empty.latency),
-            _plain(coverage[(coverage["end"] > lo) & (coverage["start"] < end)], empty.coverage),
-        )
-
-
-def _stack(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
-    return new if old.empty else old if new.empty else pd.concat([old, new], ignore_index=True)
-
-
-def _plain(frame: pd.DataFrame, empty: pd.DataFrame) -> pd.DataFrame:
-    """As `_rows` gives it: `empty` when there is no row, else numbered from 0."""
-    return empty if frame.empty else frame.reset_index(drop=True)

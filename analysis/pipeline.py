@@ -11,8 +11,9 @@ import pandas as pd
 from probe.config import Config
 from probe.errors import ConfigError
 
-from .frames import Held, Source, Store, load_summary, vantages
+from .frames import Source, Store, vantages
 from .outages import Hysteresis, degraded, pair_outages, path_outages
+from .ranges import Held, load_summary
 from .summary import Summary
 
 BASELINE = pd.Timedelta(days=7)
@@ -61,7 +62,7 @@ def analyse_config(
     cfg: Config, since: datetime | None, until: datetime | None, *, held: Held | None = None, **filters: tuple[str, ...]
 ) -> Analysis:
     """`analyse` with the config's store and settings; `held`: the store's summaries kept in
-    memory (frames.Held), for a process that answers many ranges."""
+    memory (ranges.Held), for a process that answers many ranges."""
     return analyse(
         source(cfg),
         since,

@@ -26,9 +26,9 @@ from .charts import HOUR, availability_heatmap, coarser, latency_smoke, outage_t
 from .eventcheck import Check, check_events, outage_series
 from .events import Event, load_events, overlapping
 from .eventstats import Method
-from .frames import load_summary
 from .options import FIRST_YEAR, LAST_YEAR
 from .pipeline import Analysis, analyse_config, source
+from .ranges import load_summary
 
 ISO_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
 # The years whose weeks, with the weeks a report looks at around them, pandas' timestamps hold.

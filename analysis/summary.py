@@ -13,7 +13,7 @@ A Summary holds
 `summarise` makes one from raw rows, `join` puts two consecutive ones together. Pure: no
 I/O here. The store keeps the summaries of everything before its cursor (compaction.py
 writes them, the daemon compacts every hour), so a command reads those plus the raw rows
-after the cursor, summarised the same way (frames.py): one implementation whatever the age.
+after the cursor, summarised the same way (ranges.py): one implementation whatever the age.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A compacted store from bench/synth.py (summaries for all but its last 14 days, r
 after: both halves are read), served in-process; the Outages, History and Events pages over
 a range longer than the data are compared with `tunnelwatch outages` and `tunnelwatch events
 check` run on the same store, before and after more days are written and compacted (the
-server's kept summaries follow the store's cursor: frames.Held). The analysis with and
+server's kept summaries follow the store's cursor: ranges.Held). The analysis with and
 without those kept summaries is compared frame by frame. Speed is bench/dashboard_pages.py's.
 """
 
@@ -23,8 +23,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from analysis.frames import Held, read_cursor
+from analysis import ranges
+from analysis.frames import read_cursor
 from analysis.pipeline import Analysis, analyse
+from analysis.ranges import Held
 from analysis.web.app import build_app
 from bench.synth import build
 from probe.config import load_config
@@ -143,3 +145,48 @@ def test_kept_summaries_give_the_analysis_of_the_store(fresh: Path) -> None:
     for since, until in RANGES:
         same(analyse(fresh, since, until), analyse(fresh, since, until, held=held))
     assert first is not None and held.cursor is not None and held.cursor > first
+
+
+def test_the_raw_rows_after_the_cursor_are_summarised_once_per_state(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held.tail: ranges that run past the newest raw row share one summary of the rows after
+    the cursor; rounds written after are in the next analysis; a range that ends among the
+    raw rows is summarised from the store. Every analysis is the one without kept summaries."""
+    end = START + pd.Timedelta(days=45)  # the fixture's rounds end there, all compacted
+    build(fresh, 1, 3, end, seed=5)  # a day of rounds after them, not compacted: raw after the cursor
+    past = [(None, None), RANGES[1], (datetime(2018, 2, 27, 6, tzinfo=UTC), datetime(2018, 4, 1, tzinfo=UTC))]
+    among = (datetime(2018, 2, 25, tzinfo=UTC), datetime(2018, 3, 6, 18, tzinfo=UTC))
+    held = Held(fresh)
+    summarised: list[tuple[pd.Timestamp | None, pd.Timestamp | None]] = []
+    real = ranges.summarise_raw
+
+    def counted(db: Path, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float) -> Any:
+        summarised.append((start, end))
+        return real(db, start, end, slot_s)
+
+    def check(since: datetime | None, until: datetime | None) -> Analysis:
+        expected = analyse(fresh, since, until)  # as the commands read the store
+        summarised.clear()
+        got = analyse(fresh, since, until, held=held)
+        same(expected, got)
+        return got
+
+    monkeypatch.setattr(ranges, "summarise_raw", counted)
+    before = check(*past[0]).summary.coverage["end"].max()
+    cursor = held.cursor
+    assert cursor is not None and cursor < before - pd.Timedelta(hours=23)  # a day of raw rows
+    assert summarised == [(cursor, None)]  # the tail, summarised once for this state
+    for since, until in past[1:]:
+        check(since, until)
+        assert summarised == []
+    check(*among)
+    assert summarised == [(cursor, pd.Timestamp(among[1]))]  # its end cuts the last rounds: from the store
+    check(*past[1])
+    assert summarised == []
+    build(fresh, 1, 3, end + pd.Timedelta(days=1), seed=6)  # another day of rounds, not compacted
+    assert read_cursor(fresh) == cursor
+    for since, until in past:
+        after = check(since, until)
+        assert after.summary.coverage["end"].max() >= before + pd.Timedelta(hours=23)
+        assert summarised == ([(cursor, None)] if (since, until) == past[0] else [])

@@ -37,7 +37,6 @@ from ..events import load_events, overlapping_each
 from ..eventstats import Method
 from ..frames import (
     MEASUREMENT_DTYPES,
-    Held,
     Source,
     Store,
     _frame,
@@ -49,6 +48,7 @@ from ..frames import (
 from ..outages_cli import COLUMNS as OUTAGE_COLUMNS
 from ..outages_cli import duration
 from ..pipeline import Analysis, analyse_config, source
+from ..ranges import Held
 from ..verdicts import DEGRADED, LOCAL_OUTAGE, TUNNEL_DOWN
 
 DOWN_VERDICTS = (TUNNEL_DOWN, LOCAL_OUTAGE)  # the path itself is down, not some sites through it
@@ -87,7 +87,7 @@ _HELD_LOCK = threading.Lock()
 
 def held(cfg: Config) -> Held:
     """The summaries of the store the pages read, kept in memory for this process: a page over
-    any range cuts them rather than reading the store again (frames.Held)."""
+    any range cuts them rather than reading the store again (ranges.Held)."""
     db = source(cfg)
     with _HELD_LOCK:
         return _HELD.setdefault(db, Held(db))

@@ -1,0 +1,170 @@
+"""A range's summary: the stored summaries before the store's cursor joined to the raw rows
+after it, summarised alike (`load_summary`, what the analysis commands use), read from the
+store, or cut from a copy a long-lived reader holds in memory (`Held`: the dashboard's
+`tunnelwatch serve` answers many ranges from one reading).
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+
+from probe.store.schema import COVERAGE, HOURLY, HOURLY_LATENCY, VERDICT_RUNS, to_ms
+
+from .frames import HOUR_MS, ROUND_SPAN, Store, _query, _rows, _where, load_paths, read_cursor, summarise_raw
+from .summary import Summary, join
+
+
+def load_summary(
+    db: Store, since: datetime | None, until: datetime | None, slot_s: float, held: Held | None = None
+) -> Summary:
+    """Everything analysis needs of [since, until): stored summaries before the cursor, raw
+    rows after it. With `held`, the stored summaries are those it keeps in memory (the same
+    rows, read once by a process that answers many ranges), and so is the raw rows' summary
+    when the range runs from the cursor past the newest of them (Held.tail)."""
+    start = None if since is None else pd.Timestamp(since)
+    end = None if until is None else pd.Timestamp(until)
+    cursor = read_cursor(db) if held is None else held.refresh()  # says so if there is no store
+    stored = Summary.empty()
+    if cursor is not None and (start is None or start < cursor):
+        hi = cursor if end is None else min(end, cursor)
+        stored = _stored(db, start, hi) if held is None else held.stored(start, hi)
+    tail_from = start if cursor is None or (start is not None and start > cursor) else cursor
+    tail = None if held is None or tail_from is None or tail_from != cursor else held.tail(tail_from, end, slot_s)
+    summary = join(stored, summarise_raw(db, tail_from, end, slot_s) if tail is None else tail)
+    if start is None and end is None:
+        return summary
+    return summary.clip(start or pd.Timestamp.min.tz_localize("UTC"), end or pd.Timestamp.max.tz_localize("UTC"))
+
+
+def _stored(db: Store, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
+    """The stored summaries of [start, end): the runs and coverage spans that reach into it,
+    the hours from the one `start` is in."""
+    lo = to_ms(start.to_pydatetime()) if start is not None else -(2**62)
+    hi = to_ms(end.to_pydatetime())
+    hour_lo = lo - lo % HOUR_MS
+    empty = Summary.empty()
+    return Summary(
+        _rows(db, VERDICT_RUNS, "last_ms >= ? AND first_ms < ?", (lo, hi), empty.runs, "first_ms"),
+        _rows(db, HOURLY, "hour_ms >= ? AND hour_ms < ?", (hour_lo, hi), empty.hourly),
+        _rows(db, HOURLY_LATENCY, "hour_ms >= ? AND hour_ms < ?", (hour_lo, hi), empty.latency),
+        _rows(db, COVERAGE, "end_ms > ? AND start_ms < ?", (lo, hi), empty.coverage, "start_ms"),
+    )
+
+
+REREAD_MS = 86_400_000  # what a held copy reads again when the cursor moves: from a day before it
+
+
+def _raw_state(db: Store, after: pd.Timestamp) -> tuple[int, int | None, int, int | None]:
+    """How many raw rows `summarise_raw(db, after, None, ...)` reads, and the newest's start:
+    the measurements from a round's span before `after` (as it reads them), the heartbeats from
+    `after`. Rows after the cursor are only ever added, so an unchanged count is unchanged rows."""
+    measured, measured_args = _where(db, (after - ROUND_SPAN).to_pydatetime(), None, {})
+    beaten, beaten_args = _where(db, after.to_pydatetime(), None, {})
+    rows = _query(
+        db,
+        f"SELECT (SELECT COUNT(*) FROM measurements{measured}), (SELECT MAX(started_at_ms) FROM measurements{measured}),"
+        f" (SELECT COUNT(*) FROM heartbeats{beaten}), (SELECT MAX(started_at_ms) FROM heartbeats{beaten})",
+        [*measured_args, *measured_args, *beaten_args, *beaten_args],
+    )
+    count, newest, beats, newest_beat = rows[0]
+    return count, newest, beats, newest_beat
+
+
+class Held:
+    """A store's stored summaries, all of them, kept in memory by a long-lived reader (the
+    dashboard): any range is then cut from memory rather than read again. `refresh` follows
+    the store: when its cursor moves, the rows compaction may have written or changed since
+    (runs that end, hours that start, from a day before the old cursor on; every coverage
+    span) are read again, runs by their id. `stored(start, end)` holds what `_stored` reads
+    of the same range; `tail` the raw rows after the cursor summarised, once per state of
+    them (every page asked for that summary again: a quarter of a second over a day of rows)."""
+
+    def __init__(self, db: Store) -> None:
+        self.db = db
+        self.cursor: pd.Timestamp | None = None
+        self._lock = threading.Lock()
+        empty = Summary.empty()
+        self._runs = empty.runs.assign(id=pd.Series(dtype="int64"))
+        self._hourly, self._latency, self._coverage = empty.hourly, empty.latency, empty.coverage
+        self._tail: tuple[tuple[Any, ...], Summary] | None = None
+        self._tail_lock = threading.Lock()  # one page summarises the tail; one arriving meanwhile waits for it
+
+    def refresh(self) -> pd.Timestamp | None:
+        """The store's cursor, with the summaries before it in memory."""
+        with self._lock:
+            cursor = read_cursor(self.db)
+            if cursor is None or cursor == self.cursor:
+                self.cursor = cursor
+                return cursor
+            whole = self.cursor is None or cursor < self.cursor
+            since = -(2**62) if self.cursor is None or whole else to_ms(self.cursor.to_pydatetime()) - REREAD_MS
+            hour = since - since % HOUR_MS
+            empty = Summary.empty()
+            runs = _rows(self.db, VERDICT_RUNS, "last_ms >= ?", (since,), self._runs.iloc[:0], "first_ms", True)
+            hourly = _rows(self.db, HOURLY, "hour_ms >= ?", (hour,), empty.hourly)
+            latency = _rows(self.db, HOURLY_LATENCY, "hour_ms >= ?", (hour,), empty.latency)
+            coverage = _rows(self.db, COVERAGE, "start_ms IS NOT NULL", (), empty.coverage, "start_ms")
+            if not whole:
+                cut = pd.Timestamp(since, unit="ms", tz="UTC")
+                kept = self._runs[(self._runs["last"] < cut) & ~self._runs["id"].isin(runs["id"])]
+                runs = pd.concat([kept, runs], ignore_index=True).sort_values("first", kind="stable")
+                start = pd.Timestamp(hour, unit="ms", tz="UTC")
+                hourly = _stack(self._hourly[self._hourly["hour"] < start], hourly)
+                latency = _stack(self._latency[self._latency["hour"] < start], latency)
+            self._runs, self._hourly, self._latency, self._coverage = runs, hourly, latency, coverage
+            self.cursor = cursor
+            return cursor
+
+    def stored(self, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
+        """`_stored(db, start, end)` from memory: `end` at most the cursor `refresh` gave."""
+        with self._lock:
+            runs, hourly, latency, coverage = self._runs, self._hourly, self._latency, self._coverage
+        lo = pd.Timestamp.min.tz_localize("UTC") if start is None else start
+        hour_lo = (
+            lo if start is None else pd.Timestamp(to_ms(lo.to_pydatetime()) // HOUR_MS * HOUR_MS, unit="ms", tz="UTC")
+        )
+        empty = Summary.empty()
+        runs = runs[(runs["last"] >= lo) & (runs["first"] < end)]
+        return Summary(
+            _plain(runs.drop(columns="id"), empty.runs),
+            _plain(hourly[(hourly["hour"] >= hour_lo) & (hourly["hour"] < end)], empty.hourly),
+            _plain(latency[(latency["hour"] >= hour_lo) & (latency["hour"] < end)], empty.latency),
+            _plain(coverage[(coverage["end"] > lo) & (coverage["start"] < end)], empty.coverage),
+        )
+
+    def tail(self, cursor: pd.Timestamp, end: pd.Timestamp | None, slot_s: float) -> Summary | None:
+        """`summarise_raw(db, cursor, end, slot_s)`: the raw rows after the cursor summarised
+        once while they stay the same (the same count, the same paths), for every range that
+        ends after the newest of them. None for a range that ends among them (its last rounds
+        are cut there: the store's rows up to its end are summarised) or when rows came in
+        while they were summarised."""
+        state = (cursor, slot_s, *_raw_state(self.db, cursor), _path_rows(self.db))
+        newest = max((t for t in (state[3], state[5]) if t is not None), default=None)
+        if end is not None and newest is not None and to_ms(end.to_pydatetime()) <= newest:
+            return None
+        with self._tail_lock:
+            if self._tail is None or self._tail[0] != state:
+                made = summarise_raw(self.db, cursor, None, slot_s)
+                if (cursor, slot_s, *_raw_state(self.db, cursor), _path_rows(self.db)) != state:
+                    return None
+                self._tail = (state, made)
+            kept = self._tail[1]
+        # the kept frames are shared: each caller gets its own objects (copy on write does the rest)
+        return Summary(*(frame.copy(deep=False) for frame in (kept.runs, kept.hourly, kept.latency, kept.coverage)))
+
+
+def _path_rows(db: Store) -> tuple[tuple[Any, ...], ...]:
+    return tuple(load_paths(db).itertuples(index=False, name=None))
+
+
+def _stack(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    return new if old.empty else old if new.empty else pd.concat([old, new], ignore_index=True)
+
+
+def _plain(frame: pd.DataFrame, empty: pd.DataFrame) -> pd.DataFrame:
+    """As `_rows` gives it: `empty` when there is no row, else numbered from 0."""
+    return empty if frame.empty else frame.reset_index(drop=True)
