@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -83,7 +83,7 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
     target, targets = pd.factorize(runs["target"], sort=True)
     path, paths = pd.factorize(runs["path"], sort=True)
     first, last = as_ns(runs["first"]), as_ns(runs["last"])
-    order = np.lexsort((first, path, target))
+    order = _by_pair_then_time(target * len(paths) + path, first)
     key = target[order] * len(paths) + path[order]
     pair = np.cumsum(np.append(True, key[1:] != key[:-1])) - 1
     first, last = first[order], last[order]
@@ -143,24 +143,50 @@ def pair_outages(runs: pd.DataFrame, hysteresis: Hysteresis = Hysteresis()) -> p
     last_failing[owner] = inside  # increasing: each outage's last failing run wins
     target, path = target[order], path[order]
     path_names, target_names = paths.to_numpy(dtype=object), targets.to_numpy(dtype=object)  # no Index lookups
-    rows: list[dict[str, Any]] = []
-    for g, (k, z) in enumerate(zip(lead.tolist(), end_part.tolist(), strict=True)):  # by pair, then start
-        end = first[b[z]] if by_close[z] else last[last_failing[g]] + interval[a[k]]
-        rows.append(
-            {
-                "path": path_names[path[a[k]]],
-                "target": target_names[target[a[k]]],
-                "start": pd.Timestamp(first[a[k]], tz="UTC"),
-                "end": pd.Timestamp(int(end), tz="UTC"),
-                "verdict": merged_verdicts[g],
-                "targets": (target_names[target[a[k]]],),
-                "rules": rules[g],
-                "rounds": int(fails[g]),
-                "ongoing": bool(ongoing[z]),
-                "failed_share": round(float(fails[g] / max(span[g], 1)), 3),
-            }
-        )
+    # each outage's fields a column at a time (a year holds thousands), then its row
+    begun, closed = a[lead], by_close[end_part]
+    end = np.empty(len(lead), dtype="int64")
+    end[closed] = first[b[end_part][closed]]
+    end[~closed] = last[last_failing[~closed]] + interval[begun[~closed]]  # ns as float, truncated as int() does
+    who = target_names[target[begun]].tolist()
+    share = (fails / np.maximum(span, 1)).tolist()
+    columns = zip(
+        path_names[path[begun]].tolist(),
+        who,
+        pd.to_datetime(first[begun], unit="ns", utc=True).tolist(),
+        pd.to_datetime(end, unit="ns", utc=True).tolist(),
+        merged_verdicts.tolist(),
+        rules,
+        fails.tolist(),
+        ongoing[end_part].tolist(),
+        share,
+        strict=True,
+    )
+    rows = [
+        {
+            "path": p,
+            "target": t,
+            "start": start,
+            "end": stop,
+            "verdict": verdict,
+            "targets": (t,),
+            "rules": rule,
+            "rounds": count,
+            "ongoing": still,
+            "failed_share": round(part, 3),
+        }
+        for p, t, start, stop, verdict, rule, count, still, part in columns
+    ]  # by pair, then start
     return _frame(rows)
+
+
+def _by_pair_then_time(pair: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """np.lexsort((first, pair)) in a third of its time: a stable sort by time (the runs come
+    nearly in order of it), then a stable one by pair (a radix sort of small numbers)."""
+    by_time = np.argsort(first, kind="stable")
+    small = pair.astype(np.int16) if len(pair) and pair.max() < 2**15 else pair
+    order: np.ndarray = by_time[np.argsort(small[by_time], kind="stable")]
+    return order
 
 
 def _members(
@@ -169,11 +195,7 @@ def _members(
     """The failing runs within each outage's runs [a, b) (in `order`; the outages in order, none
     overlapping), the outage each belongs to, each outage's verdict (the one of most rounds, the
     first seen on a tie) and its rules, sorted."""
-    at = np.arange(len(failing))
-    k = np.searchsorted(a, at, side="right") - 1
-    member = np.where((k >= 0) & (at < b[np.maximum(k, 0)]) & failing, k, -1)
-    inside = np.flatnonzero(member >= 0)
-    owner = member[inside]
+    inside, owner = _within(a, b, failing)
     frame = pd.DataFrame(
         {
             "owner": owner,
@@ -195,6 +217,16 @@ def _members(
     return inside, owner, verdicts, rules
 
 
+def _within(a: np.ndarray, b: np.ndarray, failing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The failing runs in the spans [a, b) (sorted, none overlapping), and the span of each:
+    the spans' runs listed (a year's outages hold a few thousand of its 400,000 runs)."""
+    length = b - a
+    owner = np.repeat(np.arange(len(a)), length)
+    at = np.repeat(a - np.cumsum(length) + length, length) + np.arange(len(owner))
+    mine = failing[at]
+    return at[mine], owner[mine]
+
+
 def _intervals(pair: np.ndarray, first: np.ndarray, last: np.ndarray, rounds: np.ndarray) -> np.ndarray:
     """`_interval_ns` of each run's pair (pairs numbered 0, 1, ... in order), per run."""
     bounds = np.searchsorted(pair, np.arange(pair[-1] + 2))
@@ -214,7 +246,7 @@ def path_outages(pairs: pd.DataFrame) -> pd.DataFrame:
         start, end = as_ns(group["start"]), as_ns(group["end"])
         joins = np.zeros(len(group), dtype=bool)
         joins[1:] = start[1:] <= np.maximum.accumulate(end)[:-1]
-        records = cast(list[dict[str, Any]], group.to_dict("records"))
+        records = _records(group)
         current: dict[str, Any] = {}
         for o, joined in zip(records, joins, strict=True):
             if joined:
@@ -235,6 +267,14 @@ def path_outages(pairs: pd.DataFrame) -> pd.DataFrame:
         row["failed_share"] = round(row["rounds"] / row.pop("_spanned"), 3)
         row["targets"], row["rules"] = tuple(sorted(row.pop("_targets"))), tuple(sorted(row.pop("_rules")))
     return _frame(rows)
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """`frame.to_dict("records")` (Python values: times as Timestamps, numbers as int and
+    float), a column at a time rather than a cell at a time."""
+    columns = [str(c) for c in frame.columns]
+    values = [frame[c].tolist() for c in frame.columns]
+    return [dict(zip(columns, row, strict=True)) for row in zip(*values, strict=True)]
 
 
 def degraded(

@@ -116,7 +116,9 @@ class Summary:
 
 def clip_runs(runs: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
     """Runs cut to their rounds in [start, end). Rounds inside a run are evenly spaced."""
-    runs = runs[(runs["last"] >= start) & (runs["first"] < end)]
+    reach = (runs["last"] >= start) & (runs["first"] < end)
+    if not reach.all():  # a year's runs are 10 columns of 400,000 rows: taken only when some go
+        runs = runs[reach]
     if runs.empty:
         return runs
     first, last = as_ns(runs["first"]), as_ns(runs["last"])
@@ -124,11 +126,12 @@ def clip_runs(runs: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> pd.
     step = np.where(rounds > 1, (last - first) / np.maximum(rounds - 1, 1), 1.0)
     skip = np.clip(np.ceil((start.value - first) / step), 0, None).astype("int64")
     keep_to = np.clip(np.ceil((end.value - first) / step) - 1, None, rounds - 1).astype("int64")
-    out = runs.copy()
+    out = runs.copy(deep=False)  # copy on write: the new columns are this frame's alone
     out["first"] = pd.to_datetime(first + np.round(skip * step).astype("int64"), unit="ns", utc=True)
     out["last"] = pd.to_datetime(first + np.round(keep_to * step).astype("int64"), unit="ns", utc=True)
     out["rounds"] = keep_to - skip + 1
-    return out[out["rounds"] > 0]
+    kept = out["rounds"] > 0
+    return out if kept.all() else out[kept]
 
 
 def verdict_runs(verdicts: pd.DataFrame) -> pd.DataFrame:
@@ -240,7 +243,11 @@ def merge_runs(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     and the pause between them is one usual step."""
     if old.empty or new.empty:
         return new if old.empty else old
-    last = old.sort_values("last").groupby(["target", "path"], observed=True).tail(1)
+    # a pair's last old run can continue only if it ends within a step of the new runs' first:
+    # the runs that end earlier are left out before sorting (a year holds 400,000)
+    longest = max(_longest_step(old), _longest_step(new))
+    reach = pd.Timestamp(int(as_ns(new["first"]).min() - RUN_BREAK * longest - 1e9), tz="UTC")  # 1 s to spare
+    last = old[old["last"] >= reach].sort_values("last").groupby(["target", "path"], observed=True).tail(1)
     first = new.sort_values("first").groupby(["target", "path"], observed=True).head(1)
     both = last.reset_index().merge(first.reset_index(), on=["target", "path", *RUN_KEY], suffixes=("_old", "_new"))
     if both.empty:
@@ -248,10 +255,17 @@ def merge_runs(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     step = _steps(both)
     pause = (both["first_new"] - both["last_old"]).dt.total_seconds().to_numpy()
     joined = both[(pause > 0) & (pause <= RUN_BREAK * step)]
-    old, new = old.copy(), new.copy()
+    old, new = old.copy(deep=False), new.copy(deep=False)  # copy on write: the changed columns are copied
     old.loc[joined["index_old"], "last"] = joined["last_new"].to_numpy()
     old.loc[joined["index_old"], "rounds"] = (joined["rounds_old"] + joined["rounds_new"]).to_numpy()
     return pd.concat([old, new.drop(joined["index_new"])], ignore_index=True)
+
+
+def _longest_step(runs: pd.DataFrame) -> float:
+    """The longest step between the rounds of a run, in ns (0 if every run is one round)."""
+    rounds = runs["rounds"].to_numpy(dtype=float)
+    span = as_ns(runs["last"]) - as_ns(runs["first"])
+    return float(np.max(span / np.maximum(rounds - 1, 1), initial=0.0))
 
 
 def _steps(both: pd.DataFrame) -> np.ndarray:

@@ -14,7 +14,7 @@ import pytest
 from analysis.compaction import compact
 from analysis.frames import frame_columns
 from analysis.pipeline import Analysis, analyse
-from analysis.summary import Summary, clip_runs
+from analysis.summary import RUN_COLUMNS, Summary, clip_runs, merge_runs
 from probe.store.schema import COVERAGE, HOURLY, HOURLY_LATENCY, VERDICT_RUNS
 from tests.analysis_data import realistic_week
 
@@ -119,6 +119,56 @@ def test_clip_runs_keeps_the_rounds_inside() -> None:
     assert clipped["last"] == t0 + pd.Timedelta(minutes=25)
     assert clipped["rounds"] == 3
     assert clip_runs(runs, t0 + pd.Timedelta(hours=1), t0 + pd.Timedelta(hours=2)).empty
+
+
+def test_runs_go_on_across_the_cursor_whatever_their_step() -> None:
+    """merge_runs: a pair's last run before the cursor goes on into its first after it when
+    their verdicts match and the pause is one step, a pair probed hourly as well as one every 5
+    minutes (old runs that end too early to go on are passed over before sorting: the bound
+    takes the longest step); a pair whose last run ended a day before starts a new run."""
+    cursor = pd.Timestamp("2018-03-05 12:00", tz="UTC")
+    minutes = pd.Timedelta(minutes=1)
+
+    def runs(*rows: tuple[str, str, pd.Timedelta, pd.Timedelta, int]) -> pd.DataFrame:
+        return pd.DataFrame(
+            [
+                (
+                    target,
+                    "direct",
+                    "ok" if verdict == "ok" else "failing",
+                    verdict,
+                    "r",
+                    "",
+                    "",
+                    cursor + a,
+                    cursor + b,
+                    n,
+                )
+                for target, verdict, a, b, n in rows
+            ],
+            columns=RUN_COLUMNS,
+        )
+
+    old = runs(
+        ("every5", "blocked", -600 * minutes, -125 * minutes, 96),
+        ("every5", "ok", -120 * minutes, -5 * minutes, 24),
+        ("hourly", "ok", -600 * minutes, -60 * minutes, 10),
+        ("stopped", "ok", -2880 * minutes, -1440 * minutes, 289),
+    )
+    new = runs(
+        ("every5", "ok", 0 * minutes, 60 * minutes, 13),
+        ("hourly", "ok", 0 * minutes, 120 * minutes, 3),
+        ("stopped", "ok", 0 * minutes, 60 * minutes, 13),
+    )
+    joined = merge_runs(old, new)
+    assert joined[["target", "verdict", "rounds"]].values.tolist() == [
+        ["every5", "blocked", 96],
+        ["every5", "ok", 37],
+        ["hourly", "ok", 13],
+        ["stopped", "ok", 289],
+        ["stopped", "ok", 13],
+    ]
+    assert joined["last"].tolist()[1:3] == [cursor + 60 * minutes, cursor + 120 * minutes]
 
 
 def test_each_summary_frame_holds_its_tables_columns_in_order() -> None:

@@ -60,8 +60,13 @@ PHASE_COLUMNS = [f"{phase}_ms" for phase in (*PHASES, "total")]
 ROUND_DTYPES = {**MEASUREMENT_DTYPES, **dict.fromkeys(PHASE_COLUMNS, "float64")}
 
 
+_AS_IS = (str, int, bool)
+
+
 def jsonable(value: Any) -> Any:
     """A value as JSON holds it: times in ISO 8601, tuples as lists, NaN and NA as null."""
+    if value is None or type(value) in _AS_IS:  # most cells: a year's outage rows hold 10,000
+        return value
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):
