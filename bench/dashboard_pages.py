@@ -1,8 +1,9 @@
 """How long each dashboard page takes over a store: made from nothing (cold) and kept.
 
 Through the application itself (Starlette's TestClient, no network, no pages warmed at
-start): the store's summaries are first read into memory, as a `tunnelwatch serve` process
-does as it starts (ranges.Held, timed apart: "start-up"); then each page is asked for twice,
+start): the store's summaries are first read into memory and the raw rows after their cursor
+summarised, as a `tunnelwatch serve` process does as it starts (ranges.Held, timed apart:
+"start-up"); then each page is asked for twice,
 made from scratch the first time (a range this process has never computed), kept the second.
 Its CPU: the process' CPU time (every thread's) while the page was made, which the other
 work on a shared machine inflates less than the wall time.

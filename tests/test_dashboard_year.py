@@ -27,7 +27,7 @@ from analysis import ranges
 from analysis.frames import read_cursor
 from analysis.pipeline import Analysis, analyse
 from analysis.ranges import Held
-from analysis.web.app import build_app
+from analysis.web.app import build_app, read_summaries
 from bench.synth import build
 from probe.config import load_config
 
@@ -190,3 +190,30 @@ def test_the_raw_rows_after_the_cursor_are_summarised_once_per_state(
         after = check(since, until)
         assert after.summary.coverage["end"].max() >= before + pd.Timedelta(hours=23)
         assert summarised == ([(cursor, None)] if (since, until) == past[0] else [])
+
+
+def test_the_server_summarises_the_raw_rows_as_it_starts(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_summaries (serve's start) summarises the raw rows after the cursor too: a page over
+    a year then summarises nothing, and says what `tunnelwatch outages` says."""
+    build(fresh, 1, 3, START + pd.Timedelta(days=45), seed=5)  # a day of rounds after the compacted ones
+    config = fresh.parent / "tunnelwatch.toml"
+    config.write_text(
+        f'[vantage]\nname = "bench"\n[store]\npath = "{fresh}"\n'
+        '[[targets]]\nname = "t000"\ngroup = "blocked"\nkind = "http"\nurl = "https://t000.example/"\n'
+        '[[paths]]\nname = "direct"\nkind = "direct"\n'
+    )
+    printed = cli(Year(fresh, config), "outages", "--since", "2017-06-01", "--until", "2018-06-01")
+    summarised: list[tuple[pd.Timestamp | None, pd.Timestamp | None]] = []
+    real = ranges.summarise_raw
+
+    def counted(db: Path, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float) -> Any:
+        summarised.append((start, end))
+        return real(db, start, end, slot_s)
+
+    monkeypatch.setattr(ranges, "summarise_raw", counted)
+    cfg = load_config(config)
+    read_summaries(cfg)
+    assert summarised == [(read_cursor(fresh), None)]
+    with TestClient(build_app(cfg, warm=False)) as client:
+        assert page(client, "/outages?since=2017-06-01&until=2018-06-01")["rows"] == printed
+    assert len(summarised) == 1
