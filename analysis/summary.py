@@ -124,7 +124,10 @@ def clip_runs(runs: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> pd.
     first, last = as_ns(runs["first"]), as_ns(runs["last"])
     rounds = runs["rounds"].to_numpy(dtype="int64")
     step = np.where(rounds > 1, (last - first) / np.maximum(rounds - 1, 1), 1.0)
-    skip = np.clip(np.ceil((start.value - first) / step), 0, None).astype("int64")
+    # no run starts before its first round: an open start (Timestamp.min) is that, and
+    # Timestamp.min - first overflowed int64 (every run was cut away)
+    lo = max(start.value, int(first.min()))
+    skip = np.clip(np.ceil((lo - first) / step), 0, None).astype("int64")
     keep_to = np.clip(np.ceil((end.value - first) / step) - 1, None, rounds - 1).astype("int64")
     out = runs.copy(deep=False)  # copy on write: the new columns are this frame's alone
     out["first"] = pd.to_datetime(first + np.round(skip * step).astype("int64"), unit="ns", utc=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -119,6 +120,21 @@ def test_clip_runs_keeps_the_rounds_inside() -> None:
     assert clipped["last"] == t0 + pd.Timedelta(minutes=25)
     assert clipped["rounds"] == 3
     assert clip_runs(runs, t0 + pd.Timedelta(hours=1), t0 + pd.Timedelta(hours=2)).empty
+
+
+def test_a_range_open_at_its_start_keeps_what_is_before_its_end(raw_store: Path) -> None:
+    """`outages --until` without --since: the runs before the end, as from a start before the
+    data (Timestamp.min less a run's first round overflowed int64: no run was left)."""
+    t0 = pd.Timestamp("2018-03-05", tz="UTC")
+    runs = pd.DataFrame(
+        {**{c: [""] for c in RUN_COLUMNS}, "first": [t0], "last": [t0 + pd.Timedelta(minutes=45)], "rounds": [10]}
+    )
+    (clipped,) = clip_runs(runs, pd.Timestamp.min.tz_localize("UTC"), t0 + pd.Timedelta(minutes=30)).to_dict("records")
+    assert (clipped["first"], clipped["last"], clipped["rounds"]) == (t0, t0 + pd.Timedelta(minutes=25), 6)
+    until = (WEEK_END - pd.Timedelta(days=2)).to_pydatetime()
+    open_start = analyse(raw_store, None, until)
+    assert len(open_start.pairs) >= 3
+    pd.testing.assert_frame_equal(open_start.pairs, analyse(raw_store, datetime(2017, 1, 1, tzinfo=UTC), until).pairs)
 
 
 def test_runs_go_on_across_the_cursor_whatever_their_step() -> None:
