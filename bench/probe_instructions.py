@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +109,7 @@ def _raw_lookup_probe() -> probe_rate.Probe:
 
     async def probe() -> bool:
         loop = asyncio.get_running_loop()
-        sock = sockets.get(loop) or _resolver_socket(sockets, loop, readable)
+        sock = sockets.get(loop) or probe_rate.resolver_socket(sockets, loop, readable)
         future: asyncio.Future[None] = loop.create_future()
         got: list[tuple[int, list[str]]] = []
         for query in queries:
@@ -119,91 +118,6 @@ def _raw_lookup_probe() -> probe_rate.Probe:
                 query_id = u16.unpack(os.urandom(2))[0]
             waiting[query_id] = (future, got)
             sock.send(u16.pack(query_id) + query[2:])
-        timer = loop.call_later(5, future.cancel)
-        await future
-        timer.cancel()
-        return any(addresses for _, addresses in got)
-
-    return probe
-
-
-def _resolver_socket(
-    sockets: dict[asyncio.AbstractEventLoop, socket.socket],
-    loop: asyncio.AbstractEventLoop,
-    readable: Callable[[socket.socket], None],
-) -> socket.socket:
-    """The raw lookups' UDP socket to the resolver for this event loop (one per loop), made once:
-    non-blocking, with the kernel's arrival times, `readable` called when answers wait."""
-    from probe.measure.conn import SO_TIMESTAMPNS
-
-    sock = sockets[loop] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-    sock.connect((RESOLVER, 53))
-    loop.add_reader(sock.fileno(), readable, sock)
-    return sock
-
-
-def _lean_raw_lookup_probe() -> probe_rate.Probe:
-    """The raw lookup with fewer Python-level calls: query ids popped from one os.urandom read,
-    each record stepped over with one struct unpack (no dnspython Parser object or its
-    methods), the A records' text still dnspython's inet_ntoa. What a lookup in Python cannot
-    go below on this machine however its code is written: the loop, the socket calls, a future,
-    a timer and one read of the records."""
-    import os
-    import struct
-
-    import dns.ipv4
-    import dns.message
-    import dns.name
-
-    from probe.measure.conn import ANCILLARY_BYTES, TIMESPEC
-
-    u16, header, record = struct.Struct("!H"), struct.Struct("!HHHHHH"), struct.Struct("!HHIH")
-    queries = [dns.message.make_query(NAME, kind, use_edns=0, payload=1232).to_wire()[2:] for kind in ("A", "AAAA")]
-    question_end = 12 + len(dns.name.from_text(NAME).to_digestable()) + 4
-    waiting: dict[int, tuple[asyncio.Future[None], list[tuple[int, list[str]]]]] = {}
-    sockets: dict[asyncio.AbstractEventLoop, socket.socket] = {}  # one per event loop
-    ids: list[int] = []
-
-    def readable(sock: socket.socket) -> None:
-        while True:
-            try:
-                data, ancillary, _, _ = sock.recvmsg(65536, ANCILLARY_BYTES)
-            except BlockingIOError:
-                return
-            seconds, nanoseconds = TIMESPEC.unpack(ancillary[0][2])
-            query_id, _, _, answers, authority, additional = header.unpack_from(data)
-            entry = waiting.pop(query_id, None)
-            if entry is None:
-                continue
-            future, got = entry
-            at = question_end
-            addresses = []
-            for _ in range(answers + authority + additional):
-                at += 1 if data[at] == 0 else 2
-                kind, _, _, length = record.unpack_from(data, at)
-                at += 10
-                if kind == 1:
-                    addresses.append(dns.ipv4.inet_ntoa(data[at : at + length]))
-                at += length
-            got.append((seconds * 1_000_000_000 + nanoseconds, addresses))
-            if len(got) == 2 and not future.done():
-                future.set_result(None)
-
-    async def probe() -> bool:
-        loop = asyncio.get_running_loop()
-        sock = sockets.get(loop) or _resolver_socket(sockets, loop, readable)
-        future: asyncio.Future[None] = loop.create_future()
-        got: list[tuple[int, list[str]]] = []
-        for query in queries:
-            if not ids:
-                ids.extend(struct.unpack("!2048H", os.urandom(4096)))
-            query_id = ids.pop()
-            while query_id in waiting:  # one id per query in flight, or an answer goes to the wrong lookup
-                query_id = ids.pop() if ids else u16.unpack(os.urandom(2))[0]
-            waiting[query_id] = (future, got)
-            sock.send(u16.pack(query_id) + query)
         timer = loop.call_later(5, future.cancel)
         await future
         timer.cancel()
@@ -222,7 +136,11 @@ def child(kind: str, url: str, ca: str, probes: int, in_flight: int) -> None:
     elif kind == "raw lookup":
         probe = _raw_lookup_probe()
     elif kind == "lean raw lookup":
-        probe = _lean_raw_lookup_probe()
+        lean = probe_rate.lean_lookup()
+
+        async def probe() -> bool:
+            return bool(await lean())
+
     elif kind.startswith("raw "):
         probe = probe_rate._raw(url, ca)
     else:

@@ -20,6 +20,10 @@ flight for SECONDS (after a second of warm-up):
   tunnelwatch's context) writing a fixed HTTP/1.1 request
   and reading the status line, on uvloop: the floor for Python (on the http IP literal also on
   the default loop);
+- on the http name, tunnelwatch after the floor's lookup: the least lookup Python can make
+  (`lean_lookup`: one shared socket, no question check, no retry, no record of the answers),
+  then tunnelwatch's own probe of the address; its CPU against tunnelwatch's IP literal is the
+  least "CPU per resolved probe against the IP literal's" a lookup in Python can reach here;
 - blackbox_exporter (Debian's prometheus-blackbox-exporter) with an http module (the test CA
   in its tls_config) against the same URL, driven by wrk at the same concurrency through its
   /probe endpoint; it resolves through the system resolver, so it runs in a mount namespace
@@ -62,14 +66,26 @@ from tests.servers import LOOPBACK, free_port, running  # noqa: E402
 WARM_UP_S = 1.0
 RESOLVER = "127.0.153.53"  # the dnsmasq, on port 53 (a resolv.conf names no port)
 NAME = "site.test"
-CLIENTS = ("tunnelwatch", "tunnelwatch on asyncio's loop", "raw asyncio", "raw asyncio + uvloop", "blackbox_exporter")
+FLOOR_LOOKUP = "tunnelwatch after the floor's lookup"
+CLIENTS = (
+    "tunnelwatch",
+    "tunnelwatch on asyncio's loop",
+    FLOOR_LOOKUP,
+    "raw asyncio",
+    "raw asyncio + uvloop",
+    "blackbox_exporter",
+)
 KINDS = ("http IP literal", "http name", "https IP literal", "https name")
 # The loops compared on the http IP literal only; the other kinds against the floor and the peer.
 MIX_CLIENTS = ("tunnelwatch", "raw asyncio + uvloop", "blackbox_exporter")
 
 
 def _clients(kind: str) -> tuple[str, ...]:
-    return CLIENTS if kind == KINDS[0] else MIX_CLIENTS
+    if kind == KINDS[0]:
+        return tuple(name for name in CLIENTS if name != FLOOR_LOOKUP)
+    if kind == "http name":  # what a named probe of tunnelwatch's would cost with the least lookup
+        return (MIX_CLIENTS[0], FLOOR_LOOKUP, *MIX_CLIENTS[1:])
+    return MIX_CLIENTS
 
 
 def _cpu() -> float:
@@ -168,13 +184,116 @@ def _raw(url: str, ca: str) -> Probe:
     return probe
 
 
+def resolver_socket(
+    sockets: dict[asyncio.AbstractEventLoop, socket.socket],
+    loop: asyncio.AbstractEventLoop,
+    readable: Callable[[socket.socket], None],
+) -> socket.socket:
+    """The raw lookups' UDP socket to the resolver for this event loop (one per loop), made once:
+    non-blocking, with the kernel's arrival times, `readable` called when answers wait."""
+    from probe.measure.conn import SO_TIMESTAMPNS
+
+    sock = sockets[loop] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    sock.connect((RESOLVER, 53))
+    loop.add_reader(sock.fileno(), readable, sock)
+    return sock
+
+
+def lean_lookup() -> Callable[[], Awaitable[list[str]]]:
+    """The least a lookup of NAME can be in Python on this machine however its code is written
+    (the floor of tunnelwatch's lookup): one connected UDP socket for all lookups of a loop with
+    one reader, A and AAAA sent with ids popped from one os.urandom read, one future and one
+    timer per lookup, each answer handed on by its id with its SO_TIMESTAMPNS time, each record
+    stepped over with one struct unpack, the A records' text dnspython's inet_ntoa. Nothing
+    else: no question check, no retry, no TCP, no record of the answers. The A addresses."""
+    import os
+    import struct
+
+    import dns.ipv4
+    import dns.name
+
+    from probe.measure.conn import ANCILLARY_BYTES, TIMESPEC
+
+    u16, header, record = struct.Struct("!H"), struct.Struct("!HHHHHH"), struct.Struct("!HHIH")
+    queries = [dns.message.make_query(NAME, kind, use_edns=0, payload=1232).to_wire()[2:] for kind in ("A", "AAAA")]
+    question_end = 12 + len(dns.name.from_text(NAME).to_digestable()) + 4
+    waiting: dict[int, tuple[asyncio.Future[None], list[tuple[int, list[str]]]]] = {}
+    sockets: dict[asyncio.AbstractEventLoop, socket.socket] = {}  # one per event loop
+    ids: list[int] = []
+
+    def readable(sock: socket.socket) -> None:
+        while True:
+            try:
+                data, ancillary, _, _ = sock.recvmsg(65536, ANCILLARY_BYTES)
+            except BlockingIOError:
+                return
+            seconds, nanoseconds = TIMESPEC.unpack(ancillary[0][2])
+            query_id, _, _, answers, authority, additional = header.unpack_from(data)
+            entry = waiting.pop(query_id, None)
+            if entry is None:
+                continue
+            future, got = entry
+            at = question_end
+            addresses = []
+            for _ in range(answers + authority + additional):
+                at += 1 if data[at] == 0 else 2
+                kind, _, _, length = record.unpack_from(data, at)
+                at += 10
+                if kind == 1:
+                    addresses.append(dns.ipv4.inet_ntoa(data[at : at + length]))
+                at += length
+            got.append((seconds * 1_000_000_000 + nanoseconds, addresses))
+            if len(got) == 2 and not future.done():
+                future.set_result(None)
+
+    async def lookup() -> list[str]:
+        loop = asyncio.get_running_loop()
+        sock = sockets.get(loop) or resolver_socket(sockets, loop, readable)
+        future: asyncio.Future[None] = loop.create_future()
+        got: list[tuple[int, list[str]]] = []
+        for query in queries:
+            if not ids:
+                ids.extend(struct.unpack("!2048H", os.urandom(4096)))
+            query_id = ids.pop()
+            while query_id in waiting:  # one id per query in flight, or an answer goes to the wrong lookup
+                query_id = ids.pop() if ids else u16.unpack(os.urandom(2))[0]
+            waiting[query_id] = (future, got)
+            sock.send(u16.pack(query_id) + query)
+        timer = loop.call_later(5, future.cancel)
+        await future
+        timer.cancel()
+        return [address for _, addresses in got for address in addresses]
+
+    return lookup
+
+
+def _floor_lookup_then_tunnelwatch(url: str, ca: str) -> Probe:
+    """The floor of a named probe for tunnelwatch: the lean lookup of the name, then
+    tunnelwatch's own probe of the address it gave (the same URL with the IP literal)."""
+    parts = urlsplit(url)
+    literal = _tunnelwatch(url.replace(parts.hostname or "", LOOPBACK, 1), ca)
+    lookup = lean_lookup()
+
+    async def probe() -> bool:
+        if (await lookup()) != [LOOPBACK]:
+            return False
+        return await literal()
+
+    return probe
+
+
 def client(name: str, url: str, ca: str, in_flight: int, seconds: float) -> None:
     """The child process: drive one client, print its figures as JSON."""
     import uvloop
 
     from probe.measure.rounds import run_loop
 
-    probe = _tunnelwatch(url, ca) if name.startswith("tunnelwatch") else _raw(url, ca)
+    if name == FLOOR_LOOKUP:
+        probe = _floor_lookup_then_tunnelwatch(url, ca)
+    else:
+        probe = _tunnelwatch(url, ca) if name.startswith("tunnelwatch") else _raw(url, ca)
     run = {"tunnelwatch": run_loop, "raw asyncio + uvloop": uvloop.run}.get(name, asyncio.run)
     print(json.dumps(run(_drive(probe, in_flight, seconds))))
 
@@ -319,8 +438,9 @@ def _table(
                 cpu = statistics.median(map(_cpu_ms, samples))
                 vs_bb = ratio(samples, figures[(kind, "blackbox_exporter", in_flight)], _rate)
                 vs_raw = ratio(samples, figures[(kind, "raw asyncio + uvloop", in_flight)], _rate)
+                same = name if name != FLOOR_LOOKUP else "tunnelwatch"  # against tunnelwatch's IP literal
                 vs_literal = (
-                    f"{ratio(samples, figures[(literal, name, in_flight)], _cpu_ms):.2f}x" if kind != literal else ""
+                    f"{ratio(samples, figures[(literal, same, in_flight)], _cpu_ms):.2f}x" if kind != literal else ""
                 )
                 failed = sum(s["probes"] - s["ok"] for s in samples)
                 lines.append(
@@ -341,7 +461,8 @@ def _table(
         "200 either way). The name has an A record and no AAAA (NOERROR, no answer); every client asks A "
         "and AAAA (blackbox_exporter 0.23 too, seen in dnsmasq's query log). The raw floor's name is one UDP "
         "socket and dnspython's whole Message (two make_query/to_wire, two from_wire); tunnelwatch's resolver "
-        "reads less of each answer than that, so for names the floor is no floor of the resolve step. The raw "
+        "reads less of each answer than that, so for names the floor is no floor of the resolve step: "
+        f'"{FLOOR_LOOKUP}" is (the least lookup, then tunnelwatch\'s IP-literal probe). The raw '
         "TLS client verifies the same CA with the same SNI and ALPN (http/1.1) as tunnelwatch's context.\n\n"
         + "\n".join(lines)
         + "\n"
