@@ -6,7 +6,10 @@ store, or cut from a copy a long-lived reader holds in memory (`Held`: the dashb
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +19,8 @@ from probe.store.schema import COVERAGE, HOURLY, HOURLY_LATENCY, VERDICT_RUNS, t
 
 from .frames import HOUR_MS, ROUND_SPAN, Store, _query, _rows, _where, load_paths, read_cursor, summarise_raw
 from .summary import Summary, join
+
+log = logging.getLogger("tunnelwatch.serve")
 
 
 def load_summary(
@@ -74,24 +79,43 @@ def _raw_state(db: Store, after: pd.Timestamp) -> tuple[int, int | None, int, in
     return count, newest, beats, newest_beat
 
 
+@dataclass(frozen=True, slots=True)
+class _Tail:
+    state: tuple[Any, ...]  # (cursor, slot_s, _raw_state's four, the paths' rows)
+    summary: Summary
+    made: float  # time.monotonic()
+
+
+SETTLE_S = 1.0  # a catch-up waits this long: the page that found the summary behind is made first
+
+
 class Held:
     """A store's stored summaries, all of them, kept in memory by a long-lived reader (the
     dashboard): any range is then cut from memory rather than read again. `refresh` follows
     the store: when its cursor moves, the rows compaction may have written or changed since
     (runs that end, hours that start, from a day before the old cursor on; every coverage
     span) are read again, runs by their id. `stored(start, end)` holds what `_stored` reads
-    of the same range; `tail` the raw rows after the cursor summarised, once per state of
-    them (every page asked for that summary again: a quarter of a second over a day of rows)."""
+    of the same range; `tail` the raw rows after the cursor summarised (every page asked for
+    that summary again: 0.16-0.21 s for the hour or two a live store holds).
 
-    def __init__(self, db: Store) -> None:
+    A running daemon stores a target's round every few seconds (each target's rounds are
+    spread over the interval), so the raw rows are seldom the same for two pages. With
+    `lag_s`, a summary of them younger than that is used though rounds came in since (the
+    same cursor, the same paths), and made again in the background, after the page that
+    found it behind: a page may then lag the store by `lag_s`, as a kept page does
+    (web/cache.py). With none (the default), every analysis is that of the store as it is."""
+
+    def __init__(self, db: Store, lag_s: float = 0.0) -> None:
         self.db = db
+        self.lag_s = lag_s
         self.cursor: pd.Timestamp | None = None
         self._lock = threading.Lock()
         empty = Summary.empty()
         self._runs = empty.runs.assign(id=pd.Series(dtype="int64"))
         self._hourly, self._latency, self._coverage = empty.hourly, empty.latency, empty.coverage
-        self._tail: tuple[tuple[Any, ...], Summary] | None = None
+        self._tail: _Tail | None = None
         self._tail_lock = threading.Lock()  # one page summarises the tail; one arriving meanwhile waits for it
+        self._catching_up: threading.Thread | None = None
 
     def refresh(self) -> pd.Timestamp | None:
         """The store's cursor, with the summaries before it in memory."""
@@ -139,22 +163,57 @@ class Held:
     def tail(self, cursor: pd.Timestamp, end: pd.Timestamp | None, slot_s: float) -> Summary | None:
         """`summarise_raw(db, cursor, end, slot_s)`: the raw rows after the cursor summarised
         once while they stay the same (the same count, the same paths), for every range that
-        ends after the newest of them. None for a range that ends among them (its last rounds
-        are cut there: the store's rows up to its end are summarised) or when rows came in
-        while they were summarised."""
-        state = (cursor, slot_s, *_raw_state(self.db, cursor), _path_rows(self.db))
+        ends after the newest of them (or one younger than `lag_s`, caught up in the
+        background). None for a range that ends among them (its last rounds are cut there:
+        the store's rows up to its end are summarised) or when rows came in while they were
+        summarised."""
+        state = _tail_state(self.db, cursor, slot_s)
         newest = max((t for t in (state[3], state[5]) if t is not None), default=None)
         if end is not None and newest is not None and to_ms(end.to_pydatetime()) <= newest:
             return None
         with self._tail_lock:
-            if self._tail is None or self._tail[0] != state:
+            kept = self._tail
+            if kept is not None and kept.state != state and self._may_lag(kept, state):
+                self._catch_up(cursor, slot_s)
+            elif kept is None or kept.state != state:
                 made = summarise_raw(self.db, cursor, None, slot_s)
-                if (cursor, slot_s, *_raw_state(self.db, cursor), _path_rows(self.db)) != state:
+                if _tail_state(self.db, cursor, slot_s) != state:
                     return None
-                self._tail = (state, made)
-            kept = self._tail[1]
+                kept = self._tail = _Tail(state, made, time.monotonic())
         # the kept frames are shared: each caller gets its own objects (copy on write does the rest)
-        return Summary(*(frame.copy(deep=False) for frame in (kept.runs, kept.hourly, kept.latency, kept.coverage)))
+        done = kept.summary
+        return Summary(*(frame.copy(deep=False) for frame in (done.runs, done.hourly, done.latency, done.coverage)))
+
+    def _may_lag(self, kept: _Tail, state: tuple[Any, ...]) -> bool:
+        """Whether `kept` may stand for the raw rows of `state`: only rounds came in since."""
+        same = kept.state[:2] == state[:2] and kept.state[-1] == state[-1]
+        return same and time.monotonic() - kept.made < self.lag_s
+
+    def _catch_up(self, cursor: pd.Timestamp, slot_s: float) -> None:
+        """The tail summarised again in the background, once the page that asked is made."""
+        if self._catching_up is not None and self._catching_up.is_alive():
+            return
+        self._catching_up = threading.Thread(
+            target=self._summarise_later, args=(cursor, slot_s), name="tail", daemon=True
+        )
+        self._catching_up.start()
+
+    def _summarise_later(self, cursor: pd.Timestamp, slot_s: float) -> None:
+        time.sleep(SETTLE_S)
+        try:
+            began = time.monotonic()
+            state = _tail_state(self.db, cursor, slot_s)
+            # rounds that came in while it was made are in it or not: the state it is kept with,
+            # the one before, is then unequal to the store's, and the next page catches up again
+            made = summarise_raw(self.db, cursor, None, slot_s)
+            with self._tail_lock:
+                self._tail = _Tail(state, made, began)
+        except Exception:  # the next page summarises in the foreground and reports what failed
+            log.exception("summarising the raw rows after the cursor")
+
+
+def _tail_state(db: Store, cursor: pd.Timestamp, slot_s: float) -> tuple[Any, ...]:
+    return (cursor, slot_s, *_raw_state(db, cursor), _path_rows(db))
 
 
 def _path_rows(db: Store) -> tuple[tuple[Any, ...], ...]:

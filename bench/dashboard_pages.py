@@ -11,12 +11,17 @@ Now, History, Outages, Events and Reports with their defaults, then History, Out
 Events over [--since, --until) (a year of the synthetic store by default). With --cold, the
 summaries are not read beforehand: the first page pays for it.
 
+With --live HOURS, the pages are served from a copy of the store as a running daemon holds
+it: HOURS of rounds after its cursor, not compacted (a daemon compacts every hour), and
+before each page another 5 minutes of rounds, every target's (bench/synth.py's), written
+to it: every page finds rounds its process has not summarised.
+
 With --postgres, the store is first forwarded to a throwaway PostgreSQL cluster on loopback
 (tests/postgres.py; its raw rows and summaries, as a vantage point's forwarder sends them),
 and the pages are served from there (analysis.store = the cluster's URL).
 
 Usage: .venv/bin/python bench/dashboard_pages.py CONFIG [--since 2018-03-01] [--until 2019-03-01]
-       [--cold] [--postgres]
+       [--cold] [--postgres | --live HOURS]
 (CONFIG's store.path, e.g. the synthetic year of bench/synth.py STORE.db --days 365 --compact)
 """
 
@@ -25,11 +30,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +71,42 @@ def central(cfg_path: Path) -> Iterator[Path]:
             yield path
 
 
-def measure(cfg: Config, pages: list[str], cold: bool) -> None:
+@contextlib.contextmanager
+def live(cfg_path: Path, hours: float) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """A copy of CONFIG's store with HOURS of rounds after its newest, and a function that
+    writes the next 5 minutes of rounds to it; a config that reads the copy."""
+    from bench.synth import INTERVAL_MS, build
+
+    cfg = load_config(cfg_path)
+    with tempfile.TemporaryDirectory(prefix="tw-live-") as tmp:
+        copy = Path(tmp) / "live.db"
+        conn = sqlite3.connect(f"file:{cfg.store.path}?mode=ro", uri=True)
+        conn.execute(f"VACUUM INTO '{copy}'")  # a consistent copy, WAL included
+        (newest,) = conn.execute("SELECT MAX(started_at_ms) FROM heartbeats").fetchone()
+        (targets,) = conn.execute(
+            "SELECT COUNT(DISTINCT target) FROM heartbeats WHERE started_at_ms > ?", (newest - INTERVAL_MS,)
+        ).fetchone()
+        conn.close()
+        slot = [newest - newest % INTERVAL_MS + INTERVAL_MS]
+
+        def write(rounds: int) -> None:
+            start = datetime.fromtimestamp(slot[0] / 1000, UTC)
+            build(copy, 0, targets, start, seed=slot[0] % 1000, rounds=rounds)
+            slot[0] += rounds * INTERVAL_MS
+
+        began = time.perf_counter()
+        write(int(hours * 3_600_000 / INTERVAL_MS))
+        print(
+            f"{hours:g} h of rounds of {targets} targets written after the cursor in {time.perf_counter() - began:.0f} s"
+        )
+        path = Path(tmp) / "live.toml"
+        path.write_text(cfg_path.read_text().replace(str(cfg.store.path), str(copy)))
+        if load_config(path).store.path != copy:
+            raise SystemExit(f"{cfg_path}: store.path must be written out as {cfg.store.path}")
+        yield path, lambda: write(1)
+
+
+def measure(cfg: Config, pages: list[str], cold: bool, between: Callable[[], None] | None = None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # starlette.testclient over httpx: deprecated, still working
         from starlette.testclient import TestClient
@@ -78,6 +120,8 @@ def measure(cfg: Config, pages: list[str], cold: bool) -> None:
         print("| page | made from scratch | its CPU | kept | size |\n|---|---|---|---|---|")
         for url in pages:
             times, cpu = [], []
+            if between is not None:
+                between()  # the daemon stored rounds since the last page
             for _ in range(2):
                 began, busy = time.perf_counter(), time.process_time()
                 answer = client.get(url)
@@ -100,6 +144,7 @@ def main() -> None:
     parser.add_argument("--until", default="2019-03-01")
     parser.add_argument("--cold", action="store_true", help="do not read the summaries before the first page")
     parser.add_argument("--postgres", action="store_true", help="serve from PostgreSQL, the store forwarded there")
+    parser.add_argument("--live", type=float, metavar="HOURS", help="raw rows after the cursor, more before each page")
     args = parser.parse_args()
     span = f"since={args.since}&until={args.until}"
     pages = ["/", "/history", "/outages", "/events", "/reports"]
@@ -107,6 +152,9 @@ def main() -> None:
     if args.postgres:
         with central(args.config) as config:
             measure(load_config(config), pages, args.cold)
+    elif args.live is not None:
+        with live(args.config, args.live) as (config, write):
+            measure(load_config(config), pages, args.cold, write)
     else:
         measure(load_config(args.config), pages, args.cold)
 

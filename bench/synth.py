@@ -43,8 +43,17 @@ BATCH_ROUNDS = 288  # a day: written, then compacted, as the daemon does (hourly
 SHA256 = "ea8fac7c65fb589b0d53560f5251f74f9e9b243478dcb6b3ea79b5e36449c8d9"
 
 
-def build(db: Path, days: int, targets: int, start: datetime, seed: int = 1, keep_raw_days: float | None = None) -> int:
-    """Write the store; with `keep_raw_days`, compact it after every batch as the daemon would."""
+def build(
+    db: Path,
+    days: int,
+    targets: int,
+    start: datetime,
+    seed: int = 1,
+    keep_raw_days: float | None = None,
+    rounds: int | None = None,
+) -> int:
+    """Write the store (`rounds` 5-minute rounds instead of `days` days); with
+    `keep_raw_days`, compact it after every batch as the daemon would."""
     rng = np.random.default_rng(seed)
     store = open_store(db)
     store.record_paths(PATHS)
@@ -52,7 +61,7 @@ def build(db: Path, days: int, targets: int, start: datetime, seed: int = 1, kee
     names = [f"t{i:03d}" for i in range(targets)]
     groups = ["blocked" if i % 3 == 0 else "control" for i in range(targets)]
     t0 = int(start.timestamp() * 1000)
-    rounds = days * 24 * 12
+    rounds = days * 24 * 12 if rounds is None else rounds
     npc = [
         int(datetime(y, 3, 5, tzinfo=UTC).timestamp() * 1000) for y in range(start.year, start.year + days // 365 + 2)
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,6 +191,52 @@ def test_the_raw_rows_after_the_cursor_are_summarised_once_per_state(
         after = check(since, until)
         assert after.summary.coverage["end"].max() >= before + pd.Timedelta(hours=23)
         assert summarised == ([(cursor, None)] if (since, until) == past[0] else [])
+
+
+def test_a_server_may_lag_the_raw_rows_and_catches_up_in_the_background(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held(lag_s): after new rounds, a summary of the raw rows younger than lag_s is used as
+    it is (the analysis of the store before them) and made again in the background; the
+    next analysis is the store's as it is. Past lag_s, the page summarises them itself."""
+    end = START + pd.Timedelta(days=45)
+    build(fresh, 1, 3, end, seed=5)
+    held = Held(fresh, lag_s=600)
+    summarised: list[tuple[pd.Timestamp | None, pd.Timestamp | None]] = []
+    real = ranges.summarise_raw
+
+    def counted(db: Path, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float) -> Any:
+        summarised.append((start, end))
+        return real(db, start, end, slot_s)
+
+    before = analyse(fresh, *RANGES[1])  # as the commands read the store
+    monkeypatch.setattr(ranges, "summarise_raw", counted)
+    same(before, analyse(fresh, *RANGES[1], held=held))
+    cursor = held.cursor
+    assert summarised == [(cursor, None)]
+    build(fresh, 1, 3, end + pd.Timedelta(days=1), seed=6)  # a day of rounds more, not compacted
+    summarised.clear()
+    same(before, analyse(fresh, *RANGES[1], held=held))  # the kept summary, as it was
+    assert summarised == []
+    deadline = time.monotonic() + 120
+    while summarised != [(cursor, None)]:  # made again in the background, after ranges.SETTLE_S
+        assert time.monotonic() < deadline, f"not caught up: {summarised}"
+        time.sleep(0.1)
+    deadline = time.monotonic() + 60
+    while (thread := held._catching_up) is not None and thread.is_alive():
+        assert time.monotonic() < deadline, "the catch-up did not end"
+        time.sleep(0.1)
+    now = analyse(fresh, *RANGES[1])
+    del summarised[1:]
+    assert now.summary.coverage["end"].max() > before.summary.coverage["end"].max() + pd.Timedelta(hours=23)
+    same(now, analyse(fresh, *RANGES[1], held=held))  # the store as it is
+    assert summarised == [(cursor, None)]
+    held.lag_s = 0  # past the lag, the analysis summarises the new rounds itself
+    build(fresh, 1, 3, end + pd.Timedelta(days=2), seed=7)
+    expected = analyse(fresh, *RANGES[1])
+    summarised.clear()
+    same(expected, analyse(fresh, *RANGES[1], held=held))
+    assert summarised == [(cursor, None)]
 
 
 def test_the_server_summarises_the_raw_rows_as_it_starts(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -86,16 +86,20 @@ def facts(page: dict[str, Any]) -> dict[str, Any]:
     return cast(dict[str, Any], jsonable(page))
 
 
+# a page's analysis may use a summary of the raw rows after the cursor this old: a live store
+# has a new round every few seconds (ranges.Held)
+TAIL_LAG_S = 20.0
 _HELD: dict[Store, Held] = {}
 _HELD_LOCK = threading.Lock()
 
 
 def held(cfg: Config) -> Held:
     """The summaries of the store the pages read, kept in memory for this process: a page over
-    any range cuts them rather than reading the store again (ranges.Held)."""
+    any range cuts them rather than reading the store again (ranges.Held), with the raw rows
+    after their cursor summarised at most TAIL_LAG_S ago."""
     db = source(cfg)
     with _HELD_LOCK:
-        return _HELD.setdefault(db, Held(db))
+        return _HELD.setdefault(db, Held(db, TAIL_LAG_S))
 
 
 def newest(cfg: Config) -> pd.Timestamp | None:
