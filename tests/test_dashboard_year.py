@@ -148,6 +148,19 @@ def test_kept_summaries_give_the_analysis_of_the_store(fresh: Path) -> None:
     assert first is not None and held.cursor is not None and held.cursor > first
 
 
+def count_summaries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[pd.Timestamp | None, pd.Timestamp | None]]:
+    """The ranges of raw rows summarised from now on (ranges.summarise_raw's calls, any thread's)."""
+    summarised: list[tuple[pd.Timestamp | None, pd.Timestamp | None]] = []
+    real = ranges.summarise_raw
+
+    def counted(db: Path, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float) -> Any:
+        summarised.append((start, end))
+        return real(db, start, end, slot_s)
+
+    monkeypatch.setattr(ranges, "summarise_raw", counted)
+    return summarised
+
+
 def test_the_raw_rows_after_the_cursor_are_summarised_once_per_state(
     fresh: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,12 +172,6 @@ def test_the_raw_rows_after_the_cursor_are_summarised_once_per_state(
     past = [(None, None), RANGES[1], (datetime(2018, 2, 27, 6, tzinfo=UTC), datetime(2018, 4, 1, tzinfo=UTC))]
     among = (datetime(2018, 2, 25, tzinfo=UTC), datetime(2018, 3, 6, 18, tzinfo=UTC))
     held = Held(fresh)
-    summarised: list[tuple[pd.Timestamp | None, pd.Timestamp | None]] = []
-    real = ranges.summarise_raw
-
-    def counted(db: Path, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float) -> Any:
-        summarised.append((start, end))
-        return real(db, start, end, slot_s)
 
     def check(since: datetime | None, until: datetime | None) -> Analysis:
         expected = analyse(fresh, since, until)  # as the commands read the store
@@ -173,7 +180,7 @@ def test_the_raw_rows_after_the_cursor_are_summarised_once_per_state(
         same(expected, got)
         return got
 
-    monkeypatch.setattr(ranges, "summarise_raw", counted)
+    summarised = count_summaries(monkeypatch)
     before = check(*past[0]).summary.coverage["end"].max()
     cursor = held.cursor
     assert cursor is not None and cursor < before - pd.Timedelta(hours=23)  # a day of raw rows
@@ -202,15 +209,8 @@ def test_a_server_may_lag_the_raw_rows_and_catches_up_in_the_background(
     end = START + pd.Timedelta(days=45)
     build(fresh, 1, 3, end, seed=5)
     held = Held(fresh, lag_s=600)
-    summarised: list[tuple[pd.Timestamp | None, pd.Timestamp | None]] = []
-    real = ranges.summarise_raw
-
-    def counted(db: Path, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float) -> Any:
-        summarised.append((start, end))
-        return real(db, start, end, slot_s)
-
     before = analyse(fresh, *RANGES[1])  # as the commands read the store
-    monkeypatch.setattr(ranges, "summarise_raw", counted)
+    summarised = count_summaries(monkeypatch)
     same(before, analyse(fresh, *RANGES[1], held=held))
     cursor = held.cursor
     assert summarised == [(cursor, None)]
@@ -250,14 +250,7 @@ def test_the_server_summarises_the_raw_rows_as_it_starts(fresh: Path, monkeypatc
         '[[paths]]\nname = "direct"\nkind = "direct"\n'
     )
     printed = cli(Year(fresh, config), "outages", "--since", "2017-06-01", "--until", "2018-06-01")
-    summarised: list[tuple[pd.Timestamp | None, pd.Timestamp | None]] = []
-    real = ranges.summarise_raw
-
-    def counted(db: Path, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float) -> Any:
-        summarised.append((start, end))
-        return real(db, start, end, slot_s)
-
-    monkeypatch.setattr(ranges, "summarise_raw", counted)
+    summarised = count_summaries(monkeypatch)
     cfg = load_config(config)
     read_summaries(cfg)
     assert summarised == [(read_cursor(fresh), None)]
