@@ -18,7 +18,7 @@ import pandas as pd
 from probe.store.schema import COVERAGE, HOURLY, HOURLY_LATENCY, VERDICT_RUNS, to_ms
 
 from .frames import HOUR_MS, ROUND_SPAN, Store, _query, _rows, _where, load_paths, read_cursor, summarise_raw
-from .summary import Summary, join
+from .summary import Summary, join, merge_reach
 
 log = logging.getLogger("tunnelwatch.serve")
 
@@ -29,20 +29,30 @@ def load_summary(
     """Everything analysis needs of [since, until): stored summaries before the cursor, raw
     rows after it. With `held`, the stored summaries are those it keeps in memory (the same
     rows, read once by a process that answers many ranges), and so is the raw rows' summary
-    when the range runs from the cursor past the newest of them (Held.tail)."""
+    when the range runs from the cursor past the newest of them (Held.tail), and the two
+    joined (Held.whole)."""
     start = None if since is None else pd.Timestamp(since)
     end = None if until is None else pd.Timestamp(until)
     cursor = read_cursor(db) if held is None else held.refresh()  # says so if there is no store
+    whole = None if held is None or cursor is None else held.whole(cursor, start, end, slot_s)
+    if whole is not None:
+        return _clipped(whole, start, end)
     stored = Summary.empty()
     if cursor is not None and (start is None or start < cursor):
         hi = cursor if end is None else min(end, cursor)
         stored = _stored(db, start, hi) if held is None else held.stored(start, hi)
     tail_from = start if cursor is None or (start is not None and start > cursor) else cursor
     tail = None if held is None or tail_from is None or tail_from != cursor else held.tail(tail_from, end, slot_s)
-    summary = join(stored, summarise_raw(db, tail_from, end, slot_s) if tail is None else tail)
-    if start is None and end is None:
-        return summary
-    return summary.clip(start or pd.Timestamp.min.tz_localize("UTC"), end or pd.Timestamp.max.tz_localize("UTC"))
+    return _clipped(join(stored, summarise_raw(db, tail_from, end, slot_s) if tail is None else tail), start, end)
+
+
+def _clipped(summary: Summary, start: pd.Timestamp | None, end: pd.Timestamp | None) -> Summary:
+    """The part of `summary` in [start, end), its frames numbered from 0 (whatever it was cut from)."""
+    if start is not None or end is not None:
+        summary = summary.clip(start or pd.Timestamp.min.tz_localize("UTC"), end or pd.Timestamp.max.tz_localize("UTC"))
+    return Summary(
+        *(frame.reset_index(drop=True) for frame in (summary.runs, summary.hourly, summary.latency, summary.coverage))
+    )
 
 
 def _stored(db: Store, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
@@ -116,6 +126,8 @@ class Held:
         self._tail: _Tail | None = None
         self._tail_lock = threading.Lock()  # one page summarises the tail; one arriving meanwhile waits for it
         self._catching_up: threading.Thread | None = None
+        self._whole: tuple[_Tail, pd.Timestamp, Summary, pd.Timestamp] | None = None  # whole(): per tail
+        self._whole_lock = threading.Lock()
 
     def refresh(self) -> pd.Timestamp | None:
         """The store's cursor, with the summaries before it in memory."""
@@ -167,6 +179,32 @@ class Held:
         background). None for a range that ends among them (its last rounds are cut there:
         the store's rows up to its end are summarised) or when rows came in while they were
         summarised."""
+        kept = self._kept_tail(cursor, end, slot_s)
+        return None if kept is None else _own(kept.summary)
+
+    def whole(
+        self, cursor: pd.Timestamp, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float
+    ) -> Summary | None:
+        """`join(stored(None, cursor), tail(cursor, end, slot_s))`, the whole store's summary,
+        joined once per summary of the raw rows (joining a year's 384,151 runs and 70,000
+        hours took 0.06 s a page) for ranges that run past the newest raw row. A range cut
+        from it is the one `load_summary` makes without it if it starts before the cursor by
+        more than the longest step of a run (`merge_reach`: no run it leaves out could have
+        been continued after the cursor); None for any other range."""
+        if start is not None and start >= cursor:
+            return None
+        kept = self._kept_tail(cursor, end, slot_s)
+        if kept is None:
+            return None
+        with self._whole_lock:
+            if self._whole is None or self._whole[0] is not kept or self._whole[1] != cursor:
+                stored, tail = self.stored(None, cursor), _own(kept.summary)
+                reach = cursor if stored.runs.empty or tail.runs.empty else merge_reach(stored.runs, tail.runs)
+                self._whole = (kept, cursor, join(stored, tail), min(reach, cursor))
+            whole, reach = self._whole[2], self._whole[3]
+        return None if start is not None and start >= reach else _own(whole)
+
+    def _kept_tail(self, cursor: pd.Timestamp, end: pd.Timestamp | None, slot_s: float) -> _Tail | None:
         state = _tail_state(self.db, cursor, slot_s)
         newest = max((t for t in (state[3], state[5]) if t is not None), default=None)
         if end is not None and newest is not None and to_ms(end.to_pydatetime()) <= newest:
@@ -180,9 +218,7 @@ class Held:
                 if _tail_state(self.db, cursor, slot_s) != state:
                     return None
                 kept = self._tail = _Tail(state, made, time.monotonic())
-        # the kept frames are shared: each caller gets its own objects (copy on write does the rest)
-        done = kept.summary
-        return Summary(*(frame.copy(deep=False) for frame in (done.runs, done.hourly, done.latency, done.coverage)))
+        return kept
 
     def _may_lag(self, kept: _Tail, state: tuple[Any, ...]) -> bool:
         """Whether `kept` may stand for the raw rows of `state`: only rounds came in since."""
@@ -210,6 +246,11 @@ class Held:
                 self._tail = _Tail(state, made, began)
         except Exception:  # the next page summarises in the foreground and reports what failed
             log.exception("summarising the raw rows after the cursor")
+
+
+def _own(kept: Summary) -> Summary:
+    """A kept summary's frames are shared: each caller gets its own objects (copy on write does the rest)."""
+    return Summary(*(frame.copy(deep=False) for frame in (kept.runs, kept.hourly, kept.latency, kept.coverage)))
 
 
 def _tail_state(db: Store, cursor: pd.Timestamp, slot_s: float) -> tuple[Any, ...]:

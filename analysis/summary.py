@@ -246,11 +246,10 @@ def merge_runs(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     and the pause between them is one usual step."""
     if old.empty or new.empty:
         return new if old.empty else old
-    # a pair's last old run can continue only if it ends within a step of the new runs' first:
     # the runs that end earlier are left out before sorting (a year holds 400,000)
-    longest = max(_longest_step(old), _longest_step(new))
-    reach = pd.Timestamp(int(as_ns(new["first"]).min() - RUN_BREAK * longest - 1e9), tz="UTC")  # 1 s to spare
-    last = old[old["last"] >= reach].sort_values("last").groupby(["target", "path"], observed=True).tail(1)
+    last = (
+        old[old["last"] >= merge_reach(old, new)].sort_values("last").groupby(["target", "path"], observed=True).tail(1)
+    )
     first = new.sort_values("first").groupby(["target", "path"], observed=True).head(1)
     both = last.reset_index().merge(first.reset_index(), on=["target", "path", *RUN_KEY], suffixes=("_old", "_new"))
     if both.empty:
@@ -262,6 +261,13 @@ def merge_runs(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     old.loc[joined["index_old"], "last"] = joined["last_new"].to_numpy()
     old.loc[joined["index_old"], "rounds"] = (joined["rounds_old"] + joined["rounds_new"]).to_numpy()
     return pd.concat([old, new.drop(joined["index_new"])], ignore_index=True)
+
+
+def merge_reach(old: pd.DataFrame, new: pd.DataFrame) -> pd.Timestamp:
+    """How early an old run may end and still be continued by a new one (`merge_runs`): within
+    the longest step of either side before the first new run (1 s to spare). Both not empty."""
+    longest = max(_longest_step(old), _longest_step(new))
+    return pd.Timestamp(int(as_ns(new["first"]).min() - RUN_BREAK * longest - 1e9), tz="UTC")
 
 
 def _longest_step(runs: pd.DataFrame) -> float:

@@ -188,6 +188,12 @@ def test_the_raw_rows_after_the_cursor_are_summarised_once_per_state(
     for since, until in past[1:]:
         check(since, until)
         assert summarised == []
+    # the stored summaries and the tail joined once (Held.whole), every range above cut from it;
+    # a range that starts within a run's step before the cursor is joined for itself
+    assert held._whole is not None and held._whole[0] is held._tail
+    whole = held._whole
+    check(cursor - pd.Timedelta(minutes=5), None)
+    assert summarised == [] and held._whole is whole
     check(*among)
     assert summarised == [(cursor, pd.Timestamp(among[1]))]  # its end cuts the last rounds: from the store
     check(*past[1])
