@@ -13,7 +13,7 @@ from probe.errors import ConfigError
 
 from .frames import Source, Store, vantages
 from .outages import Hysteresis, degraded, pair_outages, path_outages
-from .ranges import Held, load_summary
+from .ranges import Held, load_range
 from .summary import Summary
 
 BASELINE = pd.Timedelta(days=7)
@@ -95,10 +95,9 @@ def analyse(
     # every target and path; the filters apply to the results. Latency is read from a week
     # earlier: degradation is judged against the 7 days before.
     start = None if since is None else pd.Timestamp(since)
-    wide = load_summary(db, None if start is None else start - BASELINE, until, slot_s, held)
-    summary = wide if start is None else wide.clip(start, pd.Timestamp(until or pd.Timestamp.max.tz_localize("UTC")))
+    summary, latency = load_range(db, since, until, BASELINE, slot_s, held)
     pairs = pair_outages(summary.runs, hysteresis)
-    slow = degraded(wide.latency, baseline=f"{BASELINE.days}D", factor=degraded_factor, min_increase_ms=degraded_min_ms)
+    slow = degraded(latency, baseline=f"{BASELINE.days}D", factor=degraded_factor, min_increase_ms=degraded_min_ms)
     if start is not None and len(slow):
         slow = slow[slow["end"] > start].assign(start=lambda f: f["start"].mask(f["start"] < start, start))
         slow["minutes"] = (slow["end"] - slow["start"]).dt.total_seconds() / 60

@@ -6,9 +6,11 @@ store, or cut from a copy a long-lived reader holds in memory (`Held`: the dashb
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,17 +35,41 @@ def load_summary(
     joined (Held.whole)."""
     start = None if since is None else pd.Timestamp(since)
     end = None if until is None else pd.Timestamp(until)
+    return _clipped(_joined(db, start, end, slot_s, held), start, end)
+
+
+def load_range(
+    db: Store, since: datetime | None, until: datetime | None, before: pd.Timedelta, slot_s: float, held: Held | None
+) -> tuple[Summary, pd.DataFrame]:
+    """`load_summary` of [since, until), and the latency of [since - before, until) (what
+    degradation is judged against): one reading, the runs clipped once."""
+    start = None if since is None else pd.Timestamp(since)
+    end = None if until is None else pd.Timestamp(until)
+    lo = None if start is None else start - before
+    joined = _joined(db, lo, end, slot_s, held)
+    latency = joined.latency
+    if lo is not None:
+        latency = latency[latency["hour"] >= lo]
+    if end is not None:
+        latency = latency[latency["hour"] < end]
+    return _clipped(joined, start, end), latency.reset_index(drop=True)
+
+
+def _joined(
+    db: Store, start: pd.Timestamp | None, end: pd.Timestamp | None, slot_s: float, held: Held | None
+) -> Summary:
+    """The summary of [start, end) joined from the store's parts, not yet clipped to it."""
     cursor = read_cursor(db) if held is None else held.refresh()  # says so if there is no store
     whole = None if held is None or cursor is None else held.whole(cursor, start, end, slot_s)
     if whole is not None:
-        return _clipped(whole, start, end)
+        return whole
     stored = Summary.empty()
     if cursor is not None and (start is None or start < cursor):
         hi = cursor if end is None else min(end, cursor)
         stored = _stored(db, start, hi) if held is None else held.stored(start, hi)
     tail_from = start if cursor is None or (start is not None and start > cursor) else cursor
     tail = None if held is None or tail_from is None or tail_from != cursor else held.tail(tail_from, end, slot_s)
-    return _clipped(join(stored, summarise_raw(db, tail_from, end, slot_s) if tail is None else tail), start, end)
+    return join(stored, summarise_raw(db, tail_from, end, slot_s) if tail is None else tail)
 
 
 def _clipped(summary: Summary, start: pd.Timestamp | None, end: pd.Timestamp | None) -> Summary:
@@ -96,7 +122,8 @@ class _Tail:
     made: float  # time.monotonic()
 
 
-SETTLE_S = 1.0  # a catch-up waits this long: the page that found the summary behind is made first
+SETTLE_S = 0.2  # a catch-up waits this long, then while pages are being made (Held.making), at most YIELD_S
+YIELD_S = 10.0
 
 
 class Held:
@@ -111,9 +138,9 @@ class Held:
     A running daemon stores a target's round every few seconds (each target's rounds are
     spread over the interval), so the raw rows are seldom the same for two pages. With
     `lag_s`, a summary of them younger than that is used though rounds came in since (the
-    same cursor, the same paths), and made again in the background, after the page that
-    found it behind: a page may then lag the store by `lag_s`, as a kept page does
-    (web/cache.py). With none (the default), every analysis is that of the store as it is."""
+    same cursor, the same paths), and made again in the background, between pages (`making`):
+    a page may then lag the store by `lag_s`, as a kept page does (web/cache.py). With none
+    (the default), every analysis is that of the store as it is."""
 
     def __init__(self, db: Store, lag_s: float = 0.0) -> None:
         self.db = db
@@ -128,6 +155,8 @@ class Held:
         self._catching_up: threading.Thread | None = None
         self._whole: tuple[_Tail, pd.Timestamp, Summary, pd.Timestamp] | None = None  # whole(): per tail
         self._whole_lock = threading.Lock()
+        self._making = 0  # pages being made (Held.making): a catch-up waits for none
+        self._making_lock = threading.Lock()
 
     def refresh(self) -> pd.Timestamp | None:
         """The store's cursor, with the summaries before it in memory."""
@@ -220,13 +249,25 @@ class Held:
                 kept = self._tail = _Tail(state, made, time.monotonic())
         return kept
 
+    @contextlib.contextmanager
+    def making(self) -> Iterator[None]:
+        """While a page is made: a catch-up of the raw rows' summary (0.2 s of the GIL) waits
+        for it rather than slowing it down."""
+        with self._making_lock:
+            self._making += 1
+        try:
+            yield
+        finally:
+            with self._making_lock:
+                self._making -= 1
+
     def _may_lag(self, kept: _Tail, state: tuple[Any, ...]) -> bool:
         """Whether `kept` may stand for the raw rows of `state`: only rounds came in since."""
         same = kept.state[:2] == state[:2] and kept.state[-1] == state[-1]
         return same and time.monotonic() - kept.made < self.lag_s
 
     def _catch_up(self, cursor: pd.Timestamp, slot_s: float) -> None:
-        """The tail summarised again in the background, once the page that asked is made."""
+        """The tail summarised again in the background, once the pages being made are."""
         if self._catching_up is not None and self._catching_up.is_alive():
             return
         self._catching_up = threading.Thread(
@@ -236,6 +277,9 @@ class Held:
 
     def _summarise_later(self, cursor: pd.Timestamp, slot_s: float) -> None:
         time.sleep(SETTLE_S)
+        deadline = time.monotonic() + YIELD_S
+        while self._making and time.monotonic() < deadline:
+            time.sleep(0.05)
         try:
             began = time.monotonic()
             state = _tail_state(self.db, cursor, slot_s)

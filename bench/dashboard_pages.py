@@ -14,14 +14,16 @@ summaries are not read beforehand: the first page pays for it.
 With --live HOURS, the pages are served from a copy of the store as a running daemon holds
 it: HOURS of rounds after its cursor, not compacted (a daemon compacts every hour), and
 before each page another 5 minutes of rounds, every target's (bench/synth.py's), written
-to it: every page finds rounds its process has not summarised.
+to it: every page finds rounds its process has not summarised. With --pause SECONDS, the
+pages are asked for that long apart (a reader looks at a page before the next), so work a
+page leaves for the background is done before the next starts; without, back to back.
 
 With --postgres, the store is first forwarded to a throwaway PostgreSQL cluster on loopback
 (tests/postgres.py; its raw rows and summaries, as a vantage point's forwarder sends them),
 and the pages are served from there (analysis.store = the cluster's URL).
 
 Usage: .venv/bin/python bench/dashboard_pages.py CONFIG [--since 2018-03-01] [--until 2019-03-01]
-       [--cold] [--postgres | --live HOURS]
+       [--cold] [--postgres | --live HOURS [--pause SECONDS]]
 (CONFIG's store.path, e.g. the synthetic year of bench/synth.py STORE.db --days 365 --compact)
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import shutil
 import sqlite3
 import sys
@@ -106,7 +109,9 @@ def live(cfg_path: Path, hours: float) -> Iterator[tuple[Path, Callable[[], None
         yield path, lambda: write(1)
 
 
-def measure(cfg: Config, pages: list[str], cold: bool, between: Callable[[], None] | None = None) -> None:
+def measure(
+    cfg: Config, pages: list[str], cold: bool, between: Callable[[], None] | None = None, pause: float = 0.0
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # starlette.testclient over httpx: deprecated, still working
         from starlette.testclient import TestClient
@@ -120,6 +125,7 @@ def measure(cfg: Config, pages: list[str], cold: bool, between: Callable[[], Non
         print("| page | made from scratch | its CPU | kept | size |\n|---|---|---|---|---|")
         for url in pages:
             times, cpu = [], []
+            time.sleep(pause)
             if between is not None:
                 between()  # the daemon stored rounds since the last page
             for _ in range(2):
@@ -134,7 +140,8 @@ def measure(cfg: Config, pages: list[str], cold: bool, between: Callable[[], Non
                 f"{len(answer.content) / 1024:.0f} KiB |"
             )
     load = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
-    print(f"\nload average after: {load}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nload average after: {load}; the process' peak resident memory: {peak:.0f} MB")
 
 
 def main() -> None:
@@ -145,6 +152,7 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="do not read the summaries before the first page")
     parser.add_argument("--postgres", action="store_true", help="serve from PostgreSQL, the store forwarded there")
     parser.add_argument("--live", type=float, metavar="HOURS", help="raw rows after the cursor, more before each page")
+    parser.add_argument("--pause", type=float, default=0.0, metavar="SECONDS", help="between one page and the next")
     args = parser.parse_args()
     span = f"since={args.since}&until={args.until}"
     pages = ["/", "/history", "/outages", "/events", "/reports"]
@@ -154,7 +162,7 @@ def main() -> None:
             measure(load_config(config), pages, args.cold)
     elif args.live is not None:
         with live(args.config, args.live) as (config, write):
-            measure(load_config(config), pages, args.cold, write)
+            measure(load_config(config), pages, args.cold, write, args.pause)
     else:
         measure(load_config(args.config), pages, args.cold)
 

@@ -26,7 +26,7 @@ from probe.config import Config
 
 from ..frames import read_cursor
 from ..pipeline import source
-from .pages import newest
+from .pages import held, newest
 
 log = logging.getLogger("tunnelwatch.serve")
 FRESH_S = 20.0  # a page this young is served even though the store has changed since
@@ -95,7 +95,8 @@ class Pages:
                 self._making.pop(key, None)
 
     def _make(self, key: tuple[Any, ...], make: Callable[[], Any], state: tuple[Any, ...]) -> Any:
-        value = make()  # outside the lock: pages are made side by side
+        with held(self.cfg).making():  # the raw rows' summary is caught up between pages
+            value = make()  # outside the lock: pages are made side by side
         with self._lock:
             self._kept[key] = Kept(state, value, time.monotonic())
             self._kept.move_to_end(key)
