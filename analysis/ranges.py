@@ -225,13 +225,17 @@ class Held:
         kept = self._kept_tail(cursor, end, slot_s)
         if kept is None:
             return None
+        whole, reach = self._joined(kept, cursor)
+        return None if start is not None and start >= reach else _own(whole)
+
+    def _joined(self, kept: _Tail, cursor: pd.Timestamp) -> tuple[Summary, pd.Timestamp]:
+        """The stored summaries joined to `kept`, and how early a range may start to be cut from it."""
         with self._whole_lock:
             if self._whole is None or self._whole[0] is not kept or self._whole[1] != cursor:
                 stored, tail = self.stored(None, cursor), _own(kept.summary)
                 reach = cursor if stored.runs.empty or tail.runs.empty else merge_reach(stored.runs, tail.runs)
                 self._whole = (kept, cursor, join(stored, tail), min(reach, cursor))
-            whole, reach = self._whole[2], self._whole[3]
-        return None if start is not None and start >= reach else _own(whole)
+            return self._whole[2], self._whole[3]
 
     def _kept_tail(self, cursor: pd.Timestamp, end: pd.Timestamp | None, slot_s: float) -> _Tail | None:
         state = _tail_state(self.db, cursor, slot_s)
@@ -287,7 +291,9 @@ class Held:
             # the one before, is then unequal to the store's, and the next page catches up again
             made = summarise_raw(self.db, cursor, None, slot_s)
             with self._tail_lock:
-                self._tail = _Tail(state, made, began)
+                self._tail = kept = _Tail(state, made, began)
+            if self.cursor == cursor:
+                self._joined(kept, cursor)  # and joined to the stored ones: the next page cuts its range at once
         except Exception:  # the next page summarises in the foreground and reports what failed
             log.exception("summarising the raw rows after the cursor")
 

@@ -234,6 +234,7 @@ def test_a_server_may_lag_the_raw_rows_and_catches_up_in_the_background(
     while (thread := held._catching_up) is not None and thread.is_alive():
         assert time.monotonic() < deadline, "the catch-up did not end"
         time.sleep(0.1)
+    assert held._whole is not None and held._whole[0] is held._tail  # joined to the stored summaries too
     now = analyse(fresh, *RANGES[1])
     del summarised[1:]
     assert now.summary.coverage["end"].max() > before.summary.coverage["end"].max() + pd.Timedelta(hours=23)
