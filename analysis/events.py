@@ -7,7 +7,6 @@ included. A start or end with a time and an offset is taken as it is.
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
@@ -126,13 +125,11 @@ def _key(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith(("function-", "date", "datetime")))
 
 
-def _from_toml(path: Path) -> list[Event]:
+def _from_toml(path: Path, data: bytes) -> list[Event]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
         raw = tomllib.loads(text)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such events file") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not a valid events file: {exc}") from None
     items = raw.get("events")
     if not isinstance(items, list):
@@ -223,15 +220,12 @@ def _is_category(name: str) -> TypeGuard[Category]:
     return name in CATEGORIES
 
 
-def _from_ics(path: Path) -> list[Event]:
+def _from_ics(path: Path, data: bytes) -> list[Event]:
     import icalendar
 
     try:
-        data = path.read_bytes()
         calendar = icalendar.Calendar.from_ical(data)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such iCalendar file") from None
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
         raise ConfigError(f"{path}: not a valid iCalendar file: {exc}") from None
     lines = _vevent_lines(data.decode("utf-8", errors="replace"))
     events = []
@@ -284,20 +278,26 @@ def _from_ics(path: Path) -> list[Event]:
     return events
 
 
-def _version(path: Path) -> bytes | None:
-    """What tells a file's versions apart: a hash of its bytes (a file rewritten within the
-    same clock tick keeps its time). None: it cannot be read, and reading it says why."""
+def _is_ics(path: Path) -> bool:
+    return path.suffix.lower() in (".ics", ".ical")
+
+
+def _bytes(path: Path) -> bytes:
+    kind = "iCalendar" if _is_ics(path) else "events"
     try:
-        return hashlib.blake2b(path.read_bytes(), digest_size=16).digest()
-    except OSError:
-        return None
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {kind} file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: not a valid {kind} file: {exc}") from None
 
 
 @functools.lru_cache(maxsize=32)
-def _read(path: Path, version: bytes | None) -> tuple[Event, ...]:
-    """A calendar file's events, read once per version: a long-lived reader (the dashboard)
+def _parsed(path: Path, data: bytes) -> tuple[Event, ...]:
+    """A calendar file's events, parsed once per content (the file read once each time, so a
+    pipe or a file being rewritten is parsed as read): a long-lived reader (the dashboard)
     asks for them with every page (20 ms for the shipped calendar). Events are frozen."""
-    return tuple(_from_ics(path) if path.suffix.lower() in (".ics", ".ical") else _from_toml(path))
+    return tuple(_from_ics(path, data) if _is_ics(path) else _from_toml(path, data))
 
 
 def load_events(files: Sequence[Path] = (), shipped: bool = True) -> list[Event]:
@@ -305,7 +305,7 @@ def load_events(files: Sequence[Path] = (), shipped: bool = True) -> list[Event]
     paths = ([shipped_events_path()] if shipped else []) + list(files)
     events: dict[str, Event] = {}
     for path in paths:
-        for event in _read(path, _version(path)):
+        for event in _parsed(path, _bytes(path)):
             if event.id in events:
                 raise ConfigError(f"{path}: event id {event.id!r} is already defined in {events[event.id].origin}")
             events[event.id] = event

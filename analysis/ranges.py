@@ -52,7 +52,7 @@ def load_range(
         latency = latency[latency["hour"] >= lo]
     if end is not None:
         latency = latency[latency["hour"] < end]
-    return _clipped(joined, start, end), latency.reset_index(drop=True)
+    return _clipped(joined, start, end), _plain(latency, Summary.empty().latency)
 
 
 def _joined(
@@ -73,11 +73,16 @@ def _joined(
 
 
 def _clipped(summary: Summary, start: pd.Timestamp | None, end: pd.Timestamp | None) -> Summary:
-    """The part of `summary` in [start, end), its frames numbered from 0 (whatever it was cut from)."""
+    """The part of `summary` in [start, end), its frames numbered from 0 and an empty one
+    `Summary.empty()`'s, whatever it was cut from."""
     if start is not None or end is not None:
         summary = summary.clip(start or pd.Timestamp.min.tz_localize("UTC"), end or pd.Timestamp.max.tz_localize("UTC"))
+    empty = Summary.empty()
     return Summary(
-        *(frame.reset_index(drop=True) for frame in (summary.runs, summary.hourly, summary.latency, summary.coverage))
+        _plain(summary.runs, empty.runs),
+        _plain(summary.hourly, empty.hourly),
+        _plain(summary.latency, empty.latency),
+        _plain(summary.coverage, empty.coverage),
     )
 
 
@@ -139,8 +144,10 @@ class Held:
     spread over the interval), so the raw rows are seldom the same for two pages. With
     `lag_s`, a summary of them younger than that is used though rounds came in since (the
     same cursor, the same paths), and made again in the background, between pages (`making`):
-    a page may then lag the store by `lag_s`, as a kept page does (web/cache.py). With none
-    (the default), every analysis is that of the store as it is."""
+    a page may then lag the store by `lag_s`, as a kept page does (web/cache.py). `version`
+    counts the summaries of the raw rows made, so a page made from one that lagged is known
+    to be behind once it is caught up (cache.Pages.state). With none (the default), every
+    analysis is that of the store as it is."""
 
     def __init__(self, db: Store, lag_s: float = 0.0) -> None:
         self.db = db
@@ -157,6 +164,7 @@ class Held:
         self._whole_lock = threading.Lock()
         self._making = 0  # pages being made (Held.making): a catch-up waits for none
         self._making_lock = threading.Lock()
+        self.version = 0  # summaries of the raw rows made so far
 
     def refresh(self) -> pd.Timestamp | None:
         """The store's cursor, with the summaries before it in memory."""
@@ -182,7 +190,9 @@ class Held:
                 latency = _stack(self._latency[self._latency["hour"] < start], latency)
             self._runs, self._hourly, self._latency, self._coverage = runs, hourly, latency, coverage
             self.cursor = cursor
-            return cursor
+        with self._whole_lock:
+            self._whole = None  # joined to the summaries of another cursor: not kept twice
+        return cursor
 
     def stored(self, start: pd.Timestamp | None, end: pd.Timestamp) -> Summary:
         """`_stored(db, start, end)` from memory: `end` at most the cursor `refresh` gave."""
@@ -251,6 +261,7 @@ class Held:
                 if _tail_state(self.db, cursor, slot_s) != state:
                     return None
                 kept = self._tail = _Tail(state, made, time.monotonic())
+                self.version += 1
         return kept
 
     @contextlib.contextmanager
@@ -268,7 +279,7 @@ class Held:
     def _may_lag(self, kept: _Tail, state: tuple[Any, ...]) -> bool:
         """Whether `kept` may stand for the raw rows of `state`: only rounds came in since."""
         same = kept.state[:2] == state[:2] and kept.state[-1] == state[-1]
-        return same and time.monotonic() - kept.made < self.lag_s
+        return same and _only_added(kept.state, state) and time.monotonic() - kept.made < self.lag_s
 
     def _catch_up(self, cursor: pd.Timestamp, slot_s: float) -> None:
         """The tail summarised again in the background, once the pages being made are."""
@@ -291,7 +302,11 @@ class Held:
             # the one before, is then unequal to the store's, and the next page catches up again
             made = summarise_raw(self.db, cursor, None, slot_s)
             with self._tail_lock:
+                now = self._tail
+                if now is not None and (now.state[:2] != state[:2] or not _only_added(now.state, state)):
+                    return  # the cursor moved, or a page summarised newer rows meanwhile: theirs stays
                 self._tail = kept = _Tail(state, made, began)
+                self.version += 1
             if self.cursor == cursor:
                 self._joined(kept, cursor)  # and joined to the stored ones: the next page cuts its range at once
         except Exception:  # the next page summarises in the foreground and reports what failed
@@ -301,6 +316,14 @@ class Held:
 def _own(kept: Summary) -> Summary:
     """A kept summary's frames are shared: each caller gets its own objects (copy on write does the rest)."""
     return Summary(*(frame.copy(deep=False) for frame in (kept.runs, kept.hourly, kept.latency, kept.coverage)))
+
+
+def _only_added(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
+    """Whether the raw rows of `new` (a _tail_state) can be those of `old` and more: the
+    counts and the newest starts never went down (a store replaced under the same cursor)."""
+    counts = new[2] >= old[2] and new[4] >= old[4]
+    newest = all(b is not None and b >= a for a, b in ((old[3], new[3]), (old[5], new[5])) if a is not None)
+    return counts and newest
 
 
 def _tail_state(db: Store, cursor: pd.Timestamp, slot_s: float) -> tuple[Any, ...]:

@@ -26,9 +26,11 @@ import pytest
 
 from analysis import ranges
 from analysis.frames import read_cursor
-from analysis.pipeline import Analysis, analyse
-from analysis.ranges import Held
+from analysis.pipeline import Analysis, analyse, analyse_config
+from analysis.ranges import Held, load_summary
+from analysis.web import pages
 from analysis.web.app import build_app, read_summaries
+from analysis.web.cache import Pages
 from bench.synth import build
 from probe.config import load_config
 
@@ -188,12 +190,21 @@ def test_the_raw_rows_after_the_cursor_are_summarised_once_per_state(
     for since, until in past[1:]:
         check(since, until)
         assert summarised == []
-    # the stored summaries and the tail joined once (Held.whole), every range above cut from it;
-    # a range that starts within a run's step before the cursor is joined for itself
+    # the stored summaries and the tail joined once (Held.whole), every range above cut from it
+    # (analyse reads from a week before the range: its baseline); a summary that starts within
+    # a run's step before the cursor is joined for itself, one a day before is cut from it
     assert held._whole is not None and held._whole[0] is held._tail
     whole = held._whole
-    check(cursor - pd.Timedelta(minutes=5), None)
-    assert summarised == [] and held._whole is whole
+    for start, cut in ((cursor - pd.Timedelta(minutes=5), False), (cursor - pd.Timedelta(days=1), True)):
+        assert (held.whole(cursor, start, None, 300) is not None) is cut
+        for name in ("runs", "hourly", "latency", "coverage"):
+            pd.testing.assert_frame_equal(
+                getattr(load_summary(fresh, start, None, 300), name),
+                getattr(load_summary(fresh, start, None, 300, held), name),
+                obj=name,
+            )
+    del summarised[:]  # the first load_summary of each: the store's own
+    assert held._whole is whole
     check(*among)
     assert summarised == [(cursor, pd.Timestamp(among[1]))]  # its end cuts the last rounds: from the store
     check(*past[1])
@@ -246,18 +257,54 @@ def test_a_server_may_lag_the_raw_rows_and_catches_up_in_the_background(
     summarised.clear()
     same(expected, analyse(fresh, *RANGES[1], held=held))
     assert summarised == [(cursor, None)]
+    held.lag_s = 600  # compaction moves the cursor: the summary of the rows after the old one is not used
+    build(fresh, 1, 3, end + pd.Timedelta(days=3), seed=8, keep_raw_days=7)
+    assert read_cursor(fresh) != cursor
+    same(analyse(fresh, *RANGES[1]), analyse(fresh, *RANGES[1], held=held))
+
+
+def config_for(db: Path) -> Path:
+    """A config that serves `db` (one target and path: the store's own are analysed)."""
+    config = db.parent / "tunnelwatch.toml"
+    config.write_text(
+        f'[vantage]\nname = "bench"\n[store]\npath = "{db}"\n'
+        '[[targets]]\nname = "t000"\ngroup = "blocked"\nkind = "http"\nurl = "https://t000.example/"\n'
+        '[[paths]]\nname = "direct"\nkind = "direct"\n'
+    )
+    return config
+
+
+def test_a_page_made_while_the_summary_lagged_is_made_again_once_caught_up(fresh: Path) -> None:
+    """cache.Pages: a page made from a lagging summary of the raw rows is behind the store;
+    once the summary is caught up it is made again, though no round came in since (the state
+    of a kept page holds the summary's version)."""
+    end = START + pd.Timedelta(days=45)
+    build(fresh, 1, 3, end, seed=5)
+    cfg = load_config(config_for(fresh))
+    kept = Pages(cfg, stale_s=0, fresh_s=0)  # a changed store: made again at once
+    held = pages.held(cfg)
+
+    def make() -> pd.Timestamp:
+        return analyse_config(cfg, None, None, held=held).summary.coverage["end"].max()
+
+    try:
+        first = kept.get(("p",), make)
+        build(fresh, 1, 3, end + pd.Timedelta(days=1), seed=6)  # a day of rounds more, then quiet
+        assert kept.get(("p",), make) == first  # made from the summary made a moment ago
+        deadline = time.monotonic() + 120
+        while held._catching_up is None or held._catching_up.is_alive():
+            assert time.monotonic() < deadline, "not caught up"
+            time.sleep(0.1)
+        assert kept.get(("p",), make) > first + pd.Timedelta(hours=23)
+    finally:
+        kept.close()
 
 
 def test_the_server_summarises_the_raw_rows_as_it_starts(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """read_summaries (serve's start) summarises the raw rows after the cursor too: a page over
     a year then summarises nothing, and says what `tunnelwatch outages` says."""
     build(fresh, 1, 3, START + pd.Timedelta(days=45), seed=5)  # a day of rounds after the compacted ones
-    config = fresh.parent / "tunnelwatch.toml"
-    config.write_text(
-        f'[vantage]\nname = "bench"\n[store]\npath = "{fresh}"\n'
-        '[[targets]]\nname = "t000"\ngroup = "blocked"\nkind = "http"\nurl = "https://t000.example/"\n'
-        '[[paths]]\nname = "direct"\nkind = "direct"\n'
-    )
+    config = config_for(fresh)
     printed = cli(Year(fresh, config), "outages", "--since", "2017-06-01", "--until", "2018-06-01")
     summarised = count_summaries(monkeypatch)
     cfg = load_config(config)

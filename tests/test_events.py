@@ -3,7 +3,9 @@ look up, and its confidence matches what that source can say."""
 
 from __future__ import annotations
 
+import os
 from datetime import date
+from pathlib import Path
 
 from analysis.events import load_events
 
@@ -26,3 +28,22 @@ def test_the_2018_spring_festival_is_the_state_councils_holiday() -> None:
     (festival,) = [e for e in load_events() if e.id == "spring-festival-2018"]
     assert (festival.start, festival.end) == (date(2018, 2, 15), date(2018, 2, 21))
     assert "State Council" in festival.source and "www.gov.cn" in festival.source
+
+
+def test_a_calendar_file_is_read_again_when_its_bytes_change_and_from_a_pipe(tmp_path: Path) -> None:
+    """load_events parses a file once per content: a rewrite of the same size (often within
+    the same clock tick) is read anew, and a pipe (`--events <(...)`) is read once, whole."""
+    text = '[[events]]\nid = "x"\ntitle = "t"\ncategory = "other"\nstart = 2018-03-0{day}\nend = 2018-03-0{day}\n'
+    path = tmp_path / "mine.toml"
+    for day in (1, 2, 1):
+        path.write_text(text.format(day=day))
+        (event,) = load_events([path], shipped=False)
+        assert event.start == date(2018, 3, day)
+    read, write = os.pipe()
+    os.write(write, text.format(day=3).encode())
+    os.close(write)
+    try:
+        (event,) = load_events([Path(f"/dev/fd/{read}")], shipped=False)
+    finally:
+        os.close(read)
+    assert event.start == date(2018, 3, 3)

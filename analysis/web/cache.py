@@ -2,7 +2,8 @@
 
 A page's facts are kept with the state of the store they were made from: the newest round's
 start and the summaries' cursor (two indexed reads, a millisecond), which change when the
-daemon stores a round or compacts. While the store has not changed, the kept facts are
+daemon stores a round or compacts, and the version of the raw rows' summary the server holds
+(ranges.Held), which changes when it is caught up. While the store has not changed, the kept facts are
 served. When it has, facts made less than FRESH_S ago are still served as they are (a live
 store changes with every target's round: without this, a page read often would be made over
 and over); facts made less than STALE_S ago are served and made again in the background (one
@@ -53,8 +54,10 @@ class Pages:
         self._background = ThreadPoolExecutor(1, thread_name_prefix="pages")
 
     def state(self) -> tuple[Any, ...]:
+        """The store's newest round and cursor, and which summary of its raw rows the server
+        holds: a page made from one that lagged the store is behind once it is caught up."""
         db = source(self.cfg)
-        return newest(self.cfg), read_cursor(db)
+        return newest(self.cfg), read_cursor(db), held(self.cfg).version
 
     def get(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
         state = self.state()
