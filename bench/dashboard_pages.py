@@ -141,7 +141,9 @@ def measure(
             )
     load = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nload average after: {load}; the process' peak resident memory: {peak:.0f} MB")
+    status = Path("/proc/self/status").read_text()
+    now = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+    print(f"\nload average after: {load}; the process' resident memory: {now:.0f} MB now, {peak:.0f} MB at the peak")
 
 
 def main() -> None:
