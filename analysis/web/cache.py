@@ -3,13 +3,14 @@
 A page's facts are kept with the state of the store they were made from: the newest round's
 start and the summaries' cursor (two indexed reads, a millisecond), which change when the
 daemon stores a round or compacts, and the version of the raw rows' summary the server holds
-(ranges.Held), which changes when it is caught up. While the store has not changed, the kept facts are
-served. When it has, facts made less than FRESH_S ago are still served as they are (a live
-store changes with every target's round: without this, a page read often would be made over
-and over); facts made less than STALE_S ago are served and made again in the background (one
-page at a time); older ones are made again while the request waits. A page is made from a
-summary of the raw rows after the cursor at most pages.TAIL_LAG_S old (ranges.Held). A page
-on a live store thus lags it by FRESH_S, TAIL_LAG_S and the time to make it, at most.
+(ranges.Held), which changes when it is caught up. While the store has not changed, the kept
+facts are served. When it has, facts made less than FRESH_S ago are still served as they are
+(a live store changes with every target's round: without this, a page read often would be
+made over and over); facts made less than STALE_S ago are served and made again in the
+background (one page at a time); older ones are made again while the request waits. A page
+is made from a summary of the raw rows after the cursor at most pages.TAIL_LAG_S old
+(ranges.Held). A page on a live store thus lags it by FRESH_S, TAIL_LAG_S and the time to
+make it, at most.
 """
 
 from __future__ import annotations
