@@ -25,14 +25,15 @@ import pandas as pd
 import pytest
 
 from analysis import ranges
-from analysis.frames import read_cursor
+from analysis.frames import load_paths, read_cursor
 from analysis.pipeline import Analysis, analyse, analyse_config
 from analysis.ranges import Held, load_summary
 from analysis.web import pages
 from analysis.web.app import build_app, read_summaries
 from analysis.web.cache import Pages
-from bench.synth import build
+from bench.synth import PATHS, build
 from probe.config import load_config
+from probe.store.sqlite import open_store
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette.testclient over httpx: deprecated, still working
@@ -250,6 +251,16 @@ def test_a_server_may_lag_the_raw_rows_and_catches_up_in_the_background(
     del summarised[1:]
     assert now.summary.coverage["end"].max() > before.summary.coverage["end"].max() + pd.Timedelta(hours=23)
     same(now, analyse(fresh, *RANGES[1], held=held))  # the store as it is
+    assert summarised == [(cursor, None)]
+    # a path's kind changed (the daemon records its paths as it starts): the summary made
+    # with the old ones is not used, however young
+    store = open_store(fresh)
+    store.record_paths([(name, "socks5" if name == "proxy" else kind, label, to) for name, kind, label, to in PATHS])
+    store.close()
+    assert "socks5" in set(load_paths(fresh).set_index("name").loc[["proxy"], "kind"])
+    expected = analyse(fresh, *RANGES[1])
+    summarised.clear()
+    same(expected, analyse(fresh, *RANGES[1], held=held))
     assert summarised == [(cursor, None)]
     held.lag_s = 0  # past the lag, the analysis summarises the new rounds itself
     build(fresh, 1, 3, end + pd.Timedelta(days=2), seed=7)
