@@ -230,8 +230,8 @@ class Held:
         from it is the one `load_summary` makes without it if it starts before the cursor by
         more than the longest step of a run (`merge_reach`: no run it leaves out could have
         been continued after the cursor); None for any other range."""
-        if start is not None and start >= cursor:
-            return None
+        if (start is not None and start >= cursor) or (end is not None and end <= cursor):
+            return None  # no raw row in the range, or no stored summary
         kept = self._kept_tail(cursor, end, slot_s)
         if kept is None:
             return None

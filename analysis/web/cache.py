@@ -28,6 +28,7 @@ from probe.config import Config
 
 from ..frames import read_cursor
 from ..pipeline import source
+from ..ranges import Held
 from .pages import held, newest
 
 log = logging.getLogger("tunnelwatch.serve")
@@ -53,12 +54,20 @@ class Pages:
         self._making: dict[tuple[Any, ...], Future[None]] = {}
         self._lock = threading.Lock()
         self._background = ThreadPoolExecutor(1, thread_name_prefix="pages")
+        self._held: Held | None = None
+
+    def held(self) -> Held:
+        """The store's kept summaries (pages.held), looked up once: finding the store may ask
+        the central PostgreSQL which vantage points it holds."""
+        if self._held is None:
+            self._held = held(self.cfg)
+        return self._held
 
     def state(self) -> tuple[Any, ...]:
         """The store's newest round and cursor, and which summary of its raw rows the server
         holds: a page made from one that lagged the store is behind once it is caught up."""
         db = source(self.cfg)
-        return newest(self.cfg), read_cursor(db), held(self.cfg).version
+        return newest(self.cfg), read_cursor(db), self.held().version
 
     def get(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
         state = self.state()
@@ -99,7 +108,7 @@ class Pages:
                 self._making.pop(key, None)
 
     def _make(self, key: tuple[Any, ...], make: Callable[[], Any], state: tuple[Any, ...]) -> Any:
-        with held(self.cfg).making():  # the raw rows' summary is caught up between pages
+        with self.held().making():  # the raw rows' summary is caught up between pages
             value = make()  # outside the lock: pages are made side by side
         with self._lock:
             self._kept[key] = Kept(state, value, time.monotonic())
