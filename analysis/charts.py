@@ -366,7 +366,9 @@ def latency_smoke(
             segments = np.stack([points[:-1], points[1:]], axis=1)
             rates = failure.fillna(0).to_numpy()[:-1]
             keep = ~np.isnan(segments).any(axis=(1, 2))
-            line = LineCollection(segments[keep], colors=_failure_colours(rates[keep]), linewidths=2)
+            # drawn right after the bands (zorder 1, as they are): on the dashboard the three are one
+            # image in the SVG rather than two (web/figures.py); the grid lines cross over them
+            line = LineCollection(segments[keep], colors=_failure_colours(rates[keep]), linewidths=2, zorder=1)
             ax.add_collection(line, autolim=False)  # the limits are set: no need to measure a year's segments
             ax.set_ylim(0, float(np.nanmax(q[0.9].to_numpy())) * 1.15 or 1)
         ax.set_ylabel(f"{label} (ms)")
@@ -475,7 +477,7 @@ def outage_timeline(
                 facecolor=NO_DATA,
                 hatch="///",
                 edgecolor="#888888",
-                zorder=3,
+                zorder=2,  # over the row's bars, drawn after them: with them one image on the dashboard
             )
     ax.set_yticks(range(first + len(paths)), lanes + paths)
     for label, name in zip(ax.get_yticklabels(), lanes + paths, strict=True):

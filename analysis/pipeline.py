@@ -59,10 +59,17 @@ def source(cfg: Config) -> Store:
 
 
 def analyse_config(
-    cfg: Config, since: datetime | None, until: datetime | None, *, held: Held | None = None, **filters: tuple[str, ...]
+    cfg: Config,
+    since: datetime | None,
+    until: datetime | None,
+    *,
+    held: Held | None = None,
+    loaded: Loaded | None = None,
+    **filters: tuple[str, ...],
 ) -> Analysis:
     """`analyse` with the config's store and settings; `held`: the store's summaries kept in
-    memory (ranges.Held), for a process that answers many ranges."""
+    memory (ranges.Held), for a process that answers many ranges; `loaded`: the range as
+    `load_config_range` read it already."""
     return analyse(
         source(cfg),
         since,
@@ -74,8 +81,18 @@ def analyse_config(
         degraded_factor=cfg.analysis.degraded_factor,
         degraded_min_ms=cfg.analysis.degraded_min_ms,
         held=held,
+        loaded=loaded,
         **filters,
     )
+
+
+Loaded = tuple[Summary, pd.DataFrame]  # a range's summary and the latency its degradation is judged against
+
+
+def load_config_range(cfg: Config, since: datetime | None, until: datetime | None, held: Held | None = None) -> Loaded:
+    """What `analyse_config` reads of the store, for a caller that uses the summary before the
+    outages are found (the dashboard draws its charts meanwhile)."""
+    return load_range(source(cfg), since, until, BASELINE, cfg.probe.interval_s, held)
 
 
 def analyse(
@@ -90,12 +107,13 @@ def analyse(
     degraded_factor: float = 3.0,
     degraded_min_ms: float = 50.0,
     held: Held | None = None,
+    loaded: Loaded | None = None,
 ) -> Analysis:
     # Verdicts compare a target's paths and look at control targets, so summaries cover
     # every target and path; the filters apply to the results. Latency is read from a week
     # earlier: degradation is judged against the 7 days before.
     start = None if since is None else pd.Timestamp(since)
-    summary, latency = load_range(db, since, until, BASELINE, slot_s, held)
+    summary, latency = load_range(db, since, until, BASELINE, slot_s, held) if loaded is None else loaded
     pairs = pair_outages(summary.runs, hysteresis)
     slow = degraded(latency, baseline=f"{BASELINE.days}D", factor=degraded_factor, min_increase_ms=degraded_min_ms)
     if start is not None and len(slow):

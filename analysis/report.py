@@ -11,8 +11,10 @@ import base64
 import html
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from functools import partial
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -29,6 +31,7 @@ from .eventstats import Method
 from .options import FIRST_YEAR, LAST_YEAR
 from .pipeline import Analysis, analyse_config, source
 from .ranges import load_summary
+from .summary import Summary
 
 ISO_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
 # The years whose weeks, with the weeks a report looks at around them, pandas' timestamps hold.
@@ -152,20 +155,35 @@ def _within(result: Analysis, w: Week) -> Analysis:
     return Analysis(result.summary.clip(w.start, w.end), _clip(result.pairs, w), _clip(result.paths, w))
 
 
+Chart = Callable[[], Figure]  # a chart with its data, drawn when called: picklable (functools.partial)
+
+
+def summary_charts(w: Week, summary: Summary, step: pd.Timedelta = HOUR) -> dict[str, Chart]:
+    """The availability heatmap and the latency chart: they need the summary alone, not the
+    outages (the dashboard draws them while it finds those); with a `step` longer than an
+    hour, drawn per step (charts.coarser): a year is drawn by day."""
+    hourly, latency = (
+        (summary.hourly, summary.latency) if step == HOUR else coarser(summary.hourly, summary.latency, w.start, step)
+    )
+    return {
+        "availability": partial(availability_heatmap, hourly, w.start, w.end, w.tz, step),
+        "latency": partial(latency_smoke, latency, hourly, w.start, w.end, w.tz, step=step),
+    }
+
+
+def outage_chart(cfg: Config, w: Week, events: list[Event], result: Analysis) -> Chart:
+    s = result.summary
+    paths = sorted(s.hourly["path"].astype(str).unique()) if len(s.hourly) else [p.name for p in cfg.paths]
+    return partial(outage_timeline, _clip(result.paths, w), s.gaps(w.start, w.end), events, paths, w.start, w.end, w.tz)
+
+
 def weekly_figures(
     cfg: Config, w: Week, events: list[Event], result: Analysis | None = None, step: pd.Timedelta = HOUR
 ) -> dict[str, Figure]:
-    """The weekly charts; with a `step` longer than an hour, availability and latency are
-    drawn per step (charts.coarser): a year is drawn by day."""
+    """The weekly charts: availability, latency (`summary_charts`) and the outage timeline."""
     result = result or analyse_week(cfg, w)
-    s = result.summary
-    paths = sorted(s.hourly["path"].astype(str).unique()) if len(s.hourly) else [p.name for p in cfg.paths]
-    hourly, latency = (s.hourly, s.latency) if step == HOUR else coarser(s.hourly, s.latency, w.start, step)
-    return {
-        "availability": availability_heatmap(hourly, w.start, w.end, w.tz, step),
-        "latency": latency_smoke(latency, hourly, w.start, w.end, w.tz, step=step),
-        "outages": outage_timeline(_clip(result.paths, w), s.gaps(w.start, w.end), events, paths, w.start, w.end, w.tz),
-    }
+    charts = {**summary_charts(w, result.summary, step), "outages": outage_chart(cfg, w, events, result)}
+    return {name: chart() for name, chart in charts.items()}
 
 
 def save_figures(figures: dict[str, Figure], out: Path, label: str, fmt: str) -> list[Path]:

@@ -1,0 +1,147 @@
+"""Drawing the History page's charts, as SVG to inline in the page or as PNG, here or in a
+process of its own.
+
+Over a year, drawing the three charts is most of the page's work (matplotlib holds the
+interpreter while it draws), and two of them, availability and latency, need only the
+range's summary: `later` draws those in a child process while this one finds the outages
+and draws the outage timeline, so a page takes the longer of the two halves rather than
+their sum. One child: the page has two halves to overlap, and a vantage point two cores or
+fewer. With one CPU, or if the child dies (the kernel's OOM killer, a signal), the charts are
+drawn here; a new child is started for the next page. The child is forked from a fork server
+that imported matplotlib (multiprocessing's forkserver: never a fork of this process and its
+threads), runs at this process' priority (the daemon starts `serve` at nice 10) and ignores
+Ctrl-C, which the terminal sends to the whole process group: `serve` stops it as it exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import logging
+import multiprocessing
+import os
+import re
+import select
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import matplotlib
+from matplotlib.collections import LineCollection, PolyCollection, QuadMesh
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedFormatter
+
+log = logging.getLogger("tunnelwatch.serve")
+Chart = Callable[[], Figure]  # report.Chart: a chart with its data (a functools.partial)
+Drawn = dict[str, str | bytes]
+SVG_HEAD = re.compile(r"^.*?(?=<svg)", re.DOTALL)
+
+
+def dense_as_images(figure: Figure) -> None:
+    """The dense artists of the time axes (the heatmap's hours, the latency bands and lines,
+    the outage bars) drawn as an image inside the SVG: a chart is one picture rather than
+    thousands of vector shapes (a week's heatmap was 250 KiB of them, and most of its writing
+    time). The time axes are found by their fixed labels (charts._time_axis)."""
+    timed = [ax for ax in figure.axes if isinstance(ax.xaxis.get_major_formatter(), FixedFormatter)]
+    for ax in timed:
+        for artist in ax.get_children():
+            if isinstance(artist, (QuadMesh, LineCollection, PolyCollection)):
+                artist.set_rasterized(True)
+
+
+def svg(figure: Figure) -> str:
+    """The figure as an <svg> element to put in a page (no XML prologue, no DOCTYPE)."""
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text: selectable, found by a search
+        figure.savefig(buffer, format="svg")
+    return SVG_HEAD.sub("", buffer.getvalue(), count=1)
+
+
+def png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def drawn(charts: dict[str, Chart], fmt: str) -> Drawn:
+    """Each chart drawn, as `svg` or `png`."""
+    out: Drawn = {}
+    for name, chart in charts.items():
+        figure = chart()
+        dense_as_images(figure)
+        out[name] = svg(figure) if fmt == "svg" else png(figure)
+    return out
+
+
+def _child(parent: int) -> None:
+    """The drawing child's start: Ctrl-C is the parent's to handle, and the child exits when the
+    parent does, however it ends (a killed parent leaves its pool's workers waiting for work
+    that never comes, and the fork server waiting for them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        handle = os.pidfd_open(parent)
+    except ProcessLookupError:
+        os._exit(0)
+
+    def watch() -> None:
+        select.select([handle], [], [])  # readable once the parent has exited
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent", daemon=True).start()
+
+
+_pool: ProcessPoolExecutor | None = None
+_lock = threading.Lock()
+
+
+def _executor() -> ProcessPoolExecutor | None:
+    """The child that draws, started with the first page that asks for it; None with one CPU."""
+    global _pool
+    with _lock:
+        if _pool is None and len(os.sched_getaffinity(0)) > 1:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__, "analysis.charts"])
+            _pool = ProcessPoolExecutor(1, mp_context=context, initializer=_child, initargs=(os.getpid(),))
+            # shut down as this process exits, its queues let go of: else multiprocessing's
+            # resource tracker warns of "leaked semaphore objects" as it stops
+            atexit.register(_pool.shutdown)
+        return _pool
+
+
+def _lost(pool: ProcessPoolExecutor, exc: BaseException) -> None:
+    global _pool
+    with _lock:
+        if _pool is pool:
+            log.warning("the process drawing the charts is gone (%s); drawing them here, in a new one next time", exc)
+            _pool = None
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def later(charts: dict[str, Chart], fmt: str) -> Callable[[], Drawn]:
+    """`drawn(charts, fmt)` started in the child; the function returned waits for it (or, with
+    no child, draws them then)."""
+    pool = _executor()
+    future: Future[Drawn] | None = None
+    if pool is not None:
+        try:
+            future = pool.submit(drawn, charts, fmt)
+        except (BrokenProcessPool, RuntimeError) as exc:  # RuntimeError: shut down as the process exits
+            _lost(pool, exc)
+
+    def result() -> Drawn:
+        if future is not None and pool is not None:
+            try:
+                return future.result()
+            except BrokenProcessPool as exc:
+                _lost(pool, exc)
+        return drawn(charts, fmt)
+
+    return result
+
+
+def child_pid() -> int | None:
+    """The drawing child's process id (started if need be), None with no child: for the tests."""
+    pool = _executor()
+    return None if pool is None else pool.submit(os.getpid).result()

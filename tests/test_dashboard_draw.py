@@ -1,0 +1,105 @@
+"""The History page's charts drawn in a child process (analysis/web/draw.py): the same bytes as
+drawn here, drawn here when the child is killed and a new child started for the next page,
+and the child gone when its parent is killed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis.events import load_events
+from analysis.report import analyse_week, outage_chart, summary_charts, week
+from analysis.web import draw
+from probe.config import load_config
+from tests.analysis_data import analysis_config, realistic_week
+
+TZ = "Asia/Shanghai"
+
+
+@pytest.fixture(scope="module")
+def charts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, draw.Chart]:
+    tmp = tmp_path_factory.mktemp("week")
+    realistic_week(tmp / "tw.db")
+    cfg = load_config(analysis_config(tmp, tmp / "tw.db"))
+    w = week("2018-W10", TZ)
+    result = analyse_week(cfg, w)
+    return {**summary_charts(w, result.summary), "outages": outage_chart(cfg, w, load_events(), result)}
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg"])
+def test_charts_drawn_in_the_child_are_those_drawn_here(charts: dict[str, draw.Chart], fmt: str) -> None:
+    child = draw.child_pid()
+    assert child is not None and child != os.getpid()  # CI's machines have two CPUs or more
+    there, here = draw.later(charts, fmt)(), draw.drawn(charts, fmt)
+    assert list(there) == ["availability", "latency", "outages"]
+    if fmt == "png":
+        assert there == here
+    else:  # matplotlib names an SVG's clip paths and images at random: compare what is drawn
+        for name in charts:
+            assert there[name].startswith("<svg") and len(there[name]) > 10_000
+            assert abs(len(there[name]) - len(here[name])) < 200, name
+
+
+def test_a_killed_child_costs_no_page(charts: dict[str, draw.Chart], caplog: pytest.LogCaptureFixture) -> None:
+    """The OOM killer or a stray signal takes the drawing child: the page is drawn here, and
+    the next page has a new child."""
+    first = draw.child_pid()
+    assert first is not None
+    pending = draw.later(charts, "png")  # submitted to the child, which is killed before it answers
+    os.kill(first, signal.SIGKILL)
+    assert _gone(first, 10)
+    with caplog.at_level(logging.WARNING, logger="tunnelwatch.serve"):
+        answer = pending()
+    assert answer == draw.drawn(charts, "png")
+    assert "the process drawing the charts is gone" in caplog.text
+    again = draw.later(charts, "png")()  # a new child
+    assert again == answer
+    second = draw.child_pid()
+    assert second is not None and second != first and second != os.getpid()
+
+
+def test_the_child_exits_with_its_parent(tmp_path: Path) -> None:
+    """A killed `serve` (SIGKILL leaves it no time to stop its pool) leaves no drawing child
+    and no fork server behind."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from analysis.web import draw\n"
+        "if __name__ == '__main__':\n"
+        "    print(draw.child_pid(), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # the resource tracker's complaint as the killed parent's pool goes
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            child = int(parent.stdout.readline())
+            server = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the child's parent
+            assert server != parent.pid and not _gone(child, 0.5)
+        finally:
+            parent.kill()
+    assert _gone(child, 20), "the drawing child outlived its parent"
+    assert _gone(server, 20), "the fork server outlived its parent"
