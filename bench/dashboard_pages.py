@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
 import shutil
 import sqlite3
@@ -45,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from analysis.web import draw  # noqa: E402
 from analysis.web.app import build_app, read_summaries  # noqa: E402
 from probe.config import Config, StoreSettings, load_config  # noqa: E402
 
@@ -121,7 +123,10 @@ def measure(
         if not cold:
             began = time.perf_counter()
             read_summaries(cfg)  # as `serve` does as it starts: read, then frozen out of the collector's walks
-            print(f"start-up: the store's summaries read into memory in {time.perf_counter() - began:.2f} s\n")
+            print(f"start-up: the store's summaries read into memory in {time.perf_counter() - began:.2f} s")
+            began = time.perf_counter()
+            child = draw.child_pid()  # as serve's first History page (warmed as it starts) starts it
+            print(f"start-up: the drawing child (pid {child}) started in {time.perf_counter() - began:.2f} s\n")
         print("| page | made from scratch | its CPU | kept | size |\n|---|---|---|---|---|")
         for url in pages:
             times, cpu = [], []
@@ -129,10 +134,12 @@ def measure(
             if between is not None:
                 between()  # the daemon stored rounds since the last page
             for _ in range(2):
-                began, busy = time.perf_counter(), time.process_time()
+                child = draw.child_pid()
+                busy = time.process_time() + _child_cpu(child)
+                began = time.perf_counter()
                 answer = client.get(url)
                 times.append(time.perf_counter() - began)
-                cpu.append(time.process_time() - busy)
+                cpu.append(time.process_time() + _child_cpu(child) - busy)
                 if answer.status_code != 200:
                     raise SystemExit(f"{url}: {answer.status_code} {answer.text[:300]}")
             print(
@@ -144,6 +151,26 @@ def measure(
     status = Path("/proc/self/status").read_text()
     now = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
     print(f"\nload average after: {load}; the process' resident memory: {now:.0f} MB now, {peak:.0f} MB at the peak")
+    child = draw.child_pid()
+    if child is not None:
+        server = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        print(
+            f"the drawing child's resident memory: {_memory(child, 'VmRSS')} MB now, {_memory(child, 'VmHWM')} MB "
+            f"at the peak, {_memory(child, 'RssAnon')} MB of it its own; the fork server's: {_memory(server, 'VmRSS')} MB"
+        )
+
+
+def _child_cpu(child: int | None) -> float:
+    """The drawing child's CPU time so far (draw.py): a page's charts are drawn there in part."""
+    if child is None:
+        return 0.0
+    fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _memory(pid: int, field: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(f"{field}:"))) // 1024
 
 
 def main() -> None:

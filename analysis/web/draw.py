@@ -7,10 +7,11 @@ range's summary: `later` draws those in a child process while this one finds the
 and draws the outage timeline, so a page takes the longer of the two halves rather than
 their sum. One child: the page has two halves to overlap, and a vantage point two cores or
 fewer. With one CPU, or if the child dies (the kernel's OOM killer, a signal), the charts are
-drawn here; a new child is started for the next page. The child is forked from a fork server
-that imported matplotlib (multiprocessing's forkserver: never a fork of this process and its
-threads), runs at this process' priority (the daemon starts `serve` at nice 10) and ignores
-Ctrl-C, which the terminal sends to the whole process group: `serve` stops it as it exits.
+drawn here; a new child is started for the next page. The child is a new interpreter
+(multiprocessing's spawn: never a fork of this process and its threads; a fork server would
+hold another 140 MB), runs at this process' priority (the daemon starts `serve` at nice 10),
+ignores Ctrl-C, which the terminal sends to the whole process group, and exits with its
+parent, however that ends.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def drawn(charts: dict[str, Chart], fmt: str) -> Drawn:
 def _child(parent: int) -> None:
     """The drawing child's start: Ctrl-C is the parent's to handle, and the child exits when the
     parent does, however it ends (a killed parent leaves its pool's workers waiting for work
-    that never comes, and the fork server waiting for them)."""
+    that never comes)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         handle = os.pidfd_open(parent)
@@ -101,8 +102,7 @@ def _executor() -> ProcessPoolExecutor | None:
     global _pool
     with _lock:
         if _pool is None and len(os.sched_getaffinity(0)) > 1:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__, "analysis.charts"])
+            context = multiprocessing.get_context("spawn")
             _pool = ProcessPoolExecutor(1, mp_context=context, initializer=_child, initargs=(os.getpid(),))
             # shut down as this process exits, its queues let go of: else multiprocessing's
             # resource tracker warns of "leaked semaphore objects" as it stops
