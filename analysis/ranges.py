@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from probe.errors import TunnelwatchError
 from probe.store.schema import COVERAGE, HOURLY, HOURLY_LATENCY, VERDICT_RUNS, to_ms
 
 from .frames import HOUR_MS, ROUND_SPAN, Store, _query, _rows, _where, load_paths, read_cursor, summarise_raw
@@ -309,6 +310,8 @@ class Held:
                 self.version += 1
             if self.cursor == cursor:
                 self._joined(kept, cursor)  # and joined to the stored ones: the next page cuts its range at once
+        except TunnelwatchError as exc:  # the store gone or unreadable: said, the next page says it too
+            log.warning("summarising the raw rows after the cursor: %s", exc)
         except Exception:  # the next page summarises in the foreground and reports what failed
             log.exception("summarising the raw rows after the cursor")
 

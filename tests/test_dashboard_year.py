@@ -11,6 +11,7 @@ without those kept summaries is compared frame by frame. Speed is bench/dashboar
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -272,6 +273,26 @@ def test_a_server_may_lag_the_raw_rows_and_catches_up_in_the_background(
     build(fresh, 1, 3, end + pd.Timedelta(days=3), seed=8, keep_raw_days=7)
     assert read_cursor(fresh) != cursor
     same(analyse(fresh, *RANGES[1]), analyse(fresh, *RANGES[1], held=held))
+
+
+def test_a_catch_up_of_a_store_gone_says_so_without_a_traceback(fresh: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The store removed (a copy served, then deleted) while its summary is caught up in the
+    background: a warning naming it, no traceback in the log."""
+    held = Held(fresh, lag_s=600)
+    analyse(fresh, *RANGES[1], held=held)
+    build(fresh, 1, 3, START + pd.Timedelta(days=45), seed=5)  # rounds after the kept summary
+    with caplog.at_level(logging.WARNING, logger="tunnelwatch.serve"):
+        with held.making():  # the catch-up waits for the page being made (up to ranges.YIELD_S)
+            analyse(fresh, *RANGES[1], held=held)  # the kept summary, and a catch-up started
+            for path in fresh.parent.glob(f"{fresh.name}*"):
+                path.unlink()
+        thread = held._catching_up
+        assert thread is not None
+        thread.join(60)
+        assert not thread.is_alive()
+    [record] = [r for r in caplog.records if "summarising the raw rows" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert str(fresh) in record.getMessage() and "no store there" in record.getMessage()
 
 
 def config_for(db: Path) -> Path:
