@@ -5,8 +5,12 @@ start): the store's summaries are first read into memory and the raw rows after 
 summarised, as a `tunnelwatch serve` process does as it starts (ranges.Held, timed apart:
 "start-up"); then each page is asked for twice,
 made from scratch the first time (a range this process has never computed), kept the second.
-Its CPU: the process' CPU time (every thread's) while the page was made, which the other
-work on a shared machine inflates less than the wall time.
+Its CPU: the process' CPU time (every thread's) while the page was made, and its drawing
+child's (analysis/web/draw.py: History's availability and latency charts, read from /proc),
+which the other work on a shared machine inflates less than the wall time. With --repeat N,
+History is then made over N more ranges of the same length, each a day later, each from
+scratch: the median and range of N samples (one page's time varies by a third from run to
+run on a shared machine).
 Now, History, Outages, Events and Reports with their defaults, then History, Outages and
 Events over [--since, --until) (a year of the synthetic store by default). With --cold, the
 summaries are not read beforehand: the first page pays for it.
@@ -23,7 +27,7 @@ With --postgres, the store is first forwarded to a throwaway PostgreSQL cluster 
 and the pages are served from there (analysis.store = the cluster's URL).
 
 Usage: .venv/bin/python bench/dashboard_pages.py CONFIG [--since 2018-03-01] [--until 2019-03-01]
-       [--cold] [--postgres | --live HOURS [--pause SECONDS]]
+       [--cold] [--postgres | --live HOURS [--pause SECONDS]] [--repeat N]
 (CONFIG's store.path, e.g. the synthetic year of bench/synth.py STORE.db --days 365 --compact)
 """
 
@@ -35,18 +39,22 @@ import os
 import resource
 import shutil
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analysis.web import draw  # noqa: E402
+try:
+    from analysis.web import draw  # noqa: E402
+except ImportError:  # a tree from before the drawing child (measured against: RESULTS.md)
+    draw = None  # type: ignore[assignment]
 from analysis.web.app import build_app, read_summaries  # noqa: E402
 from probe.config import Config, StoreSettings, load_config  # noqa: E402
 
@@ -112,7 +120,12 @@ def live(cfg_path: Path, hours: float) -> Iterator[tuple[Path, Callable[[], None
 
 
 def measure(
-    cfg: Config, pages: list[str], cold: bool, between: Callable[[], None] | None = None, pause: float = 0.0
+    cfg: Config,
+    pages: list[str],
+    cold: bool,
+    between: Callable[[], None] | None = None,
+    pause: float = 0.0,
+    again: list[str] | None = None,
 ) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # starlette.testclient over httpx: deprecated, still working
@@ -125,7 +138,7 @@ def measure(
             read_summaries(cfg)  # as `serve` does as it starts: read, then frozen out of the collector's walks
             print(f"start-up: the store's summaries read into memory in {time.perf_counter() - began:.2f} s")
             began = time.perf_counter()
-            child = draw.child_pid()  # as serve's first History page (warmed as it starts) starts it
+            child = _child_pid()  # as serve's first History page (warmed as it starts) starts it
             print(f"start-up: the drawing child (pid {child}) started in {time.perf_counter() - began:.2f} s\n")
         print("| page | made from scratch | its CPU | kept | size |\n|---|---|---|---|---|")
         for url in pages:
@@ -134,7 +147,7 @@ def measure(
             if between is not None:
                 between()  # the daemon stored rounds since the last page
             for _ in range(2):
-                child = draw.child_pid()
+                child = _child_pid()
                 busy = time.process_time() + _child_cpu(child)
                 began = time.perf_counter()
                 answer = client.get(url)
@@ -146,18 +159,39 @@ def measure(
                 f"| `{url}` | {times[0]:.2f} s | {cpu[0]:.2f} s | {times[1] * 1000:.0f} ms | "
                 f"{len(answer.content) / 1024:.0f} KiB |"
             )
+        if again:
+            made, used = [], []
+            for url in again:  # each a range this process has not made: made from scratch
+                time.sleep(pause)
+                if between is not None:
+                    between()
+                child = _child_pid()
+                busy = time.process_time() + _child_cpu(child)
+                began = time.perf_counter()
+                if client.get(url).status_code != 200:
+                    raise SystemExit(f"{url}: not answered")
+                made.append(time.perf_counter() - began)
+                used.append(time.process_time() + _child_cpu(child) - busy)
+            print(
+                f"\n{len(again)} more ranges of the same length, each a day later (`{again[0]}` ...), each made "
+                f"from scratch: median {statistics.median(made):.2f} s ({min(made):.2f}-{max(made):.2f} s), its CPU "
+                f"median {statistics.median(used):.2f} s ({min(used):.2f}-{max(used):.2f} s)"
+            )
     load = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     status = Path("/proc/self/status").read_text()
     now = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
     print(f"\nload average after: {load}; the process' resident memory: {now:.0f} MB now, {peak:.0f} MB at the peak")
-    child = draw.child_pid()
+    child = _child_pid()
     if child is not None:
-        server = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])
         print(
             f"the drawing child's resident memory: {_memory(child, 'VmRSS')} MB now, {_memory(child, 'VmHWM')} MB "
-            f"at the peak, {_memory(child, 'RssAnon')} MB of it its own; the fork server's: {_memory(server, 'VmRSS')} MB"
+            f"at the peak, {_memory(child, 'RssAnon')} MB of it not shared (no file behind it)"
         )
+
+
+def _child_pid() -> int | None:
+    return None if draw is None else draw.child_pid()
 
 
 def _child_cpu(child: int | None) -> float:
@@ -182,18 +216,24 @@ def main() -> None:
     parser.add_argument("--postgres", action="store_true", help="serve from PostgreSQL, the store forwarded there")
     parser.add_argument("--live", type=float, metavar="HOURS", help="raw rows after the cursor, more before each page")
     parser.add_argument("--pause", type=float, default=0.0, metavar="SECONDS", help="between one page and the next")
+    parser.add_argument("--repeat", type=int, default=0, metavar="N", help="History over N more ranges, a day apart")
     args = parser.parse_args()
     span = f"since={args.since}&until={args.until}"
     pages = ["/", "/history", "/outages", "/events", "/reports"]
     pages += [f"/history?{span}", f"/outages?{span}", f"/events?{span}"]
+    shifted = [
+        (datetime.fromisoformat(args.since) + timedelta(days=k), datetime.fromisoformat(args.until) + timedelta(days=k))
+        for k in range(1, args.repeat + 1)
+    ]
+    again = [f"/history?since={a:%Y-%m-%d}&until={b:%Y-%m-%d}" for a, b in shifted]
     if args.postgres:
         with central(args.config) as config:
-            measure(load_config(config), pages, args.cold)
+            measure(load_config(config), pages, args.cold, again=again)
     elif args.live is not None:
         with live(args.config, args.live) as (config, write):
-            measure(load_config(config), pages, args.cold, write, args.pause)
+            measure(load_config(config), pages, args.cold, write, args.pause, again)
     else:
-        measure(load_config(args.config), pages, args.cold)
+        measure(load_config(args.config), pages, args.cold, again=again)
 
 
 if __name__ == "__main__":

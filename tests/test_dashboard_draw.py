@@ -77,6 +77,22 @@ def test_a_killed_child_costs_no_page(charts: dict[str, draw.Chart], caplog: pyt
     assert second is not None and second != first and second != os.getpid()
 
 
+def test_children_lost_again_and_again_leave_the_drawing_here(
+    charts: dict[str, draw.Chart], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that keeps dying (killed at each page, or unable to start) costs each page a new
+    one: after draw.LOSSES, the charts are drawn here and no child is started again."""
+    monkeypatch.setattr(draw, "_losses", draw.LOSSES - 1)
+    child = draw.child_pid()
+    assert child is not None
+    os.kill(child, signal.SIGKILL)
+    assert _gone(child, 10)
+    with caplog.at_level(logging.WARNING, logger="tunnelwatch.serve"):
+        assert draw.later(charts, "png")() == draw.drawn(charts, "png")
+    assert f"from now on ({draw.LOSSES} lost)" in caplog.text
+    assert draw.child_pid() is None
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

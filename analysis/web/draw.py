@@ -25,6 +25,7 @@ import re
 import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -81,13 +82,19 @@ def _child(parent: int) -> None:
     parent does, however it ends (a killed parent leaves its pool's workers waiting for work
     that never comes)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handle: int | None = None
     try:
         handle = os.pidfd_open(parent)
     except ProcessLookupError:
         os._exit(0)
+    except OSError:  # a kernel older than Linux 5.3: asked every second instead
+        pass
 
     def watch() -> None:
-        select.select([handle], [], [])  # readable once the parent has exited
+        if handle is not None:
+            select.select([handle], [], [])  # readable once the parent has exited
+        while handle is None and os.getppid() == parent:
+            time.sleep(1)
         os._exit(0)
 
     threading.Thread(target=watch, name="parent", daemon=True).start()
@@ -95,13 +102,15 @@ def _child(parent: int) -> None:
 
 _pool: ProcessPoolExecutor | None = None
 _lock = threading.Lock()
+_losses = 0
+LOSSES = 3  # children lost before the charts are drawn here for good (one that cannot start, say)
 
 
 def _executor() -> ProcessPoolExecutor | None:
     """The child that draws, started with the first page that asks for it; None with one CPU."""
     global _pool
     with _lock:
-        if _pool is None and len(os.sched_getaffinity(0)) > 1:
+        if _pool is None and _losses < LOSSES and len(os.sched_getaffinity(0)) > 1:
             context = multiprocessing.get_context("spawn")
             _pool = ProcessPoolExecutor(1, mp_context=context, initializer=_child, initargs=(os.getpid(),))
             # shut down as this process exits, its queues let go of: else multiprocessing's
@@ -111,10 +120,12 @@ def _executor() -> ProcessPoolExecutor | None:
 
 
 def _lost(pool: ProcessPoolExecutor, exc: BaseException) -> None:
-    global _pool
+    global _pool, _losses
     with _lock:
         if _pool is pool:
-            log.warning("the process drawing the charts is gone (%s); drawing them here, in a new one next time", exc)
+            _losses += 1
+            again = "in a new one next time" if _losses < LOSSES else f"and from now on ({LOSSES} lost)"
+            log.warning("the process drawing the charts is gone (%s); drawing them here, %s", exc, again)
             _pool = None
     pool.shutdown(wait=False, cancel_futures=True)
 
