@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -35,28 +37,39 @@ def charts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, draw.Chart]:
 
 
 def _gone(pid: int, within_s: float) -> bool:
+    """Whether the process has exited (a zombie has: its parent may be an init that never reaps)."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
             return True
         time.sleep(0.05)
     return False
 
 
+# what differs between two drawings: names drawn at random (svg.hashsalt unset), the time of drawing
+SVG_IDS = re.compile(r'(id="|url\(#|xlink:href="#)[^")]*|<dc:date>[^<]*')
+
+
 @pytest.mark.parametrize("fmt", ["png", "svg"])
 def test_charts_drawn_in_the_child_are_those_drawn_here(charts: dict[str, draw.Chart], fmt: str) -> None:
     child = draw.child_pid()
-    assert child is not None and child != os.getpid()  # CI's machines have two CPUs or more
+    if len(os.sched_getaffinity(0)) == 1:
+        assert child is None  # one CPU: drawn here, nothing to overlap
+    else:
+        assert child is not None and child != os.getpid()
     there, here = draw.later(charts, fmt)(), draw.drawn(charts, fmt)
     assert list(there) == ["availability", "latency", "outages"]
     if fmt == "png":
         assert there == here
-    else:  # matplotlib names an SVG's clip paths and images at random: compare what is drawn
+    else:  # the same but for the names matplotlib draws at random
         for name in charts:
-            assert there[name].startswith("<svg") and len(there[name]) > 10_000
-            assert abs(len(there[name]) - len(here[name])) < 200, name
+            text = there[name]
+            assert isinstance(text, str) and text.startswith("<svg") and len(text) > 10_000
+            assert SVG_IDS.sub("", text) == SVG_IDS.sub("", str(here[name])), name
 
 
 def test_a_killed_child_costs_no_page(charts: dict[str, draw.Chart], caplog: pytest.LogCaptureFixture) -> None:
@@ -70,11 +83,28 @@ def test_a_killed_child_costs_no_page(charts: dict[str, draw.Chart], caplog: pyt
     with caplog.at_level(logging.WARNING, logger="tunnelwatch.serve"):
         answer = pending()
     assert answer == draw.drawn(charts, "png")
-    assert "the process drawing the charts is gone" in caplog.text
+    assert "the process drawing the charts is lost" in caplog.text
     again = draw.later(charts, "png")()  # a new child
     assert again == answer
     second = draw.child_pid()
     assert second is not None and second != first and second != os.getpid()
+
+
+def test_a_child_that_does_not_answer_costs_no_page(
+    charts: dict[str, draw.Chart], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped (or stuck) child: after draw.ANSWER_S the page is drawn here."""
+    monkeypatch.setattr(draw, "ANSWER_S", 2.0)
+    child = draw.child_pid()
+    assert child is not None
+    os.kill(child, signal.SIGSTOP)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tunnelwatch.serve"):
+            assert draw.later(charts, "png")() == draw.drawn(charts, "png")
+        assert "no answer in 2 s" in caplog.text
+        assert draw.child_pid() not in (None, child)  # a new one
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_children_lost_again_and_again_leave_the_drawing_here(
@@ -122,6 +152,7 @@ def test_the_child_exits_with_its_parent(tmp_path: Path) -> None:
     ) as parent:
         try:
             assert parent.stdout is not None
+            assert select.select([parent.stdout], [], [], 120)[0], "the parent did not start its child"
             child = int(parent.stdout.readline())
             helpers = _children(parent.pid)
             assert child in helpers and not _gone(child, 0.5)

@@ -35,7 +35,7 @@ from probe.config import Config
 from probe.errors import ConfigError, TunnelwatchError
 
 from ..options import When
-from . import pages
+from . import draw, pages
 from .cache import Pages
 from .figures import CHARTS, history_charts
 
@@ -228,6 +228,7 @@ def build_app(cfg: Config, *, credentials: tuple[str, str] | None = None, warm: 
                 kept.refresh(key, make)
         yield
         kept.close()
+        draw.close()  # uvicorn ends the process by SIGTERM again after this: atexit would not run
 
     middleware = [Middleware(BaseHTTPMiddleware, dispatch=_basic_auth(credentials))] if credentials else []
     return Starlette(

@@ -6,8 +6,10 @@ interpreter while it draws), and two of them, availability and latency, need onl
 range's summary: `later` draws those in a child process while this one finds the outages
 and draws the outage timeline, so a page takes the longer of the two halves rather than
 their sum. One child: the page has two halves to overlap, and a vantage point two cores or
-fewer. With one CPU, or if the child dies (the kernel's OOM killer, a signal), the charts are
-drawn here; a new child is started for the next page. The child is a new interpreter
+fewer. With one CPU, or if the child dies (the kernel's OOM killer, a signal) or does not
+answer within ANSWER_S, the charts are drawn here; a new child is started for the next page,
+unless LOSSES children in a row were lost so (one that cannot start, say): then they are
+drawn here from then on. The child is a new interpreter
 (multiprocessing's spawn: never a fork of this process and its threads; a fork server would
 hold another 140 MB), runs at this process' priority (the daemon starts `serve` at nice 10),
 ignores Ctrl-C, which the terminal sends to the whole process group, and exits with its
@@ -102,8 +104,9 @@ def _child(parent: int) -> None:
 
 _pool: ProcessPoolExecutor | None = None
 _lock = threading.Lock()
-_losses = 0
-LOSSES = 3  # children lost before the charts are drawn here for good (one that cannot start, say)
+_losses = 0  # children lost in a row
+LOSSES = 3  # lost in a row before the charts are drawn here for good
+ANSWER_S = 60.0  # a year's charts take under a second: a child this late is stuck
 
 
 def _executor() -> ProcessPoolExecutor | None:
@@ -125,7 +128,8 @@ def _lost(pool: ProcessPoolExecutor, exc: BaseException) -> None:
         if _pool is pool:
             _losses += 1
             again = "in a new one next time" if _losses < LOSSES else f"and from now on ({LOSSES} lost)"
-            log.warning("the process drawing the charts is gone (%s); drawing them here, %s", exc, again)
+            why = str(exc) or f"no answer in {ANSWER_S:g} s"
+            log.warning("the process drawing the charts is lost (%s); drawing them here, %s", why, again)
             _pool = None
     pool.shutdown(wait=False, cancel_futures=True)
 
@@ -142,14 +146,27 @@ def later(charts: dict[str, Chart], fmt: str) -> Callable[[], Drawn]:
             _lost(pool, exc)
 
     def result() -> Drawn:
+        global _losses
         if future is not None and pool is not None:
             try:
-                return future.result()
-            except BrokenProcessPool as exc:
+                answer = future.result(timeout=ANSWER_S)
+            except (BrokenProcessPool, TimeoutError) as exc:
                 _lost(pool, exc)
+            else:
+                _losses = 0
+                return answer
         return drawn(charts, fmt)
 
     return result
+
+
+def close() -> None:
+    """The child stopped, as `serve` stops (app.py's lifespan); a later page starts another."""
+    global _pool
+    with _lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown()
 
 
 def child_pid() -> int | None:
