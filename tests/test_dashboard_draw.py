@@ -10,6 +10,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,10 +28,15 @@ TZ = "Asia/Shanghai"
 
 
 @pytest.fixture(scope="module")
-def charts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, draw.Chart]:
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("week")
     realistic_week(tmp / "tw.db")
-    cfg = load_config(analysis_config(tmp, tmp / "tw.db"))
+    return analysis_config(tmp, tmp / "tw.db")
+
+
+@pytest.fixture(scope="module")
+def charts(config: Path) -> dict[str, draw.Chart]:
+    cfg = load_config(config)
     w = week("2018-W10", TZ)
     result = analyse_week(cfg, w)
     return {**summary_charts(w, result.summary), "outages": outage_chart(cfg, w, load_events(), result)}
@@ -160,3 +166,35 @@ def test_the_child_exits_with_its_parent(tmp_path: Path) -> None:
             parent.kill()
     for pid in helpers:
         assert _gone(pid, 20), f"{Path(f'/proc/{pid}/cmdline').read_bytes()!r} outlived its parent"
+
+
+def test_serve_stopped_by_sigterm_stops_its_child_quietly(config: Path, tmp_path: Path) -> None:
+    """The daemon stops `serve` with SIGTERM: uvicorn shuts the app down, then ends the process
+    by the signal again, so nothing registered with atexit runs. The child is stopped by the
+    app's shutdown, and nothing complains on the way out (multiprocessing's resource tracker
+    warned of leaked semaphores when the pool was left to atexit)."""
+    sock = tmp_path / "serve.sock"
+    command = [sys.executable, "-m", "probe", "serve", "--unix", str(sock), "--config", str(config)]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path) as serve:
+        try:
+            deadline = time.monotonic() + 120
+            while not sock.exists():
+                assert serve.poll() is None and time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.1)
+            query = "since=2018-03-05T00:00:00%2B00:00&until=2018-03-12T00:00:00%2B00:00"
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(120)
+                client.connect(str(sock))
+                client.sendall(f"GET /history?{query} HTTP/1.0\r\nHost: serve\r\n\r\n".encode())
+                page = b"".join(iter(lambda: client.recv(65536), b"")).decode()
+            assert page.startswith("HTTP/1.1 200")
+            assert page.count("<svg") >= 3
+            helpers = _children(serve.pid)
+            assert helpers, "no drawing child"
+        finally:
+            serve.terminate()
+        _, err = serve.communicate(timeout=60)
+    assert serve.returncode == -signal.SIGTERM
+    for pid in helpers:
+        assert _gone(pid, 20), f"{pid} outlived serve"
+    assert "leaked" not in err and "Traceback" not in err, err

@@ -118,4 +118,6 @@ class Pages:
         return value
 
     def close(self) -> None:
-        self._background.shutdown(wait=False, cancel_futures=True)
+        """The pages waiting to be made dropped, the one being made finished (it may start the
+        drawing child, which the app stops next: web/draw.py)."""
+        self._background.shutdown(wait=True, cancel_futures=True)
