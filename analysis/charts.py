@@ -367,7 +367,7 @@ def latency_smoke(
             rates = failure.fillna(0).to_numpy()[:-1]
             keep = ~np.isnan(segments).any(axis=(1, 2))
             # drawn right after the bands (zorder 1, as they are): on the dashboard the three are one
-            # image in the SVG rather than two (web/figures.py); the grid lines cross over them
+            # image in the SVG rather than two (web/draw.py); the grid lines cross over them
             line = LineCollection(segments[keep], colors=_failure_colours(rates[keep]), linewidths=2, zorder=1)
             ax.add_collection(line, autolim=False)  # the limits are set: no need to measure a year's segments
             ax.set_ylim(0, float(np.nanmax(q[0.9].to_numpy())) * 1.15 or 1)

@@ -9,11 +9,11 @@ their sum. One child: the page has two halves to overlap, and a vantage point tw
 fewer. With one CPU, or if the child dies (the kernel's OOM killer, a signal) or does not
 answer within ANSWER_S, the charts are drawn here; a new child is started for the next page,
 unless LOSSES children in a row were lost so (one that cannot start, say): then they are
-drawn here from then on. The child is a new interpreter
-(multiprocessing's spawn: never a fork of this process and its threads; a fork server would
-hold another 140 MB), runs at this process' priority (the daemon starts `serve` at nice 10),
-ignores Ctrl-C, which the terminal sends to the whole process group, and exits with its
-parent, however that ends.
+drawn here from then on. The child is a new interpreter (multiprocessing's spawn: never a
+fork of this process and its threads; a fork server would hold another 140 MB), runs at this
+process' priority (the daemon starts `serve` at nice 10), ignores Ctrl-C, which the terminal
+sends to the whole process group, is stopped as the app shuts down (`close`) and exits with
+its parent however that ends.
 """
 
 from __future__ import annotations
