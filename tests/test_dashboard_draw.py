@@ -83,11 +83,10 @@ def test_a_killed_child_costs_no_page(charts: dict[str, draw.Chart], caplog: pyt
     the next page has a new child."""
     first = draw.child_pid()
     assert first is not None
-    pending = draw.later(charts, "png")  # submitted to the child, which is killed before it answers
     os.kill(first, signal.SIGKILL)
     assert _gone(first, 10)
     with caplog.at_level(logging.WARNING, logger="tunnelwatch.serve"):
-        answer = pending()
+        answer = draw.later(charts, "png")()  # asked of the dead child
     assert answer == draw.drawn(charts, "png")
     assert "the process drawing the charts is lost" in caplog.text
     again = draw.later(charts, "png")()  # a new child
