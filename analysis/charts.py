@@ -7,7 +7,7 @@ across every chart. Hours with no measurement are drawn as "no data", never as f
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import matplotlib
@@ -50,6 +50,7 @@ VERDICT_COLOURS = {
     INCONCLUSIVE: "#999999",
 }
 NO_DATA = "#DDDDDD"
+Chart = Callable[[], Figure]  # a chart with its data, drawn when called: picklable (a functools.partial)
 HOUR, DAY = pd.Timedelta(hours=1), pd.Timedelta(days=1)
 LONG_RANGE = pd.Timedelta(days=15)  # longer: ticks that fit the range rather than one a day
 BY_DAY = pd.Timedelta(days=62)  # longer: no minor ticks (a year's weeks are 52 more to lay out)

@@ -11,7 +11,6 @@ import base64
 import html
 import io
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from functools import partial
@@ -24,7 +23,7 @@ from matplotlib.figure import Figure
 from probe.config import Config
 from probe.errors import ConfigError
 
-from .charts import HOUR, availability_heatmap, coarser, latency_smoke, outage_timeline
+from .charts import HOUR, Chart, availability_heatmap, coarser, latency_smoke, outage_timeline
 from .eventcheck import Check, check_events, outage_series
 from .events import Event, load_events, overlapping
 from .eventstats import Method
@@ -153,9 +152,6 @@ def _clip(outages: pd.DataFrame, w: Week) -> pd.DataFrame:
 def _within(result: Analysis, w: Week) -> Analysis:
     """The part of a wider analysis that falls in the week (outages clipped to the week)."""
     return Analysis(result.summary.clip(w.start, w.end), _clip(result.pairs, w), _clip(result.paths, w))
-
-
-Chart = Callable[[], Figure]  # a chart with its data, drawn when called: picklable (functools.partial)
 
 
 def summary_charts(w: Week, summary: Summary, step: pd.Timedelta = HOUR) -> dict[str, Chart]:

@@ -37,8 +37,9 @@ from matplotlib.collections import LineCollection, PolyCollection, QuadMesh
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter
 
+from ..charts import Chart
+
 log = logging.getLogger("tunnelwatch.serve")
-Chart = Callable[[], Figure]  # report.Chart: a chart with its data (a functools.partial)
 Drawn = dict[str, str | bytes]
 SVG_HEAD = re.compile(r"^.*?(?=<svg)", re.DOTALL)
 

@@ -34,10 +34,11 @@ def history_charts(cfg: Config, chosen: Range, path: str | None, fmt: str) -> tu
     w = span(chosen.since.to_pydatetime(), chosen.until.to_pydatetime(), cfg.report.timezone)
     paths = (path,) if path else ()
     since, until = w.start.to_pydatetime(), w.end.to_pydatetime()
-    loaded = load_config_range(cfg, since, until, held(cfg))
+    kept = held(cfg)
+    loaded = load_config_range(cfg, since, until, kept)
     step = DAY if w.end - w.start > BY_DAY else HOUR
     first = later(summary_charts(w, loaded[0].only((), paths), step), fmt)
-    result = analyse_config(cfg, since, until, held=held(cfg), loaded=loaded, paths=paths)
+    result = analyse_config(cfg, since, until, held=kept, loaded=loaded, paths=paths)
     events = load_events(cfg.analysis.events)
     timeline = drawn({"outages": outage_chart(cfg, w, events, result)}, fmt)
     hourly = result.summary.hourly
