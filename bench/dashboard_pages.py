@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import resource
 import shutil
@@ -55,7 +56,7 @@ try:
     from analysis.web import draw  # noqa: E402
 except ImportError:  # a tree from before the drawing child (measured against: RESULTS.md)
     draw = None  # type: ignore[assignment]
-from analysis.web.app import build_app, read_summaries  # noqa: E402
+from analysis.web.app import GC_THRESHOLD, build_app, read_summaries  # noqa: E402
 from probe.config import Config, StoreSettings, load_config  # noqa: E402
 
 
@@ -136,6 +137,7 @@ def measure(
         if not cold:
             began = time.perf_counter()
             read_summaries(cfg)  # as `serve` does as it starts: read, then frozen out of the collector's walks
+            gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])  # as serve_cli.py sets it
             print(f"start-up: the store's summaries read into memory in {time.perf_counter() - began:.2f} s")
             began = time.perf_counter()
             child = _child_pid()  # as serve's first History page (warmed as it starts) starts it

@@ -4,7 +4,6 @@ tinyproxy. Each is stopped when its scope ends, whatever the tests did."""
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import socket
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -280,12 +279,3 @@ def daemons() -> Iterator[Callable[..., Daemon]]:
     yield start
     for daemon in started:
         daemon.kill()
-
-
-@pytest.fixture(autouse=True)
-def _collector_as_it_was() -> Iterator[None]:
-    """The dashboard tunes the collector for its process as it starts (web/app.py
-    read_summaries): not for the tests that run after one in this process."""
-    threshold = gc.get_threshold()
-    yield
-    gc.set_threshold(*threshold)

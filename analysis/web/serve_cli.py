@@ -3,6 +3,7 @@ Argument parsing only; the pages are app.py's."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def serve(listen: str, unix: Path | None, store: str | None, vantage: str | None
     from probe.config import loopback
 
     from ..pipeline import store_of
-    from .app import build_app
+    from .app import GC_THRESHOLD, build_app
 
     host, port = host_port(listen)
     cfg = options.configured(config, store, vantage)
@@ -52,6 +53,7 @@ def serve(listen: str, unix: Path | None, store: str | None, vantage: str | None
         )
     where = f"unix:{unix}" if unix else f"http://{listen}/"
     err.print(f"tunnelwatch serve: {where} ({store_of(cfg)}), read-only")
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     uvicorn.run(
         build_app(cfg, credentials=credentials),
         host=host,
